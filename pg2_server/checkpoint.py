@@ -1,0 +1,162 @@
+"""The checkpoint format: `NAME.safetensors` (weights) + `NAME.json` (config and provenance).
+
+Loading never unpickles. Every failure names the file and what is wrong with it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .keypoints import NAMES
+from .model import Generator1, Generator2, ModelConfig
+
+FORMAT = "pg2-checkpoint"
+FORMAT_VERSION = 1
+VALUE_RANGES = {"image": [-1.0, 1.0], "heatmap_disk": [-1.0, 1.0], "heatmap_gaussian": [0.0, 1.0],
+                "pose_mask": [0, 1]}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt or does not match the code."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the rebuilt networks (on the CPU, fp32) and their description."""
+    config: ModelConfig
+    g1: Generator1
+    g2: Generator2 | None
+    provenance: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.name if self.path else self.config.preset
+
+
+def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
+    """(json, safetensors) for `dir/NAME`, `dir/NAME.json` or `dir/NAME.safetensors`."""
+    path = Path(path)
+    if path.suffix in (".json", ".safetensors"):
+        path = path.with_suffix("")
+    return path.with_name(path.name + ".json"), path.with_name(path.name + ".safetensors")
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_checkpoint(path: str | Path, config: ModelConfig, g1: torch.nn.Module,
+                    g2: torch.nn.Module | None = None, *, provenance: dict | None = None,
+                    metrics: dict | None = None, dtype: str = "float32") -> tuple[Path, Path]:
+    """Write the weights to serve (G1, optionally G2) and their description; returns both paths."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    json_path, weights_path = checkpoint_paths(path)
+    tensors = {}
+    for prefix, module in (("g1.", g1), ("g2.", g2)):
+        if module is None:
+            continue
+        state = getattr(module, "_orig_mod", module).state_dict()  # unwrap torch.compile
+        for key, value in state.items():
+            tensors[prefix + key] = value.detach().to("cpu", DTYPES[dtype]).contiguous()
+    description = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": config.to_dict(),
+        "stages": ["g1", "g2"] if g2 is not None else ["g1"],
+        "dtype": dtype,
+        "keypoints": list(NAMES),
+        "value_ranges": VALUE_RANGES,
+        "provenance": provenance or {},
+        "metrics": metrics or {},
+    }
+    _atomic_write(weights_path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    _atomic_write(json_path, lambda tmp: Path(tmp).write_text(json.dumps(description, indent=2) + "\n"))
+    return json_path, weights_path
+
+
+def _read_description(json_path: Path) -> dict:
+    if not json_path.is_file():
+        raise CheckpointError(f"checkpoint description {json_path} does not exist "
+                              "(a checkpoint is NAME.json + NAME.safetensors)")
+    try:
+        description = json.loads(json_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{json_path} is not valid JSON ({e}); the file is corrupt") from None
+    if not isinstance(description, dict) or description.get("format") != FORMAT:
+        raise CheckpointError(f"{json_path} is not a PG2 checkpoint description "
+                              f"(expected \"format\": \"{FORMAT}\")")
+    if description.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{json_path} has format_version {description.get('format_version')!r}; "
+                              f"this code reads version {FORMAT_VERSION}")
+    if description.get("keypoints", list(NAMES)) != list(NAMES):
+        raise CheckpointError(f"{json_path} uses keypoint order {description.get('keypoints')}, "
+                              f"not COCO-18 {list(NAMES)}")
+    return description
+
+
+def _load_module(module: torch.nn.Module, tensors: dict, prefix: str, weights_path: Path) -> None:
+    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights_path} does not match the architecture in its JSON: "
+            f"missing {[prefix + k for k in missing[:5]]}{' …' if len(missing) > 5 else ''}, "
+            f"unexpected {[prefix + k for k in unexpected[:5]]}{' …' if len(unexpected) > 5 else ''}")
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise CheckpointError(
+                f"{weights_path}: tensor {prefix + key} has shape {tuple(value.shape)}, the config "
+                f"builds {tuple(expected[key].shape)}; the JSON and weights do not belong together")
+        if not torch.isfinite(value).all():
+            raise CheckpointError(f"{weights_path}: tensor {prefix + key} holds NaN or inf values")
+    module.load_state_dict({k: v.float() for k, v in state.items()})
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Load `path` (NAME, NAME.json or NAME.safetensors) into fp32 CPU networks in eval mode."""
+    json_path, weights_path = checkpoint_paths(path)
+    description = _read_description(json_path)
+    try:
+        config = ModelConfig.from_dict(description["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{json_path}: invalid model config: {e}") from None
+    if not weights_path.is_file():
+        raise CheckpointError(f"weights file {weights_path} does not exist (next to {json_path.name})")
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights_path} is not a readable safetensors file ({e}); "
+                              "the file is corrupt or truncated") from None
+    stages = description.get("stages", ["g1", "g2"])
+    g1 = Generator1(config)
+    _load_module(g1, tensors, "g1.", weights_path)
+    g2 = None
+    if "g2" in stages:
+        g2 = Generator2(config)
+        _load_module(g2, tensors, "g2.", weights_path)
+    elif any(k.startswith("g2.") for k in tensors):
+        raise CheckpointError(f"{weights_path} holds G2 weights but {json_path.name} lists stages {stages}")
+    return Checkpoint(config, g1.eval(), g2.eval() if g2 is not None else None,
+                      description.get("provenance", {}), description.get("metrics", {}),
+                      json_path.with_suffix(""))

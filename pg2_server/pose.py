@@ -1,0 +1,226 @@
+"""Pose encoding (heat-maps, pose mask), framing a target frame into the model canvas, flips.
+
+Coordinates are pixels, x right, y down, origin top-left; integer coordinates are pixel
+centres (the convention of cv2.resize, so keypoints and images stay aligned after resizing).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import cv2
+import numpy as np
+
+from .keypoints import MASK_LIMBS, as_array, flip_keypoints
+
+
+@lru_cache(maxsize=16)
+def _disk_offsets(radius: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row/column offsets of the pixels within Euclidean distance `radius` of a centre."""
+    r = np.arange(-radius, radius + 1)
+    dy, dx = np.meshgrid(r, r, indexing="ij")
+    inside = dy ** 2 + dx ** 2 <= radius ** 2
+    return dy[inside], dx[inside]
+
+
+def _stamp(canvas: np.ndarray, x: float, y: float, radius: int, value) -> None:
+    """Set the disk of `radius` around the pixel nearest (x, y) to `value`, clipped to canvas."""
+    dy, dx = _disk_offsets(radius)
+    rows = dy + int(round(y))
+    cols = dx + int(round(x))
+    h, w = canvas.shape[-2:]
+    keep = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+    canvas[..., rows[keep], cols[keep]] = value
+
+
+def _inside(x: float, y: float, height: int, width: int) -> bool:
+    return 0 <= round(x) < width and 0 <= round(y) < height
+
+
+def heatmaps(keypoints, height: int, width: int, radius: int = 4, kind: str = "disk",
+             sigma: float = 6.0) -> np.ndarray:
+    """Pose heat-maps, float32 (18, H, W).
+
+    `disk` (PG2): +1 within Euclidean distance `radius` of the keypoint's pixel, -1 elsewhere.
+    `gaussian` (PATN and later): exp(-d²/2σ²) in [0, 1]. A missing keypoint, or one whose pixel
+    lies outside the canvas, gives an empty channel (-1 for disk, 0 for gaussian).
+    """
+    points = as_array(keypoints)
+    if kind == "disk":
+        maps = np.full((len(points), height, width), -1.0, dtype=np.float32)
+        for channel, (x, y) in zip(maps, points):
+            if not np.isnan(x) and _inside(x, y, height, width):
+                _stamp(channel, x, y, radius, 1.0)
+        return maps
+    if kind == "gaussian":
+        maps = np.zeros((len(points), height, width), dtype=np.float32)
+        ys = np.arange(height, dtype=np.float32)[:, None]
+        xs = np.arange(width, dtype=np.float32)[None, :]
+        for channel, (x, y) in zip(maps, points):
+            if not np.isnan(x) and _inside(x, y, height, width):
+                channel[:] = np.exp(-((xs - x) ** 2 + (ys - y) ** 2) / (2 * sigma ** 2))
+        return maps
+    raise ValueError(f"unknown heat-map kind {kind!r}; use 'disk' or 'gaussian'")
+
+
+_CLOSING_KERNEL = np.ones((5, 5), np.uint8)
+
+
+def pose_mask(keypoints, height: int, width: int, radius: int = 4) -> np.ndarray:
+    """The original's pose mask M, uint8 (H, W) in {0, 1}.
+
+    For each of the 23 limbs with both ends present: disks of `radius` at both ends and at
+    int(dist/radius) - 1 evenly spaced interior points; their union, closed with a 5×5 square.
+    """
+    points = as_array(keypoints)
+    mask = np.zeros((height, width), dtype=np.uint8)
+    for a, b in MASK_LIMBS:
+        (x0, y0), (x1, y1) = points[a], points[b]
+        if np.isnan(x0) or np.isnan(x1):
+            continue
+        _stamp(mask, x0, y0, radius, 1)
+        _stamp(mask, x1, y1, radius, 1)
+        samples = int(np.hypot(x1 - x0, y1 - y0) / radius)
+        for i in range(1, samples):
+            t = i / samples
+            _stamp(mask, x0 + (x1 - x0) * t, y0 + (y1 - y0) * t, radius, 1)
+    return cv2.morphologyEx(mask, cv2.MORPH_CLOSE, _CLOSING_KERNEL)
+
+
+def pose_coordinates(keypoints, height: int, width: int) -> np.ndarray:
+    """Keypoints as a (36,) float32 vector for the CE pose embedding: x/W, y/H; -1 if missing."""
+    points = as_array(keypoints)
+    scaled = points / np.array([width, height], dtype=np.float64)
+    inside = ~np.isnan(points[:, 0]) & np.array(
+        [not np.isnan(x) and _inside(x, y, height, width) for x, y in points])
+    scaled[~inside] = -1.0
+    return scaled.reshape(-1).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Framing: a W×H frame fitted into the model canvas (scaled, centred, padded) and back.
+
+@dataclass(frozen=True)
+class FrameFit:
+    """How a frame of `frame` = (W, H) pixels sits in a canvas of `canvas` = (H, W) pixels.
+
+    The frame is resized to `scaled` = (w, h), preserving aspect ratio to the nearest pixel,
+    and placed at `offset` = (x, y) in the canvas; the rest is padding.
+    """
+    frame: tuple[int, int]
+    canvas: tuple[int, int]
+    scaled: tuple[int, int]
+    offset: tuple[int, int]
+
+    @property
+    def is_identity(self) -> bool:
+        return self.frame == (self.canvas[1], self.canvas[0])
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        return self.scaled[0] / self.frame[0], self.scaled[1] / self.frame[1]
+
+    def keypoints_to_canvas(self, keypoints) -> np.ndarray:
+        """Frame pixels → canvas pixels (NaN stays NaN)."""
+        points = as_array(keypoints)
+        sx, sy = self.scale
+        return np.stack([(points[:, 0] + 0.5) * sx - 0.5 + self.offset[0],
+                         (points[:, 1] + 0.5) * sy - 0.5 + self.offset[1]], axis=1)
+
+    def keypoints_to_frame(self, keypoints) -> np.ndarray:
+        """Canvas pixels → frame pixels (NaN stays NaN)."""
+        points = as_array(keypoints)
+        sx, sy = self.scale
+        return np.stack([(points[:, 0] - self.offset[0] + 0.5) / sx - 0.5,
+                         (points[:, 1] - self.offset[1] + 0.5) / sy - 0.5], axis=1)
+
+    def image_to_canvas(self, image: np.ndarray, border: str = "replicate") -> np.ndarray:
+        """Resize a frame-sized image (H, W[, C]) into the canvas, padding the margins.
+
+        `border` is "replicate" (repeat the edge pixels, the default: no hard edge for the
+        network to copy) or "constant" (zeros).
+        """
+        check_image(image, "image", channels=None)
+        if image.shape[1] != self.frame[0] or image.shape[0] != self.frame[1]:
+            raise ValueError(f"image is {image.shape[1]}×{image.shape[0]} but the frame is "
+                             f"{self.frame[0]}×{self.frame[1]}")
+        if self.is_identity:
+            return image.copy()
+        interpolation = cv2.INTER_AREA if self.scaled[0] < self.frame[0] else cv2.INTER_LINEAR
+        resized = cv2.resize(image, self.scaled, interpolation=interpolation)
+        if resized.ndim == 2 and image.ndim == 3:
+            resized = resized[:, :, None]
+        top, left = self.offset[1], self.offset[0]
+        bottom = self.canvas[0] - self.scaled[1] - top
+        right = self.canvas[1] - self.scaled[0] - left
+        mode = cv2.BORDER_REPLICATE if border == "replicate" else cv2.BORDER_CONSTANT
+        padded = cv2.copyMakeBorder(resized, top, bottom, left, right, mode, value=0)
+        if padded.ndim == 2 and image.ndim == 3:
+            padded = padded[:, :, None]
+        return padded
+
+    def image_to_frame(self, image: np.ndarray, interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
+        """Crop a canvas-sized image (H, W[, C]) back to the frame's area and resize to W×H."""
+        if image.shape[0] != self.canvas[0] or image.shape[1] != self.canvas[1]:
+            raise ValueError(f"image is {image.shape[1]}×{image.shape[0]} but the canvas is "
+                             f"{self.canvas[1]}×{self.canvas[0]}")
+        if self.is_identity:
+            return image.copy()
+        x, y = self.offset
+        crop = image[y:y + self.scaled[1], x:x + self.scaled[0]]
+        resized = cv2.resize(np.ascontiguousarray(crop), self.frame, interpolation=interpolation)
+        if resized.ndim == 2 and image.ndim == 3:
+            resized = resized[:, :, None]
+        return resized
+
+
+def fit_frame(frame: tuple[int, int], canvas: tuple[int, int]) -> FrameFit:
+    """Fit a frame of (W, H) pixels into a canvas of (H, W) pixels, preserving aspect ratio."""
+    width, height = frame
+    canvas_h, canvas_w = canvas
+    for name, value in (("frame width", width), ("frame height", height),
+                        ("canvas height", canvas_h), ("canvas width", canvas_w)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    scale = min(canvas_w / width, canvas_h / height)
+    scaled_w = min(canvas_w, max(1, round(width * scale)))
+    scaled_h = min(canvas_h, max(1, round(height * scale)))
+    offset = ((canvas_w - scaled_w) // 2, (canvas_h - scaled_h) // 2)
+    return FrameFit((int(width), int(height)), (int(canvas_h), int(canvas_w)),
+                    (int(scaled_w), int(scaled_h)), (int(offset[0]), int(offset[1])))
+
+
+def flip_horizontal(image: np.ndarray, keypoints) -> tuple[np.ndarray, np.ndarray]:
+    """Mirror an image (H, W, C) and its keypoints left-right, swapping left/right joints."""
+    return np.ascontiguousarray(image[:, ::-1]), flip_keypoints(keypoints, image.shape[1])
+
+
+def check_image(image, what: str = "image", channels: int | None = 3) -> np.ndarray:
+    """Check that `image` is a non-empty uint8 array (H, W, channels); say what is wrong if not."""
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"{what} must be a numpy uint8 array (H, W, 3), got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise TypeError(f"{what} must be uint8 RGB (0-255), got dtype {image.dtype}")
+    if image.ndim not in (2, 3) or image.size == 0 or 0 in image.shape:
+        raise ValueError(f"{what} must be a non-empty (H, W, 3) array, got shape {image.shape}")
+    if channels is not None and (image.ndim != 3 or image.shape[2] != channels):
+        raise ValueError(f"{what} must have {channels} channels (H, W, {channels}), got shape {image.shape}")
+    return image
+
+
+def to_unit_range(image: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3) → float32 (3, H, W) in [-1, 1]."""
+    return (image.astype(np.float32).transpose(2, 0, 1) / 127.5) - 1.0
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """float (3, H, W) in [-1, 1] → uint8 (H, W, 3), clipped (as the original does when saving)."""
+    return np.clip((np.asarray(image, dtype=np.float32).transpose(1, 2, 0) + 1.0) * 127.5 + 0.5,
+                   0, 255).astype(np.uint8)
+
+
+__all__ = [
+    "heatmaps", "pose_mask", "pose_coordinates", "FrameFit", "fit_frame", "flip_horizontal",
+    "check_image", "to_unit_range", "to_uint8",
+]
+
