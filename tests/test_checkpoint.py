@@ -1,0 +1,122 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pg2_server.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from pg2_server.model import Generator1, Generator2, preset
+from pg2_server.pipeline import Pipeline
+
+
+def _save(tmp_path, name="model", **kwargs):
+    torch.manual_seed(3)
+    config = preset("tiny")
+    g1, g2 = Generator1(config), Generator2(config)
+    paths = save_checkpoint(tmp_path / name, config, g1, g2, provenance={"data": "unit test"}, **kwargs)
+    return config, g1, g2, paths
+
+
+def test_save_writes_weights_and_description(tmp_path):
+    config, g1, _, (json_path, weights_path) = _save(tmp_path)
+    assert json_path.name == "model.json" and weights_path.name == "model.safetensors"
+    description = json.loads(json_path.read_text())
+    assert description["format"] == "pg2-checkpoint" and description["stages"] == ["g1", "g2"]
+    assert description["config"]["canvas"] == [32, 16] and description["keypoints"][0] == "nose"
+    assert description["value_ranges"]["image"] == [-1.0, 1.0]
+    assert description["provenance"] == {"data": "unit test"}
+    loaded = load_checkpoint(weights_path)     # either file name works
+    assert loaded.config == config
+    for a, b in zip(g1.state_dict().values(), loaded.g1.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_save_load_gives_identical_pipeline_outputs(tmp_path):
+    _save(tmp_path)
+    reference = Pipeline.random("tiny", seed=3)      # same seed → same weights as _save
+    loaded = Pipeline.from_checkpoint(tmp_path / "model.json")
+    rng = np.random.default_rng(0)
+    source = rng.integers(0, 255, (64, 40, 3), dtype=np.uint8)
+    points = [(20 + i, 10 + 2 * i) for i in range(18)]
+    [a] = reference([source], [points], [(40, 64)])
+    [b] = loaded([source], [points], [(40, 64)])
+    assert np.array_equal(a, b)
+
+
+def test_fp16_checkpoint_loads_close(tmp_path):
+    _, g1, _, _ = _save(tmp_path, dtype="float16")
+    loaded = load_checkpoint(tmp_path / "model")
+    for a, b in zip(g1.state_dict().values(), loaded.g1.state_dict().values()):
+        assert b.dtype == torch.float32 and torch.allclose(a, b, atol=1e-3)
+
+
+def test_g1_only_checkpoint(tmp_path):
+    config = preset("tiny")
+    save_checkpoint(tmp_path / "g1only", config, Generator1(config))
+    loaded = load_checkpoint(tmp_path / "g1only")
+    assert loaded.g2 is None
+    assert Pipeline.from_checkpoint(tmp_path / "g1only").describe()["stages"] == ["g1"]
+
+
+def test_missing_files_are_named(tmp_path):
+    with pytest.raises(CheckpointError, match="nothing.json does not exist"):
+        load_checkpoint(tmp_path / "nothing")
+    _save(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors does not exist"):
+        load_checkpoint(tmp_path / "model")
+
+
+def test_corrupt_weights_are_named(tmp_path):
+    _save(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="model.safetensors is not a readable safetensors file"):
+        load_checkpoint(tmp_path / "model")
+
+
+def test_pickle_file_is_refused_without_unpickling(tmp_path):
+    _save(tmp_path)
+    torch.save({"g1.x": torch.zeros(1)}, tmp_path / "model.safetensors")   # a pickle in disguise
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_checkpoint(tmp_path / "model")
+
+
+def test_corrupt_json(tmp_path):
+    _save(tmp_path)
+    (tmp_path / "model.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="model.json is not valid JSON"):
+        load_checkpoint(tmp_path / "model")
+    (tmp_path / "model.json").write_text('{"format": "something-else"}')
+    with pytest.raises(CheckpointError, match="not a PG2 checkpoint"):
+        load_checkpoint(tmp_path / "model")
+
+
+def test_mismatched_config_and_weights(tmp_path):
+    _save(tmp_path)
+    path = tmp_path / "model.json"
+    description = json.loads(path.read_text())
+    description["config"]["base_width"] = 16
+    path.write_text(json.dumps(description))
+    with pytest.raises(CheckpointError, match="has shape .* the config builds"):
+        load_checkpoint(tmp_path / "model")
+    description["config"]["base_width"] = 8
+    description["config"]["g1_levels"] = 2
+    path.write_text(json.dumps(description))
+    with pytest.raises(CheckpointError, match="does not match the architecture"):
+        load_checkpoint(tmp_path / "model")
+    description["config"]["g1_levels"] = 3
+    description["config"]["wings"] = 2
+    path.write_text(json.dumps(description))
+    with pytest.raises(CheckpointError, match="invalid model config: unknown model config keys"):
+        load_checkpoint(tmp_path / "model")
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    config = preset("tiny")
+    g1 = Generator1(config)
+    with torch.no_grad():
+        g1.out.bias[0] = float("nan")
+    save_checkpoint(tmp_path / "nan", config, g1)
+    with pytest.raises(CheckpointError, match="NaN or inf"):
+        load_checkpoint(tmp_path / "nan")

@@ -1,0 +1,75 @@
+"""`pg2-server presets` and `pg2-server generate --local`, run as real commands."""
+import json
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+
+def _run(*args, check=True):
+    result = subprocess.run([sys.executable, "-m", "pg2_server.cli", *args], capture_output=True, text=True,
+                            timeout=120)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def test_presets_json_lists_counts_and_gflops():
+    rows = {r["name"]: r for r in json.loads(_run("presets", "--json").stdout)}
+    assert set(rows) >= {"market", "deepfashion", "demo", "tiny"}
+    assert rows["market"]["canvas"] == [128, 64]
+    assert rows["market"]["g1_params"] == 70_795_075 and rows["market"]["g2_params"] == 6_058_883
+    assert rows["deepfashion"]["g1_params"] == 122_103_235 and rows["deepfashion"]["g2_params"] == 12_696_067
+    assert rows["deepfashion"]["gflops"] == pytest.approx(806.28, abs=0.01)
+    assert rows["market"]["gflops"] == pytest.approx(95.15, abs=0.01)
+
+
+def test_presets_table():
+    out = _run("presets").stdout
+    assert "market" in out and "70.80M" in out and "806.28" in out
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    source = tmp_path / "person.png"
+    cv2.imwrite(str(source), np.random.default_rng(0).integers(0, 255, (300, 50, 3), dtype=np.uint8))
+    pose = tmp_path / "pose.json"
+    points = [[960 + 10 * i, 200 + 40 * i] for i in range(18)]
+    points[3] = None
+    pose.write_text(json.dumps({"size": [1920, 1080], "keypoints": points}))
+    return source, pose
+
+
+def test_generate_local_writes_an_image_of_the_requested_size(tmp_path, inputs):
+    source, pose = inputs
+    out = tmp_path / "out" / "result.png"
+    result = _run("generate", "--local", "--preset", "tiny", "--random-weights",
+                  "--source", str(source), "--pose", str(pose), "--out", str(out))
+    assert "1920×1080" in result.stdout
+    assert cv2.imread(str(out)).shape == (1080, 1920, 3)
+
+
+def test_generate_local_grid(tmp_path, inputs):
+    source, pose = inputs
+    out = tmp_path / "grid.png"
+    _run("generate", "--local", "--preset", "tiny", "--random-weights", "--source", str(source),
+         "--pose", str(pose), "--out", str(out), "--grid")
+    grid = cv2.imread(str(out))
+    # Four cells (source | pose | G1 | G2) side by side: much wider than one 1920×1080 frame scaled.
+    assert grid.shape[1] > 3 * grid.shape[0]
+
+
+def test_generate_local_errors_are_one_clear_line(tmp_path, inputs):
+    source, pose = inputs
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"size": [10, 10], "keypoints": [[1, 2]] * 17}))
+    result = _run("generate", "--local", "--preset", "tiny", "--random-weights", "--source", str(source),
+                  "--pose", str(bad), "--out", str(tmp_path / "x.png"), check=False)
+    assert result.returncode == 2 and "expected 18 keypoints" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = _run("generate", "--local", "--preset", "tiny", "--random-weights", "--source",
+                  str(tmp_path / "missing.png"), "--pose", str(pose), "--out", str(tmp_path / "x.png"), check=False)
+    assert result.returncode == 2 and "cannot read image" in result.stderr
+    assert not (tmp_path / "x.png").exists()

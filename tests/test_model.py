@@ -1,0 +1,91 @@
+import pytest
+import torch
+
+from pg2_server.model import PRESETS, Generator1, Generator2, ModelConfig, count_flops, parameter_count, preset
+
+
+@pytest.mark.parametrize("name, g1_params, g2_params", [
+    # The analytic counts of the official TensorFlow code (reference/pg2-original.md).
+    ("market", 70_795_075, 6_058_883),
+    ("deepfashion", 122_103_235, 12_696_067),
+])
+def test_official_presets_match_the_original_parameter_counts(name, g1_params, g2_params):
+    config = PRESETS[name]
+    with torch.device("meta"):
+        assert parameter_count(Generator1(config)) == g1_params
+        assert parameter_count(Generator2(config)) == g2_params
+
+
+def test_official_flops_per_image():
+    # ≈ 95 GFLOP (Market) and ≈ 806 GFLOP (DeepFashion) for G1 + G2, as DESIGN.md states.
+    assert sum(count_flops(PRESETS["market"]).values()) / 1e9 == pytest.approx(95.15, abs=0.05)
+    assert sum(count_flops(PRESETS["deepfashion"]).values()) / 1e9 == pytest.approx(806.28, abs=0.05)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_output_shapes_for_every_preset(name):
+    config = PRESETS[name]
+    h, w = config.canvas
+    with torch.device("meta"):
+        g1, g2 = Generator1(config), Generator2(config)
+        source, pose = torch.zeros(2, 3, h, w), torch.zeros(2, 18, h, w)
+        coarse = g1(source, pose)
+        assert coarse.shape == (2, 3, h, w)
+        assert g2(coarse, source).shape == (2, 3, h, w)
+
+
+@pytest.mark.parametrize("embedding", ["heatmaps", "ce", "hme"])
+def test_pose_embedding_variants_run_and_use_the_pose(embedding):
+    torch.manual_seed(0)
+    config = preset("tiny", pose_embedding=embedding)
+    g1 = Generator1(config).eval()
+    source = torch.randn(1, 3, 32, 16)
+    pose_a, pose_b = -torch.ones(1, 18, 32, 16), -torch.ones(1, 18, 32, 16)
+    pose_b[0, 3, 10:14, 5:9] = 1
+    coords_a, coords_b = -torch.ones(1, 36), torch.full((1, 36), 0.5)
+    with torch.no_grad():
+        out_a = g1(source, pose_a, coords_a)
+        out_b = g1(source, pose_b, coords_b)
+    assert out_a.shape == (1, 3, 32, 16)
+    assert not torch.allclose(out_a, out_b)      # the target pose changes the output
+
+
+def test_ce_needs_coordinates():
+    g1 = Generator1(preset("tiny", pose_embedding="ce"))
+    with pytest.raises(ValueError, match="coordinates"):
+        g1(torch.zeros(1, 3, 32, 16), torch.zeros(1, 18, 32, 16))
+
+
+def test_market_g2_skips_the_finest_skip_and_deepfashion_does_not():
+    with torch.device("meta"):
+        market, fashion = Generator2(PRESETS["market"]), Generator2(PRESETS["deepfashion"])
+    assert market.decoder[-1][0].in_channels == 128          # no concatenated skip
+    assert fashion.decoder[-1][0].in_channels == 256         # 128 + finest skip
+
+
+def test_glorot_init_and_zero_bias():
+    g1 = Generator1(PRESETS["tiny"])
+    assert torch.count_nonzero(g1.encoder.stem.bias) == 0
+    fan_in, fan_out = 21 * 9, 8 * 9
+    bound = (6 / (fan_in + fan_out)) ** 0.5
+    assert g1.encoder.stem.weight.abs().max() <= bound
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"canvas": (30, 16)}, "divisible"),
+    ({"pose_embedding": "xyz"}, "pose_embedding"),
+    ({"heatmap_kind": "box"}, "heatmap_kind"),
+    ({"keypoints": ("a",) * 18}, "keypoint order"),
+])
+def test_config_validation(changes, message):
+    with pytest.raises(ValueError, match=message):
+        PRESETS["tiny"].replace(**changes)
+
+
+def test_config_dict_round_trip_and_unknown_keys():
+    config = preset("demo", pose_embedding="hme")
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown model config keys \\['colour'\\]"):
+        ModelConfig.from_dict({**config.to_dict(), "colour": 1})
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("huge")

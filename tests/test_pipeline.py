@@ -1,0 +1,120 @@
+import numpy as np
+import pytest
+import torch
+
+from pg2_server.keypoints import KeypointError
+from pg2_server.pipeline import Pipeline
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return Pipeline.random("tiny", seed=0)
+
+
+def _pose(width, height):
+    rng = np.random.default_rng(width * 7 + height)
+    points = [(float(rng.uniform(0, width - 1)), float(rng.uniform(0, height - 1))) for _ in range(18)]
+    points[15] = None
+    return points
+
+
+def _image(height, width, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def test_odd_sizes_come_back_at_the_requested_size(tiny):
+    sources = [_image(300, 50), _image(1080, 1920, 1), _image(32, 16, 2)]
+    sizes = [(1920, 1080), (50, 300), (17, 33)]
+    images = tiny(sources, [_pose(*s) for s in sizes], sizes)
+    assert [im.shape for im in images] == [(1080, 1920, 3), (300, 50, 3), (33, 17, 3)]
+    assert all(im.dtype == np.uint8 for im in images)
+
+
+def test_deterministic_and_batch_independent(tiny):
+    sources = [_image(64, 40, i) for i in range(3)]
+    poses = [_pose(40, 64) for _ in range(3)]
+    sizes = [(40, 64)] * 3
+    batched = tiny(sources, poses, sizes)
+    again = tiny(sources, poses, sizes)
+    alone = [tiny([s], [p], [z])[0] for s, p, z in zip(sources, poses, sizes)]
+    for a, b, c in zip(batched, again, alone):
+        assert np.array_equal(a, b)
+        assert np.abs(a.astype(int) - c.astype(int)).max() <= 1   # batching changes nothing visible
+
+
+def test_random_weights_depend_on_seed_only():
+    source, pose = [_image(32, 16)], [_pose(16, 32)]
+    a = Pipeline.random("tiny", seed=0)(source, pose, [(16, 32)])[0]
+    torch.manual_seed(123)   # the global RNG must not matter
+    b = Pipeline.random("tiny", seed=0)(source, pose, [(16, 32)])[0]
+    c = Pipeline.random("tiny", seed=1)(source, pose, [(16, 32)])[0]
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_generate_returns_g1_and_alpha(tiny):
+    size = (88, 128)
+    [result] = tiny.generate([_image(128, 88)], [_pose(*size)], [size], with_g1=True, with_alpha=True)
+    assert result.image.shape == (128, 88, 3) and result.g1.shape == (128, 88, 3)
+    assert result.alpha.shape == (128, 88) and set(np.unique(result.alpha)) <= {0, 255}
+    assert result.alpha.any()
+    # G2 adds a difference map, so the final image differs from G1's.
+    assert not np.array_equal(result.image, result.g1)
+
+
+def test_final_is_g1_plus_difference(tiny):
+    prepared = [tiny.prepare(_image(32, 16), _pose(16, 32), (16, 32))]
+    coarse, final = tiny.run(prepared)
+    with torch.inference_mode():
+        source = torch.from_numpy(prepared[0].source[None])
+        diff = tiny.g2(torch.from_numpy(coarse), source).numpy()
+    assert np.allclose(final, coarse + diff, atol=1e-5)
+
+
+def test_alpha_marks_the_target_pose(tiny):
+    points = [None] * 18
+    points[1], points[2] = (8.0, 10.0), (8.0, 22.0)      # neck and right shoulder
+    [result] = tiny.generate([_image(32, 16)], [points], [(16, 32)], with_alpha=True)
+    assert result.alpha[16, 8] == 255 and result.alpha[0, 0] == 0
+
+
+def test_bfloat16_close_to_float32():
+    fp32 = Pipeline.random("tiny", seed=0)
+    bf16 = Pipeline.random("tiny", seed=0, dtype="bfloat16")
+    prepared = [fp32.prepare(_image(32, 16), _pose(16, 32), (16, 32))]
+    _, a = fp32.run(prepared)
+    _, b = bf16.run(prepared)
+    assert np.abs(a - b).max() < 0.1
+
+
+@pytest.mark.parametrize("source, points, size, error, message", [
+    (_image(32, 16), [(1, 1)] * 17, (16, 32), KeypointError, "expected 18 keypoints"),
+    (_image(32, 16), [(float("nan"), 1)] * 18, (16, 32), KeypointError, "non-finite"),
+    (np.zeros((32, 16, 3), np.float32), [(1, 1)] * 18, (16, 32), TypeError, "uint8"),
+    (np.zeros((0, 16, 3), np.uint8), [(1, 1)] * 18, (16, 32), ValueError, "non-empty"),
+    (np.zeros((32, 16), np.uint8), [(1, 1)] * 18, (16, 32), ValueError, "3 channels"),
+    (_image(32, 16), [(1, 1)] * 18, (0, 32), ValueError, "target size must be positive"),
+    (_image(32, 16), [(1, 1)] * 18, (16.0, 32), ValueError, "target size must be \\(W, H\\) integers"),
+])
+def test_bad_inputs_say_what_is_wrong(tiny, source, points, size, error, message):
+    with pytest.raises(error, match=message):
+        tiny([source], [points], [size])
+
+
+def test_mismatched_list_lengths(tiny):
+    with pytest.raises(ValueError, match="equal lengths"):
+        tiny([_image(32, 16)], [], [(16, 32)])
+
+
+def test_unavailable_device_is_explained():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        Pipeline.random("tiny", device="cuda")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        Pipeline.random("tiny", dtype="int8")
+
+
+def test_describe(tiny):
+    info = tiny.describe()
+    assert info["preset"] == "tiny" and info["canvas"] == [32, 16] and info["stages"] == ["g1", "g2"]
+    assert info["keypoints"][2] == "right_shoulder"

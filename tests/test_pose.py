@@ -1,0 +1,150 @@
+import numpy as np
+import pytest
+
+from pg2_server import pose
+from pg2_server.keypoints import MASK_LIMBS
+
+
+def _points(**named):
+    points = [None] * 18
+    for index, value in named.items():
+        points[int(index[1:])] = value
+    return points
+
+
+def _independent_disk(x, y, height, width, radius):
+    """Per-pixel loop: +1 where the pixel centre is within `radius` of the rounded keypoint."""
+    out = np.full((height, width), -1.0, np.float32)
+    cx, cy = int(round(x)), int(round(y))
+    for r in range(height):
+        for c in range(width):
+            if (r - cy) ** 2 + (c - cx) ** 2 <= radius ** 2:
+                out[r, c] = 1.0
+    return out
+
+
+@pytest.mark.parametrize("x, y", [(10, 12), (0, 0), (15, 31), (7.4, 20.6), (2, 30)])
+def test_disk_heatmaps_pixel_exact(x, y):
+    maps = pose.heatmaps(_points(k3=(x, y)), 32, 16)
+    assert maps.shape == (18, 32, 16) and maps.dtype == np.float32
+    assert np.array_equal(maps[3], _independent_disk(x, y, 32, 16, 4))
+    assert (maps[np.arange(18) != 3] == -1).all()
+    # A disk of radius 4 fully inside has 49 pixels (i² + j² ≤ 16).
+    if 4 <= x <= 11 and 4 <= y <= 27:
+        assert (maps[3] == 1).sum() == 49
+
+
+def test_heatmaps_ignore_missing_and_outside_keypoints():
+    maps = pose.heatmaps(_points(k0=(-3, 5), k1=(16, 5), k2=(5, 32), k4=(2, 5)), 32, 16)
+    assert (maps[:4] == -1).all()          # missing or outside: all -1
+    # A keypoint 2 px from the edge: the disk is clipped (49 - 1 - 5 pixels beyond x = 0).
+    assert (maps[4] == 1).sum() == 43
+    assert np.array_equal(maps[4], _independent_disk(2, 5, 32, 16, 4))
+
+
+def test_gaussian_heatmaps():
+    maps = pose.heatmaps(_points(k5=(8, 10)), 32, 16, kind="gaussian", sigma=6)
+    assert maps[5, 10, 8] == pytest.approx(1.0)
+    assert maps[5, 10, 14] == pytest.approx(np.exp(-36 / 72), rel=1e-5)
+    assert (maps[0] == 0).all() and maps.min() >= 0 and maps.max() <= 1
+    with pytest.raises(ValueError, match="unknown heat-map kind"):
+        pose.heatmaps(_points(), 4, 4, kind="square")
+
+
+def test_pose_mask_single_limb_hand_made():
+    # Neck (1) to right shoulder (2), horizontal, 16 px apart: disks at both ends and at
+    # int(16/4) - 1 = 3 interior points (every 4 px) make a solid bar of height 9 (±4).
+    mask = pose.pose_mask(_points(k1=(10, 20), k2=(26, 20)), 40, 40)
+    assert mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 1}
+    assert mask[20, 6:31].all() and not mask[20, 5] and not mask[20, 31]
+    assert mask[16:25, 18].all() and not mask[15, 18] and not mask[25, 18]
+
+
+def test_pose_mask_needs_both_ends_of_a_limb():
+    assert pose.pose_mask(_points(k1=(10, 20)), 40, 40).sum() == 0
+    # Only limbs from MASK_LIMBS are drawn: wrist (4) - hip (8) is not a limb.
+    assert (4, 8) not in MASK_LIMBS
+    assert pose.pose_mask(_points(k4=(10, 20), k8=(30, 20)), 40, 40).sum() == 0
+
+
+def test_pose_mask_closing_fills_small_gaps():
+    # Two parallel limbs 10 px apart leave a 1-px gap between their disks; closing fills it.
+    points = _points(k2=(10, 10), k3=(10, 30), k5=(19, 10), k6=(19, 30), k1=(14, 5))
+    mask = pose.pose_mask(points, 40, 40)
+    assert mask[20, 10:20].all()
+
+
+def test_framing_identity_when_sizes_match():
+    fit = pose.fit_frame((64, 128), (128, 64))
+    assert fit.is_identity and fit.offset == (0, 0) and fit.scaled == (64, 128)
+    image = np.random.default_rng(0).integers(0, 255, (128, 64, 3), dtype=np.uint8)
+    assert np.array_equal(fit.image_to_canvas(image), image)
+    assert np.array_equal(fit.image_to_frame(image), image)
+    points = np.array([[3.0, 4.0]] * 18)
+    assert np.allclose(fit.keypoints_to_canvas(points), points)
+
+
+@pytest.mark.parametrize("frame, canvas", [((1920, 1080), (256, 176)), ((50, 300), (128, 88)),
+                                           ((176, 256), (128, 64)), ((64, 64), (256, 256))])
+def test_framing_round_trip_within_half_pixel(frame, canvas):
+    fit = pose.fit_frame(frame, canvas)
+    w, h = frame
+    rng = np.random.default_rng(1)
+    points = np.stack([rng.uniform(0, w - 1, 18), rng.uniform(0, h - 1, 18)], axis=1)
+    points[3] = np.nan
+    on_canvas = fit.keypoints_to_canvas(points)
+    assert np.isnan(on_canvas[3]).all()
+    assert np.nanmax(np.abs(fit.keypoints_to_frame(on_canvas) - points)) < 0.5
+    # Keypoints land inside the frame's area of the canvas, which is centred.
+    ch, cw = canvas
+    assert np.nanmin(on_canvas[:, 0]) >= fit.offset[0] - 0.5
+    assert np.nanmax(on_canvas[:, 0]) <= fit.offset[0] + fit.scaled[0] - 0.5
+    assert abs((cw - fit.scaled[0]) - 2 * fit.offset[0]) <= 1 and abs((ch - fit.scaled[1]) - 2 * fit.offset[1]) <= 1
+    # Images: canvas-sized on the way in, frame-sized on the way out.
+    image = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    assert fit.image_to_canvas(image).shape == (ch, cw, 3)
+    assert fit.image_to_frame(fit.image_to_canvas(image)).shape == (h, w, 3)
+
+
+def test_framing_places_a_marked_pixel_where_its_keypoint_goes():
+    fit = pose.fit_frame((400, 200), (128, 64))   # wide frame: scaled 64×32, padded top/bottom
+    assert fit.scaled == (64, 32) and fit.offset == (0, 48)
+    image = np.zeros((200, 400, 3), np.uint8)
+    image[90:110, 190:210] = 255
+    canvas = fit.image_to_canvas(image, border="constant")
+    (x, y), = fit.keypoints_to_canvas([(199.5, 99.5)] + [None] * 17)[:1]
+    ys, xs = np.nonzero(canvas[..., 0] > 127)
+    assert abs(xs.mean() - x) < 0.6 and abs(ys.mean() - y) < 0.6
+
+
+def test_flip_horizontal_swaps_image_and_joints():
+    image = np.zeros((4, 6, 3), np.uint8)
+    image[:, 0] = 255
+    flipped, points = pose.flip_horizontal(image, _points(k2=(0, 1), k0=(2, 3)))
+    assert (flipped[:, 5] == 255).all() and (flipped[:, 0] == 0).all()
+    assert tuple(points[5]) == (5, 1) and np.isnan(points[2]).all() and tuple(points[0]) == (3, 3)
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    (np.zeros((4, 4, 3), np.float32), TypeError, "uint8"),
+    (np.zeros((0, 4, 3), np.uint8), ValueError, "non-empty"),
+    (np.zeros((4, 4, 4), np.uint8), ValueError, "3 channels"),
+    ([[1, 2, 3]], TypeError, "numpy uint8 array"),
+])
+def test_check_image_errors(bad, error, message):
+    with pytest.raises(error, match=message):
+        pose.check_image(bad)
+
+
+def test_fit_frame_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="frame width must be a positive integer"):
+        pose.fit_frame((0, 10), (32, 16))
+    with pytest.raises(ValueError, match="frame height"):
+        pose.fit_frame((10, 2.5), (32, 16))
+
+
+def test_value_conversions_round_trip():
+    image = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=2)
+    unit = pose.to_unit_range(image)
+    assert unit.shape == (3, 16, 16) and unit.min() == -1 and unit.max() == 1
+    assert np.array_equal(pose.to_uint8(unit), image)
