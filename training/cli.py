@@ -1,0 +1,250 @@
+"""`pg2-train`: prepare data, train PG2's two stages, export weights to serve, evaluate.
+
+    pg2-train prepare deepfashion|market --raw DIR --out DIR [--annotations CSV ...] [--pairs CSV ...]
+    pg2-train pairs --images DIR --annotations CSV --out PAIRS.csv [--seed S]
+    pg2-train fit --preset P --data-root DIR --annotations CSV --pairs CSV --stage 1|2 --out RUN [--resume]
+    torchrun --standalone --nproc_per_node N -m training.cli fit ...   # DDP, see training/distributed.py
+    pg2-train export RUN --out CKPT [--dtype float16]
+    pg2-train eval --checkpoint CKPT --data-root DIR --annotations CSV --pairs CSV --out DIR
+    pg2-train bench --preset P [--batch-size B] [--stage 1|2] | bench --data --data-root ...
+
+Each subcommand lives in a function `cmd_NAME(args)`; `build_parser` wires them.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pg2_server.checkpoint import CheckpointError
+from pg2_server.keypoints import KeypointError
+
+from .data import DataError
+from .state import StateError
+
+log = logging.getLogger("training")
+
+EXIT_INTERRUPTED = 143  # 128 + SIGTERM: the state was saved; run again with --resume
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser, images_help: str) -> None:
+    parser.add_argument("--data-root", required=True, help=images_help)
+    parser.add_argument("--annotations", required=True, help="annotation CSV (name:keypoints_y:keypoints_x)")
+    parser.add_argument("--pairs", required=True, help="pairs CSV (from,to)")
+    parser.add_argument("--strict", action="store_true",
+                        help="stop at the first malformed row, missing image or annotation (default: skip and count)")
+
+
+def _load_split(args: argparse.Namespace, quiet: bool = False):
+    from .data import load_split
+
+    split = load_split(args.data_root, args.annotations, args.pairs, strict=args.strict)
+    if not quiet:
+        print(f"data: {len(split.pairs)} pairs of {len(split.names)} images from {args.data_root}; "
+              f"{split.report.summary()}", file=sys.stderr)
+        if split.report.total:
+            print(split.report.details(), file=sys.stderr)
+    return split
+
+
+# -- fit --------------------------------------------------------------------------------------
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from pg2_server.model import preset
+
+    from .distributed import init_distributed, shutdown
+    from .trainer import Trainer, pretrained_g1, state_path, train_config
+
+    job = init_distributed(args.device)
+    try:
+        config = train_config(
+            args.preset, args.stage, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+            lambda_l1=args.lambda_l1, reconstruction=args.loss, one_stage=args.one_stage,
+            discriminator=args.discriminator, flip=not args.no_flip, seed=args.seed, workers=args.workers,
+            log_every=args.log_every, sample_every=args.sample_every, save_every=args.save_every,
+            bf16=not args.no_bf16, compile=args.compile)
+        run_dir = Path(args.out)
+        existing = state_path(run_dir, args.stage)
+        if existing.is_file() and not args.resume:
+            raise StateError(f"{existing} exists: pass --resume to continue that run, or choose another --out")
+        if args.resume and not existing.is_file():
+            raise StateError(f"--resume: {existing} does not exist; start without --resume")
+        g1_state = None
+        model_overrides = {k: v for k, v in (("pose_embedding", args.pose_embedding),
+                                             ("heatmap_kind", args.heatmap_kind)) if v is not None}
+        model_config = preset(args.preset, **model_overrides)
+        if args.stage == 2 and not args.resume:
+            g1_config, g1_state = pretrained_g1(args.g1 or run_dir)
+            if model_overrides and any(getattr(g1_config, k) != v for k, v in model_overrides.items()):
+                raise ValueError(f"stage 2 takes its model config from the stage-1 G1 ({g1_config.pose_embedding}, "
+                                 f"{g1_config.heatmap_kind}); do not pass different --pose-embedding/--heatmap-kind")
+            if g1_config.preset != args.preset:
+                raise ValueError(f"G1 was trained with preset {g1_config.preset!r}, not {args.preset!r}")
+            model_config = g1_config
+        elif args.stage == 2:
+            from .trainer import load_run_state
+            from pg2_server.model import ModelConfig
+            model_config = ModelConfig.from_dict(load_run_state(run_dir, 2)["model_config"])
+        split = _load_split(args, quiet=not job.is_main)
+        provenance = {"data_root": str(Path(args.data_root).resolve()),
+                      "annotations": str(Path(args.annotations).resolve()),
+                      "pairs": str(Path(args.pairs).resolve()),
+                      "pairs_used": len(split.pairs), "images": len(split.names),
+                      "skipped": {k: len(v) for k, v in split.report.problems.items()}}
+        trainer = Trainer(config, model_config, run_dir, split, job, g1_state=g1_state,
+                          resume=args.resume, data_provenance=provenance)
+        if job.is_main:
+            print(f"stage {config.stage}: preset {config.preset}, {config.steps} steps, batch {config.batch_size} × "
+                  f"{job.world_size} process(es) on {job.device}, from step {trainer.step}", file=sys.stderr)
+        losses = trainer.fit()
+        if job.is_main:
+            where = state_path(run_dir, args.stage)
+            if losses.get("interrupted"):
+                print(f"interrupted at step {trainer.step}; state saved to {where}; continue with --resume",
+                      file=sys.stderr)
+                return EXIT_INTERRUPTED
+            print(f"stage {config.stage} done at step {trainer.step}: "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()) + f"; state {where}", file=sys.stderr)
+        return 0
+    finally:
+        shutdown(job)
+
+
+def _add_fit(sub) -> None:
+    p = sub.add_parser("fit", help="train stage 1 (G1) or stage 2 (G2 + D) of PG2")
+    p.add_argument("--preset", required=True, choices=["market", "deepfashion", "demo", "tiny"])
+    p.add_argument("--stage", type=int, required=True, choices=[1, 2])
+    _add_data_arguments(p, "image folder of the training split")
+    p.add_argument("--out", required=True, help="run directory (state, logs, samples)")
+    p.add_argument("--resume", action="store_true", help="continue the stage from the run directory's state")
+    p.add_argument("--g1", help="stage 2: G1 from this run directory or checkpoint (default: --out's stage 1)")
+    p.add_argument("--steps", type=int, help="total steps of this stage (default: the preset's official count)")
+    p.add_argument("--batch-size", type=int, help="per process (default: the preset's official batch)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default 2e-5, betas 0.5/0.999)")
+    p.add_argument("--lambda-l1", type=float, help="weight of the L1 term in stage 2 (market 10, deepfashion 50)")
+    p.add_argument("--loss", choices=["pose-mask", "l1"], help="reconstruction loss (ablation: plain l1)")
+    p.add_argument("--one-stage", action="store_true", help="ablation: stage 1 with the adversarial loss (G1 + D)")
+    p.add_argument("--discriminator", choices=["source-negative", "pair"],
+                   help="code's D with the source as extra negative (default) or the paper's pair-conditioned D")
+    p.add_argument("--pose-embedding", choices=["heatmaps", "ce", "hme"], help="ablation (stage 1)")
+    p.add_argument("--heatmap-kind", choices=["disk", "gaussian"], help="PG2 disks (default) or PATN Gaussians")
+    p.add_argument("--no-flip", action="store_true", help="no left-right flip augmentation")
+    p.add_argument("--seed", type=int, help="seed of weights, data order and flips (default 0)")
+    p.add_argument("--workers", type=int, help="data-loader processes per training process (default 4)")
+    p.add_argument("--log-every", type=int, help="steps between loss records (default 10)")
+    p.add_argument("--sample-every", type=int, help="steps between sample grids (default 500)")
+    p.add_argument("--save-every", type=int, help="steps between state saves (default 1000)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda (torchrun: each process its LOCAL_RANK GPU)")
+    p.add_argument("--no-bf16", action="store_true", help="fp32 on CUDA too (default: bf16 autocast on CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    p.set_defaults(func=cmd_fit)
+
+
+# -- export -----------------------------------------------------------------------------------
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_run
+
+    metrics = {}
+    if args.metrics:
+        metrics = json.loads(Path(args.metrics).read_text())
+    json_path, weights_path = export_run(args.run_dir, args.out, dtype=args.dtype, metrics=metrics)
+    print(f"wrote {json_path} and {weights_path}")
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a run's weights as a server checkpoint (NAME.json + NAME.safetensors)")
+    p.add_argument("run_dir", help="the --out of pg2-train fit")
+    p.add_argument("--out", required=True, help="checkpoint path without extension, e.g. models/market")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--metrics", help="metrics.json of pg2-train eval to record in the checkpoint")
+    p.set_defaults(func=cmd_export)
+
+
+# -- eval -------------------------------------------------------------------------------------
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pg2_server.pipeline import Pipeline
+
+    from .evaluate import evaluate, markdown_table
+
+    if args.device == "auto":
+        import torch
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipeline = Pipeline.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype)
+    split = _load_split(args)
+    metrics = evaluate(pipeline, split, args.out, batch_size=args.batch_size, save_images=not args.no_images,
+                       limit=args.limit, workers=args.workers)
+    print(markdown_table(metrics))
+    print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'metrics.md'}")
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="generate every test pair and score it (SSIM, mask-SSIM, PSNR, L1)")
+    p.add_argument("--checkpoint", required=True, help="NAME.json of pg2-train export")
+    _add_data_arguments(p, "image folder of the test split")
+    p.add_argument("--out", required=True, help="folder for images/, metrics.json and metrics.md")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=int, help="only the first N pairs")
+    p.add_argument("--no-images", action="store_true", help="score without saving the generated images")
+    p.add_argument("--workers", type=int, default=2, help="threads scoring images")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=cmd_eval)
+
+
+# -- wiring -----------------------------------------------------------------------------------
+
+def _add_optional(sub, module: str, adder: str) -> None:
+    """Register a subcommand whose module may not exist yet in this checkout."""
+    if importlib.util.find_spec(f"training.{module}") is None:
+        return
+    getattr(importlib.import_module(f"training.{module}"), adder)(sub)
+
+
+def _add_synth(sub) -> None:
+    """`pg2-train synth`, owned by training/synth.py (add_arguments / main)."""
+    if importlib.util.find_spec("training.synth") is None:
+        return
+    from . import synth
+
+    p = sub.add_parser("synth", help="render a synthetic training set (see docs/synthetic.md)")
+    synth.add_arguments(p)
+    p.set_defaults(func=synth.main)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pg2-train", description="PG2 training: data, two-stage training, "
+                                                                   "export, evaluation, benchmarks")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_optional(sub, "prepare", "add_prepare_parser")
+    _add_optional(sub, "pairs", "add_pairs_parser")
+    _add_fit(sub)
+    _add_export(sub)
+    _add_eval(sub)
+    _add_optional(sub, "bench", "add_bench_parser")
+    _add_synth(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (DataError, StateError, CheckpointError, KeypointError, ValueError, OSError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Weights to serve from a run directory: the server's checkpoint format with provenance.
+
+The newest stage wins: a run with a stage-2 state exports G1 + G2, a stage-1-only run
+exports G1 alone (the pipeline then serves G1's image). Optimisers and D are left behind.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+
+from pg2_server.checkpoint import save_checkpoint
+from pg2_server.model import Generator1, Generator2, ModelConfig
+
+from .state import StateError
+from .trainer import load_run_state, state_path
+
+
+def _last_logged(run_dir: Path, stage: int) -> dict:
+    log = run_dir / f"stage{stage}-log.jsonl"
+    if not log.is_file():
+        return {}
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    return json.loads(lines[-1]) if lines else {}
+
+
+def export_run(run_dir: str | Path, out: str | Path, dtype: str = "float32",
+               metrics: dict | None = None) -> tuple[Path, Path]:
+    """Write `out`.json + `out`.safetensors from the run's newest stage; returns both paths."""
+    run_dir = Path(run_dir)
+    stages = [s for s in (1, 2) if state_path(run_dir, s).is_file()]
+    if not stages:
+        raise StateError(f"{run_dir} holds no training state (stage1.safetensors / stage2.safetensors); "
+                         "is it the --out of a `pg2-train fit` run?")
+    newest = load_run_state(run_dir, stages[-1])
+    config = ModelConfig.from_dict(newest["model_config"])
+    g1 = Generator1(config)
+    g1.load_state_dict(newest["g1"])
+    g2 = None
+    if "g2" in newest:
+        g2 = Generator2(config)
+        g2.load_state_dict(newest["g2"])
+    history = {}
+    for stage in stages:
+        state = newest if stage == stages[-1] else load_run_state(run_dir, stage)
+        history[f"stage{stage}"] = {"steps": int(state["step"]), "processes": int(state["world_size"]),
+                                    "train_config": state["train_config"],
+                                    "last_losses": {k: v for k, v in _last_logged(run_dir, stage).items()
+                                                    if k != "step"}}
+    provenance = {
+        "trained_by": "pg2-train",
+        "run_dir": str(run_dir.resolve()),
+        "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "data": newest.get("data", {}),
+        "steps": sum(h["steps"] for h in history.values()),
+        "stages": history,
+    }
+    return save_checkpoint(out, config, g1, g2, provenance=provenance, metrics=metrics or {}, dtype=dtype)

@@ -1,0 +1,432 @@
+"""PG2's two training stages, one process or many (see training/distributed.py).
+
+Stage 1 trains G1 with the pose-mask L1. Stage 2 freezes G1 and trains G2 and D: per step
+one G2 update (BCE(D(G2),1) + λ·pose-mask L1) and one D update (the source image as an
+extra negative). `TrainConfig(one_stage=True)` is the paper's "G1 + D" ablation: stage 1
+with the adversarial loss. A run directory holds, per stage, the resumable state
+(`stageN.safetensors`), the loss log (`stageN-log.jsonl`), sample grids and TensorBoard logs.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from pg2_server.checkpoint import load_checkpoint
+from pg2_server.drawing import draw_pose, image_grid, write_rgb
+from pg2_server.model import Generator1, Generator2, ModelConfig
+from pg2_server.pose import to_uint8
+
+from .data import PairDataset, PairSampler, PairSplit, make_loader
+from .discriminator import Discriminator, DiscriminatorConfig, D_KINDS
+from .distributed import Distributed, any_rank, barrier
+from .losses import RECONSTRUCTION_LOSSES, discriminator_logits, discriminator_loss, \
+    generator_adversarial_loss, reconstruction_loss
+from .state import StateError, load_state, rng_state, save_state, set_rng_state
+
+STATE_KIND = "pg2-train-state"
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one stage of a run; saved in the run state."""
+    preset: str
+    stage: int                      # 1: G1 alone (pose-mask L1); 2: G2 + D with G1 frozen
+    steps: int                      # total optimiser steps of this stage
+    batch_size: int                 # per process
+    lr: float = 2e-5
+    beta1: float = 0.5
+    beta2: float = 0.999
+    lambda_l1: float = 10.0         # weight of the reconstruction loss next to the GAN loss
+    reconstruction: str = "pose-mask"   # or "l1" (paper ablation)
+    one_stage: bool = False         # stage 1 with D as well (paper's "G1 + D" ablation)
+    discriminator: str = "source-negative"  # or "pair" (the paper's conditioned D)
+    d_layers: int = 4
+    d_base_width: int = 64
+    flip: bool = True
+    seed: int = 0
+    workers: int = 4
+    log_every: int = 10
+    sample_every: int = 500
+    save_every: int = 1000
+    bf16: bool = True               # autocast on CUDA only; CPU runs stay fp32
+    channels_last: bool = True      # on CUDA only
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {self.stage}")
+        if self.one_stage and self.stage != 1:
+            raise ValueError("one_stage (G1 + D) is a stage-1 variant; use it with stage 1")
+        if self.reconstruction not in RECONSTRUCTION_LOSSES:
+            raise ValueError(f"reconstruction must be one of {RECONSTRUCTION_LOSSES}, got {self.reconstruction!r}")
+        if self.discriminator not in D_KINDS:
+            raise ValueError(f"discriminator must be one of {D_KINDS}, got {self.discriminator!r}")
+        for name in ("steps", "batch_size", "log_every", "sample_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.workers < 0:
+            raise ValueError("lr must be positive and workers ≥ 0")
+
+    @property
+    def adversarial(self) -> bool:
+        return self.stage == 2 or self.one_stage
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Official schedules (see ../shared/reference/pg2-original.md): the code trains G1 alone for
+# 22k steps, then G2 + D to 60k (Market, batch 16) or 80k (DeepFashion, batch 1) in all.
+# demo and tiny are this project's: demo trains on a CPU in hours, tiny in seconds for tests.
+TRAINING_DEFAULTS: dict[str, dict] = {
+    "market": dict(batch_size=16, steps={1: 22_000, 2: 38_000}, lambda_l1=10.0, d_layers=4, d_base_width=64),
+    "deepfashion": dict(batch_size=1, steps={1: 22_000, 2: 58_000}, lambda_l1=50.0, d_layers=5, d_base_width=64),
+    "demo": dict(batch_size=16, steps={1: 20_000, 2: 10_000}, lambda_l1=10.0, d_layers=4, d_base_width=32),
+    "tiny": dict(batch_size=4, steps={1: 200, 2: 100}, lambda_l1=10.0, d_layers=4, d_base_width=8),
+}
+
+
+def train_config(preset: str, stage: int, **overrides) -> TrainConfig:
+    """The official hyper-parameters of `preset` for `stage`, with fields replaced (None = default)."""
+    if preset not in TRAINING_DEFAULTS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(TRAINING_DEFAULTS)}")
+    defaults = dict(TRAINING_DEFAULTS[preset])
+    defaults["steps"] = defaults["steps"][stage]
+    defaults.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(preset=preset, stage=stage, **defaults)
+
+
+def state_path(run_dir: str | Path, stage: int) -> Path:
+    return Path(run_dir) / f"stage{stage}.safetensors"
+
+
+def load_run_state(run_dir: str | Path, stage: int) -> dict:
+    """The stage's state from a run directory, checked to be a pg2-train state."""
+    state = load_state(state_path(run_dir, stage))
+    if state.get("kind") != STATE_KIND or state.get("version") != STATE_VERSION:
+        raise StateError(f"{state_path(run_dir, stage)} is not a pg2-train run state of version {STATE_VERSION}")
+    return state
+
+
+def pretrained_g1(source: str | Path) -> tuple[ModelConfig, dict]:
+    """G1 for stage 2: from a run directory's stage-1 state or from a checkpoint (.json)."""
+    source = Path(source)
+    if source.is_dir():
+        if not state_path(source, 1).is_file():
+            raise StateError(f"{source} has no stage-1 state ({state_path(source, 1).name}); "
+                             "train stage 1 into it first, or pass --g1 CHECKPOINT.json")
+        state = load_run_state(source, 1)
+        return ModelConfig.from_dict(state["model_config"]), state["g1"]
+    checkpoint = load_checkpoint(source)
+    return checkpoint.config, checkpoint.g1.state_dict()
+
+
+class Trainer:
+    """One stage of PG2 training over a pair split; `fit()` runs it to `config.steps`."""
+
+    def __init__(self, config: TrainConfig, model_config: ModelConfig, run_dir: str | Path,
+                 split: PairSplit | None, job: Distributed = Distributed(), *,
+                 g1_state: dict | None = None, resume: bool = False, data_provenance: dict | None = None):
+        self.config, self.model_config, self.job = config, model_config, job
+        self.run_dir = Path(run_dir)
+        self.split = split
+        self.device = job.device
+        self.cuda = self.device.type == "cuda"
+        self.data_provenance = data_provenance or {}
+        self.step = 0
+        self.stop_requested = False
+
+        torch.manual_seed(config.seed)  # same initial weights on every rank
+        self.g1 = Generator1(model_config)
+        if g1_state is not None:
+            self.g1.load_state_dict(g1_state)
+        elif config.stage == 2 and not resume:
+            raise ValueError("stage 2 needs a trained G1 (a stage-1 run or a checkpoint)")
+        self.g2 = Generator2(model_config) if config.stage == 2 else None
+        self.d = Discriminator(DiscriminatorConfig(model_config.canvas, config.d_layers, config.d_base_width,
+                                                   config.discriminator)) if config.adversarial else None
+        memory_format = torch.channels_last if (self.cuda and config.channels_last) else torch.contiguous_format
+        self.memory_format = memory_format
+        for module in (self.g1, self.g2, self.d):
+            if module is not None:
+                module.to(self.device, memory_format=memory_format)
+        self.generator = self.g1 if config.stage == 1 else self.g2
+        if config.stage == 2:
+            self.g1.eval().requires_grad_(False)
+        betas = (config.beta1, config.beta2)
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=config.lr, betas=betas)
+        self.opt_d = torch.optim.Adam(self.d.parameters(), lr=config.lr, betas=betas) if self.d else None
+        if resume:
+            self._restore(load_run_state(self.run_dir, config.stage))
+
+        # Wrapped forms used for training; the plain modules above are what is saved.
+        self.train_g = self._wrap(self.generator)
+        self.train_d = self._wrap(self.d) if self.d is not None else None
+        self.frozen_g1 = torch.compile(self.g1) if (config.compile and config.stage == 2) else self.g1
+
+    def _wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        if self.job.enabled:
+            module = DistributedDataParallel(module, device_ids=[self.device.index] if self.cuda else None)
+        return torch.compile(module) if self.config.compile else module
+
+    def _autocast(self):
+        if self.cuda and self.config.bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # -- one optimisation step ----------------------------------------------------------------
+
+    def _to_device(self, batch: dict) -> dict:
+        moved = {}
+        for key, value in batch.items():
+            value = value.to(self.device, non_blocking=True)
+            if value.dim() == 4:
+                value = value.contiguous(memory_format=self.memory_format)
+            moved[key] = value
+        return moved
+
+    def generate(self, batch: dict, train_g=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(G1 image, final image) for a device batch; the final one carries gradients."""
+        g = train_g or self.train_g
+        with self._autocast():
+            if self.config.stage == 1:
+                coarse = g(batch["source"], batch["heatmaps"], batch["coordinates"])
+                return coarse, coarse
+            with torch.no_grad():
+                coarse = self.frozen_g1(batch["source"], batch["heatmaps"], batch["coordinates"])
+            return coarse, coarse + g(coarse, batch["source"])
+
+    def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        """One generator update (and one D update when adversarial); returns detached losses."""
+        c = self.config
+        batch = self._to_device(batch)
+        _, fake = self.generate(batch)
+        recon = reconstruction_loss(fake, batch["target"], batch["mask"], c.reconstruction)
+        losses = {"recon": recon.detach()}
+        if not c.adversarial:
+            self.opt_g.zero_grad(set_to_none=True)
+            recon.backward()
+            self.opt_g.step()
+            return losses
+        # Generator update: D's plain module (not its DDP wrapper) with frozen weights, fed the
+        # same one-batch mix of real target, real source and generated images as D's update.
+        self.d.requires_grad_(False)
+        with self._autocast():
+            _, _, fake_logits = discriminator_logits(self.d, batch["target"], batch["source"], fake, c.discriminator)
+        adversarial = generator_adversarial_loss(fake_logits)
+        g_loss = adversarial + c.lambda_l1 * recon
+        self.opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        self.opt_g.step()
+        self.d.requires_grad_(True)
+        # Discriminator update on the same generated images.
+        with self._autocast():
+            real, source, generated = discriminator_logits(
+                self.train_d, batch["target"], batch["source"], fake.detach(), c.discriminator)
+        d_loss = discriminator_loss(real, source, generated)
+        self.opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.opt_d.step()
+        losses.update(g_adv=adversarial.detach(), g_total=g_loss.detach(), d=d_loss.detach(),
+                      d_real=torch.sigmoid(real.float()).mean().detach(),
+                      d_fake=torch.sigmoid(generated.float()).mean().detach())
+        return losses
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        """Everything needed to continue this stage exactly where it is."""
+        state = {
+            "kind": STATE_KIND, "version": STATE_VERSION,
+            "stage": self.config.stage, "step": self.step,
+            "samples_per_rank": self.step * self.config.batch_size,
+            "world_size": self.job.world_size,
+            "train_config": self.config.to_dict(), "model_config": self.model_config.to_dict(),
+            "data": self.data_provenance,
+            "g1": self.g1.state_dict(), "opt_g": self.opt_g.state_dict(),
+            "rng": rng_state(),
+        }
+        if self.g2 is not None:
+            state["g2"] = self.g2.state_dict()
+        if self.d is not None:
+            state["d"] = self.d.state_dict()
+            state["opt_d"] = self.opt_d.state_dict()
+        return state
+
+    def save(self) -> Path | None:
+        """Write the state atomically (rank 0 only)."""
+        if not self.job.is_main:
+            return None
+        return save_state(state_path(self.run_dir, self.config.stage), self.state())
+
+    def _restore(self, state: dict) -> None:
+        saved = ModelConfig.from_dict(state["model_config"])
+        if saved != self.model_config:
+            raise StateError(f"the run state was trained with model config {saved.to_dict()}, "
+                             f"not {self.model_config.to_dict()}; resume with the same preset and switches")
+        if state["world_size"] != self.job.world_size:
+            raise StateError(f"the run state was written by {state['world_size']} processes; resume with "
+                             f"the same number (now {self.job.world_size}) so the data order continues")
+        ignored = {"steps", "workers", "log_every", "sample_every", "save_every", "compile"}
+        old = {k: v for k, v in state["train_config"].items() if k not in ignored}
+        new = {k: v for k, v in self.config.to_dict().items() if k not in ignored}
+        if old != new:
+            changed = sorted(k for k in new if old.get(k) != new[k])
+            raise StateError(f"--resume with different hyper-parameters {changed}: "
+                             f"saved {[old.get(k) for k in changed]}, given {[new[k] for k in changed]}")
+        self.g1.load_state_dict(state["g1"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        if self.g2 is not None:
+            self.g2.load_state_dict(state["g2"])
+        if self.d is not None:
+            self.d.load_state_dict(state["d"])
+            self.opt_d.load_state_dict(state["opt_d"])
+        set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.data_provenance = state.get("data", self.data_provenance)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _request_stop(self, signum, frame) -> None:
+        self.stop_requested = True
+
+    def fit(self) -> dict[str, float]:
+        """Train to `config.steps`, saving every `save_every` steps and on SIGTERM/SIGINT.
+
+        Returns the last logged losses, and `interrupted: 1.0` if a signal stopped the run.
+        """
+        c = self.config
+        if self.split is None:
+            raise ValueError("fit() needs a data split")
+        dataset = PairDataset(self.split, self.model_config)
+        sampler = PairSampler(len(dataset), c.seed, c.flip, self.job.rank, self.job.world_size,
+                              start=self.step * c.batch_size)
+        loader = make_loader(dataset, c.batch_size, sampler, c.workers, pin_memory=self.cuda)
+        previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        log = _LossLog(self.run_dir, c.stage, self.step, self.job.is_main)
+        samples = self._sample_batch(dataset) if self.job.is_main else None
+        bar = tqdm(total=c.steps, initial=self.step, desc=f"stage {c.stage}", unit="step",
+                   disable=not self.job.is_main, dynamic_ncols=True)
+        last: dict[str, float] = {}
+        window_start, window_steps = time.perf_counter(), 0
+        try:
+            batches = iter(loader)
+            while self.step < c.steps:
+                losses = self.train_step(next(batches))
+                self.step += 1
+                window_steps += 1
+                bar.update(1)
+                if self.step % c.log_every == 0 or self.step == c.steps:
+                    elapsed = time.perf_counter() - window_start
+                    rate = window_steps * c.batch_size * self.job.world_size / max(elapsed, 1e-9)
+                    last = {k: float(v) for k, v in losses.items()}
+                    log.write(self.step, last, rate)
+                    bar.set_postfix({**{k: f"{v:.4f}" for k, v in last.items() if k in ("recon", "g_adv", "d")},
+                                     "samples/s": f"{rate:.1f}"})
+                    window_start, window_steps = time.perf_counter(), 0
+                if samples is not None and (self.step % c.sample_every == 0 or self.step == c.steps):
+                    log.image(self.step, self.sample_grid(samples))
+                if self.step % c.save_every == 0 and self.step < c.steps:
+                    self.save()
+                stop = self.stop_requested
+                if self.job.enabled:  # all ranks must stop at the same step; checking costs a sync
+                    stop = any_rank(stop, self.job) if self.step % c.log_every == 0 else False
+                if stop:
+                    last["interrupted"] = 1.0
+                    break
+            self.save()
+            barrier(self.job)
+        finally:
+            bar.close()
+            log.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        return last
+
+    # -- pictures ------------------------------------------------------------------------------
+
+    def _sample_batch(self, dataset: PairDataset, count: int = 4) -> dict:
+        items = [dataset[(i, False)] for i in range(min(count, len(dataset)))]
+        return {k: torch.stack([item[k] for item in items]) for k in items[0]}
+
+    @torch.no_grad()
+    def sample_grid(self, samples: dict) -> np.ndarray:
+        """Rows of source | target pose | target | G1 | G2 for the fixed sample pairs."""
+        batch = self._to_device(samples)
+        coarse, final = self.generate(batch, train_g=self.generator)
+        height, width = self.model_config.canvas
+        rows = []
+        for i in range(len(samples["source"])):
+            row = [to_uint8(samples["source"][i].numpy()),
+                   draw_pose(samples["keypoints"][i].numpy(), (width, height)),
+                   to_uint8(samples["target"][i].numpy()),
+                   to_uint8(coarse[i].float().cpu().numpy())]
+            if self.config.stage == 2:
+                row.append(to_uint8(final[i].float().cpu().numpy()))
+            rows.append(row)
+        header = ["source", "target pose", "target", "G1"] + (["G2"] if self.config.stage == 2 else [])
+        return image_grid(rows, header)
+
+
+class _LossLog:
+    """Rank 0's record of a stage: `stageN-log.jsonl`, TensorBoard scalars and sample grids.
+
+    On resume, entries after the resumed step are dropped, so the curve continues unbroken.
+    """
+
+    def __init__(self, run_dir: Path, stage: int, start_step: int, enabled: bool):
+        self.enabled = enabled
+        self.stage = stage
+        self.writer = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.samples_dir = run_dir / "samples"
+        self.path = run_dir / f"stage{stage}-log.jsonl"
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= start_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.file = open(self.path, "a", encoding="utf-8")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        except ImportError:  # TensorBoard is an optional extra; the JSONL log is always written
+            self.writer = None
+
+    def write(self, step: int, losses: dict[str, float], samples_per_second: float) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"step": step, **losses, "samples_per_s": round(samples_per_second, 3)}) + "\n")
+        self.file.flush()
+        if self.writer:
+            for name, value in losses.items():
+                if math.isfinite(value):
+                    self.writer.add_scalar(f"stage{self.stage}/{name}", value, step)
+            self.writer.add_scalar(f"stage{self.stage}/samples_per_s", samples_per_second, step)
+
+    def image(self, step: int, grid: np.ndarray) -> None:
+        if not self.enabled:
+            return
+        self.samples_dir.mkdir(parents=True, exist_ok=True)
+        write_rgb(self.samples_dir / f"stage{self.stage}-step{step:07d}.png", grid)
+        if self.writer:
+            self.writer.add_image(f"stage{self.stage}/samples", grid, step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.writer:
+                self.writer.close()
