@@ -1,0 +1,161 @@
+"""`pg2-train bench`: training samples/s per stage, MFU on a GPU, and data-loader samples/s.
+
+    pg2-train bench --preset market --batch-size 16 --stage 1 2      # fp32 eager next to bf16 (+compile)
+    pg2-train bench --data --preset market --data-root DIR --annotations CSV --pairs CSV --workers 0 4 8
+
+Training is timed on fixed random batches (the data loader is measured separately), so the
+figure is the networks' speed. FLOPs per step are counted with torch's FlopCounterMode on one
+real step (forward and backward); MFU = FLOP/s over the card's dense bf16 peak.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+
+from pg2_server.keypoints import COUNT
+from pg2_server.model import Generator1, preset
+
+from .distributed import Distributed
+
+# Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment; --peak-tflops overrides.
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+             "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12}
+
+
+def peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
+    """The card's dense bf16 peak, or None where unknown (CPU, unlisted GPU)."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
+
+
+def random_batch(config, batch_size: int, generator: torch.Generator) -> dict:
+    """A batch of the trainer's shapes and value ranges, without touching the disk."""
+    height, width = config.canvas
+    return {"source": torch.rand(batch_size, 3, height, width, generator=generator) * 2 - 1,
+            "target": torch.rand(batch_size, 3, height, width, generator=generator) * 2 - 1,
+            "heatmaps": torch.where(torch.rand(batch_size, COUNT, height, width, generator=generator) < 0.02, 1.0, -1.0),
+            "mask": (torch.rand(batch_size, 1, height, width, generator=generator) < 0.3).float(),
+            "coordinates": torch.rand(batch_size, 2 * COUNT, generator=generator)}
+
+
+def bench_training(preset_name: str, stage: int, batch_size: int, steps: int, warmup: int, device: torch.device,
+                   bf16: bool, compile: bool, peak: float | None) -> dict:
+    """Time `steps` training steps of one stage; returns samples/s, FLOP per step and MFU."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .trainer import Trainer, train_config
+
+    config = train_config(preset_name, stage, batch_size=batch_size, bf16=bf16, channels_last=bf16,
+                          compile=compile, workers=0)
+    model_config = preset(preset_name)
+    g1_state = Generator1(model_config).state_dict() if stage == 2 else None
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(config, model_config, run_dir, None, Distributed(device=device), g1_state=g1_state)
+        batch = random_batch(model_config, batch_size, torch.Generator().manual_seed(0))
+        if device.type == "cuda":
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        for _ in range(warmup):
+            trainer.train_step(batch)
+        with FlopCounterMode(display=False) as counter:
+            trainer.train_step(batch)
+        _synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step(batch)
+        _synchronize(device)
+        elapsed = time.perf_counter() - start
+    flops = counter.get_total_flops()
+    result = {"samples_per_s": steps * batch_size / elapsed, "step_ms": 1000 * elapsed / steps,
+              "flop_per_step": flops, "tflops": flops * steps / elapsed / 1e12}
+    if peak:
+        result["mfu"] = flops * steps / elapsed / peak
+    if device.type == "cuda":
+        result["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return result
+
+
+def bench_data(args: argparse.Namespace) -> None:
+    from .data import PairDataset, PairSampler, load_split, make_loader
+
+    config = preset(args.preset)
+    split = load_split(args.data_root, args.annotations, args.pairs)
+    dataset = PairDataset(split, config)
+    batch_size = args.batch_size or 16
+    print(f"data loader, preset {args.preset} (canvas {config.canvas[0]}×{config.canvas[1]}), batch {batch_size}, "
+          f"{len(dataset)} pairs; {split.report.summary()}")
+    for workers in args.workers:
+        loader = make_loader(dataset, batch_size, PairSampler(len(dataset), seed=0), workers)
+        batches = iter(loader)
+        for _ in range(min(2, args.batches)):  # worker start-up is not throughput
+            next(batches)
+        start = time.perf_counter()
+        for _ in range(args.batches):
+            next(batches)
+        elapsed = time.perf_counter() - start
+        del batches
+        print(f"  workers {workers:>2}: {args.batches * batch_size / elapsed:10.1f} samples/s")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.data:
+        if not (args.data_root and args.annotations and args.pairs):
+            raise ValueError("bench --data needs --data-root, --annotations and --pairs")
+        bench_data(args)
+        return 0
+    device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
+                          ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    from .trainer import TRAINING_DEFAULTS
+    batch_size = args.batch_size or TRAINING_DEFAULTS[args.preset]["batch_size"]
+    peak = peak_flops(device, args.peak_tflops)
+    variants = [("fp32 eager", False, False)]
+    if device.type == "cuda":
+        variants.append(("bf16 + channels_last" + (" + compile" if args.compile else ""), True, args.compile))
+    print(f"training, preset {args.preset}, batch {batch_size}, device "
+          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
+          + (f", peak {peak / 1e12:.0f} TFLOP/s bf16" if peak else ""))
+    for stage in args.stage:
+        for label, bf16, compile in variants:
+            r = bench_training(args.preset, stage, batch_size, args.steps, args.warmup, device, bf16, compile, peak)
+            line = (f"  stage {stage} {label:<32} {r['samples_per_s']:9.1f} samples/s  {r['step_ms']:8.1f} ms/step  "
+                    f"{r['flop_per_step'] / 1e9:9.1f} GFLOP/step  {r['tflops']:7.2f} TFLOP/s")
+            if "mfu" in r:
+                line += f"  MFU {100 * r['mfu']:5.1f}%"
+            if "max_memory_gib" in r:
+                line += f"  {r['max_memory_gib']:.1f} GiB"
+            print(line)
+    return 0
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="training samples/s per stage (MFU on GPU) or, with --data, loader samples/s")
+    p.add_argument("--preset", default="market", choices=["market", "deepfashion", "demo", "tiny"])
+    p.add_argument("--batch-size", type=int, help="default: the preset's official batch (data: 16)")
+    p.add_argument("--stage", type=int, nargs="+", default=[1, 2], choices=[1, 2])
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (cuDNN autotuning, compile)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile")
+    p.add_argument("--peak-tflops", type=float, help="the card's peak for MFU (default: known cards' bf16 peak)")
+    p.add_argument("--data", action="store_true", help="measure the data loader instead")
+    p.add_argument("--data-root")
+    p.add_argument("--annotations")
+    p.add_argument("--pairs")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4, 8], help="data: worker counts to try")
+    p.add_argument("--batches", type=int, default=20, help="data: timed batches per worker count")
+    p.set_defaults(func=cmd_bench)

@@ -1,0 +1,196 @@
+"""Raw DeepFashion In-shop / Market-1501 downloads → the PATN layout the trainer reads.
+
+    OUT/train/*.jpg, OUT/test/*.jpg, OUT/<the given annotation and pairs CSVs, checked>
+
+DeepFashion: `img/WOMEN/Tees_Tanks/id_00005085/45_1_front.jpg` becomes
+`fashionWOMENTees_Tanksid0000508545_1front.jpg` (PATN's flattening), resized to 256×256 and,
+by default, cropped 40 px each side to PATN's 256×176. The published annotations are in
+256×176 coordinates; for `--size 256x256` their x is shifted by 40.
+Market-1501: `bounding_box_train/` → train, `bounding_box_test/` → test, dropping junk (`-1_…`)
+and distractor (`0000_…`) images.
+The split of each annotation/pairs file is read from its name (`…-train.csv`, `…-test.csv`).
+Rows naming a missing image, malformed rows and keypoints outside the image are reported with
+counts and skipped (`--strict`: the first one is an error).
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pg2_server.keypoints import write_annotations
+
+from .data import DataError, DataReport, drop_outside, read_annotation_file, read_pairs
+from .pairs import write_pairs
+
+DEEPFASHION_SIZES = {"256x176": (256, 176), "256x256": (256, 256)}  # (H, W)
+PATN_CROP = 40  # px cut from each side of the 256×256 image for 256×176
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def flatten_deepfashion_name(relative: Path) -> str:
+    """`WOMEN/Tees_Tanks/id_00005085/45_1_front.jpg` → `fashionWOMENTees_Tanksid0000508545_1front.jpg`."""
+    parts = relative.parts
+    if len(parts) != 4:
+        raise DataError(f"{relative}: expected GENDER/CATEGORY/id_XXXXXXXX/FILE under img/")
+    gender, category, item, file = parts
+    first, *rest = file.split("_")
+    return "fashion" + gender + category + item.replace("_", "") + first + "_" + "".join(rest)
+
+
+def split_of(path: str | Path) -> str:
+    """'train' or 'test', from a PATN file name such as `fasion-resize-pairs-test.csv`."""
+    stem = Path(path).stem.lower()
+    for split in ("train", "test"):
+        if stem.endswith(split) or f"-{split}" in stem or f"_{split}" in stem:
+            return split
+    raise DataError(f"cannot tell the split of {path}: its name should end in -train or -test")
+
+
+def _check(report: DataReport, strict: bool, kind: str, message: str) -> None:
+    if strict:
+        raise DataError(f"{kind}: {message}")
+    report.add(kind, message)
+
+
+def _write_annotations_for(out: Path, csv_path: Path, sizes: dict[str, tuple[int, int]], report: DataReport,
+                           strict: bool, x_shift: int = 0) -> int:
+    """Copy one annotation CSV into `out`, keeping rows whose image exists; returns rows kept."""
+    rows = read_annotation_file(csv_path, report, strict)
+    kept = []
+    for name, keypoints in rows.items():
+        if name not in sizes:
+            _check(report, strict, "annotated images missing", f"{name} ({csv_path.name})")
+            continue
+        keypoints = keypoints + np.array([x_shift, 0.0])
+        kept.append((name, drop_outside(name, keypoints, sizes[name], report, strict)))
+    write_annotations(out / csv_path.name, kept)
+    return len(kept)
+
+
+def _write_pairs_for(out: Path, csv_path: Path, names: set[str], report: DataReport, strict: bool) -> int:
+    pairs = read_pairs(csv_path, report, strict)
+    kept = []
+    for a, b in pairs:
+        if a in names and b in names:
+            kept.append((a, b))
+        else:
+            _check(report, strict, "pairs with a missing image", f"{a},{b} ({csv_path.name})")
+    write_pairs(out / csv_path.name, kept)
+    return len(kept)
+
+
+def prepare_deepfashion(raw: str | Path, out: str | Path, size: str = "256x176", annotations=(), pairs=(),
+                        strict: bool = False) -> tuple[dict, DataReport]:
+    """Flatten, resize and crop the In-shop `img/` tree; returns (counts, problems)."""
+    raw, out = Path(raw), Path(out)
+    root = raw / "img" if (raw / "img").is_dir() else raw
+    if not root.is_dir():
+        raise DataError(f"{raw} has no img/ folder (the In-shop 'img' tree: img/WOMEN/…/id_…/*.jpg)")
+    if size not in DEEPFASHION_SIZES:
+        raise DataError(f"--size must be one of {list(DEEPFASHION_SIZES)}, got {size!r}")
+    height, width = DEEPFASHION_SIZES[size]
+    report = DataReport()
+    split_names: dict[str, set[str]] = {}
+    for csv_path in annotations:
+        names = set(read_annotation_file(csv_path, DataReport(), False))
+        split_names.setdefault(split_of(csv_path), set()).update(names)
+    sizes: dict[str, tuple[int, int]] = {}
+    written = {"train": 0, "test": 0}
+    skipped_unlisted = 0
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        try:
+            name = flatten_deepfashion_name(path.relative_to(root))
+        except DataError as e:
+            _check(report, strict, "unexpected paths", str(e))
+            continue
+        split = next((s for s, names in split_names.items() if name in names), None) if split_names else "train"
+        if split is None:
+            skipped_unlisted += 1
+            continue
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image is None:
+            _check(report, strict, "unreadable images", str(path))
+            continue
+        if image.shape[:2] != (256, 256):
+            image = cv2.resize(image, (256, 256), interpolation=cv2.INTER_AREA)
+        if width == 176:
+            image = image[:, PATN_CROP:256 - PATN_CROP]
+        target = out / split / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(target), image, [cv2.IMWRITE_JPEG_QUALITY, 95])
+        sizes[name] = (width, height)
+        written[split] += 1
+    counts = {"train images": written["train"], "test images": written["test"],
+              "images in no annotation file": skipped_unlisted}
+    x_shift = PATN_CROP if width == 256 else 0  # published keypoints are in 256×176 coordinates
+    for csv_path in annotations:
+        counts[f"rows in {Path(csv_path).name}"] = _write_annotations_for(out, Path(csv_path), sizes, report,
+                                                                          strict, x_shift)
+    for csv_path in pairs:
+        counts[f"pairs in {Path(csv_path).name}"] = _write_pairs_for(out, Path(csv_path), set(sizes), report, strict)
+    return counts, report
+
+
+def prepare_market(raw: str | Path, out: str | Path, annotations=(), pairs=(),
+                   strict: bool = False) -> tuple[dict, DataReport]:
+    """Copy Market-1501's train/test crops without junk and distractors; returns (counts, problems)."""
+    raw, out = Path(raw), Path(out)
+    report = DataReport()
+    sizes: dict[str, tuple[int, int]] = {}
+    counts = {"junk or distractor images dropped": 0}
+    for split, folder in (("train", "bounding_box_train"), ("test", "bounding_box_test")):
+        source = raw / folder
+        if not source.is_dir():
+            raise DataError(f"{raw} has no {folder}/ folder (the Market-1501 release layout)")
+        (out / split).mkdir(parents=True, exist_ok=True)
+        copied = 0
+        for path in sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            if path.name.startswith(("-1", "0000")):
+                counts["junk or distractor images dropped"] += 1
+                continue
+            image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            if image is None:
+                _check(report, strict, "unreadable images", str(path))
+                continue
+            shutil.copyfile(path, out / split / path.name)
+            sizes[path.name] = (image.shape[1], image.shape[0])
+            copied += 1
+        counts[f"{split} images"] = copied
+    for csv_path in annotations:
+        counts[f"rows in {Path(csv_path).name}"] = _write_annotations_for(out, Path(csv_path), sizes, report, strict)
+    for csv_path in pairs:
+        counts[f"pairs in {Path(csv_path).name}"] = _write_pairs_for(out, Path(csv_path), set(sizes), report, strict)
+    return counts, report
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    if args.dataset == "deepfashion":
+        counts, report = prepare_deepfashion(args.raw, args.out, args.size, args.annotations, args.pairs, args.strict)
+    else:
+        counts, report = prepare_market(args.raw, args.out, args.annotations, args.pairs, args.strict)
+    print(f"prepared {args.dataset} in {args.out}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    print(report.summary())
+    if report.total:
+        print(report.details(), file=sys.stderr)
+    if not args.annotations:
+        print("no annotation CSVs given: annotate the images (COCO-18) and run `pg2-train pairs`", file=sys.stderr)
+    return 0
+
+
+def add_prepare_parser(sub) -> None:
+    p = sub.add_parser("prepare", help="turn a raw DeepFashion In-shop or Market-1501 download into PATN's layout")
+    p.add_argument("dataset", choices=["deepfashion", "market"])
+    p.add_argument("--raw", required=True, help="the unpacked download (In-shop: holds img/; Market: "
+                                                "holds bounding_box_train/ and bounding_box_test/)")
+    p.add_argument("--out", required=True, help="output folder (train/, test/, CSVs)")
+    p.add_argument("--annotations", nargs="*", default=[], help="published annotation CSVs (…-train.csv, …-test.csv)")
+    p.add_argument("--pairs", nargs="*", default=[], help="published pairs CSVs (…-train.csv, …-test.csv)")
+    p.add_argument("--size", default="256x176", choices=list(DEEPFASHION_SIZES),
+                   help="DeepFashion only: PATN's 256x176 crop (default) or PG2's 256x256")
+    p.add_argument("--strict", action="store_true", help="stop at the first problem instead of skipping it")
+    p.set_defaults(func=cmd_prepare)
