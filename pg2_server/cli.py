@@ -3,6 +3,13 @@
     pg2-server presets [--json]
     pg2-server generate --local [--checkpoint CKPT | --preset NAME --random-weights] \\
         --source IMG --pose POSE.json --out OUT.png [--grid]
+    pg2-server generate --server tcp://HOST:5557 --source IMG --pose POSE.json|POSE_DIR --out OUT.png|OUT_DIR
+    pg2-server serve [--checkpoint CKPT | --preset NAME --random-weights] [--bind tcp://127.0.0.1:5557]
+    pg2-server broker --frontend tcp://*:5557 --backend tcp://*:5558
+    pg2-server worker --connect tcp://BROKER:5558 [--checkpoint CKPT] [--device cuda:0]
+    pg2-server keys DIR NAME
+    pg2-server info|ping --server tcp://HOST:5557
+    pg2-server bench [--server ENDPOINT | --preset demo --random-weights] --clients 16 --max-batch 16
 
 Each subcommand lives in a function `cmd_NAME(args)`; `build_parser` wires them.
 """
@@ -104,10 +111,279 @@ def cmd_generate_local(args: argparse.Namespace) -> int:
     return 0
 
 
+def pose_files(folder: Path) -> list[Path]:
+    """The pose JSON files of a batch folder, sorted by name."""
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".json" and p.is_file())
+    if not files:
+        raise PoseFileError(f"{folder} holds no pose .json files")
+    return files
+
+
+def cmd_generate_batch_local(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .drawing import read_rgb, write_rgb
+
+    source = read_rgb(args.source)
+    files = pose_files(Path(args.pose))
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pipeline = load_pipeline(args)
+    chunk = max(1, args.in_flight)
+    with tqdm(total=len(files), unit="image", desc="generating") as progress:
+        for start in range(0, len(files), chunk):
+            batch = files[start:start + chunk]
+            poses = [load_pose_file(f) for f in batch]
+            results = pipeline.generate([source] * len(batch), [k for _, k in poses], [z for z, _ in poses])
+            for path, generation in zip(batch, results):
+                write_rgb(out_dir / (path.stem + "." + args.format.replace("jpeg", "jpg")), generation.image)
+            progress.update(len(batch))
+    print(f"wrote {len(files)} images to {out_dir} (model {pipeline.name})")
+    return 0
+
+
+def client_from_args(args: argparse.Namespace):
+    """A Client for --server with --timeout, --retries and the optional CURVE key files."""
+    from .client import Client, Curve
+
+    curve = None
+    if args.curve_server_key or args.curve_client_key:
+        if not (args.curve_server_key and args.curve_client_key):
+            raise SystemExit("error: CURVE needs both --curve-server-key SERVER.key and "
+                             "--curve-client-key NAME.key_secret")
+        curve = Curve.from_files(args.curve_server_key, args.curve_client_key)
+    return Client(args.server, timeout=args.timeout, retries=args.retries, curve=curve)
+
+
+def add_client_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """--server / --timeout / --retries / CURVE key files, shared by the client subcommands."""
+    parser.add_argument("--server", required=required, metavar="ENDPOINT",
+                        help="server or broker endpoint, e.g. tcp://127.0.0.1:5557")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each reply (default 60)")
+    parser.add_argument("--retries", type=int, default=3, help="attempts before giving up (default 3)")
+    parser.add_argument("--curve-server-key", metavar="FILE", help="the server's public key file (server.key)")
+    parser.add_argument("--curve-client-key", metavar="FILE", help="this client's secret key file (NAME.key_secret)")
+
+
+def write_result(path: Path, image) -> Path:
+    """Write a result Image: encoded bytes as they are when the extension matches, else re-encode."""
+    from .codec import read_image_file
+    from .drawing import write_rgb
+
+    suffix = path.suffix.lower()
+    matches = {"png": (".png",), "jpeg": (".jpg", ".jpeg")}.get(image.format, ())
+    if suffix in matches:
+        path.write_bytes(image.data)
+        return path
+    if image.format == "raw":
+        pixels = np.frombuffer(image.data, np.uint8).reshape(image.height, image.width, image.channels)
+    else:
+        pixels = read_image_file(image.data)
+    write_rgb(path, pixels)
+    return path
+
+
+def cmd_generate_server(args: argparse.Namespace) -> int:
+    from .client import GenerateRequest
+    from .keypoints import as_list
+
+    source = Path(args.source).read_bytes()
+    output_format = "jpeg" if args.format == "jpeg" else "png"
+    pose = Path(args.pose)
+    with client_from_args(args) as client:
+        if not pose.is_dir():
+            size, keypoints = load_pose_file(pose)
+            result = client.generate(source, as_list(keypoints), size, output_format=output_format,
+                                     alpha=args.alpha)
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_result(out, result.image)
+            timing = result.timing
+            print(f"wrote {out} ({size[0]}×{size[1]}, model {result.model}, "
+                  f"{timing.get('total_ms', 0):.0f} ms on the server)")
+            return 0
+        from tqdm import tqdm
+
+        files = pose_files(pose)
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        extension = ".jpg" if output_format == "jpeg" else ".png"
+
+        def requests():
+            for path in files:
+                size, keypoints = load_pose_file(path)
+                yield GenerateRequest(source, as_list(keypoints), size, output_format=output_format,
+                                      alpha=args.alpha, tag=path)
+
+        failures = 0
+        with tqdm(total=len(files), unit="image", desc="generating") as progress:
+            for result in client.generate_many(requests(), in_flight=args.in_flight, raise_errors=False):
+                path = result.request.tag
+                if result.ok:
+                    (out_dir / (path.stem + extension)).write_bytes(result.image.data)
+                else:
+                    failures += 1
+                    tqdm.write(f"{path.name}: {result.error}", file=sys.stderr)
+                progress.update(1)
+    print(f"wrote {len(files) - failures} images to {out_dir}" + (f"; {failures} failed" if failures else ""))
+    return 1 if failures else 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.local == bool(args.server):
+        raise SystemExit("error: pass either --local (run the model here) or --server ENDPOINT")
+    batch = Path(args.pose).is_dir()
     if args.local:
-        return cmd_generate_local(args)
-    raise SystemExit("error: pass --local to run the model in this process")
+        return cmd_generate_batch_local(args) if batch else cmd_generate_local(args)
+    return cmd_generate_server(args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving: serve, worker, broker, keys
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """Batching, queue and limit flags shared by `serve` and `worker`."""
+    add_model_arguments(parser)
+    parser.add_argument("--max-batch", type=int, default=16, help="largest batch per device (default 16)")
+    parser.add_argument("--max-delay-ms", type=float, default=5.0,
+                        help="longest wait for a fuller batch after the first queued request (default 5)")
+    parser.add_argument("--max-queue", type=int, default=256,
+                        help="requests admitted at once; beyond it clients get `overloaded` (default 256)")
+    parser.add_argument("--max-message-mb", type=float, default=32.0, help="largest request in MiB (default 32)")
+    parser.add_argument("--max-image-side", type=int, default=4096, help="largest image side in px (default 4096)")
+    parser.add_argument("--threads", type=int, default=4, help="image decode/encode threads (default 4)")
+    parser.add_argument("--summary-s", type=float, default=60.0, help="seconds between summary log lines")
+
+
+def build_worker(args: argparse.Namespace, role: str):
+    """One pipeline per --device (comma-separated), wrapped in a Worker with the CLI's settings."""
+    from .protocol import Limits
+    from .worker import Worker, WorkerConfig
+
+    for name, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
+                             ("--max-image-side", args.max_image_side, 16), ("--threads", args.threads, 1)):
+        if value < low:
+            raise SystemExit(f"error: {name} must be at least {low}, got {value}")
+    if args.max_delay_ms < 0 or args.max_message_mb <= 0:
+        raise SystemExit("error: --max-delay-ms must be ≥ 0 and --max-message-mb positive")
+    devices = [d.strip() for d in args.device.split(",") if d.strip()]
+    pipelines = [load_pipeline(argparse.Namespace(**{**vars(args), "device": device})) for device in devices]
+    config = WorkerConfig(max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, max_queue=args.max_queue,
+                          threads=args.threads,
+                          limits=Limits(int(args.max_message_mb * 2 ** 20), args.max_image_side))
+    return Worker(pipelines, config, role=role)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .protocol import check_endpoint
+    from .server import Curve, StopSignal, serve
+
+    check_endpoint(args.bind, bind=True)
+    curve = None
+    if args.curve_secret or args.curve_clients:
+        if not (args.curve_secret and args.curve_clients):
+            raise SystemExit("error: CURVE needs both --curve-secret SERVER.key_secret and --curve-clients DIR")
+        curve = Curve(Path(args.curve_secret), Path(args.curve_clients))
+        curve.check()
+    stop = StopSignal()
+    worker = build_worker(args, "serve")
+    serve(worker, args.bind, stop.event, curve=curve, summary_s=args.summary_s, drain_s=args.drain_s)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .protocol import check_endpoint
+    from .server import StopSignal
+    from .worker import connect_to_broker
+
+    check_endpoint(args.connect)
+    stop = StopSignal()
+    worker = build_worker(args, "worker")
+    try:
+        connect_to_broker(worker, args.connect, stop.event, heartbeat_s=args.heartbeat_ms / 1000,
+                          summary_s=args.summary_s)
+    finally:
+        worker.close()
+    return 0
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from .broker import Broker, BrokerConfig
+    from .protocol import check_endpoint
+    from .server import Curve, StopSignal
+
+    check_endpoint(args.frontend, bind=True)
+    check_endpoint(args.backend, bind=True)
+    curve = None
+    if args.curve_secret or args.curve_clients:
+        if not (args.curve_secret and args.curve_clients):
+            raise SystemExit("error: CURVE needs both --curve-secret SERVER.key_secret and --curve-clients DIR")
+        curve = Curve(Path(args.curve_secret), Path(args.curve_clients))
+    config = BrokerConfig(heartbeat_s=args.heartbeat_ms / 1000, max_queue=args.max_queue,
+                          max_message_bytes=int(args.max_message_mb * 2 ** 20), summary_s=args.summary_s)
+    stop = StopSignal()
+    Broker(args.frontend, args.backend, config, curve=curve).run(stop.event)
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    import zmq.auth
+
+    folder = Path(args.dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    public = folder / f"{args.name}.key"
+    if public.exists() and not args.force:
+        raise SystemExit(f"error: {public} exists; pass --force to replace it")
+    public_file, secret_file = zmq.auth.create_certificates(str(folder), args.name)
+    Path(secret_file).chmod(0o600)
+    print(f"public key: {public_file}   (give this one to the other side)")
+    print(f"secret key: {secret_file}   (keep this one private)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Client commands: info, ping
+
+def cmd_info(args: argparse.Namespace) -> int:
+    with client_from_args(args) as client:
+        info = client.info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    server = info.get("server", {})
+    print(f"{args.server}: {server.get('name')} {server.get('version')} ({server.get('role')}), "
+          f"protocol {info.get('protocol_versions')}")
+    for model in info.get("models", []):
+        canvas = model.get("canvas", [0, 0])
+        print(f"  model {model.get('name')}: preset {model.get('preset')}, canvas {canvas[0]}×{canvas[1]} (H×W), "
+              f"stages {', '.join(model.get('stages', []))}")
+    print(f"  devices: {', '.join(info.get('devices', []))}; workers: {len(info.get('workers', []))}")
+    batching, limits, counters = info.get("batching", {}), info.get("limits", {}), info.get("counters", {})
+    print(f"  batching: max batch {batching.get('max_batch')}, max delay {batching.get('max_delay_ms')} ms; "
+          f"limits: {limits.get('max_message_bytes', 0) / 2 ** 20:g} MiB/message, "
+          f"{limits.get('max_image_side')} px/side, queue {limits.get('max_queue')}")
+    errors = ", ".join(f"{k} {v}" for k, v in sorted(counters.get("errors", {}).items())) or "none"
+    print(f"  counters: {counters.get('requests')} requests, {counters.get('ok')} ok, errors: {errors}; "
+          f"{counters.get('batches')} batches, mean batch {counters.get('mean_batch')}, "
+          f"mean queue {counters.get('mean_queue_ms')} ms, mean compute {counters.get('mean_compute_ms')} ms")
+    return 0
+
+
+def cmd_ping(args: argparse.Namespace) -> int:
+    import time
+
+    with client_from_args(args) as client:
+        for i in range(args.count):
+            print(f"pong from {args.server}: {client.ping():.2f} ms")
+            if i + 1 < args.count:
+                time.sleep(args.interval)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    return run_bench(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,14 +395,72 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_presets)
 
-    p = sub.add_parser("generate", help="generate one image of the source person in the given pose")
+    p = sub.add_parser("generate", help="generate the source person in the given pose (or a folder of poses)")
     p.add_argument("--local", action="store_true", help="run the model in this process")
     add_model_arguments(p)
+    add_client_arguments(p, required=False)
     p.add_argument("--source", required=True, help="photo of the person (PNG/JPEG)")
-    p.add_argument("--pose", required=True, help="pose JSON: {size, keypoints} or OpenPose JSON")
-    p.add_argument("--out", required=True, help="output image (PNG/JPEG)")
-    p.add_argument("--grid", action="store_true", help="write source | target pose | G1 | G2 instead")
+    p.add_argument("--pose", required=True,
+                   help="pose JSON ({size, keypoints} or OpenPose JSON), or a folder of them (batch mode)")
+    p.add_argument("--out", required=True, help="output image (PNG/JPEG), or a folder in batch mode")
+    p.add_argument("--grid", action="store_true", help="write source | target pose | G1 | G2 instead (--local)")
+    p.add_argument("--alpha", action="store_true", help="add the person mask as alpha (PNG only, --server)")
+    p.add_argument("--format", choices=["png", "jpeg"], default="png", help="image format in batch mode")
+    p.add_argument("--in-flight", type=int, default=8, help="requests in flight in batch mode (default 8)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="serve the model over ZeroMQ (protocol v1), batching per device")
+    add_worker_arguments(p)
+    p.add_argument("--bind", default="tcp://127.0.0.1:5557", help="endpoint to bind (default tcp://127.0.0.1:5557)")
+    p.add_argument("--curve-secret", metavar="FILE", help="server secret key file (server.key_secret)")
+    p.add_argument("--curve-clients", metavar="DIR", help="folder of authorised client public keys (*.key)")
+    p.add_argument("--drain-s", type=float, default=60.0, help="on SIGTERM, wait this long for in-flight work")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="serve the model for a broker (scale-out)")
+    add_worker_arguments(p)
+    p.add_argument("--connect", required=True, help="the broker's backend, e.g. tcp://BROKER:5558")
+    p.add_argument("--heartbeat-ms", type=float, default=1000.0, help="heartbeat interval (default 1000)")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("broker", help="load-balancing broker: clients on --frontend, workers on --backend")
+    p.add_argument("--frontend", default="tcp://127.0.0.1:5557", help="endpoint for clients")
+    p.add_argument("--backend", default="tcp://127.0.0.1:5558", help="endpoint for workers")
+    p.add_argument("--heartbeat-ms", type=float, default=1000.0, help="heartbeat interval (default 1000)")
+    p.add_argument("--max-queue", type=int, default=1024, help="requests waiting for a worker (default 1024)")
+    p.add_argument("--max-message-mb", type=float, default=32.0, help="largest request in MiB (default 32)")
+    p.add_argument("--curve-secret", metavar="FILE", help="server secret key file for the frontend")
+    p.add_argument("--curve-clients", metavar="DIR", help="folder of authorised client public keys")
+    p.add_argument("--summary-s", type=float, default=60.0, help="seconds between summary log lines")
+    p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser("keys", help="create a CURVE key pair: DIR/NAME.key (public) and DIR/NAME.key_secret")
+    p.add_argument("dir")
+    p.add_argument("name")
+    p.add_argument("--force", action="store_true", help="replace existing key files")
+    p.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("info", help="describe a running server: models, devices, limits, counters")
+    add_client_arguments(p)
+    p.add_argument("--json", action="store_true", help="print the whole info reply as JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("ping", help="check that a server answers, and how fast")
+    add_client_arguments(p)
+    p.add_argument("--count", type=int, default=1)
+    p.add_argument("--interval", type=float, default=1.0)
+    p.set_defaults(func=cmd_ping)
+
+    p = sub.add_parser("bench", help="served throughput and latency vs the raw pipeline")
+    add_worker_arguments(p)
+    add_client_arguments(p, required=False)
+    p.add_argument("--clients", type=int, default=16, help="concurrent DEALER clients (default 16)")
+    p.add_argument("--requests", type=int, default=0, help="requests in total (default: 8 per client, ≥ 64)")
+    p.add_argument("--warmup", type=int, default=0, help="requests per client before timing (default 1)")
+    p.add_argument("--overhead", type=int, default=0,
+                   help="also measure protocol overhead with this many requests at 1 client, batch 1")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -140,6 +474,14 @@ def main(argv: list[str] | None = None) -> int:
     except (KeypointError, PoseFileError, ValueError, TypeError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        from .client import ServerError
+        if isinstance(e, ServerError):
+            print(f"error: {e}", file=sys.stderr)
+            return 3
+        raise
 
 
 if __name__ == "__main__":

@@ -1,0 +1,376 @@
+"""`pg2-server broker`: zguide's load-balancing broker with heartbeats, in front of workers.
+
+Clients connect to the frontend exactly as to `pg2-server serve`. Workers (`pg2-server
+worker`, worker.connect_to_broker) connect a DEALER to the backend and speak:
+
+    worker → broker   [READY, msgpack{info, capacity}]  [HEARTBEAT, msgpack counters]
+                      [REPLY, key, reply frames...]      [DISCONNECT]
+    broker → worker   [REQUEST, key, request frames...]  [HEARTBEAT]  [DISCONNECT]
+
+A worker silent for `liveness` heartbeats is dropped; the requests it held are sent once more
+to another worker (generation is idempotent), and answered `overloaded` if that fails too.
+Each request is answered once: a late reply for a request already answered is dropped.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import msgpack
+import zmq
+
+from . import protocol
+from .protocol import ProtocolError
+from .server import Curve, secure_socket
+from .worker import DISCONNECT, HEARTBEAT, READY, REPLY, REQUEST, Counters, package_version
+
+log = logging.getLogger("pg2_server.broker")
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """Heartbeats, queue bound and limits of a broker."""
+    heartbeat_s: float = 1.0
+    liveness: int = 3
+    max_queue: int = 1024
+    max_message_bytes: int = 32 * 1024 * 1024
+    max_wait_s: float = 60.0       # a request waiting this long for any worker is answered `overloaded`
+    max_attempts: int = 2          # the first send plus one re-send after a worker died
+    summary_s: float = 60.0
+    drain_s: float = 60.0
+
+
+@dataclass
+class WorkerState:
+    identity: bytes
+    info: dict
+    capacity: int
+    expires: float
+    in_flight: set = field(default_factory=set)
+    counters: dict = field(default_factory=dict)
+
+    @property
+    def models(self) -> list[str]:
+        return [m.get("name") for m in self.info.get("models", []) if isinstance(m, dict)]
+
+
+@dataclass
+class Pending:
+    envelope: list
+    frames: list
+    request_id: object
+    model: str | None
+    received: float
+    attempts: int = 0
+    worker: bytes | None = None
+
+
+class Broker:
+    """Routes client requests to the least-busy live worker and their replies back."""
+
+    def __init__(self, frontend: str, backend: str, config: BrokerConfig = BrokerConfig(),
+                 curve: Curve | None = None, context: zmq.Context | None = None):
+        self.config = config
+        self.context = context or zmq.Context.instance()
+        self.frontend = self.context.socket(zmq.ROUTER)
+        self.frontend.setsockopt(zmq.LINGER, 2000)
+        self.frontend.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes)
+        self.frontend.setsockopt(zmq.RCVHWM, 10000)
+        self.frontend.setsockopt(zmq.SNDHWM, 10000)
+        self.authenticator = secure_socket(self.context, self.frontend, curve)
+        self.backend = self.context.socket(zmq.ROUTER)
+        self.backend.setsockopt(zmq.LINGER, 0)
+        self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a dead worker raises instead of dropping
+        self.backend.setsockopt(zmq.SNDHWM, 10000)
+        self.backend.setsockopt(zmq.RCVHWM, 10000)
+        try:
+            self.frontend.bind(frontend)
+            self.backend.bind(backend)
+        except zmq.ZMQError as e:
+            self.close()
+            raise RuntimeError(f"cannot bind {frontend} / {backend}: {e}") from None
+        self.endpoints = (frontend, backend)
+        self.workers: dict[bytes, WorkerState] = {}
+        self.pending: dict[bytes, Pending] = {}
+        self.waiting: deque[bytes] = deque()
+        self.keys = (i.to_bytes(8, "big") for i in itertools.count(1))
+        self.counters = Counters()
+        self.resent = 0
+        self.accepting = True
+
+    # -- clients -------------------------------------------------------------------------------
+
+    def _reply(self, envelope: list, frames: list, error_code: str | None) -> None:
+        self.counters.reply(error_code)
+        self.frontend.send_multipart(envelope + frames, copy=False)
+
+    def _error(self, envelope: list, request_id, code: str, message: str) -> None:
+        self._reply(envelope, protocol.encode_error(request_id, code, message), code)
+
+    def on_client(self, frames: list) -> None:
+        envelope, message = protocol.split_envelope(frames)
+        try:
+            if not message:
+                raise ProtocolError(protocol.BAD_REQUEST, "empty message: frame 0 must be the header")
+            total = sum(len(f) for f in message)
+            if total > self.config.max_message_bytes:
+                raise ProtocolError(protocol.TOO_LARGE, f"the message is {total} bytes, over the limit of "
+                                                        f"{self.config.max_message_bytes}")
+            header = protocol.decode_header(message[0].buffer)
+        except ProtocolError as e:
+            self.counters.request(None)
+            self._error(envelope, e.id, e.code, e.message)
+            return
+        request_id = header.get("id")
+        op = header["op"]
+        self.counters.request(op)
+        if op == "ping":
+            if len(message) > 1:
+                self._error(envelope, request_id, protocol.BAD_REQUEST, "op ping takes no payload frames")
+            else:
+                self._reply(envelope, protocol.encode_reply(request_id, {"pong": True, "role": "broker"}), None)
+            return
+        if op == "info":
+            self._reply(envelope, protocol.encode_reply(request_id, self.info()), None)
+            return
+        model = header.get("model") if isinstance(header.get("model"), str) else None
+        if model is not None and self.workers and not any(model in w.models for w in self.workers.values()):
+            served = sorted({m for w in self.workers.values() for m in w.models})
+            self._error(envelope, request_id, protocol.UNKNOWN_MODEL,
+                        f"no worker serves model {model!r}; available: {', '.join(served)}")
+            return
+        if not self.accepting:
+            self._error(envelope, request_id, protocol.OVERLOADED, "the broker is shutting down; retry later")
+            return
+        if len(self.waiting) >= self.config.max_queue:
+            self._error(envelope, request_id, protocol.OVERLOADED,
+                        f"{len(self.waiting)} requests are waiting for a worker; retry later")
+            return
+        key = next(self.keys)
+        self.pending[key] = Pending(envelope, message, request_id, model, time.monotonic())
+        self.waiting.append(key)
+
+    # -- workers -------------------------------------------------------------------------------
+
+    def _choose(self, model: str | None) -> WorkerState | None:
+        best = None
+        for worker in self.workers.values():
+            if len(worker.in_flight) >= worker.capacity:
+                continue
+            if model is not None and model not in worker.models:
+                continue
+            if best is None or len(worker.in_flight) < len(best.in_flight):
+                best = worker
+        return best
+
+    def dispatch(self) -> None:
+        """Send waiting requests to workers with room, oldest first."""
+        if not self.waiting or not self.workers:
+            return
+        held = deque()
+        while self.waiting:
+            key = self.waiting.popleft()
+            entry = self.pending.get(key)
+            if entry is None:
+                continue
+            worker = self._choose(entry.model)
+            if worker is None:
+                held.append(key)
+                if not any(len(w.in_flight) < w.capacity for w in self.workers.values()):
+                    break
+                continue
+            try:
+                self.backend.send_multipart([worker.identity, REQUEST, key, *entry.frames], copy=False)
+            except zmq.ZMQError:  # EHOSTUNREACH: the worker's connection is gone
+                held.append(key)
+                self.drop(worker.identity, "its connection is gone")
+                continue
+            entry.attempts += 1
+            entry.worker = worker.identity
+            worker.in_flight.add(key)
+        held.extend(self.waiting)
+        self.waiting = held
+
+    def on_worker(self, frames: list) -> None:
+        identity, command = frames[0].bytes, frames[1].bytes if len(frames) > 1 else b""
+        worker = self.workers.get(identity)
+        now = time.monotonic()
+        expires = now + self.config.heartbeat_s * self.config.liveness
+        if command == READY:
+            try:
+                ready = msgpack.unpackb(frames[2].bytes, raw=False) if len(frames) > 2 else {}
+                info, capacity = ready.get("info", {}), int(ready.get("capacity", 1))
+            except Exception:
+                log.warning("ignoring a malformed READY from a worker")
+                return
+            if worker is not None:
+                self.drop(identity, "it registered again")
+            self.workers[identity] = WorkerState(identity, info, max(1, capacity), expires)
+            hosts = [w.get("host") for w in info.get("workers", [])]
+            log.info("worker %s ready: %s on %s, capacity %d (%d workers)", identity.hex(), info.get("devices"),
+                     ", ".join(map(str, hosts)), capacity, len(self.workers))
+            return
+        if worker is None:
+            # A worker we dropped (or from before a restart): make it register again.
+            if command != DISCONNECT:
+                try:
+                    self.backend.send_multipart([identity, DISCONNECT])
+                except zmq.ZMQError:
+                    pass
+            return
+        worker.expires = expires
+        if command == HEARTBEAT:
+            if len(frames) > 2:
+                try:
+                    worker.counters = msgpack.unpackb(frames[2].bytes, raw=False)
+                except Exception:
+                    worker.counters = {}
+        elif command == REPLY and len(frames) >= 4:
+            key = frames[2].bytes
+            worker.in_flight.discard(key)
+            entry = self.pending.pop(key, None)
+            if entry is None:
+                return  # answered already (after a re-send); exactly one reply per request
+            reply = frames[3:]
+            self._reply(entry.envelope, reply, _error_code(reply[0].bytes))
+        elif command == DISCONNECT:
+            self.drop(identity, "it is shutting down")
+
+    def drop(self, identity: bytes, why: str) -> None:
+        """Forget a worker; re-send its requests once, or answer them `overloaded`."""
+        worker = self.workers.pop(identity, None)
+        if worker is None:
+            return
+        log.warning("dropping worker %s (%s) with %d requests in flight", identity.hex(), why,
+                    len(worker.in_flight))
+        for key in sorted(worker.in_flight, reverse=True):
+            entry = self.pending.get(key)
+            if entry is None:
+                continue
+            if entry.attempts < self.config.max_attempts:
+                self.resent += 1
+                self.waiting.appendleft(key)  # oldest first, ahead of newer requests
+            else:
+                del self.pending[key]
+                self._error(entry.envelope, entry.request_id, protocol.OVERLOADED,
+                            f"the workers handling this request stopped {entry.attempts} times; retry later")
+
+    def housekeeping(self, now: float) -> None:
+        """Heartbeats out, dead workers dropped, requests that waited too long answered."""
+        for identity, worker in list(self.workers.items()):
+            if now > worker.expires:
+                self.drop(identity, f"no heartbeat for {self.config.heartbeat_s * self.config.liveness:g} s")
+                continue
+            try:
+                self.backend.send_multipart([identity, HEARTBEAT])
+            except zmq.ZMQError:
+                self.drop(identity, "its connection is gone")
+        while self.waiting:
+            entry = self.pending.get(self.waiting[0])
+            if entry is not None and now - entry.received < self.config.max_wait_s:
+                break
+            key = self.waiting.popleft()
+            if entry is not None:
+                del self.pending[key]
+                self._error(entry.envelope, entry.request_id, protocol.OVERLOADED,
+                            f"no worker took this request within {self.config.max_wait_s:g} s; retry later")
+
+    # -- info ------------------------------------------------------------------------------------
+
+    def info(self) -> dict:
+        """The `info` body: the workers' models and devices, the broker's limits, summed counters."""
+        models, seen, devices, workers = [], set(), [], []
+        totals = {"batches": 0, "batched_requests": 0}
+        for worker in self.workers.values():
+            for model in worker.info.get("models", []):
+                if isinstance(model, dict) and model.get("name") not in seen:
+                    seen.add(model.get("name"))
+                    models.append(model)
+            devices.extend(worker.info.get("devices", []))
+            for description in worker.info.get("workers", []):
+                workers.append({**description, "in_flight": len(worker.in_flight), "capacity": worker.capacity})
+            for key in totals:
+                value = worker.counters.get(key, 0)
+                totals[key] += value if isinstance(value, int) else 0
+        counters = self.counters.snapshot()
+        counters.update(totals, mean_batch=round(totals["batched_requests"] / totals["batches"], 3)
+                        if totals["batches"] else 0.0, waiting=len(self.waiting),
+                        in_flight=len(self.pending) - len(self.waiting), resent=self.resent)
+        first = next(iter(self.workers.values()), None)
+        limits = dict(first.info.get("limits", {})) if first else {}
+        limits.update(max_message_bytes=self.config.max_message_bytes, max_queue=self.config.max_queue)
+        return {"protocol_versions": list(protocol.SUPPORTED_VERSIONS),
+                "server": {"name": "pg2-server", "version": package_version(), "role": "broker"},
+                "models": models, "devices": devices, "workers": workers, "limits": limits,
+                "batching": first.info.get("batching", {}) if first else {}, "counters": counters}
+
+    # -- loop ------------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:
+        """Route until `stop` is set; then answer what is pending (or wait for it) and close."""
+        poller = zmq.Poller()
+        poller.register(self.frontend, zmq.POLLIN)
+        poller.register(self.backend, zmq.POLLIN)
+        log.info("broker: clients on %s, workers on %s", *self.endpoints)
+        if ready is not None:
+            ready.set()
+        next_beat = last_summary = time.monotonic()
+        drain_until = None
+        try:
+            while True:
+                timeout = max(0.0, next_beat - time.monotonic())
+                events = dict(poller.poll(min(timeout, 0.1) * 1000))
+                if self.backend in events:
+                    while True:
+                        try:
+                            self.on_worker(self.backend.recv_multipart(zmq.NOBLOCK, copy=False))
+                        except zmq.Again:
+                            break
+                if self.frontend in events:
+                    while True:
+                        try:
+                            self.on_client(self.frontend.recv_multipart(zmq.NOBLOCK, copy=False))
+                        except zmq.Again:
+                            break
+                self.dispatch()
+                now = time.monotonic()
+                if now >= next_beat:
+                    self.housekeeping(now)
+                    next_beat = now + self.config.heartbeat_s
+                if now - last_summary >= self.config.summary_s:
+                    c = self.counters.snapshot()
+                    log.info("summary: %d requests, %d ok, errors %s, %d workers, %d waiting, %d re-sent",
+                             c["requests"], c["ok"], c["errors"] or "none", len(self.workers), len(self.waiting),
+                             self.resent)
+                    last_summary = now
+                if stop.is_set():
+                    if drain_until is None:
+                        self.accepting = False
+                        drain_until = now + self.config.drain_s
+                    if not self.pending or now > drain_until:
+                        break
+            for key, entry in list(self.pending.items()):
+                self._error(entry.envelope, entry.request_id, protocol.OVERLOADED,
+                            "the broker is shutting down; retry later")
+            self.pending.clear()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.frontend.close()
+        self.backend.close(linger=0)
+        if self.authenticator:
+            self.authenticator.stop()
+
+
+def _error_code(header: bytes) -> str | None:
+    """The error code of a worker's reply header (None when ok), for the counters."""
+    try:
+        data = msgpack.unpackb(header, raw=False)
+        return None if data.get("ok") else str(data.get("error", {}).get("code", protocol.INTERNAL))
+    except Exception:
+        return protocol.INTERNAL

@@ -1,0 +1,292 @@
+"""Python client of the generation server (wire protocol v1); the Blender add-on carries it.
+
+    from pg2_server.client import Client
+    with Client("tcp://127.0.0.1:5557") as client:
+        result = client.generate(open("person.png", "rb").read(), keypoints, (176, 256))
+        open("out.png", "wb").write(result.image.data)
+
+Imports only pyzmq, msgpack and protocol.py (relatively, so both files work inside another
+package). A request that gets no reply within `timeout` is retried Lazy-Pirate style: close
+the socket, open a new one, send again, at most `retries` attempts (generation is idempotent).
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
+
+import zmq
+
+from . import protocol
+from .protocol import ImageSpec, OutputSpec, ProtocolError
+
+
+class ServerError(Exception):
+    """The server answered with an error: `code` (protocol error code) and `message`."""
+
+    def __init__(self, code: str, message: str, endpoint: str = ""):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.endpoint = endpoint
+
+
+class ServerTimeout(ServerError):
+    """No reply after every attempt: the server is down, unreachable or overloaded."""
+
+
+@dataclass(frozen=True)
+class Curve:
+    """CURVE keys of a client: the server's public key and this client's key pair (z85 bytes)."""
+    server_public: bytes
+    client_public: bytes
+    client_secret: bytes
+
+    @classmethod
+    def from_files(cls, server_public_file, client_secret_file) -> "Curve":
+        """Load `server.key` and this client's `NAME.key_secret` (from `pg2-server keys`)."""
+        import zmq.auth
+        for path in (server_public_file, client_secret_file):
+            if not os.path.isfile(path):
+                raise ValueError(f"CURVE key file {path} does not exist")
+        server_public, _ = zmq.auth.load_certificate(str(server_public_file))
+        client_public, client_secret = zmq.auth.load_certificate(str(client_secret_file))
+        if client_secret is None:
+            raise ValueError(f"{client_secret_file} holds no secret key; pass the NAME.key_secret file")
+        return cls(server_public, client_public, client_secret)
+
+
+@dataclass
+class Image:
+    """One result image as the server sent it: encoded bytes (or raw RGB/RGBA) and its size."""
+    data: bytes
+    format: str
+    width: int
+    height: int
+    channels: int
+    stage: str = "g2"
+
+    @property
+    def extension(self) -> str:
+        return {"png": ".png", "jpeg": ".jpg", "raw": ".rgb"}[self.format]
+
+
+@dataclass
+class GenerateRequest:
+    """One generate request; `source` is PNG/JPEG bytes, or raw RGB bytes with `source_size`."""
+    source: bytes
+    keypoints: Sequence
+    size: Sequence[int]
+    source_size: Sequence[int] | None = None
+    output_format: str = "png"
+    alpha: bool = False
+    stages: Sequence[str] = ("g2",)
+    model: str | None = None
+    tag: object = None  # anything the caller wants back with the result (a frame number, a path)
+
+    def frames(self, request_id) -> list[bytes]:
+        fmt = source_format(self.source, self.source_size)
+        width, height = self.source_size if self.source_size is not None else (None, None)
+        output = OutputSpec(self.output_format, self.alpha, tuple(self.stages))
+        return protocol.encode_generate(request_id, self.source, ImageSpec(fmt, width, height), self.keypoints,
+                                        self.size, output, self.model)
+
+
+@dataclass
+class Result:
+    """A generate reply: `image` (final stage), `images` by stage, server timing, model name."""
+    request: GenerateRequest
+    images: dict[str, Image] = field(default_factory=dict)
+    timing: dict = field(default_factory=dict)
+    model: str = ""
+    error: ServerError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def image(self) -> Image:
+        if self.error is not None:
+            raise self.error
+        return self.images.get("g2") or next(iter(self.images.values()))
+
+
+def source_format(data: bytes, source_size=None) -> str:
+    """'png'/'jpeg' from magic bytes; 'raw' when a size is given for raw RGB."""
+    if source_size is not None:
+        return "raw"
+    head = bytes(data[:8])
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    raise ValueError("the source is neither PNG nor JPEG; for raw 8-bit RGB bytes pass source_size=(W, H)")
+
+
+class Client:
+    """Requests to one server (or broker) endpoint; not thread-safe: one Client per thread."""
+
+    def __init__(self, endpoint: str = protocol.DEFAULT_ENDPOINT, timeout: float = 30.0, retries: int = 3,
+                 curve: Curve | None = None, context: zmq.Context | None = None):
+        self.endpoint = protocol.check_endpoint(endpoint)
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive seconds, got {timeout}")
+        if retries < 1:
+            raise ValueError(f"retries must be at least 1, got {retries}")
+        self.timeout = timeout
+        self.retries = retries
+        self.curve = curve
+        self.context = context or zmq.Context.instance()
+        self._ids = itertools.count(1)
+        self._socket: zmq.Socket | None = None
+
+    # -- socket --------------------------------------------------------------------------------
+
+    def _open(self) -> zmq.Socket:
+        if self._socket is None:
+            sock = self.context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            if self.curve is not None:
+                sock.curve_serverkey = self.curve.server_public
+                sock.curve_publickey = self.curve.client_public
+                sock.curve_secretkey = self.curve.client_secret
+            sock.connect(self.endpoint)
+            self._socket = sock
+        return self._socket
+
+    def _reset(self) -> None:
+        """Lazy Pirate: drop the socket (and any late replies) and start over with a new one."""
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    def close(self) -> None:
+        self._reset()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- one request at a time -------------------------------------------------------------------
+
+    def _call(self, make_frames, max_image_side: int = 1 << 16) -> protocol.Reply:
+        request_id = next(self._ids)
+        frames = make_frames(request_id)
+        for attempt in range(self.retries):
+            sock = self._open()
+            sock.send_multipart(frames, copy=len(frames[-1]) < 65536)
+            deadline = time.monotonic() + self.timeout
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not sock.poll(remaining * 1000, zmq.POLLIN):
+                    break
+                reply = self._decode(sock.recv_multipart(), max_image_side)
+                if reply.id == request_id:
+                    return reply
+                # A late reply to an earlier request: ignore it.
+            self._reset()
+        raise ServerTimeout("timeout", f"no reply from {self.endpoint} after {self.retries} attempt(s) of "
+                                       f"{self.timeout:g} s; is `pg2-server serve` running there and reachable?",
+                            self.endpoint)
+
+    def _decode(self, frames: list, max_image_side: int) -> protocol.Reply:
+        try:
+            return protocol.decode_reply(frames, max_image_side)
+        except ProtocolError as e:
+            raise ServerError("bad_reply", f"the server at {self.endpoint} sent a malformed reply: {e.message}",
+                              self.endpoint) from None
+
+    def _check(self, reply: protocol.Reply) -> protocol.Reply:
+        if not reply.ok:
+            raise ServerError(reply.error.code, reply.error.message, self.endpoint)
+        return reply
+
+    def ping(self) -> float:
+        """Round-trip time in milliseconds; raises ServerTimeout if the server does not answer."""
+        started = time.perf_counter()
+        self._check(self._call(lambda i: protocol.encode_simple("ping", i)))
+        return (time.perf_counter() - started) * 1000
+
+    def info(self) -> dict:
+        """The server's description: models, devices, limits, batching, counters."""
+        header = dict(self._check(self._call(lambda i: protocol.encode_simple("info", i))).header)
+        for key in ("v", "id", "ok"):
+            header.pop(key, None)
+        return header
+
+    def generate(self, source: bytes, keypoints: Sequence, size: Sequence[int], *,
+                 source_size: Sequence[int] | None = None, output_format: str = "png", alpha: bool = False,
+                 stages: Sequence[str] = ("g2",), model: str | None = None) -> Result:
+        """One image of the person in `source` (PNG/JPEG bytes) in the pose `keypoints` on a W×H frame."""
+        request = GenerateRequest(source, keypoints, size, source_size, output_format, alpha, stages, model)
+        result = self._result(request, self._call(request.frames))
+        if result.error is not None:
+            raise result.error
+        return result
+
+    def _result(self, request: GenerateRequest, reply: protocol.Reply) -> Result:
+        if not reply.ok:
+            return Result(request, error=ServerError(reply.error.code, reply.error.message, self.endpoint))
+        specs = reply.header.get("images") or [reply.header.get("image")]
+        images = {}
+        for spec, data in zip(specs, reply.payloads):
+            stage = spec.get("stage", "g2")
+            images[stage] = Image(bytes(data), spec["format"], spec["width"], spec["height"], spec["channels"], stage)
+        timing = reply.header.get("timing") if isinstance(reply.header.get("timing"), dict) else {}
+        return Result(request, images, timing, str(reply.header.get("model", "")))
+
+    # -- pipelined -------------------------------------------------------------------------------
+
+    def generate_many(self, requests: Iterable[GenerateRequest], in_flight: int = 8,
+                      raise_errors: bool = True) -> Iterator[Result]:
+        """Send up to `in_flight` requests at once and yield results as they arrive (any order).
+
+        A failed request raises ServerError (or, with raise_errors=False, yields a Result whose
+        `error` is set). If no reply arrives within `timeout`, the socket is reopened and every
+        outstanding request sent again, at most `retries` times each.
+        """
+        if in_flight < 1:
+            raise ValueError(f"in_flight must be at least 1, got {in_flight}")
+        pending = iter(requests)
+        # id → (request, frames, attempts), in the order sent (dicts keep insertion order)
+        outstanding: dict[int, tuple[GenerateRequest, list, int]] = {}
+        exhausted = False
+        while True:
+            while not exhausted and len(outstanding) < in_flight:
+                try:
+                    request = next(pending)
+                except StopIteration:
+                    exhausted = True
+                    break
+                request_id = next(self._ids)
+                frames = request.frames(request_id)
+                outstanding[request_id] = (request, frames, 1)
+                self._open().send_multipart(frames)
+            if not outstanding:
+                return
+            sock = self._open()
+            if sock.poll(self.timeout * 1000, zmq.POLLIN):
+                reply = self._decode(sock.recv_multipart(), 1 << 16)
+                entry = outstanding.pop(reply.id, None)
+                if entry is None:
+                    continue  # a duplicate reply to a request that was re-sent
+                result = self._result(entry[0], reply)
+                if result.error is not None and raise_errors:
+                    raise result.error
+                yield result
+                continue
+            # Nothing within the timeout: Lazy Pirate for everything still outstanding.
+            self._reset()
+            if any(attempts >= self.retries for _, _, attempts in outstanding.values()):
+                raise ServerTimeout("timeout", f"no reply from {self.endpoint} for {len(outstanding)} request(s) "
+                                               f"after {self.retries} attempt(s) of {self.timeout:g} s",
+                                    self.endpoint)
+            sock = self._open()
+            for request_id, (request, frames, attempts) in list(outstanding.items()):
+                outstanding[request_id] = (request, frames, attempts + 1)
+                sock.send_multipart(frames)

@@ -1,0 +1,124 @@
+"""Image payloads of the wire protocol: decode a source frame, encode a result frame.
+
+The declared size of a PNG or JPEG is read from its header before decoding, so a small file
+that claims a huge image is refused before OpenCV allocates anything for it.
+"""
+from __future__ import annotations
+
+import struct
+
+import cv2
+import numpy as np
+
+from .protocol import BAD_REQUEST, TOO_LARGE, ImageSpec, OutputSpec, ProtocolError
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG start-of-frame markers carry the image size (not DHT C4, JPG C8, DAC CC).
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def sniff_format(data) -> str | None:
+    """'png' or 'jpeg' from the file's magic bytes, else None."""
+    head = bytes(data[:8])
+    if head.startswith(_PNG_SIGNATURE):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    return None
+
+
+def _png_size(data) -> tuple[int, int] | None:
+    if len(data) < 24 or bytes(data[12:16]) != b"IHDR":
+        return None
+    return struct.unpack(">II", bytes(data[16:24]))
+
+
+def _jpeg_size(data) -> tuple[int, int] | None:
+    view = memoryview(data)
+    i, n = 2, len(view)
+    while i + 4 <= n:
+        if view[i] != 0xFF:
+            return None
+        marker = view[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, 0xD0, 0xD1, 0xD2, 0xD3, 0xD4, 0xD5, 0xD6, 0xD7):  # no length field
+            i += 2
+            continue
+        length = (view[i + 2] << 8) | view[i + 3]
+        if marker in _JPEG_SOF:
+            if i + 9 > n:
+                return None
+            height = (view[i + 5] << 8) | view[i + 6]
+            width = (view[i + 7] << 8) | view[i + 8]
+            return width, height
+        if length < 2:
+            return None
+        i += 2 + length
+    return None
+
+
+def declared_size(data, fmt: str) -> tuple[int, int] | None:
+    """(W, H) that a PNG/JPEG header declares, or None if the header cannot be read."""
+    return _png_size(data) if fmt == "png" else _jpeg_size(data)
+
+
+def decode_image(data, spec: ImageSpec, max_side: int, request_id=None) -> np.ndarray:
+    """A source payload → uint8 RGB (H, W, 3); raises ProtocolError (bad_request / too_large)."""
+    if spec.format == "raw":
+        # protocol.decode_request has checked len(data) == width*height*3.
+        return np.frombuffer(data, dtype=np.uint8).reshape(spec.height, spec.width, 3)
+    actual = sniff_format(data)
+    if actual != spec.format:
+        raise ProtocolError(BAD_REQUEST, f"the source frame is not a {spec.format.upper()} file"
+                                         + (f" (it looks like {actual.upper()})" if actual else ""), request_id)
+    size = declared_size(data, spec.format)
+    if size is None:
+        raise ProtocolError(BAD_REQUEST, f"the source {spec.format.upper()} header is unreadable "
+                                         "(truncated or corrupt file)", request_id)
+    width, height = size
+    if width == 0 or height == 0:
+        raise ProtocolError(BAD_REQUEST, f"the source image declares a size of {width}×{height}", request_id)
+    if width > max_side or height > max_side:
+        raise ProtocolError(TOO_LARGE, f"the source image is {width}×{height}, over the server's limit of "
+                                       f"{max_side} px per side; scale it down", request_id)
+    if (spec.width is not None and spec.width != width) or (spec.height is not None and spec.height != height):
+        raise ProtocolError(BAD_REQUEST, f"the source header says {spec.width}×{spec.height} but the "
+                                         f"{spec.format.upper()} file is {width}×{height}", request_id)
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if image is None or image.shape[:2] != (height, width):
+        raise ProtocolError(BAD_REQUEST, f"the source {spec.format.upper()} file cannot be decoded "
+                                         "(truncated or corrupt)", request_id)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def encode_image(rgb: np.ndarray, alpha: np.ndarray | None, output: OutputSpec, stage: str) -> tuple[bytes, ImageSpec]:
+    """uint8 RGB (H, W, 3) and optional alpha (H, W) → payload bytes and their description."""
+    height, width = rgb.shape[:2]
+    if alpha is not None:
+        pixels = np.dstack([rgb, alpha.reshape(height, width)])
+    else:
+        pixels = rgb
+    channels = pixels.shape[2]
+    if output.format == "raw":
+        return np.ascontiguousarray(pixels).tobytes(), ImageSpec("raw", width, height, channels, stage)
+    bgr = cv2.cvtColor(pixels, cv2.COLOR_RGBA2BGRA if channels == 4 else cv2.COLOR_RGB2BGR)
+    if output.format == "png":
+        # Level 1: the result is re-encoded for every request, so speed matters more than bytes.
+        ok, encoded = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    else:
+        ok, encoded = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, output.quality])
+    if not ok:
+        raise RuntimeError(f"OpenCV could not encode a {width}×{height} {output.format} image")
+    return encoded.tobytes(), ImageSpec(output.format, width, height, channels, stage)
+
+
+def read_image_file(data: bytes) -> np.ndarray:
+    """PNG/JPEG bytes → uint8 RGB; for clients of this package that hold numpy (CLI, bench)."""
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ValueError("not a decodable PNG/JPEG image")
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    return cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA if image.shape[2] == 4 else cv2.COLOR_BGR2RGB)

@@ -1,0 +1,167 @@
+"""`pg2-server serve`: a ROUTER socket in front of a Worker, in one process.
+
+One thread owns the socket: it reads requests (REQ or DEALER envelopes), hands them to the
+Worker, and sends the replies the Worker's threads queue in its Outbox. SIGINT/SIGTERM stop
+the intake: requests already admitted finish (or fail) with a reply, later ones are told
+`overloaded`, and the process exits 0.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from . import protocol
+from .worker import Outbox, Worker
+
+log = logging.getLogger("pg2_server.server")
+
+
+@dataclass(frozen=True)
+class Curve:
+    """CURVE settings of a server: its certificate (with secret key) and the authorised client keys."""
+    secret_file: Path
+    clients_dir: Path
+
+    def check(self) -> None:
+        if not Path(self.secret_file).is_file():
+            raise ValueError(f"CURVE secret certificate {self.secret_file} does not exist; create one with "
+                             "`pg2-server keys DIR server`")
+        if not Path(self.clients_dir).is_dir():
+            raise ValueError(f"CURVE client key directory {self.clients_dir} does not exist; put the clients' "
+                             "NAME.key files there")
+
+
+def secure_socket(context: zmq.Context, sock: zmq.Socket, curve: Curve | None) -> ThreadAuthenticator | None:
+    """Make `sock` a CURVE server that accepts only the public keys in `curve.clients_dir`."""
+    if curve is None:
+        return None
+    curve.check()
+    public, secret = zmq.auth.load_certificate(str(curve.secret_file))
+    if secret is None:
+        raise ValueError(f"{curve.secret_file} holds no secret key; pass the NAME.key_secret file")
+    authenticator = ThreadAuthenticator(context, log=logging.getLogger("pg2_server.auth"))
+    authenticator.start()
+    authenticator.configure_curve(domain="*", location=str(curve.clients_dir))
+    sock.curve_secretkey = secret
+    sock.curve_publickey = public
+    sock.curve_server = True
+    return authenticator
+
+
+class StopSignal:
+    """SIGINT/SIGTERM → an Event (installed only from the main thread)."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(number, self._handle)
+
+    def _handle(self, number, frame) -> None:
+        log.info("received %s: finishing in-flight requests, then exiting", signal.Signals(number).name)
+        self.event.set()
+
+
+def serve(worker: Worker, bind: str, stop: threading.Event, curve: Curve | None = None,
+          context: zmq.Context | None = None, summary_s: float = 60.0, drain_s: float = 60.0,
+          ready: threading.Event | None = None) -> None:
+    """Answer requests on `bind` until `stop` is set, then drain and close."""
+    context = context or zmq.Context.instance()
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 2000)
+    # MAXMSGSIZE is per frame; decode_request checks the message as a whole.
+    router.setsockopt(zmq.MAXMSGSIZE, worker.config.limits.max_message_bytes)
+    router.setsockopt(zmq.RCVHWM, 10000)
+    router.setsockopt(zmq.SNDHWM, 10000)
+    authenticator = secure_socket(context, router, curve)
+    outbox = Outbox(context, "serve")
+    try:
+        router.bind(bind)
+    except zmq.ZMQError as e:
+        outbox.close()
+        router.close(linger=0)
+        if authenticator:
+            authenticator.stop()
+        raise RuntimeError(f"cannot bind {bind}: {e}") from None
+    loop_thread = threading.get_ident()
+
+    def replier(envelope: list):
+        def reply(frames: list) -> None:
+            if threading.get_ident() == loop_thread:
+                router.send_multipart(envelope + frames, copy=False)
+            else:
+                outbox.send(envelope + frames)
+        return reply
+
+    poller = zmq.Poller()
+    poller.register(router, zmq.POLLIN)
+    poller.register(outbox.pull, zmq.POLLIN)
+    log.info("serving model %s on %s (devices %s, max batch %d, max delay %g ms, max queue %d%s)",
+             worker.model, bind, ", ".join(str(p.device) for p in worker.pipelines), worker.config.max_batch,
+             worker.config.max_delay_ms, worker.config.max_queue, ", CURVE" if curve else "")
+    if ready is not None:
+        ready.set()
+    last_summary = time.monotonic()
+    draining_until = None
+    try:
+        while True:
+            events = dict(poller.poll(50))
+            if outbox.pull in events:
+                forward(outbox.pull, router)
+            if router in events:
+                while True:
+                    try:
+                        frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    envelope, message = protocol.split_envelope(frames)
+                    worker.handle([f.buffer for f in message], replier(envelope))
+            now = time.monotonic()
+            if now - last_summary >= summary_s:
+                log.info("summary: %s", worker.summary())
+                last_summary = now
+            if stop.is_set():
+                if draining_until is None:
+                    worker.accepting = False
+                    draining_until = now + drain_s
+                if worker.in_flight == 0 or now > draining_until:
+                    break
+        if worker.in_flight:
+            log.warning("%d requests still running after %g s; exiting without their replies",
+                        worker.in_flight, drain_s)
+        # Answer what reached the socket during the drain (as `overloaded`), then deliver.
+        deadline = time.monotonic() + 0.2
+        while time.monotonic() < deadline:
+            events = dict(poller.poll(20))
+            if outbox.pull in events:
+                forward(outbox.pull, router)
+            if router in events:
+                frames = router.recv_multipart(copy=False)
+                envelope, message = protocol.split_envelope(frames)
+                worker.handle([f.buffer for f in message], replier(envelope))
+        forward(outbox.pull, router)
+        log.info("stopped: %s", worker.summary())
+    finally:
+        worker.close()
+        forward(outbox.pull, router)
+        outbox.close()
+        router.close()
+        if authenticator:
+            authenticator.stop()
+
+
+def forward(pull: zmq.Socket, out: zmq.Socket) -> None:
+    """Send every queued outbox message on `out` without blocking for more."""
+    while True:
+        try:
+            out.send_multipart(pull.recv_multipart(zmq.NOBLOCK, copy=False), copy=False)
+        except zmq.Again:
+            return

@@ -1,0 +1,453 @@
+"""The generation worker: requests in, exactly one reply out, model batched per device.
+
+`Worker.handle(frames, reply)` is the whole machinery behind a socket: it validates the
+request, answers `ping`/`info` at once, decodes and prepares `generate` on a thread pool,
+batches `Pipeline.run` per device (batching.Batcher) and finishes and encodes on the pool.
+`pg2-server serve` puts it behind a ROUTER in one process (server.py); `pg2-server worker`
+connects it to a broker (broker.py) with `connect_to_broker`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import msgpack
+import zmq
+
+from . import protocol
+from .batching import Batcher
+from .codec import decode_image, encode_image
+from .keypoints import KeypointError
+from .protocol import Limits, ProtocolError, Request
+
+log = logging.getLogger("pg2_server.worker")
+
+Reply = Callable[[list], None]
+
+
+def package_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("pg2-blender")
+    except Exception:  # running from a source tree that was never installed
+        return "0+unknown"
+
+
+def resident_memory_mb() -> float:
+    """This process's resident set size in MiB (Linux /proc; peak RSS elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except OSError:
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2 ** 20 if os.uname().sysname == "Darwin" else peak / 1024
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Batching, queue and limit settings of a worker (the CLI's serve/worker flags)."""
+    max_batch: int = 16
+    max_delay_ms: float = 5.0
+    max_queue: int = 256
+    threads: int = 4
+    limits: Limits = field(default_factory=Limits)
+
+
+class Counters:
+    """Requests, errors by code, batches and times; a consistent snapshot for `info`."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.started = time.monotonic()
+        self.requests = 0
+        self.by_op: dict[str, int] = {}
+        self.ok = 0
+        self.errors: dict[str, int] = {}
+        self.batches = 0
+        self.batched = 0
+        self.queue_ms = 0.0
+        self.compute_ms = 0.0
+        self.total_ms = 0.0
+        self.generated = 0
+
+    def request(self, op: str | None) -> None:
+        with self._lock:
+            self.requests += 1
+            if op:
+                self.by_op[op] = self.by_op.get(op, 0) + 1
+
+    def reply(self, error_code: str | None) -> None:
+        with self._lock:
+            if error_code is None:
+                self.ok += 1
+            else:
+                self.errors[error_code] = self.errors.get(error_code, 0) + 1
+
+    def batch(self, size: int, queue_ms: float, compute_ms: float) -> None:
+        with self._lock:
+            self.batches += 1
+            self.batched += size
+            self.queue_ms += queue_ms
+            self.compute_ms += compute_ms * size
+
+    def generation(self, total_ms: float) -> None:
+        with self._lock:
+            self.generated += 1
+            self.total_ms += total_ms
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {"requests": self.requests, "by_op": dict(self.by_op), "ok": self.ok,
+                    "errors": dict(self.errors), "batches": self.batches, "batched_requests": self.batched,
+                    "mean_batch": round(self.batched / self.batches, 3) if self.batches else 0.0,
+                    "mean_queue_ms": round(self.queue_ms / self.batched, 3) if self.batched else 0.0,
+                    "mean_compute_ms": round(self.compute_ms / self.batched, 3) if self.batched else 0.0,
+                    "mean_total_ms": round(self.total_ms / self.generated, 3) if self.generated else 0.0,
+                    "uptime_s": round(time.monotonic() - self.started, 3)}
+
+
+class Job:
+    """One admitted generate request on its way through decode → batch → encode."""
+    __slots__ = ("request", "_reply", "received", "enqueued", "started", "prepared", "pipeline", "done")
+
+    def __init__(self, request: Request, reply: Reply, received: float, pipeline):
+        self.request = request
+        self._reply = reply
+        self.received = received
+        self.pipeline = pipeline
+        self.enqueued = 0.0
+        self.started = 0.0
+        self.prepared = None
+        self.done = False
+
+
+class Worker:
+    """Validates, batches and answers requests for the pipelines of one model (one per device)."""
+
+    def __init__(self, pipelines: Sequence, config: WorkerConfig = WorkerConfig(), role: str = "serve"):
+        if not pipelines:
+            raise ValueError("a worker needs at least one pipeline")
+        self.pipelines = list(pipelines)
+        self.model = self.pipelines[0].name
+        self.config = config
+        self.role = role
+        self.counters = Counters()
+        self.pool = ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="pg2-codec")
+        self.jobs: queue.Queue = queue.Queue()
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
+        self._idle = threading.Condition(self._in_flight_lock)
+        self.accepting = True
+        self.batchers = [Batcher(p, self.jobs, config.max_batch, config.max_delay_ms / 1000.0,
+                                 self._batch_done, self._batch_failed) for p in self.pipelines]
+        for batcher in self.batchers:
+            batcher.start()
+
+    # -- entry point ---------------------------------------------------------------------------
+
+    def handle(self, frames: list, reply: Reply) -> None:
+        """Answer one request (frames after the envelope); `reply` is called exactly once, from any thread."""
+        received = time.monotonic()
+        try:
+            request = protocol.decode_request(frames, self.config.limits)
+        except ProtocolError as e:
+            self.counters.request(None)
+            self._error(reply, e.id, e.code, e.message, received)
+            return
+        self.counters.request(request.op)
+        try:
+            if request.op == "ping":
+                self._send(reply, protocol.encode_reply(request.id, {"pong": True, "role": self.role}), None)
+            elif request.op == "info":
+                self._send(reply, protocol.encode_reply(request.id, self.info()), None)
+            else:
+                self._admit(request, reply, received)
+        except Exception:  # a bug: the client gets a reply, the log gets the trace
+            log.error("internal error on request %r:\n%s", request.id, traceback.format_exc())
+            self._error(reply, request.id, protocol.INTERNAL, "internal server error; the server log has details",
+                        received)
+
+    def _admit(self, request: Request, reply: Reply, received: float) -> None:
+        if request.model is not None and request.model != self.model:
+            self._error(reply, request.id, protocol.UNKNOWN_MODEL,
+                        f"this server has no model {request.model!r}; it serves {self.model!r}", received)
+            return
+        if "g2" in request.output.stages and self.pipelines[0].g2 is None:
+            self._error(reply, request.id, protocol.BAD_REQUEST,
+                        f"model {self.model!r} has no G2 stage; ask for stages [\"g1\"]", received)
+            return
+        if not self.accepting:
+            self._error(reply, request.id, protocol.OVERLOADED,
+                        "the server is shutting down; retry on another server", received)
+            return
+        with self._in_flight_lock:
+            admitted = self._in_flight < self.config.max_queue
+            if admitted:
+                self._in_flight += 1
+        if not admitted:
+            self._error(reply, request.id, protocol.OVERLOADED,
+                        f"the server's queue is full ({self.config.max_queue} requests); retry later", received)
+            return
+        job = Job(request, reply, received, self.pipelines[0])
+        self.pool.submit(self._guard, job, self._prepare, job)
+
+    # -- the stages of a generate request ------------------------------------------------------
+
+    def _prepare(self, job: Job) -> None:
+        request = job.request
+        image = decode_image(request.source, request.source_spec, self.config.limits.max_image_side, request.id)
+        request.source = None  # the payload frame is no longer needed; free it early
+        try:
+            job.prepared = job.pipeline.prepare(image, request.keypoints, request.size)
+        except (KeypointError, ValueError, TypeError) as e:
+            raise ProtocolError(protocol.BAD_REQUEST, str(e), request.id) from None
+        job.enqueued = time.monotonic()
+        self.jobs.put(job)
+
+    def _batch_done(self, batch: list, coarse, final, started: float, ended: float) -> None:
+        compute_ms = (ended - started) * 1000
+        queue_ms = sum((started - job.received) * 1000 for job in batch)
+        self.counters.batch(len(batch), queue_ms, compute_ms)
+        for i, job in enumerate(batch):
+            job.started = started
+            self.pool.submit(self._guard, job, self._finish, job, coarse[i], final[i], compute_ms, len(batch))
+
+    def _batch_failed(self, batch: list, error: BaseException) -> None:
+        log.error("batch of %d failed on %s:\n%s", len(batch), batch[0].pipeline.device,
+                  "".join(traceback.format_exception(error)))
+        for job in batch:
+            self._finish_job(job, protocol.encode_error(job.request.id, protocol.INTERNAL,
+                                                        "internal server error; the server log has details"),
+                             protocol.INTERNAL)
+
+    def _finish(self, job: Job, coarse, final, compute_ms: float, batch_size: int) -> None:
+        request = job.request
+        output = request.output
+        generation = job.pipeline.finish(job.prepared, coarse, final, with_g1="g1" in output.stages,
+                                         with_alpha=output.alpha)
+        job.prepared = None
+        payloads, specs = [], []
+        for stage in output.stages:
+            data, spec = encode_image(generation.g1 if stage == "g1" else generation.image,
+                                      generation.alpha, output, stage)
+            payloads.append(data)
+            specs.append(spec.to_dict())
+        now = time.monotonic()
+        timing = {"queue_ms": round((job.started - job.received) * 1000, 3), "compute_ms": round(compute_ms, 3),
+                  "total_ms": round((now - job.received) * 1000, 3), "batch": batch_size}
+        frames = protocol.encode_reply(request.id, {"image": specs[0], "images": specs, "timing": timing,
+                                                    "model": self.model}, payloads)
+        self.counters.generation(timing["total_ms"])
+        log.debug("generate id=%r %dx%d %s → ok, batch %d, queue %.1f ms, compute %.1f ms, total %.1f ms",
+                  request.id, request.size[0], request.size[1], output.format, batch_size, timing["queue_ms"],
+                  timing["compute_ms"], timing["total_ms"])
+        self._finish_job(job, frames, None)
+
+    def _guard(self, job: Job, step, *args) -> None:
+        """Run one stage on the pool; any failure becomes the job's one reply."""
+        try:
+            step(*args)
+        except ProtocolError as e:
+            self._finish_job(job, protocol.encode_error(job.request.id, e.code, e.message), e.code)
+        except Exception:
+            log.error("internal error on request %r:\n%s", job.request.id, traceback.format_exc())
+            self._finish_job(job, protocol.encode_error(job.request.id, protocol.INTERNAL,
+                                                        "internal server error; the server log has details"),
+                             protocol.INTERNAL)
+
+    def _finish_job(self, job: Job, frames: list, error_code: str | None) -> None:
+        if job.done:
+            return
+        job.done = True
+        if error_code is not None:
+            log.debug("generate id=%r → %s", job.request.id, error_code)
+        self._send(job._reply, frames, error_code)
+        with self._in_flight_lock:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.notify_all()
+
+    # -- replies -------------------------------------------------------------------------------
+
+    def _send(self, reply: Reply, frames: list, error_code: str | None) -> None:
+        self.counters.reply(error_code)
+        reply(frames)
+
+    def _error(self, reply: Reply, request_id, code: str, message: str, received: float) -> None:
+        log.debug("request id=%r → %s: %s (%.1f ms)", request_id, code, message,
+                  (time.monotonic() - received) * 1000)
+        self._send(reply, protocol.encode_error(request_id, code, message), code)
+
+    # -- state ---------------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def info(self) -> dict:
+        """The `info` reply body (PROTOCOL.md): models, devices, limits, batching, counters."""
+        model = self.pipelines[0].describe()
+        model.pop("device", None)
+        counters = self.counters.snapshot()
+        counters.update(in_flight=self._in_flight, queued=self.jobs.qsize(), rss_mb=round(resident_memory_mb(), 1))
+        devices = [str(p.device) for p in self.pipelines]
+        return {"protocol_versions": list(protocol.SUPPORTED_VERSIONS),
+                "server": {"name": "pg2-server", "version": package_version(), "role": self.role},
+                "models": [model], "devices": devices,
+                "workers": [{"host": socket.gethostname(), "pid": os.getpid(), "devices": devices,
+                             "models": [self.model]}],
+                "limits": {"max_message_bytes": self.config.limits.max_message_bytes,
+                           "max_image_side": self.config.limits.max_image_side,
+                           "max_queue": self.config.max_queue},
+                "batching": {"max_batch": self.config.max_batch, "max_delay_ms": self.config.max_delay_ms},
+                "counters": counters}
+
+    def summary(self) -> str:
+        """One log line: totals since start."""
+        c = self.counters.snapshot()
+        errors = ", ".join(f"{k} {v}" for k, v in sorted(c["errors"].items())) or "none"
+        return (f"{c['requests']} requests ({c['ok']} ok; errors: {errors}), {c['batches']} batches, "
+                f"mean batch {c['mean_batch']}, mean queue {c['mean_queue_ms']} ms, "
+                f"mean compute {c['mean_compute_ms']} ms, in flight {self._in_flight}")
+
+    def drain(self, timeout: float) -> bool:
+        """Stop admitting work and wait until every admitted request has its reply."""
+        self.accepting = False
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._in_flight > 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._idle.wait(remaining)
+        return True
+
+    def close(self) -> None:
+        """Stop the batchers and the pool (after `drain`)."""
+        for batcher in self.batchers:
+            batcher.stop()
+        for batcher in self.batchers:
+            batcher.join(timeout=30)
+        self.pool.shutdown(wait=True)
+
+
+class Outbox:
+    """Replies from any thread to the one thread that owns the socket, over inproc PUSH/PULL."""
+
+    def __init__(self, context: zmq.Context, name: str):
+        self.context = context
+        self.address = f"inproc://pg2-outbox-{name}-{id(self)}"
+        self.pull = context.socket(zmq.PULL)
+        self.pull.bind(self.address)
+        self._local = threading.local()
+        self._sockets: list[zmq.Socket] = []
+        self._lock = threading.Lock()
+
+    def send(self, frames: list) -> None:
+        """Queue one outgoing multipart message (thread-safe)."""
+        push = getattr(self._local, "push", None)
+        if push is None:
+            push = self.context.socket(zmq.PUSH)
+            push.setsockopt(zmq.LINGER, 1000)
+            push.connect(self.address)
+            self._local.push = push
+            with self._lock:
+                self._sockets.append(push)
+        push.send_multipart(frames, copy=False)
+
+    def close(self) -> None:
+        with self._lock:
+            for push in self._sockets:
+                push.close()
+            self._sockets.clear()
+        self.pull.close(linger=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker ↔ broker: the worker's side of broker.py's protocol.
+
+READY, HEARTBEAT, REQUEST, REPLY, DISCONNECT = b"READY", b"HEARTBEAT", b"REQUEST", b"REPLY", b"DISCONNECT"
+
+
+def connect_to_broker(worker: Worker, endpoint: str, stop: threading.Event, heartbeat_s: float = 1.0,
+                      liveness: int = 3, context: zmq.Context | None = None, summary_s: float = 60.0) -> None:
+    """Serve `worker` through a broker's backend until `stop` is set (Paranoid Pirate worker).
+
+    Sends READY with its info, a heartbeat every `heartbeat_s`; if the broker is silent for
+    `liveness` heartbeats, reconnects and registers again.
+    """
+    context = context or zmq.Context.instance()
+    outbox = Outbox(context, "worker")
+    capacity = worker.config.max_batch * 2 * len(worker.pipelines)
+
+    def open_socket() -> zmq.Socket:
+        sock = context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, worker.config.limits.max_message_bytes + 4096)
+        sock.connect(endpoint)
+        sock.send_multipart([READY, msgpack.packb({"info": worker.info(), "capacity": capacity})])
+        return sock
+
+    sock = open_socket()
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(outbox.pull, zmq.POLLIN)
+    last_heard = last_sent = last_summary = time.monotonic()
+    log.info("worker connected to broker %s (%s), capacity %d", endpoint, worker.summary(), capacity)
+    try:
+        while not stop.is_set():
+            events = dict(poller.poll(100))
+            now = time.monotonic()
+            if outbox.pull in events:
+                while True:
+                    try:
+                        sock.send_multipart(outbox.pull.recv_multipart(zmq.NOBLOCK, copy=False), copy=False)
+                    except zmq.Again:
+                        break
+            if sock in events:
+                while True:
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    last_heard = now
+                    command = frames[0].bytes
+                    if command == REQUEST and len(frames) >= 3:
+                        key = frames[1].bytes
+                        worker.handle([f.buffer for f in frames[2:]],
+                                      lambda reply, key=key: outbox.send([REPLY, key, *reply]))
+                    elif command == DISCONNECT:
+                        last_heard = 0.0  # re-register at once
+            if now - last_sent >= heartbeat_s:
+                sock.send_multipart([HEARTBEAT, msgpack.packb(worker.info()["counters"])])
+                last_sent = now
+            if now - last_heard > heartbeat_s * liveness:
+                log.warning("broker %s silent for %.1f s; reconnecting", endpoint, now - last_heard)
+                poller.unregister(sock)
+                sock.close()
+                sock = open_socket()
+                poller.register(sock, zmq.POLLIN)
+                last_heard = last_sent = time.monotonic()
+            if now - last_summary >= summary_s:
+                log.info("worker: %s", worker.summary())
+                last_summary = now
+        # Finish what was admitted, deliver its replies, then say goodbye.
+        worker.drain(timeout=60)
+        while True:
+            try:
+                sock.send_multipart(outbox.pull.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+        sock.send_multipart([DISCONNECT])
+    finally:
+        sock.close(linger=500)
+        outbox.close()
