@@ -17,22 +17,16 @@ import torch
 
 from pg2_server.keypoints import COUNT
 from pg2_server.model import Generator1, preset
+from pg2_server.throughput import peak_tflops
 
 from .distributed import Distributed
 
-# Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment; --peak-tflops overrides.
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
-             "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12}
-
-
 def peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
-    """The card's dense bf16 peak, or None where unknown (CPU, unlisted GPU)."""
+    """The card's dense bf16 peak in FLOP/s (the runtime's table), or None where unknown."""
     if override_tflops:
         return override_tflops * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
+    tflops = peak_tflops(device)
+    return tflops * 1e12 if tflops else None
 
 
 def random_batch(config, batch_size: int, generator: torch.Generator) -> dict:

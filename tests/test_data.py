@@ -1,0 +1,119 @@
+"""training/data.py: reading PATN splits, the pair tensors on the canvas, the resumable sampler."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fixture_datasets import write_dataset
+from pg2_server.keypoints import INDEX
+from pg2_server.model import preset
+from pg2_server.pose import pose_mask
+from training.data import DataError, PairDataset, PairSampler, load_split, make_loader
+
+TINY = preset("tiny")  # canvas 32 × 16 (H × W); fixture frames are 32 × 64 (W × H): scale ½
+
+
+@pytest.mark.parametrize("style", ["deepfashion", "market"])
+def test_load_split_reads_both_csv_styles(tmp_path, style):
+    data = write_dataset(tmp_path, style)
+    split = load_split(data["images"], data["annotations"], data["pairs"])
+    assert len(split.pairs) == 4 * 4 * 3
+    assert len(split.keypoints) == 16
+    assert split.report.total == 0
+    name = data["names"][0][0]
+    assert split.keypoints[name].shape == (18, 2)
+    assert not np.isnan(split.keypoints[name]).any()
+
+
+def test_bad_rows_and_missing_files_are_counted_and_skipped(tmp_path):
+    data = write_dataset(tmp_path)
+    names = data["names"]
+    (data["images"] / names[0][0]).unlink()                       # 6 pairs lose an image
+    with open(data["annotations"], "a") as f:
+        f.write("broken-row-without-lists\n")                      # malformed annotation
+        f.write("x.jpg: [1, 2]: [3, 4]\n")                         # wrong count
+    text = data["annotations"].read_text().splitlines()
+    dropped = names[1][0]
+    data["annotations"].write_text("\n".join(l for l in text if not l.startswith(dropped)) + "\n")
+    with open(data["pairs"], "a") as f:
+        f.write("only-one-column\n")
+        f.write(f"{names[2][0]},{names[2][1]},extra\n")
+    split = load_split(data["images"], data["annotations"], data["pairs"])
+    assert split.report.count("malformed annotation rows") == 2
+    assert split.report.count("malformed pair rows") == 2
+    assert split.report.count("missing images") == 6
+    assert split.report.count("pairs without annotation") == 6
+    assert len(split.pairs) == 48 - 12
+    assert "skipped:" in split.report.summary() and "6 missing images" in split.report.summary()
+    with pytest.raises(DataError):
+        load_split(data["images"], data["annotations"], data["pairs"], strict=True)
+
+
+def test_missing_files_say_which(tmp_path):
+    data = write_dataset(tmp_path)
+    with pytest.raises(DataError, match="annotation file .*nope.csv does not exist"):
+        load_split(data["images"], tmp_path / "nope.csv", data["pairs"])
+    with pytest.raises(DataError, match="pairs file"):
+        load_split(data["images"], data["annotations"], tmp_path / "nope.csv")
+    with pytest.raises(DataError, match="image folder"):
+        load_split(tmp_path / "nowhere", data["annotations"], data["pairs"])
+    data["pairs"].write_text("from,to\n")
+    with pytest.raises(DataError, match="no usable pairs"):
+        load_split(data["images"], data["annotations"], data["pairs"])
+
+
+def test_heatmap_at_the_framed_pixel_and_flipped(tmp_path):
+    data = write_dataset(tmp_path)
+    split = load_split(data["images"], data["annotations"], data["pairs"])
+    dataset = PairDataset(split, TINY)
+    index = 0
+    target_name = split.pairs[index][1]
+    wrist = INDEX["right_wrist"]
+    x, y = split.keypoints[target_name][wrist]
+    item = dataset[(index, False)]
+    # Frame 32×64 → canvas 16×32: pixel centres map as (v + 0.5) · ½ − 0.5.
+    cx, cy = round((x + 0.5) * 0.5 - 0.5), round((y + 0.5) * 0.5 - 0.5)
+    assert item["heatmaps"].shape == (18, 32, 16)
+    assert item["heatmaps"][wrist, cy, cx] == 1.0
+    assert item["heatmaps"][wrist].min() == -1.0
+    flipped = dataset[(index, True)]
+    # Mirrored in the 32-px-wide frame, and the right wrist becomes the left wrist.
+    fx = round(((31 - x) + 0.5) * 0.5 - 0.5)
+    assert flipped["heatmaps"][INDEX["left_wrist"], cy, fx] == 1.0
+    assert torch.equal(flipped["target"], item["target"].flip(-1))
+    assert torch.equal(flipped["source"], item["source"].flip(-1))
+    on_canvas = item["keypoints"].numpy()
+    assert on_canvas[wrist] == pytest.approx([(x + 0.5) * 0.5 - 0.5, (y + 0.5) * 0.5 - 0.5])
+    assert np.array_equal(item["mask"][0].numpy(), pose_mask(on_canvas, 32, 16))
+    assert item["source"].min() >= -1 and item["source"].max() <= 1
+    assert item["coordinates"].shape == (36,)
+
+
+def test_sampler_is_seeded_restartable_and_splits_ranks():
+    full = PairSampler(10, seed=3)
+    stream = iter(full)
+    first = [next(stream) for _ in range(25)]        # crosses two epoch boundaries
+    assert sorted(i for i, _ in first[:10]) == list(range(10))
+    assert first == [next(s) for s in [iter(PairSampler(10, seed=3))] for _ in range(25)]
+    restarted = iter(PairSampler(10, seed=3, start=13))
+    assert [next(restarted) for _ in range(12)] == first[13:25]
+    assert first != [next(s) for s in [iter(PairSampler(10, seed=4))] for _ in range(25)]
+    assert not any(f for _, f in [next(s) for s in [iter(PairSampler(10, flip=False))] for _ in range(10)])
+    rank0 = iter(PairSampler(10, seed=3, rank=0, world_size=2))
+    rank1 = iter(PairSampler(10, seed=3, rank=1, world_size=2))
+    a = [next(rank0)[0] for _ in range(5)]
+    b = [next(rank1)[0] for _ in range(5)]
+    assert sorted(a + b) == list(range(10))
+
+
+def test_loader_batches_full_and_identical_with_workers(tmp_path):
+    data = write_dataset(tmp_path)
+    split = load_split(data["images"], data["annotations"], data["pairs"])
+    dataset = PairDataset(split, TINY)
+    plain = next(iter(make_loader(dataset, 5, PairSampler(len(dataset)), workers=0)))
+    parallel = next(iter(make_loader(dataset, 5, PairSampler(len(dataset)), workers=2)))
+    assert plain["source"].shape == (5, 3, 32, 16)
+    assert plain["mask"].shape == (5, 1, 32, 16)
+    for key in plain:
+        assert torch.equal(plain[key].nan_to_num(-7), parallel[key].nan_to_num(-7)), key
