@@ -1,0 +1,317 @@
+"""Bone → COCO-18 keypoint mapping: rig presets, preset detection, overrides and face synthesis.
+
+Plain functions over bone names and `mathutils` matrices (no `bpy.context`), so tests and
+scripts call them directly. "Right" is the subject's own right: Blender's `.R`, Mixamo's
+`Right*`, Unreal's `_r`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping as MappingType, Sequence
+
+from mathutils import Matrix, Vector
+
+# COCO-18 in DESIGN.md's order; tests pin it to pg2_server.keypoints.NAMES, which the
+# add-on cannot import in Blender (that module needs the server's numpy stack).
+NAMES: tuple[str, ...] = (
+    "nose", "neck",
+    "right_shoulder", "right_elbow", "right_wrist",
+    "left_shoulder", "left_elbow", "left_wrist",
+    "right_hip", "right_knee", "right_ankle",
+    "left_hip", "left_knee", "left_ankle",
+    "right_eye", "left_eye", "right_ear", "left_ear",
+)
+INDEX = {name: i for i, name in enumerate(NAMES)}
+FACE = ("nose", "right_eye", "left_eye", "right_ear", "left_ear")
+# The twelve limb joints decide which preset fits a rig.
+LIMBS = tuple(n for n in NAMES if n not in FACE and n != "neck")
+
+# Face keypoints relative to the head bone's head (the top of the neck), in the face frame
+# (left, up, forward) and in units of the shoulder width (distance between the two shoulder
+# keypoints). Calibrated on the Anny body's COCO regressor: blender_addon/calibrate_face.py,
+# results in docs/blender.md.
+FACE_OFFSETS: dict[str, tuple[float, float, float]] = {
+    "nose": (0.0, 0.29, 0.37),
+    "right_eye": (-0.10, 0.40, 0.30),
+    "left_eye": (0.10, 0.40, 0.30),
+    "right_ear": (-0.24, 0.33, 0.04),
+    "left_ear": (0.24, 0.33, 0.04),
+}
+# Shoulder width / head-bone length, used only when a rig lacks a shoulder.
+HEAD_LENGTH_TO_SHOULDERS = 1.6
+
+
+class MappingError(ValueError):
+    """A rig whose bones cannot be mapped to the keypoints asked for."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One rig family: candidate bones per keypoint, the head bone, and a name normaliser."""
+    name: str
+    label: str
+    bones: dict[str, tuple[tuple[str, str], ...]]  # keypoint -> ((bone, "head"|"tail"), ...)
+    head: tuple[str, ...]  # candidates for the head bone (face synthesis)
+    canonical: Callable[[str], str | None]  # actual bone name -> preset name, None to ignore
+    neck_from_shoulders: bool = True  # COCO's neck is the shoulder midpoint
+
+
+def _sided(right: str, left: str, end: str = "head") -> dict:
+    return {"right": ((right, end),), "left": ((left, end),)}
+
+
+def _table(rows: dict[str, tuple[str, str]], face: dict | None = None, neck=()) -> dict:
+    """Expand `joint: (right_bone, left_bone)` rows into per-keypoint candidate tuples."""
+    bones: dict[str, tuple[tuple[str, str], ...]] = {}
+    for joint, (right, left) in rows.items():
+        bones[f"right_{joint}"] = ((right, "head"),)
+        bones[f"left_{joint}"] = ((left, "head"),)
+    bones["neck"] = tuple((b, "head") for b in neck)
+    bones.update(face or {})
+    return bones
+
+
+_RIGIFY_PREFIX = re.compile(r"^(ORG|DEF)-")
+_MIXAMO_PREFIX = re.compile(r"^mixamorig\d*[:_]?")
+
+
+def _rigify_name(name: str) -> str | None:
+    # Generated rigs repeat a bone as ORG-x (follows the controls exactly) and DEF-x
+    # (deform, split into .001 segments); the meta-rig names it x.
+    return _RIGIFY_PREFIX.sub("", name)
+
+
+def _mixamo_name(name: str) -> str | None:
+    stripped = _MIXAMO_PREFIX.sub("", name)
+    return stripped if stripped != name else None
+
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    Preset(
+        "pg2", "PG2 Pose Rig",
+        {name: ((name, "head"),) for name in NAMES},
+        head=("neck",), canonical=lambda n: n, neck_from_shoulders=False,
+    ),
+    Preset(
+        "rigify", "Rigify (meta-rig or generated)",
+        _table({"shoulder": ("upper_arm.R", "upper_arm.L"), "elbow": ("forearm.R", "forearm.L"),
+                "wrist": ("hand.R", "hand.L"), "hip": ("thigh.R", "thigh.L"),
+                "knee": ("shin.R", "shin.L"), "ankle": ("foot.R", "foot.L")},
+               face={"nose": (("nose.001", "tail"),),
+                     "right_eye": (("eye.R", "head"),), "left_eye": (("eye.L", "head"),),
+                     "right_ear": (("ear.R", "head"),), "left_ear": (("ear.L", "head"),)},
+               neck=("spine.004",)),
+        head=("spine.006",), canonical=_rigify_name,
+    ),
+    Preset(
+        "mpfb", "Anny / MakeHuman (MPFB) default",
+        _table({"shoulder": ("upperarm01.R", "upperarm01.L"),
+                "elbow": ("lowerarm01.R", "lowerarm01.L"), "wrist": ("wrist.R", "wrist.L"),
+                "hip": ("upperleg01.R", "upperleg01.L"), "knee": ("lowerleg01.R", "lowerleg01.L"),
+                "ankle": ("foot.R", "foot.L")},
+               neck=("neck01",)),
+        head=("head",), canonical=lambda n: n,
+    ),
+    Preset(
+        "game_engine", "Anny / MakeHuman (MPFB) game engine",
+        _table({"shoulder": ("upperarm_r", "upperarm_l"), "elbow": ("lowerarm_r", "lowerarm_l"),
+                "wrist": ("hand_r", "hand_l"), "hip": ("thigh_r", "thigh_l"),
+                "knee": ("calf_r", "calf_l"), "ankle": ("foot_r", "foot_l")},
+               neck=("neck_01",)),
+        head=("head",), canonical=lambda n: n,
+    ),
+    Preset(
+        "mixamo", "Mixamo",
+        _table({"shoulder": ("RightArm", "LeftArm"), "elbow": ("RightForeArm", "LeftForeArm"),
+                "wrist": ("RightHand", "LeftHand"), "hip": ("RightUpLeg", "LeftUpLeg"),
+                "knee": ("RightLeg", "LeftLeg"), "ankle": ("RightFoot", "LeftFoot")},
+               face={"right_eye": (("RightEye", "head"),), "left_eye": (("LeftEye", "head"),)},
+               neck=("Neck",)),
+        head=("Head",), canonical=_mixamo_name,
+    ),
+)}
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one keypoint comes from: a bone end, the shoulder midpoint, or the face frame."""
+    kind: str  # "bone" | "shoulders" | "face"
+    bone: str = ""
+    end: str = "head"
+
+
+@dataclass(frozen=True)
+class Override:
+    """A user's choice for one keypoint: a bone (actual name) and which end; "" bone = none."""
+    keypoint: str
+    bone: str
+    end: str = "head"
+
+
+@dataclass
+class BoneMapping:
+    """The resolved mapping of one armature: a source per keypoint (None = not available)."""
+    preset: str
+    sources: list[Source | None]
+    head_bone: str | None = None
+    # Face frame (left, up, forward columns) in the head bone's local space, from the rest pose.
+    face_frame: Matrix | None = None
+    rest_scale: float = 0.0  # shoulder width at rest, metres in armature space
+    notes: list[str] = field(default_factory=list)
+
+    def missing(self) -> list[str]:
+        """Names of keypoints with no source."""
+        return [NAMES[i] for i, s in enumerate(self.sources) if s is None]
+
+
+def _lookup(preset: Preset, bone_names: Iterable[str]) -> dict[str, str]:
+    """Preset bone name -> actual bone name; ORG- wins over the bare name, both over DEF-."""
+    rank = {"ORG-": 0, "": 1, "DEF-": 2}
+    found: dict[str, tuple[int, str]] = {}
+    for actual in bone_names:
+        name = preset.canonical(actual)
+        if name is None:
+            continue
+        score = rank.get(actual[:4], 1) if preset.name == "rigify" else 0
+        if name not in found or score < found[name][0]:
+            found[name] = (score, actual)
+    return {name: actual for name, (_, actual) in found.items()}
+
+
+def _limb_score(preset: Preset, lookup: MappingType[str, str]) -> int:
+    return sum(any(b in lookup for b, _ in preset.bones.get(k, ())) for k in LIMBS)
+
+
+def detect_preset(bone_names: Iterable[str]) -> str | None:
+    """The preset whose limb bones the armature has most of; None if fewer than 8 of 12 fit."""
+    names = list(bone_names)
+    best, best_score = None, 7
+    for preset in PRESETS.values():
+        score = _limb_score(preset, _lookup(preset, names))
+        if score > best_score:
+            best, best_score = preset.name, score
+    return best
+
+
+def resolve(bone_names: Sequence[str], preset: str | None = None,
+            overrides: Sequence[Override] = ()) -> BoneMapping:
+    """Map each keypoint to a source on an armature with these bones (rest data comes later).
+
+    `preset` None or "auto" detects it; overrides win over the preset. Raises MappingError
+    for an unknown preset or an override naming a bone the armature lacks.
+    """
+    names = list(bone_names)
+    if preset in (None, "", "auto"):
+        preset = detect_preset(names)
+        if preset is None:
+            if not overrides:
+                raise MappingError(
+                    "could not recognise the armature's bones (Rigify, Mixamo, MPFB/Anny or "
+                    "PG2 Pose Rig); pick a preset or map the bones by hand in the PG2 panel")
+            preset = "pg2"
+    if preset not in PRESETS:
+        raise MappingError(f"unknown rig preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    spec = PRESETS[preset]
+    lookup = _lookup(spec, names)
+    sources: list[Source | None] = [None] * len(NAMES)
+    for i, name in enumerate(NAMES):
+        for bone, end in spec.bones.get(name, ()):
+            if bone in lookup:
+                sources[i] = Source("bone", lookup[bone], end)
+                break
+    shoulders = sources[INDEX["right_shoulder"]] and sources[INDEX["left_shoulder"]]
+    if spec.neck_from_shoulders and shoulders:
+        sources[INDEX["neck"]] = Source("shoulders")
+    head_bone = next((lookup[b] for b in spec.head if b in lookup), None)
+    mapping = BoneMapping(preset, sources, head_bone)
+    for override in overrides:
+        if override.keypoint not in INDEX:
+            raise MappingError(f"override for unknown keypoint {override.keypoint!r}")
+        if override.end not in ("head", "tail"):
+            raise MappingError(f"override end must be 'head' or 'tail', got {override.end!r}")
+        if override.bone and override.bone not in names:
+            raise MappingError(
+                f"bone {override.bone!r} chosen for {override.keypoint} is not in the armature")
+        sources[INDEX[override.keypoint]] = (
+            Source("bone", override.bone, override.end) if override.bone else None)
+    if head_bone:
+        for name in FACE:
+            if sources[INDEX[name]] is None:
+                sources[INDEX[name]] = Source("face", head_bone)
+    return mapping
+
+
+def face_frame(head_rest: Matrix, right_shoulder: Vector | None,
+               left_shoulder: Vector | None) -> Matrix:
+    """The face frame (left, up, forward) expressed in the head bone's local axes.
+
+    `head_rest` is the head bone's rest matrix (`bone.matrix_local`); shoulders are rest
+    positions in armature space. Without shoulders, Blender's bone convention stands in:
+    local Z is forward for a roll-0 bone of a character facing -Y.
+    """
+    rotation = head_rest.to_3x3().normalized()
+    up = (rotation @ Vector((0, 1, 0))).normalized()
+    if right_shoulder is not None and left_shoulder is not None \
+            and (left_shoulder - right_shoulder).length > 1e-9:
+        left = left_shoulder - right_shoulder
+    else:
+        left = rotation @ Vector((1, 0, 0))
+    left = (left - left.dot(up) * up).normalized()
+    forward = left.cross(up)
+    world = Matrix((left, up, forward)).transposed()  # columns, armature space
+    return rotation.transposed() @ world
+
+
+def attach_rest(mapping: BoneMapping, rest_bones) -> BoneMapping:
+    """Fill the face frame and rest scale from the armature's rest bones (`armature.data.bones`)."""
+    def rest_point(source: Source | None) -> Vector | None:
+        if source is None or source.kind != "bone":
+            return None
+        bone = rest_bones.get(source.bone)
+        return None if bone is None else (bone.tail_local if source.end == "tail" else bone.head_local)
+
+    right = rest_point(mapping.sources[INDEX["right_shoulder"]])
+    left = rest_point(mapping.sources[INDEX["left_shoulder"]])
+    head = rest_bones.get(mapping.head_bone) if mapping.head_bone else None
+    if right is not None and left is not None:
+        mapping.rest_scale = (left - right).length
+    elif head is not None:
+        mapping.rest_scale = head.length * HEAD_LENGTH_TO_SHOULDERS
+    if head is not None:
+        mapping.face_frame = face_frame(head.matrix_local, right, left)
+    return mapping
+
+
+def armature_mapping(armature, preset: str | None = None,
+                     overrides: Sequence[Override] = ()) -> BoneMapping:
+    """Resolve the mapping of an armature object, rest data included."""
+    if armature is None or getattr(armature, "type", None) != "ARMATURE":
+        raise MappingError("choose an armature object in the PG2 panel")
+    bones = armature.data.bones
+    return attach_rest(resolve([b.name for b in bones], preset, overrides), bones)
+
+
+def keypoints_3d(armature, mapping: BoneMapping) -> list[Vector | None]:
+    """World positions of the 18 keypoints in the armature's current pose (None = no source)."""
+    world = armature.matrix_world
+    pose_bones = armature.pose.bones
+    local: list[Vector | None] = [None] * len(NAMES)
+    for i, source in enumerate(mapping.sources):
+        if source is not None and source.kind == "bone":
+            bone = pose_bones.get(source.bone)
+            if bone is not None:
+                local[i] = bone.tail if source.end == "tail" else bone.head
+    right, left = local[INDEX["right_shoulder"]], local[INDEX["left_shoulder"]]
+    if mapping.sources[INDEX["neck"]] == Source("shoulders") and right is not None \
+            and left is not None:
+        local[INDEX["neck"]] = (right + left) / 2
+    head = pose_bones.get(mapping.head_bone) if mapping.head_bone else None
+    if head is not None and mapping.face_frame is not None:
+        scale = mapping.rest_scale
+        frame = head.matrix.to_3x3().normalized() @ mapping.face_frame
+        for name in FACE:
+            i = INDEX[name]
+            if mapping.sources[i] is not None and mapping.sources[i].kind == "face":
+                local[i] = head.head + frame @ (Vector(FACE_OFFSETS[name]) * scale)
+    return [None if p is None else world @ p for p in local]

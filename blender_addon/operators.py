@@ -1,0 +1,355 @@
+"""Operators: generate the current frame or a frame range, test the server, add the pose rig.
+
+In the UI the generation runs on a worker thread while a modal timer polls its events
+(progress in the status bar and the panel, Esc cancels); in background mode (`blender -b`)
+the same run blocks, so scripts can render a shot.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+
+import bpy
+
+from . import generation, rig
+from .generation import Batch, Framing, GenerationError
+from .mapping import LIMBS, MappingError, Override, armature_mapping
+from .preferences import connection, describe_info, preferences
+
+RESULT_IMAGE = "PG2 Result"
+_RUNS: set = set()  # batches of the modal operators now running
+
+
+def running() -> bool:
+    """Whether a generation is under way in this Blender session."""
+    return bool(_RUNS)
+
+
+def _scene_armature(context):
+    settings = context.scene.pg2
+    if settings.armature is not None:
+        return settings.armature
+    active = context.active_object
+    return active if active is not None and active.type == "ARMATURE" else None
+
+
+def _mapping(context, armature):
+    settings = context.scene.pg2
+    overrides = [Override(o.keypoint, o.bone, o.end) for o in settings.overrides]
+    return armature_mapping(armature, settings.preset, overrides)
+
+
+def _framing(settings) -> Framing:
+    color = None if settings.background == "TRANSPARENT" else tuple(settings.background_color)
+    return Framing(settings.framing, settings.margin, color)
+
+
+def show_result(pixels, camera=None):
+    """Put pixels into the `PG2 Result` image, show it in open Image Editors and optionally
+    behind the camera view."""
+    height, width = pixels.shape[:2]
+    image = bpy.data.images.get(RESULT_IMAGE)
+    if image is None:
+        image = bpy.data.images.new(RESULT_IMAGE, width, height, alpha=True)
+    elif tuple(image.size) != (width, height):
+        image.scale(width, height)
+    image.pixels.foreach_set(generation.imaging.to_blender_pixels(pixels))
+    image.update()
+    for window in getattr(bpy.context.window_manager, "windows", []):
+        for area in window.screen.areas:
+            if area.type == "IMAGE_EDITOR":
+                area.spaces.active.image = image
+    if camera is not None:
+        data = camera.data
+        background = next((b for b in data.background_images if b.image == image), None)
+        if background is None:
+            background = data.background_images.new()
+            background.image = image
+        data.show_background_images = True
+    return image
+
+
+class _GenerationRun:
+    """The shared start / poll / finish of both generation operators."""
+    _timer = None
+    _batch: Batch | None = None
+    _total = 0
+
+    def _start(self, context, frames, paths):
+        settings = context.scene.pg2
+        if running():
+            self.report({"ERROR"}, "PG2 is already generating; wait for it or press Esc")
+            return {"CANCELLED"}
+        try:
+            armature = _scene_armature(context)
+            if armature is None:
+                raise GenerationError("choose the armature to pose in the PG2 panel (Scene properties)")
+            if context.scene.camera is None:
+                raise GenerationError("the scene has no active camera; add one and make it active")
+            mapping = _mapping(context, armature)
+            unmapped = [n for n in mapping.missing() if n in LIMBS]
+            if len(unmapped) == len(LIMBS):
+                raise GenerationError(f"no limb of {armature.name} is mapped; pick the rig preset "
+                                      "or map the bones by hand in the PG2 panel")
+            if unmapped:
+                self.report({"WARNING"}, "unmapped keypoints (left out): " + ", ".join(unmapped))
+            conn = connection(context)
+            source, source_size = generation.read_source(settings)
+            jobs = generation.plan_frames(context.scene, armature, mapping, frames, paths,
+                                          keep_outside=settings.framing == "PERSON")
+        except (GenerationError, MappingError, ValueError) as e:
+            self.report({"ERROR"}, str(e))
+            return {"CANCELLED"}
+        self._camera = context.scene.camera if settings.set_camera_background else None
+        self._batch = Batch(conn, source, source_size, jobs, _framing(settings), settings.in_flight)
+        self._total = len(jobs)
+        self._error = None
+        settings.progress, settings.status = 0.0, f"0 / {self._total}"
+        if bpy.app.background or context.window is None:
+            self._batch.run()
+            self._drain(context)
+            return self._end(context)
+        _RUNS.add(self._batch)
+        wm = context.window_manager
+        wm.progress_begin(0, max(1, self._total))
+        self._batch.start()
+        self._timer = wm.event_timer_add(0.05, window=context.window)
+        wm.modal_handler_add(self)
+        return {"RUNNING_MODAL"}
+
+    def _drain(self, context) -> bool:
+        """Handle the worker's events; True once it has ended."""
+        settings = context.scene.pg2
+        ended = False
+        while True:
+            try:
+                event = self._batch.events.get_nowait()
+            except queue.Empty:
+                break
+            if event.kind == "frame":
+                if event.pixels is not None:
+                    show_result(event.pixels, self._camera)
+            elif event.kind == "error":
+                self._error = event.message
+            else:
+                ended = True
+        settings.progress = self._batch.done / max(1, self._total)
+        settings.status = f"{self._batch.done} / {self._total}"
+        return ended
+
+    def _end(self, context):
+        settings = context.scene.pg2
+        _RUNS.discard(self._batch)
+        if self._timer is not None:
+            context.window_manager.event_timer_remove(self._timer)
+            context.window_manager.progress_end()
+            if context.workspace is not None:
+                context.workspace.status_text_set(None)
+            self._timer = None
+        _redraw(context)
+        if self._error:
+            settings.status = self._error
+            self.report({"ERROR"}, self._error)
+            return {"CANCELLED"}
+        if self._batch.cancelled.is_set():
+            settings.status = f"cancelled after {self._batch.done} / {self._total}"
+            self.report({"WARNING"}, "PG2: " + settings.status)
+            return {"CANCELLED"}
+        self.report({"INFO"}, self._summary())
+        return {"FINISHED"}
+
+    def _summary(self) -> str:
+        return f"PG2: generated {self._batch.done} frame(s)"
+
+    def modal(self, context, event):
+        if event.type == "ESC" and event.value == "PRESS":
+            self._batch.cancel()
+            self._drain(context)
+            return self._end(context)
+        if event.type == "TIMER":
+            ended = self._drain(context)
+            context.window_manager.progress_update(self._batch.done)
+            if context.workspace is not None:
+                context.workspace.status_text_set(
+                    f"PG2: {self._batch.done} / {self._total} frames  (Esc cancels)")
+            _redraw(context)
+            if ended:
+                return self._end(context)
+        return {"PASS_THROUGH"}
+
+
+def _redraw(context) -> None:
+    screen = context.screen
+    for area in (screen.areas if screen else ()):
+        area.tag_redraw()
+
+
+class PG2_OT_generate(_GenerationRun, bpy.types.Operator):
+    """Generate the person in the armature's pose at the current frame (image "PG2 Result")"""
+    bl_idname = "pg2.generate"
+    bl_label = "Generate Frame"
+    bl_options = {"REGISTER"}
+
+    def execute(self, context):
+        scene = context.scene
+        return self._start(context, [scene.frame_current], [None])
+
+    def _summary(self) -> str:
+        return f"PG2: result in the image {RESULT_IMAGE!r}"
+
+
+class PG2_OT_generate_frames(_GenerationRun, bpy.types.Operator):
+    """Generate every frame of the range into numbered files; existing files are skipped"""
+    bl_idname = "pg2.generate_frames"
+    bl_label = "Generate Frames"
+    bl_options = {"REGISTER"}
+
+    def execute(self, context):
+        scene, settings = context.scene, context.scene.pg2
+        if settings.use_scene_range:
+            start, end, step = scene.frame_start, scene.frame_end, scene.frame_step
+        else:
+            start, end, step = settings.frame_start, settings.frame_end, settings.frame_step
+        if end < start:
+            self.report({"ERROR"}, f"the frame range ends ({end}) before it starts ({start})")
+            return {"CANCELLED"}
+        if not settings.output_path:
+            self.report({"ERROR"}, "choose an output path for the frames in the PG2 panel")
+            return {"CANCELLED"}
+        frames = list(range(start, end + 1, step))
+        paths = [generation.frame_path(settings.output_path, f) for f in frames]
+        todo = [(f, p) for f, p in zip(frames, paths) if settings.overwrite or not os.path.exists(p)]
+        self._skipped = len(frames) - len(todo)
+        if not todo:
+            self.report({"INFO"}, f"PG2: all {len(frames)} frame files exist; tick Overwrite to "
+                                  "generate them again")
+            return {"FINISHED"}
+        return self._start(context, [f for f, _ in todo], [p for _, p in todo])
+
+    def _summary(self) -> str:
+        skipped = f", skipped {self._skipped} existing" if self._skipped else ""
+        folder = os.path.dirname(self._batch.jobs[0].path) if self._batch.jobs else ""
+        return f"PG2: wrote {self._batch.done} frame(s){skipped} to {folder}"
+
+
+class PG2_OT_test_connection(bpy.types.Operator):
+    """Ask the server for its description (model, canvas, devices)"""
+    bl_idname = "pg2.test_connection"
+    bl_label = "Test Connection"
+
+    def execute(self, context):
+        try:
+            conn = connection(context)
+        except ValueError as e:
+            self.report({"ERROR"}, str(e))
+            return {"CANCELLED"}
+        self._answer: queue.Queue = queue.Queue()
+        worker = threading.Thread(target=self._ask, args=(conn,), daemon=True)
+        worker.start()
+        if bpy.app.background or context.window is None:
+            worker.join()
+            return self._show(context, self._answer.get())
+        self._timer = context.window_manager.event_timer_add(0.1, window=context.window)
+        context.window_manager.modal_handler_add(self)
+        return {"RUNNING_MODAL"}
+
+    def _ask(self, conn) -> None:
+        try:
+            with conn.open() as server:
+                self._answer.put(("ok", server.info()))
+        except Exception as e:
+            self._answer.put(("error", getattr(e, "message", None) or str(e)))
+
+    def modal(self, context, event):
+        if event.type != "TIMER":
+            return {"PASS_THROUGH"}
+        try:
+            answer = self._answer.get_nowait()
+        except queue.Empty:
+            return {"PASS_THROUGH"}
+        context.window_manager.event_timer_remove(self._timer)
+        return self._show(context, answer)
+
+    def _show(self, context, answer):
+        kind, body = answer
+        prefs = preferences(context)
+        if kind == "error":
+            if prefs:
+                prefs.server_info = "Not connected: " + body
+            self.report({"ERROR"}, "PG2 server: " + body)
+            return {"CANCELLED"}
+        text = describe_info(body)
+        if prefs:
+            prefs.server_info = text
+        self.report({"INFO"}, text.replace("\n", "; "))
+        return {"FINISHED"}
+
+
+class PG2_OT_add_pose_rig(bpy.types.Operator):
+    """Add an OpenPose-style armature: one bone per COCO-18 keypoint"""
+    bl_idname = "pg2.add_pose_rig"
+    bl_label = "PG2 Pose Rig"
+    bl_options = {"REGISTER", "UNDO"}
+
+    def execute(self, context):
+        if context.mode != "OBJECT":
+            bpy.ops.object.mode_set(mode="OBJECT")
+        obj = rig.create_pose_rig(context.collection, context.view_layer,
+                                  location=tuple(context.scene.cursor.location))
+        for other in context.view_layer.objects:
+            other.select_set(False)
+        obj.select_set(True)
+        context.view_layer.objects.active = obj
+        if context.scene.pg2.armature is None:
+            context.scene.pg2.armature = obj
+        return {"FINISHED"}
+
+
+class PG2_OT_override_add(bpy.types.Operator):
+    """Take one keypoint from a bone of your choice"""
+    bl_idname = "pg2.override_add"
+    bl_label = "Add Bone Override"
+    bl_options = {"REGISTER", "UNDO"}
+
+    def execute(self, context):
+        settings = context.scene.pg2
+        settings.overrides.add()
+        settings.override_index = len(settings.overrides) - 1
+        return {"FINISHED"}
+
+
+class PG2_OT_override_remove(bpy.types.Operator):
+    """Remove the selected bone override"""
+    bl_idname = "pg2.override_remove"
+    bl_label = "Remove Bone Override"
+    bl_options = {"REGISTER", "UNDO"}
+
+    def execute(self, context):
+        settings = context.scene.pg2
+        if not 0 <= settings.override_index < len(settings.overrides):
+            self.report({"ERROR"}, "select an override to remove")
+            return {"CANCELLED"}
+        settings.overrides.remove(settings.override_index)
+        settings.override_index = max(0, settings.override_index - 1)
+        return {"FINISHED"}
+
+
+def add_menu(self, context):
+    self.layout.operator(PG2_OT_add_pose_rig.bl_idname, icon="OUTLINER_OB_ARMATURE")
+
+
+CLASSES = (PG2_OT_generate, PG2_OT_generate_frames, PG2_OT_test_connection, PG2_OT_add_pose_rig,
+           PG2_OT_override_add, PG2_OT_override_remove)
+
+
+def register() -> None:
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+    bpy.types.VIEW3D_MT_armature_add.append(add_menu)
+
+
+def unregister() -> None:
+    bpy.types.VIEW3D_MT_armature_add.remove(add_menu)
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)

@@ -1,0 +1,94 @@
+"""Viewport overlay: the keypoints the model will get, drawn as an OpenPose skeleton.
+
+UI only: the draw handler is never added in background mode (no GPU there).
+"""
+from __future__ import annotations
+
+import bpy
+import gpu
+from gpu_extras.batch import batch_for_shader
+
+from .mapping import MappingError, Override, armature_mapping, keypoints_3d
+from .projection import project_points
+
+# OpenPose's drawing skeleton and colours (pg2_server.keypoints.SKELETON / COLORS; the tests
+# pin these copies to them): 17 limbs from the original 1-indexed pairs.
+SKELETON = tuple((a - 1, b - 1) for a, b in (
+    (2, 3), (2, 6), (3, 4), (4, 5), (6, 7), (7, 8), (2, 9), (9, 10), (10, 11), (2, 12),
+    (12, 13), (13, 14), (2, 1), (1, 15), (15, 17), (1, 16), (16, 18)))
+COLORS = (
+    (255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0),
+    (0, 255, 0), (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255),
+    (0, 0, 255), (85, 0, 255), (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85))
+HIDDEN = (0.4, 0.4, 0.4, 0.8)  # joints the camera does not see: left out of the request
+
+_handle = None
+
+
+def _rgba(index: int) -> tuple[float, float, float, float]:
+    r, g, b = COLORS[index]
+    return (r / 255, g / 255, b / 255, 1.0)
+
+
+def skeleton_geometry(points, visible):
+    """Line vertices/colours per limb and point vertices/colours per joint (None = skipped)."""
+    lines, line_colors, joints, joint_colors = [], [], [], []
+    for limb, (a, b) in enumerate(SKELETON):
+        if points[a] is None or points[b] is None:
+            continue
+        color = _rgba(limb) if visible[a] and visible[b] else HIDDEN
+        lines += [points[a], points[b]]
+        line_colors += [color, color]
+    for i, point in enumerate(points):
+        if point is not None:
+            joints.append(point)
+            joint_colors.append(_rgba(i) if visible[i] else HIDDEN)
+    return lines, line_colors, joints, joint_colors
+
+
+def draw() -> None:
+    scene = bpy.context.scene
+    settings = getattr(scene, "pg2", None)
+    if settings is None or not settings.show_overlay:
+        return
+    armature = settings.armature
+    if armature is None or armature.type != "ARMATURE":
+        return
+    try:
+        mapping = armature_mapping(armature, settings.preset,
+                                   [Override(o.keypoint, o.bone, o.end) for o in settings.overrides])
+    except MappingError:
+        return  # the panel says what is wrong; the overlay just stays empty
+    points = [None if p is None else tuple(p) for p in keypoints_3d(armature, mapping)]
+    if scene.camera is not None:
+        visible = [p is not None for p in project_points(scene, scene.camera, points)]
+    else:
+        visible = [False] * len(points)
+    lines, line_colors, joints, joint_colors = skeleton_geometry(points, visible)
+    gpu.state.depth_test_set("NONE")
+    gpu.state.blend_set("ALPHA")
+    viewport = gpu.state.viewport_get()[2:]
+    if lines:
+        shader = gpu.shader.from_builtin("POLYLINE_FLAT_COLOR")
+        shader.uniform_float("viewportSize", viewport)
+        shader.uniform_float("lineWidth", 4.0)
+        batch_for_shader(shader, "LINES", {"pos": lines, "color": line_colors}).draw(shader)
+    if joints:
+        shader = gpu.shader.from_builtin("POINT_FLAT_COLOR")
+        gpu.state.point_size_set(9.0)
+        batch_for_shader(shader, "POINTS", {"pos": joints, "color": joint_colors}).draw(shader)
+    gpu.state.blend_set("NONE")
+
+
+def register() -> None:
+    global _handle
+    if bpy.app.background or _handle is not None:
+        return
+    _handle = bpy.types.SpaceView3D.draw_handler_add(draw, (), "WINDOW", "POST_VIEW")
+
+
+def unregister() -> None:
+    global _handle
+    if _handle is not None:
+        bpy.types.SpaceView3D.draw_handler_remove(_handle, "WINDOW")
+        _handle = None

@@ -1,0 +1,118 @@
+"""Panels: View3D sidebar tab "PG2" (pose, source, framing, output, bone overrides)."""
+from __future__ import annotations
+
+import bpy
+
+from .mapping import NAMES, MappingError, Override, armature_mapping
+
+
+class _PG2Panel:
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "PG2"
+
+
+class PG2_PT_main(_PG2Panel, bpy.types.Panel):
+    bl_label = "PG2 Pose"
+    bl_idname = "PG2_PT_main"
+
+    def draw(self, context):
+        layout = self.layout
+        settings = context.scene.pg2
+        layout.prop(settings, "armature")
+        layout.prop(settings, "preset")
+        armature = settings.armature
+        if armature is None:
+            layout.label(text="Choose an armature (or add Armature › PG2 Pose Rig)", icon="INFO")
+        else:
+            try:
+                mapping = armature_mapping(armature, settings.preset,
+                                           [Override(o.keypoint, o.bone, o.end) for o in settings.overrides])
+                missing = mapping.missing()
+                layout.label(text=f"Rig: {mapping.preset}; {len(NAMES) - len(missing)} of 18 keypoints",
+                             icon="CHECKMARK" if not missing else "INFO")
+                if missing:
+                    layout.label(text="Unmapped: " + ", ".join(missing), icon="ERROR")
+            except MappingError as e:
+                layout.label(text=str(e), icon="ERROR")
+        if context.scene.camera is None:
+            layout.label(text="No active camera", icon="ERROR")
+        layout.prop(settings, "source_kind", expand=True)
+        if settings.source_kind == "FILE":
+            layout.prop(settings, "source_path")
+        else:
+            layout.template_ID(settings, "source_image", open="image.open")
+        layout.prop(settings, "framing", expand=True)
+        if settings.framing == "PERSON":
+            col = layout.column(align=True)
+            col.prop(settings, "margin")
+            col.prop(settings, "background")
+            if settings.background == "COLOR":
+                col.prop(settings, "background_color")
+        layout.prop(settings, "show_overlay")
+        row = layout.row()
+        row.scale_y = 1.4
+        row.operator("pg2.generate", icon="RENDER_STILL")
+        layout.prop(settings, "set_camera_background")
+        if settings.status:
+            layout.prop(settings, "progress", text=settings.status)
+
+
+class PG2_PT_frames(_PG2Panel, bpy.types.Panel):
+    bl_label = "Frames"
+    bl_parent_id = "PG2_PT_main"
+
+    def draw(self, context):
+        layout = self.layout
+        settings = context.scene.pg2
+        layout.prop(settings, "output_path")
+        layout.prop(settings, "use_scene_range")
+        col = layout.column(align=True)
+        col.enabled = not settings.use_scene_range
+        col.prop(settings, "frame_start")
+        col.prop(settings, "frame_end")
+        col.prop(settings, "frame_step")
+        layout.prop(settings, "overwrite")
+        layout.prop(settings, "in_flight")
+        row = layout.row()
+        row.scale_y = 1.4
+        row.operator("pg2.generate_frames", icon="RENDER_ANIMATION")
+
+
+class PG2_UL_overrides(bpy.types.UIList):
+    def draw_item(self, context, layout, data, item, icon, active_data, active_propname, index):
+        armature = context.scene.pg2.armature
+        row = layout.row(align=True)
+        row.prop(item, "keypoint", text="")
+        if armature is not None and armature.type == "ARMATURE":
+            row.prop_search(item, "bone", armature.data, "bones", text="")
+        else:
+            row.prop(item, "bone", text="")
+        row.prop(item, "end", text="")
+
+
+class PG2_PT_overrides(_PG2Panel, bpy.types.Panel):
+    bl_label = "Bone Overrides"
+    bl_parent_id = "PG2_PT_main"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        settings = context.scene.pg2
+        row = self.layout.row()
+        row.template_list("PG2_UL_overrides", "", settings, "overrides", settings, "override_index", rows=3)
+        col = row.column(align=True)
+        col.operator("pg2.override_add", icon="ADD", text="")
+        col.operator("pg2.override_remove", icon="REMOVE", text="")
+
+
+CLASSES = (PG2_PT_main, PG2_PT_frames, PG2_UL_overrides, PG2_PT_overrides)
+
+
+def register() -> None:
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+
+
+def unregister() -> None:
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)

@@ -1,0 +1,92 @@
+"""Camera projection of the mapped joints into render-frame pixels, and the "person" crop.
+
+Pixels: x right, y down, origin at the frame's top-left corner; the frame is the render
+resolution times its percentage (DESIGN.md's target frame).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from bpy_extras.object_utils import world_to_camera_view
+
+from .mapping import BoneMapping, armature_mapping, keypoints_3d
+
+Point = tuple[float, float]
+
+
+class ProjectionError(ValueError):
+    """A scene that cannot be projected (no camera)."""
+
+
+def frame_size(scene) -> tuple[int, int]:
+    """Render frame (W, H) in pixels: resolution × percentage, as Blender sizes its renders."""
+    scale = scene.render.resolution_percentage / 100.0
+    return (max(1, int(scene.render.resolution_x * scale)),
+            max(1, int(scene.render.resolution_y * scale)))
+
+
+def project_points(scene, camera, points, keep_outside: bool = False) -> list[Point | None]:
+    """Project world points (None passes through) to frame pixels; None behind the camera,
+    and outside the frame unless `keep_outside`."""
+    width, height = frame_size(scene)
+    result: list[Point | None] = []
+    for point in points:
+        if point is None:
+            result.append(None)
+            continue
+        x, y, depth = world_to_camera_view(scene, camera, point)
+        if depth <= 0.0 or not (math.isfinite(x) and math.isfinite(y)):
+            result.append(None)
+            continue
+        if not keep_outside and not (0.0 <= x <= 1.0 and 0.0 <= y <= 1.0):
+            result.append(None)
+            continue
+        result.append((x * width, (1.0 - y) * height))
+    return result
+
+
+def project_armature(scene, armature, camera=None, mapping: BoneMapping | None = None,
+                     keep_outside: bool = False) -> list[Point | None]:
+    """18 keypoints (x, y) or None of `armature` in its current pose, seen by `scene.camera`.
+
+    Pass a `mapping` from `armature_mapping` to skip resolving the bones on every frame.
+    """
+    camera = camera if camera is not None else scene.camera
+    if camera is None:
+        raise ProjectionError("the scene has no camera: add one and make it the active camera")
+    if mapping is None:
+        mapping = armature_mapping(armature)
+    return project_points(scene, camera, keypoints_3d(armature, mapping), keep_outside)
+
+
+@dataclass(frozen=True)
+class Crop:
+    """A rectangle of the frame in pixels (may reach outside it) and its keypoints."""
+    x: int
+    y: int
+    width: int
+    height: int
+
+    def shift(self, keypoints: Sequence[Point | None]) -> list[Point | None]:
+        """Keypoints in the crop's own pixels."""
+        return [None if p is None else (p[0] - self.x, p[1] - self.y) for p in keypoints]
+
+
+def person_crop(keypoints: Sequence[Point | None], aspect: float, margin: float = 0.15,
+                frame: tuple[int, int] | None = None) -> Crop:
+    """The rectangle around the visible keypoints with width/height = `aspect`, grown by
+    `margin` of its height on every side; clamped to at least 8 px per side."""
+    visible = [p for p in keypoints if p is not None]
+    if len(visible) < 2:
+        raise ProjectionError("fewer than two joints are visible: the person crop needs a pose "
+                              "in view of the camera")
+    xs, ys = [p[0] for p in visible], [p[1] for p in visible]
+    cx, cy = (min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2
+    height = max(max(ys) - min(ys), (max(xs) - min(xs)) / aspect)
+    # The face and feet extend past the outermost joints: the margin covers them.
+    height = max(8.0, height * (1.0 + 2.0 * margin))
+    width = max(8.0, height * aspect)
+    w, h = int(round(width)), int(round(height))
+    return Crop(int(round(cx - w / 2)), int(round(cy - h / 2)), w, h)

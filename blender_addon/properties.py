@@ -1,0 +1,86 @@
+"""Scene settings of the add-on: `scene.pg2` (armature, source, framing, output, overrides)."""
+from __future__ import annotations
+
+import bpy
+from bpy.props import (BoolProperty, CollectionProperty, EnumProperty, FloatProperty,
+                       FloatVectorProperty, IntProperty, PointerProperty, StringProperty)
+
+from .mapping import NAMES, PRESETS
+
+KEYPOINT_ITEMS = [(name, name.replace("_", " ").title(), f"COCO-18 keypoint {i}: {name}")
+                  for i, name in enumerate(NAMES)]
+PRESET_ITEMS = [("auto", "Automatic", "Recognise the rig from its bone names")] + [
+    (p.name, p.label, f"Bone names of the {p.label} rig") for p in PRESETS.values()]
+
+
+def _is_armature(self, obj) -> bool:
+    return obj.type == "ARMATURE"
+
+
+class PG2BoneOverride(bpy.types.PropertyGroup):
+    """One keypoint taken from a bone of the user's choice (empty bone: keypoint left out)."""
+    keypoint: EnumProperty(name="Keypoint", items=KEYPOINT_ITEMS)
+    bone: StringProperty(name="Bone", description="Bone of the armature; empty leaves the keypoint out")
+    end: EnumProperty(name="End", items=[("head", "Head", "The bone's head (its joint)"),
+                                         ("tail", "Tail", "The bone's tail")], default="head")
+
+
+class PG2SceneSettings(bpy.types.PropertyGroup):
+    """What to generate: the posed armature, the person's photo, framing and output."""
+    armature: PointerProperty(name="Armature", type=bpy.types.Object, poll=_is_armature,
+                              description="The posed armature whose joints become the 18 keypoints")
+    preset: EnumProperty(name="Rig", items=PRESET_ITEMS, default="auto",
+                         description="Which bone names to read the keypoints from")
+    overrides: CollectionProperty(type=PG2BoneOverride)
+    override_index: IntProperty(default=0)
+    source_kind: EnumProperty(name="Source", items=[
+        ("FILE", "File", "A PNG or JPEG photo of the person on disk"),
+        ("IMAGE", "Image", "An image datablock of this file")], default="FILE")
+    source_path: StringProperty(name="Source photo", subtype="FILE_PATH",
+                                description="PNG or JPEG photo of the person to pose")
+    source_image: PointerProperty(name="Source image", type=bpy.types.Image,
+                                  description="Image datablock with the person to pose")
+    framing: EnumProperty(name="Framing", items=[
+        ("CAMERA", "Camera", "The whole camera frame is the model's target frame"),
+        ("PERSON", "Person", "Crop around the skeleton with the model's aspect ratio, then "
+                             "composite the result back into the full frame")], default="CAMERA")
+    margin: FloatProperty(name="Margin", default=0.15, min=0.0, max=1.0,
+                          description="Person framing: space around the skeleton, as a fraction of its height")
+    background: EnumProperty(name="Background", items=[
+        ("COLOR", "Colour", "Composite the person over a solid colour"),
+        ("TRANSPARENT", "Transparent", "Keep only the person (RGBA)")], default="COLOR",
+        description="Person framing: what lies around the generated crop")
+    background_color: FloatVectorProperty(name="Colour", subtype="COLOR", size=3, min=0.0, max=1.0,
+                                          default=(1.0, 1.0, 1.0))
+    output_path: StringProperty(name="Output", subtype="FILE_PATH", default="//pg2/frame_####.png",
+                                description="Frame files; #### becomes the zero-padded frame number")
+    frame_start: IntProperty(name="Start", default=1, min=0)
+    frame_end: IntProperty(name="End", default=250, min=0)
+    frame_step: IntProperty(name="Step", default=1, min=1)
+    use_scene_range: BoolProperty(name="Scene Range", default=True,
+                                  description="Use the scene's frame range and step")
+    overwrite: BoolProperty(name="Overwrite", default=False,
+                            description="Regenerate frames whose files exist (off: an interrupted batch resumes)")
+    in_flight: IntProperty(name="In Flight", default=4, min=1, max=64,
+                           description="Requests sent ahead so the server's batcher stays busy")
+    set_camera_background: BoolProperty(name="Camera Background", default=False,
+                                        description="Also show the single-frame result behind the camera view")
+    show_overlay: BoolProperty(name="Show Skeleton", default=True,
+                               description="Draw the keypoints the model will get in the viewport")
+    progress: FloatProperty(name="Progress", default=0.0, min=0.0, max=1.0, subtype="FACTOR")
+    status: StringProperty(name="Status", default="")
+
+
+CLASSES = (PG2BoneOverride, PG2SceneSettings)
+
+
+def register() -> None:
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+    bpy.types.Scene.pg2 = PointerProperty(type=PG2SceneSettings)
+
+
+def unregister() -> None:
+    del bpy.types.Scene.pg2
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)
