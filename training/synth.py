@@ -1,0 +1,289 @@
+"""`pg2-train synth`: render synthetic people with Blender into a PATN-format dataset.
+
+    pg2-train synth --out data/synth --identities 400 --test-identities 70 \\
+        --poses-per-identity 8 --seed 0            # DeepFashion style, 256x176
+    python -m training.synth --out data/market-synth --identities 50 --poses-per-identity 6 --style market
+
+Writes DIR/train/*.jpg, DIR/test/*.jpg, the annotation and pairs CSVs under PATN's names and
+DIR/synth.json (the settings; a rerun with other settings into the same folder is refused).
+Everything an image shows follows from (seed, identity number, pose number), so a rerun
+skips images already written and reproduces the same files. See docs/synthetic.md.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pg2_server.keypoints import INDEX, write_annotations
+
+STYLES = {
+    # style: default (H, W), annotation and pairs file names, fraction of the height the body fills
+    "deepfashion": ((256, 176), "fasion-resize-annotation-{}.csv", "fasion-resize-pairs-{}.csv", (0.80, 0.93)),
+    "market": ((128, 64), "market-annotation-{}.csv", "market-pairs-{}.csv", (0.82, 0.95)),
+}
+TORSO = tuple(INDEX[n] for n in ("right_shoulder", "left_shoulder", "right_hip", "left_hip"))
+_VIEW_CHOICES = ("front", "side", "back")
+
+
+class SynthError(ValueError):
+    """Settings that cannot make a dataset; the message says which and what to use."""
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """What to render; saved as DIR/synth.json so that a resumed run renders the same dataset."""
+    identities: int
+    test_identities: int
+    poses_per_identity: int
+    seed: int
+    size: tuple[int, int]  # (H, W)
+    style: str
+
+    def check(self) -> None:
+        if self.style not in STYLES:
+            raise SynthError(f"--style {self.style!r} is unknown; use one of {', '.join(STYLES)}")
+        if self.identities < 1:
+            raise SynthError(f"--identities must be at least 1 (got {self.identities})")
+        if self.test_identities < 1:
+            raise SynthError(f"--test-identities must be at least 1 (got {self.test_identities})")
+        if self.poses_per_identity < 2:
+            raise SynthError(f"--poses-per-identity must be at least 2 to make pairs (got {self.poses_per_identity})")
+        if self.identities + self.test_identities > 99_999_999:
+            raise SynthError("at most 99,999,999 identities fit DeepFashion's 8-digit ids")
+        if self.style == "market" and self.identities + self.test_identities > 9998:
+            raise SynthError("Market names hold at most 9998 identities (4 digits, 0000 means distractor)")
+        h, w = self.size
+        if h < 32 or w < 16:
+            raise SynthError(f"--size {h}x{w} is too small to show a person; use at least 32x16 (HxW)")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'256x176' → (256, 176): height × width, as the datasets are described."""
+    parts = text.lower().replace("×", "x").split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"size {text!r} is not HEIGHTxWIDTH, e.g. 256x176")
+    return int(parts[0]), int(parts[1])
+
+
+def image_name(config: SynthConfig, identity: int, pose: int, view: str, female: bool) -> str:
+    """A file name the shared identity rule (training/pairs.py) reads back as this identity."""
+    if config.style == "market":
+        camera = _VIEW_CHOICES.index(view) + 1
+        return f"{identity + 1:04d}_c{camera}s1_{pose + 1:06d}_00.jpg"
+    gender = "WOMEN" if female else "MEN"
+    return f"fashion{gender}Synthid{identity:08d}01_{pose + 1}{view}.jpg"
+
+
+def _views(rng: np.random.Generator, count: int) -> list[str]:
+    """DeepFashion's mix: a front, a side and a back view first, then mostly front views."""
+    first = list(_VIEW_CHOICES[:count])
+    rest = rng.choice(_VIEW_CHOICES, size=max(0, count - 3), p=(0.5, 0.3, 0.2))
+    return first + [str(v) for v in rest]
+
+
+def background(rng: np.random.Generator, style: str, size: tuple[int, int]) -> np.ndarray:
+    """A backdrop (H, W, 3) float in 0–255: a light studio wall or a Market-like street scene."""
+    import cv2
+    h, w = size
+    ys = np.linspace(0, 1, h)[:, None, None]
+    if style == "deepfashion":
+        top = rng.uniform(225, 255) - rng.uniform(0, 12, 3) * rng.random()
+        return np.broadcast_to(top - ys * rng.uniform(0, 25), (h, w, 3)).copy()
+    wall, ground = rng.uniform(40, 220, 3), rng.uniform(60, 170, 3)
+    horizon = rng.uniform(0.55, 0.85)
+    image = np.where(ys < horizon, wall * (1.1 - 0.3 * ys), ground * (0.8 + 0.3 * ys)) * np.ones((h, w, 3))
+    for _ in range(int(rng.integers(2, 7))):  # windows, doors, bikes, passers-by: blocks of colour
+        x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+        x1, y1 = x0 + int(rng.integers(3, max(4, w // 2))), y0 + int(rng.integers(3, max(4, h // 2)))
+        image[y0:y1, x0:x1] = rng.uniform(20, 235, 3)
+    image += rng.normal(0, 6, image.shape)
+    return cv2.GaussianBlur(np.clip(image, 0, 255), (0, 0), 1.5)
+
+
+def composite(rgba: np.ndarray, backdrop: np.ndarray, style: str, rng: np.random.Generator) -> np.ndarray:
+    """The render over its backdrop as uint8 RGB; Market's camera blur and noise on top."""
+    import cv2
+    alpha = rgba[..., 3:4].astype(np.float64) / 255
+    image = rgba[..., :3] * alpha + backdrop * (1 - alpha)
+    if style == "market":
+        image = cv2.GaussianBlur(image, (0, 0), rng.uniform(0.3, 0.8)) + rng.normal(0, 3, image.shape)
+    return np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _write_pairs(path: Path, pairs: list[tuple[str, str]]) -> None:
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["from", "to"])
+        writer.writerows(pairs)
+    os.replace(tmp, path)
+
+
+@dataclass
+class SynthReport:
+    """What a run did: images rendered and skipped, pairs per split, seconds spent rendering."""
+    rendered: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    pairs: dict | None = None
+
+    @property
+    def images_per_minute(self) -> float:
+        return 60 * self.rendered / self.seconds if self.seconds > 0 else 0.0
+
+
+def _check_folder(out: Path, config: SynthConfig) -> None:
+    meta = out / "synth.json"
+    wanted = asdict(config)
+    wanted["size"] = list(config.size)
+    if meta.exists():
+        try:
+            found = json.loads(meta.read_text())
+        except json.JSONDecodeError as error:
+            raise SynthError(f"{meta} is not valid JSON ({error}); remove it or use another --out") from None
+        if found != wanted:
+            diff = ", ".join(f"{k}: {found.get(k)!r} there, {v!r} now" for k, v in wanted.items() if found.get(k) != v)
+            raise SynthError(f"{out} holds a synthetic dataset made with other settings ({diff}); "
+                             "use another --out or the same settings to resume")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        meta.write_text(json.dumps(wanted, indent=2) + "\n")
+
+
+def render_dataset(out: str | Path, config: SynthConfig, progress: bool = True) -> SynthReport:
+    """Render (or finish rendering) the dataset `config` describes into folder `out`."""
+    import cv2
+    from tqdm import tqdm
+
+    from .synth_body import BodyModel, sample_phenotype, sample_pose
+    from .synth_clothing import sample_look, vertex_colours
+    from .synth_render import Renderer, frame_camera, visible_keypoints
+
+    config.check()
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SynthError(f"--out {out} is a file; give a folder")
+    _check_folder(out, config)
+    _, annotation_name, pairs_name, fill = STYLES[config.style]
+    h, w = config.size
+    body = BodyModel()
+    renderer = Renderer(body.faces, body.vertex_count, (w, h))
+    splits = {"train": range(config.identities),
+              "test": range(config.identities, config.identities + config.test_identities)}
+    report = SynthReport(pairs={})
+    total = (config.identities + config.test_identities) * config.poses_per_identity
+    bar = tqdm(total=total, unit="img", desc="synth", disable=not progress, dynamic_ncols=True)
+    for split, identities in splits.items():
+        folder = out / split
+        folder.mkdir(exist_ok=True)
+        rows, pairs = [], []
+        for identity in identities:
+            rng = np.random.default_rng([config.seed, identity])
+            phenotype = sample_phenotype(rng)
+            look = sample_look(rng, phenotype.female)
+            poses = [sample_pose(rng, view) for view in _views(rng, config.poses_per_identity)]
+            bodies = body.pose(phenotype, poses)
+            coloured = False
+            with_torso = []
+            for k, pose in enumerate(poses):
+                name = image_name(config, identity, k, pose.view, phenotype.female)
+                shot = np.random.default_rng([config.seed, identity, k])
+                camera = frame_camera(bodies.vertices[k], (w, h), shot.uniform(*fill),
+                                      (shot.uniform(-0.03, 0.03), shot.uniform(-0.02, 0.02)))
+                keypoints = visible_keypoints(camera, bodies.vertices[k], body.faces, bodies.joints[k])
+                rows.append((name, keypoints))
+                if not np.isnan(keypoints[list(TORSO)]).any():
+                    with_torso.append(name)
+                path = folder / name
+                if path.exists():
+                    report.skipped += 1
+                else:
+                    start = time.perf_counter()
+                    if not coloured:
+                        renderer.set_colours(vertex_colours(look, bodies.rest_vertices, body.parts,
+                                                            bodies.rest_joints))
+                        coloured = True
+                    rgba = renderer.render(bodies.vertices[k], camera)
+                    image = composite(rgba, background(shot, config.style, (h, w)), config.style, shot)
+                    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
+                                            [cv2.IMWRITE_JPEG_QUALITY, 95])
+                    if not ok:
+                        raise RuntimeError(f"OpenCV could not encode {name} as JPEG")
+                    _write_atomic(path, jpeg.tobytes())
+                    report.seconds += time.perf_counter() - start
+                    report.rendered += 1
+                bar.update(1)
+                if report.seconds > 0:
+                    bar.set_postfix_str(f"{report.images_per_minute:.0f} img/min")
+            pairs += [(a, b) for a in with_torso for b in with_torso if a != b]
+        tmp = out / (annotation_name.format(split) + ".part")
+        write_annotations(tmp, rows)
+        os.replace(tmp, out / annotation_name.format(split))
+        _write_pairs(out / pairs_name.format(split), pairs)
+        report.pairs[split] = len(pairs)
+    bar.close()
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `synth` command's flags (shared by `pg2-train synth` and `python -m training.synth`)."""
+    parser.add_argument("--out", required=True, help="dataset folder (created; rerun to resume)")
+    parser.add_argument("--identities", type=int, required=True, help="people in the train split")
+    parser.add_argument("--test-identities", type=int,
+                        help="people in the test split, never in train (default: 15%% of --identities, at least 1)")
+    parser.add_argument("--poses-per-identity", type=int, default=8, help="images per person (default 8)")
+    parser.add_argument("--seed", type=int, default=0, help="everything rendered follows from it (default 0)")
+    parser.add_argument("--size", type=parse_size,
+                        help="HEIGHTxWIDTH (default 256x176 for deepfashion, 128x64 for market)")
+    parser.add_argument("--style", choices=sorted(STYLES), default="deepfashion",
+                        help="file names, size and backgrounds of which dataset (default deepfashion)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> SynthConfig:
+    """Map the flags onto a SynthConfig, filling the style's defaults."""
+    style = args.style
+    if style not in STYLES:
+        raise SynthError(f"--style {style!r} is unknown; use one of {', '.join(STYLES)}")
+    test = args.test_identities
+    if test is None:
+        test = max(1, round(0.15 * args.identities))
+    size = tuple(args.size) if args.size else STYLES[style][0]
+    return SynthConfig(identities=args.identities, test_identities=test,
+                       poses_per_identity=args.poses_per_identity, seed=args.seed, size=size, style=style)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run `synth`; prints the rate and what was written. Returns the exit status."""
+    try:
+        config = config_from_args(args)
+        config.check()
+        report = render_dataset(args.out, config, progress=not getattr(args, "quiet", False))
+    except SynthError as error:
+        print(f"synth: error: {error}", file=sys.stderr)
+        return 2
+    h, w = config.size
+    print(f"{args.out}: {report.rendered} images rendered ({report.images_per_minute:.0f} images/min, "
+          f"{w}x{h} {config.style}), {report.skipped} already there; "
+          f"pairs: {report.pairs['train']} train, {report.pairs['test']} test")
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m training.synth", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))
