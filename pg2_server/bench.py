@@ -1,0 +1,260 @@
+"""`pg2-server bench`: served throughput and latency next to the raw pipeline, in one run.
+
+Drives a server (started here as a subprocess, or `--server ENDPOINT`) with N concurrent
+DEALER clients, one request in flight each, and measures the same model in this process at
+the same batch size (`raw_throughput`). With `--overhead N` it also measures protocol
+overhead: served minus raw latency at one client and batch 1, interleaved so that load from
+other processes hits both alike. RSS comes from the server's own `info` counters.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+
+from .client import Client, ServerError
+
+# A standing person in a 176×256 frame (DeepFashion's size), COCO-18 order.
+BENCH_FRAME = (176, 256)
+BENCH_KEYPOINTS = [[88, 40], [88, 62], [66, 64], [58, 100], [54, 134], [110, 64], [118, 100], [122, 134],
+                   [74, 130], [72, 180], [70, 228], [102, 130], [104, 180], [106, 228], [82, 34], [94, 34],
+                   [76, 38], [100, 38]]
+
+
+def bench_source(size=BENCH_FRAME, seed: int = 0) -> np.ndarray:
+    """A deterministic RGB test image with smooth structure (compresses like a photo, not like noise)."""
+    width, height = size
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
+    image = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
+    return cv2.add(image, rng.integers(0, 8, image.shape, dtype=np.uint8))
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    ok, data = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    assert ok
+    return data.tobytes()
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, int(round(q / 100 * (len(ordered) - 1)))))
+    return ordered[index]
+
+
+@dataclass
+class RawMeasurement:
+    batch: int
+    images_per_s: float
+    ms_per_batch: float
+
+
+def raw_throughput(pipeline, batch: int, source: np.ndarray, keypoints, size, iterations: int = 3,
+                   min_seconds: float = 2.0) -> RawMeasurement:
+    """Images/s of `pipeline.generate` (prepare + G1/G2 + finish) at one batch size, after one warm-up."""
+    sources, poses, sizes = [source] * batch, [keypoints] * batch, [size] * batch
+    pipeline.generate(sources, poses, sizes, batch_size=batch)
+    runs, start = 0, time.perf_counter()
+    while runs < iterations or time.perf_counter() - start < min_seconds:
+        pipeline.generate(sources, poses, sizes, batch_size=batch)
+        runs += 1
+    elapsed = (time.perf_counter() - start) / runs
+    return RawMeasurement(batch, batch / elapsed, elapsed * 1000)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(args: argparse.Namespace, bind: str, max_batch: int) -> list[str]:
+    """The `pg2-server serve` command line for this bench's model and batching flags."""
+    command = [sys.executable, "-m", "pg2_server.cli", "serve", "--bind", bind, "--device", args.device,
+               "--dtype", args.dtype, "--max-batch", str(max_batch), "--max-delay-ms", str(args.max_delay_ms),
+               "--max-queue", str(args.max_queue), "--threads", str(args.threads), "--seed", str(args.seed)]
+    if args.random_weights:
+        command += ["--preset", args.preset, "--random-weights"]
+    elif args.checkpoint:
+        command += ["--checkpoint", args.checkpoint]
+    return command
+
+
+@contextmanager
+def started_server(command: list[str], endpoint: str, timeout: float = 120.0):
+    """Run a server subprocess until the block ends; yields once it answers ping."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + timeout
+        with Client(endpoint, timeout=1.0, retries=1) as client:
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError("the bench server exited: " + process.stderr.read().decode()[-2000:])
+                try:
+                    client.ping()
+                    break
+                except ServerError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"the bench server did not answer within {timeout:g} s") from None
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def drive(endpoint: str, clients: int, total: int, source: bytes, keypoints, size, timeout: float,
+          curve=None) -> tuple[list[float], float]:
+    """`clients` threads, one request in flight each, `total` requests; returns (latencies ms, wall s)."""
+    latencies: list[float] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    counter = iter(range(total))
+    start_line = threading.Barrier(clients + 1)
+
+    def client_loop() -> None:
+        with Client(endpoint, timeout=timeout, curve=curve) as client:
+            start_line.wait()
+            while True:
+                with lock:
+                    if next(counter, None) is None:
+                        return
+                started = time.perf_counter()
+                try:
+                    client.generate(source, keypoints, size)
+                except BaseException as e:
+                    errors.append(e)
+                    return
+                with lock:
+                    latencies.append((time.perf_counter() - started) * 1000)
+
+    threads = [threading.Thread(target=client_loop, daemon=True) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    start_line.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    if errors:
+        raise errors[0]
+    return latencies, wall
+
+
+def measure_served(endpoint: str, args: argparse.Namespace, clients: int, total: int, source_png: bytes,
+                   curve=None) -> dict:
+    """Throughput, latency percentiles, batching and server RSS over `total` requests."""
+    with Client(endpoint, timeout=args.timeout, curve=curve) as client:
+        info_before = client.info()
+        # Warm-up: every client once, so the first (slow) batches are not timed.
+        drive(endpoint, clients, clients * max(1, args.warmup), source_png, BENCH_KEYPOINTS, BENCH_FRAME,
+              args.timeout, curve)
+        info_warm = client.info()
+        latencies, wall = drive(endpoint, clients, total, source_png, BENCH_KEYPOINTS, BENCH_FRAME,
+                                args.timeout, curve)
+        info_after = client.info()
+    before, after = info_warm["counters"], info_after["counters"]
+    batches = after["batches"] - before["batches"]
+    batched = after["batched_requests"] - before["batched_requests"]
+    return {"clients": clients, "requests": total, "requests_per_s": total / wall,
+            "p50_ms": percentile(latencies, 50), "p95_ms": percentile(latencies, 95),
+            "p99_ms": percentile(latencies, 99), "mean_batch": batched / batches if batches else 0.0,
+            "rss_mb_start": info_before["counters"].get("rss_mb"), "rss_mb_warm": before.get("rss_mb"),
+            "rss_mb_end": after.get("rss_mb"), "model": info_after["models"][0]["name"],
+            "devices": info_after.get("devices")}
+
+
+def measure_overhead(endpoint: str, pipeline, count: int, source: np.ndarray, timeout: float, curve=None) -> dict:
+    """p50 of served latency minus raw `generate` latency at batch 1, measured alternately."""
+    source_png = png_bytes(source)
+    served, raw = [], []
+    with Client(endpoint, timeout=timeout, curve=curve) as client:
+        for i in range(count + 3):
+            started = time.perf_counter()
+            client.generate(source_png, BENCH_KEYPOINTS, BENCH_FRAME)
+            served_ms = (time.perf_counter() - started) * 1000
+            started = time.perf_counter()
+            pipeline.generate([source], [BENCH_KEYPOINTS], [BENCH_FRAME])
+            raw_ms = (time.perf_counter() - started) * 1000
+            if i >= 3:  # the first few warm caches on both sides
+                served.append(served_ms)
+                raw.append(raw_ms)
+    differences = [s - r for s, r in zip(served, raw)]
+    return {"requests": count, "served_p50_ms": statistics.median(served), "raw_p50_ms": statistics.median(raw),
+            "overhead_p50_ms": statistics.median(served) - statistics.median(raw),
+            "paired_difference_p50_ms": statistics.median(differences)}
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """The `bench` subcommand."""
+    from .cli import client_from_args, load_pipeline
+
+    clients = args.clients
+    if clients < 1:
+        raise SystemExit("error: --clients must be at least 1")
+    total = args.requests or max(64, 8 * clients)
+    source = bench_source()
+    source_png = png_bytes(source)
+    curve = client_from_args(args).curve if args.server else None
+    batch = min(args.max_batch, clients)
+    report: dict = {"source": f"{BENCH_FRAME[0]}×{BENCH_FRAME[1]} PNG ({len(source_png)} bytes)",
+                    "cpu_count": os.cpu_count(), "load_average": os.getloadavg()}
+
+    if args.server:
+        report["served"] = measure_served(args.server, args, clients, total, source_png, curve)
+    else:
+        endpoint = f"tcp://127.0.0.1:{free_port()}"
+        with started_server(server_command(args, endpoint, args.max_batch), endpoint):
+            report["served"] = measure_served(endpoint, args, clients, total, source_png)
+    pipeline = load_pipeline(args)
+    raw = raw_throughput(pipeline, batch, source, BENCH_KEYPOINTS, BENCH_FRAME)
+    report["raw"] = asdict(raw)
+    report["served_over_raw"] = report["served"]["requests_per_s"] / raw.images_per_s
+    if args.overhead:
+        if args.server:
+            report["overhead"] = measure_overhead(args.server, pipeline, args.overhead, source, args.timeout, curve)
+        else:
+            endpoint = f"tcp://127.0.0.1:{free_port()}"
+            with started_server(server_command(args, endpoint, 1), endpoint):
+                report["overhead"] = measure_overhead(endpoint, pipeline, args.overhead, source, args.timeout)
+    report["load_average_end"] = os.getloadavg()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_report(report))
+    return 0
+
+
+def format_report(report: dict) -> str:
+    served, raw = report["served"], report["raw"]
+    lines = [f"model {served['model']} on {', '.join(served['devices'] or [])}; source {report['source']}; "
+             f"{report['cpu_count']} CPUs, load average {report['load_average'][0]:.2f}",
+             f"served: {served['clients']} clients × 1 in flight, {served['requests']} requests: "
+             f"{served['requests_per_s']:.2f} req/s, latency p50 {served['p50_ms']:.1f} ms, "
+             f"p95 {served['p95_ms']:.1f} ms, p99 {served['p99_ms']:.1f} ms, mean batch {served['mean_batch']:.2f}",
+             f"raw pipeline at batch {raw['batch']}: {raw['images_per_s']:.2f} images/s "
+             f"({raw['ms_per_batch']:.1f} ms/batch)",
+             f"served / raw: {report['served_over_raw']:.3f}",
+             f"server RSS: {served['rss_mb_start']} MiB at start, {served['rss_mb_warm']} MiB after warm-up, "
+             f"{served['rss_mb_end']} MiB after {served['requests']} requests"]
+    if "overhead" in report:
+        o = report["overhead"]
+        lines.append(f"protocol overhead at 1 client, batch 1 ({o['requests']} requests): served p50 "
+                     f"{o['served_p50_ms']:.2f} ms − raw p50 {o['raw_p50_ms']:.2f} ms = {o['overhead_p50_ms']:.2f} ms"
+                     f" (median of paired differences {o['paired_difference_p50_ms']:.2f} ms)")
+    return "\n".join(lines)
