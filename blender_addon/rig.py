@@ -43,41 +43,54 @@ def _tail(name: str) -> Vector:
     return head + Vector(stub)
 
 
-def create_pose_rig(collection: bpy.types.Collection, view_layer: bpy.types.ViewLayer,
-                    name: str = "PG2 Pose Rig", location=(0.0, 0.0, 0.0)) -> bpy.types.Object:
-    """Create the 18-joint rig (plus a `torso` root) in `collection` and return the object."""
+BoneSpec = tuple  # (name, head xyz, tail xyz, parent name or None, connected)
+
+
+def build_armature(collection: bpy.types.Collection, view_layer: bpy.types.ViewLayer, name: str,
+                   bones, location=(0.0, 0.0, 0.0)) -> bpy.types.Object:
+    """An armature object from (name, head, tail, parent, connected) rows, parents first."""
     armature = bpy.data.armatures.new(name)
-    armature.display_type = "STICK"
     obj = bpy.data.objects.new(name, armature)
     obj.location = location
-    obj.show_in_front = True
     collection.objects.link(obj)
     previous = view_layer.objects.active
     view_layer.objects.active = obj
     bpy.ops.object.mode_set(mode="EDIT")
     try:
-        bones = armature.edit_bones
-        torso = bones.new(TORSO)
-        torso.head = (0.0, 0.0, JOINTS["right_hip"][2])
-        torso.tail = JOINTS["neck"]
-        for key in NAMES:
-            bone = bones.new(key)
-            bone.head = JOINTS[key]
-            bone.tail = _tail(key)
-            bone.roll = 0.0
-        for key in NAMES:
-            bone = bones[key]
-            joint = key.partition("_")[2] or key
-            parent = _PARENTS.get(joint if "_" in key else key)
-            if parent is None:
-                bone.parent = bones[TORSO]
-            elif parent == "neck":
-                bone.parent = bones["neck"]
-            else:
-                side = key.partition("_")[0]
-                bone.parent = bones[f"{side}_{parent}"]
-                bone.use_connect = True
+        edit_bones = armature.edit_bones
+        for bone_name, head, tail, parent, connected in bones:
+            bone = edit_bones.new(bone_name)
+            bone.head, bone.tail, bone.roll = head, tail, 0.0
+            if parent is not None:
+                bone.parent = edit_bones[parent]
+                bone.use_connect = connected
     finally:
         bpy.ops.object.mode_set(mode="OBJECT")
         view_layer.objects.active = previous if previous is not None else obj
+    return obj
+
+
+def pose_rig_bones() -> list[BoneSpec]:
+    """The PG2 Pose Rig's bones: a `torso` root, then one bone per keypoint."""
+    rows: list[BoneSpec] = [(TORSO, (0.0, 0.0, JOINTS["right_hip"][2]), JOINTS["neck"], None, False)]
+    for key in ("neck",) + tuple(n for n in NAMES if n != "neck"):
+        side, _, joint = key.partition("_") if "_" in key else ("", "", key)
+        parent = _PARENTS.get(joint)
+        if parent is None:
+            rows.append((key, JOINTS[key], tuple(_tail(key)), TORSO, False))
+        elif parent == "neck":
+            rows.append((key, JOINTS[key], tuple(_tail(key)), "neck", False))
+        else:
+            rows.append((key, JOINTS[key], tuple(_tail(key)), f"{side}_{parent}", True))
+    # Parents must exist before their children: order by chain depth.
+    depth = {"shoulder": 0, "hip": 0, "elbow": 1, "knee": 1, "wrist": 2, "ankle": 2}
+    return rows[:2] + sorted(rows[2:], key=lambda r: depth.get(r[0].partition("_")[2], 0))
+
+
+def create_pose_rig(collection: bpy.types.Collection, view_layer: bpy.types.ViewLayer,
+                    name: str = "PG2 Pose Rig", location=(0.0, 0.0, 0.0)) -> bpy.types.Object:
+    """Create the 18-joint rig (plus a `torso` root) in `collection` and return the object."""
+    obj = build_armature(collection, view_layer, name, pose_rig_bones(), location)
+    obj.data.display_type = "STICK"
+    obj.show_in_front = True
     return obj
