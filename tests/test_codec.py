@@ -1,0 +1,103 @@
+"""Image payloads: declared sizes read before decoding, decode/encode round trips, bad files."""
+import struct
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+
+from pg2_server.codec import declared_size, decode_image, encode_image, sniff_format
+from pg2_server.protocol import ImageSpec, OutputSpec, ProtocolError
+
+
+def rgb(width=20, height=12):
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([x * 10 % 256, y * 20 % 256, (x + y) * 5 % 256], axis=2).astype(np.uint8)
+
+
+def encoded(image, ext):
+    ok, data = cv2.imencode(ext, cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    assert ok
+    return data.tobytes()
+
+
+def png_header_only(width, height):
+    """A PNG signature and IHDR chunk that declare a size, with no pixel data."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return b"\x89PNG\r\n\x1a\n" + chunk
+
+
+def test_declared_sizes_of_png_and_jpeg():
+    image = rgb(37, 23)
+    assert sniff_format(encoded(image, ".png")) == "png"
+    assert declared_size(encoded(image, ".png"), "png") == (37, 23)
+    assert sniff_format(encoded(image, ".jpg")) == "jpeg"
+    assert declared_size(encoded(image, ".jpg"), "jpeg") == (37, 23)
+    assert sniff_format(b"GIF89a") is None
+
+
+def test_png_round_trip_is_exact_and_jpeg_is_close():
+    image = rgb()
+    assert np.array_equal(decode_image(encoded(image, ".png"), ImageSpec("png"), 4096), image)
+    jpeg = decode_image(encoded(image, ".jpg"), ImageSpec("jpeg", 20, 12), 4096)
+    assert jpeg.shape == (12, 20, 3) and np.abs(jpeg.astype(int) - image).mean() < 12
+
+
+def test_raw_source_is_viewed_without_copying_rules():
+    image = rgb(4, 3)
+    decoded = decode_image(image.tobytes(), ImageSpec("raw", 4, 3), 4096)
+    assert np.array_equal(decoded, image)
+
+
+def test_a_huge_declared_png_is_refused_before_decoding():
+    with pytest.raises(ProtocolError) as caught:
+        decode_image(png_header_only(100_000, 100_000), ImageSpec("png"), 4096)
+    assert caught.value.code == "too_large" and "100000×100000" in caught.value.message
+
+
+@pytest.mark.parametrize("data, spec, words", [
+    (b"\x89PNG\r\n\x1a\nnot really", ImageSpec("png"), "header is unreadable"),
+    (png_header_only(20, 12), ImageSpec("png"), "cannot be decoded"),
+    (b"GIF89a" + b"\x00" * 30, ImageSpec("png"), "not a PNG"),
+    (b"\xff\xd8\xff\xe0" + b"\x00" * 30, ImageSpec("png"), "looks like JPEG"),
+    (png_header_only(0, 12), ImageSpec("png"), "declares a size of 0×12"),
+])
+def test_undecodable_sources_are_bad_requests(data, spec, words):
+    with pytest.raises(ProtocolError) as caught:
+        decode_image(data, spec, 4096, request_id=3)
+    assert (caught.value.code, caught.value.id) == ("bad_request", 3)
+    assert words in caught.value.message
+
+
+def test_declared_width_must_match_the_file():
+    with pytest.raises(ProtocolError, match="says 30×12 but the PNG file is 20×12"):
+        decode_image(encoded(rgb(), ".png"), ImageSpec("png", 30, 12), 4096)
+
+
+def test_truncated_png_is_a_bad_request():
+    data = encoded(rgb(64, 64), ".png")
+    with pytest.raises(ProtocolError) as caught:
+        decode_image(data[: len(data) // 2], ImageSpec("png"), 4096)
+    assert caught.value.code == "bad_request"
+
+
+@pytest.mark.parametrize("fmt", ["png", "raw", "jpeg"])
+def test_encode_with_and_without_alpha(fmt):
+    image = rgb()
+    alpha = np.zeros((12, 20), np.uint8)
+    alpha[:, 10:] = 255
+    with_alpha = fmt != "jpeg"
+    data, spec = encode_image(image, alpha if with_alpha else None, OutputSpec(fmt, with_alpha), "g1")
+    assert (spec.format, spec.width, spec.height, spec.stage) == (fmt, 20, 12, "g1")
+    assert spec.channels == (4 if with_alpha else 3)
+    if fmt == "raw":
+        pixels = np.frombuffer(data, np.uint8).reshape(12, 20, 4)
+    else:
+        decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        pixels = cv2.cvtColor(decoded, cv2.COLOR_BGRA2RGBA if with_alpha else cv2.COLOR_BGR2RGB)
+    if fmt != "jpeg":
+        assert np.array_equal(pixels[:, :, :3], image)
+        assert np.array_equal(pixels[:, :, 3], alpha)
+    else:
+        assert np.abs(pixels.astype(int) - image).mean() < 12
