@@ -10,6 +10,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
+import torch
 
 # A standing person in a 32 × 64 (W × H) frame, COCO-18 order, (x, y).
 STANDING = np.array([
@@ -74,3 +76,13 @@ def write_dataset(root: Path, style: str = "deepfashion", identities: int = 4, v
     lines = [f"{a},{b}" for group in names.values() for a in group for b in group if a != b]
     pairs.write_text("from,to\n" + "\n".join(lines) + "\n")
     return {"images": image_dir, "annotations": annotations, "pairs": pairs, "names": names}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny networks on a shared 2-core machine: one thread is ~10× faster than two contending
+    ones (OpenMP spin-waits), and the same thread count keeps CPU runs bit-reproducible."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

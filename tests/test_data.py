@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from fixture_datasets import write_dataset
+from fixture_datasets import one_torch_thread, write_dataset  # noqa: F401 (autouse fixture)
 from pg2_server.keypoints import INDEX
 from pg2_server.model import preset
 from pg2_server.pose import pose_mask

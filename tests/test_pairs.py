@@ -7,7 +7,7 @@ import pytest
 
 import numpy as np
 
-from fixture_datasets import STANDING, annotation_row, write_dataset
+from fixture_datasets import one_torch_thread, STANDING, annotation_row, write_dataset  # noqa: F401 (autouse fixture)
 from pg2_server.keypoints import INDEX, format_annotation_row, parse_annotation_row
 from training.cli import main
 from training.data import DataError

@@ -123,7 +123,7 @@ def load_run_state(run_dir: str | Path, stage: int) -> dict:
 def pretrained_g1(source: str | Path) -> tuple[ModelConfig, dict]:
     """G1 for stage 2: from a run directory's stage-1 state or from a checkpoint (.json)."""
     source = Path(source)
-    if source.is_dir():
+    if source.suffix not in (".json", ".safetensors"):  # a run directory
         if not state_path(source, 1).is_file():
             raise StateError(f"{source} has no stage-1 state ({state_path(source, 1).name}); "
                              "train stage 1 into it first, or pass --g1 CHECKPOINT.json")

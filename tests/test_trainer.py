@@ -1,0 +1,173 @@
+"""training/trainer.py and `pg2-train fit`: learning, resuming after a kill, SIGTERM, bad resumes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fixture_datasets import one_torch_thread, write_dataset  # noqa: F401 (autouse fixture)
+from pg2_server.model import preset
+from training.cli import main
+from training.data import PairDataset, load_split
+from training.state import load_state
+from training.trainer import Trainer, TrainConfig, load_run_state, state_path, train_config
+
+TINY = preset("tiny")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def split(dataset):
+    return load_split(dataset["images"], dataset["annotations"], dataset["pairs"])
+
+
+def _fixed_batch(split, size=4):
+    data = PairDataset(split, TINY)
+    items = [data[(i, False)] for i in range(0, size * 5, 5)]
+    return {k: torch.stack([item[k] for item in items]) for k in items[0]}
+
+
+def _fit_args(dataset, out, stage, *extra):
+    return ["fit", "--preset", "tiny", "--stage", str(stage), "--data-root", str(dataset["images"]),
+            "--annotations", str(dataset["annotations"]), "--pairs", str(dataset["pairs"]), "--out", str(out),
+            "--workers", "0", "--log-every", "1", *extra]
+
+
+def test_official_defaults_per_preset():
+    market = train_config("market", 1)
+    assert (market.batch_size, market.steps, market.lr, market.beta1, market.beta2) == (16, 22_000, 2e-5, 0.5, 0.999)
+    assert train_config("market", 2).steps == 38_000 and train_config("market", 2).lambda_l1 == 10
+    deepfashion = train_config("deepfashion", 2)
+    assert (deepfashion.batch_size, deepfashion.lambda_l1, deepfashion.d_layers) == (1, 50, 5)
+    assert train_config("deepfashion", 1).steps + deepfashion.steps == 80_000
+    assert train_config("tiny", 1, steps=7, lr=None).steps == 7
+    with pytest.raises(ValueError, match="one_stage"):
+        TrainConfig("tiny", 2, 1, 1, one_stage=True)
+    with pytest.raises(ValueError, match="reconstruction"):
+        train_config("tiny", 1, reconstruction="l2")
+    with pytest.raises(ValueError, match="unknown preset"):
+        train_config("huge", 1)
+
+
+@pytest.mark.parametrize("stage, one_stage", [(1, False), (1, True), (2, False)])
+def test_steps_lower_the_loss_on_a_fixed_batch(tmp_path, split, stage, one_stage):
+    # G2 starts next to a zero difference map and moves slowly; 3e-4 keeps the GAN term tame.
+    config = train_config("tiny", stage, lr=1e-3 if stage == 1 else 3e-4, one_stage=one_stage, seed=0)
+    torch.manual_seed(0)
+    g1_state = None
+    if stage == 2:  # a G1 that has learned a little, as after stage 1
+        first = Trainer(train_config("tiny", 1, lr=1e-3), TINY, tmp_path / "s1", split)
+        for _ in range(30):
+            first.train_step(_fixed_batch(split))
+        g1_state = first.g1.state_dict()
+    trainer = Trainer(config, TINY, tmp_path, split, g1_state=g1_state)
+    batch = _fixed_batch(split)
+    losses = [trainer.train_step(batch)["recon"].item() for _ in range(30)]
+    assert losses[-1] < (0.8 if stage == 1 else 0.99) * losses[0], losses
+    if stage == 2:
+        assert all(torch.equal(a, b) for a, b in zip(trainer.g1.state_dict().values(), g1_state.values()))
+    if config.adversarial:
+        result = trainer.train_step(batch)
+        assert {"g_adv", "d", "d_real", "d_fake"} <= set(result)
+
+
+def _wait_for_state(path: Path, process: subprocess.Popen, timeout: float = 60.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file():
+            return int(load_state(path)["step"])
+        if process.poll() is not None:
+            raise AssertionError(f"training ended early: {process.stderr.read()}")
+        time.sleep(0.02)
+    raise AssertionError("no state was written")
+
+
+def _start(dataset, out, steps, save_every):
+    args = _fit_args(dataset, out, 1, "--steps", str(steps), "--save-every", str(save_every),
+                     "--batch-size", "2", "--sample-every", "1000")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # as this process: same numbers
+    return subprocess.Popen([sys.executable, "-m", "training.cli", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path, dataset):
+    steps = 60
+    killed = tmp_path / "killed"
+    process = _start(dataset, killed, steps, save_every=4)
+    saved_at = _wait_for_state(state_path(killed, 1), process)
+    process.kill()
+    process.wait()
+    assert 0 < saved_at < steps
+    assert main(_fit_args(dataset, killed, 1, "--steps", str(steps), "--save-every", "4", "--batch-size", "2",
+                          "--sample-every", "1000", "--resume")) == 0
+    straight = tmp_path / "straight"
+    assert main(_fit_args(dataset, straight, 1, "--steps", str(steps), "--save-every", "1000", "--batch-size", "2",
+                          "--sample-every", "1000")) == 0
+    resumed, reference = load_run_state(killed, 1), load_run_state(straight, 1)
+    assert resumed["step"] == reference["step"] == steps
+    for key, value in reference["g1"].items():
+        torch.testing.assert_close(resumed["g1"][key], value, rtol=1e-5, atol=1e-6)
+    curve = [json.loads(line) for line in (killed / "stage1-log.jsonl").read_text().splitlines()]
+    reference_curve = [json.loads(line) for line in (straight / "stage1-log.jsonl").read_text().splitlines()]
+    assert [c["step"] for c in curve] == list(range(1, steps + 1))     # one unbroken curve
+    assert [c["recon"] for c in curve] == pytest.approx([c["recon"] for c in reference_curve], rel=1e-5)
+
+
+def test_sigterm_saves_the_state_and_exits_143(tmp_path, dataset):
+    out = tmp_path / "run"
+    process = _start(dataset, out, 100_000, save_every=5)
+    _wait_for_state(state_path(out, 1), process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 143
+    state = load_run_state(out, 1)
+    last_logged = json.loads((out / "stage1-log.jsonl").read_text().splitlines()[-1])
+    assert state["step"] == last_logged["step"] < 100_000
+    assert "continue with --resume" in process.stderr.read()
+
+
+def test_two_stages_write_logs_samples_and_tensorboard(tmp_path, dataset):
+    out = tmp_path / "run"
+    assert main(_fit_args(dataset, out, 1, "--steps", "4", "--sample-every", "2")) == 0
+    assert main(_fit_args(dataset, out, 2, "--steps", "3", "--sample-every", "3", "--discriminator", "pair")) == 0
+    assert sorted(p.name for p in (out / "samples").iterdir()) == [
+        "stage1-step0000002.png", "stage1-step0000004.png", "stage2-step0000003.png"]
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    stage2 = load_run_state(out, 2)
+    assert stage2["step"] == 3 and {"g1", "g2", "d", "opt_g", "opt_d", "rng"} <= set(stage2)
+    stage1 = load_run_state(out, 1)
+    for key, value in stage1["g1"].items():   # G1 stayed frozen through stage 2
+        assert torch.equal(stage2["g1"][key], value)
+    assert stage2["train_config"]["discriminator"] == "pair"
+    assert stage2["data"]["pairs_used"] == 48
+
+
+def test_bad_runs_are_refused_with_a_reason(tmp_path, dataset, capsys):
+    out = tmp_path / "run"
+    assert main(_fit_args(dataset, out, 2, "--steps", "2")) == 2
+    assert "no stage-1 state" in capsys.readouterr().err
+    assert main(_fit_args(dataset, out, 1, "--steps", "2", "--resume")) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(_fit_args(dataset, out, 1, "--steps", "2")) == 0
+    capsys.readouterr()
+    assert main(_fit_args(dataset, out, 1, "--steps", "4")) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert main(_fit_args(dataset, out, 1, "--steps", "4", "--resume", "--lr", "0.1")) == 2
+    assert "different hyper-parameters ['lr']" in capsys.readouterr().err
+    assert main(_fit_args(dataset, out, 1, "--steps", "4", "--resume", "--pose-embedding", "ce")) == 2
+    assert "model config" in capsys.readouterr().err
+    assert main(_fit_args(dataset, tmp_path / "other", 1, "--steps", "2", "--one-stage", "--loss", "l1",
+                          "--pose-embedding", "hme")) == 0
+    state = load_run_state(tmp_path / "other", 1)
+    assert state["model_config"]["pose_embedding"] == "hme" and "d" in state
