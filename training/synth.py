@@ -24,6 +24,9 @@ import numpy as np
 
 from pg2_server.keypoints import INDEX, write_annotations
 
+from .synth_body import Phenotype, Pose, sample_phenotype, sample_pose
+from .synth_clothing import Look, sample_look
+
 STYLES = {
     # style: default (H, W), annotation and pairs file names, fraction of the height the body fills
     "deepfashion": ((256, 176), "fasion-resize-annotation-{}.csv", "fasion-resize-pairs-{}.csv", (0.80, 0.93)),
@@ -164,23 +167,55 @@ def _check_folder(out: Path, config: SynthConfig) -> None:
         meta.write_text(json.dumps(wanted, indent=2) + "\n")
 
 
-def render_dataset(out: str | Path, config: SynthConfig, progress: bool = True) -> SynthReport:
-    """Render (or finish rendering) the dataset `config` describes into folder `out`."""
+@dataclass(frozen=True)
+class Person:
+    """One identity: body shape, look and the poses it is shown in."""
+    phenotype: Phenotype
+    look: Look
+    poses: list[Pose]
+
+
+def sample_person(seed: int, identity: int, poses_per_identity: int) -> Person:
+    """Identity number `identity` of the dataset with this seed (independent of all others)."""
+    rng = np.random.default_rng([seed, identity])
+    phenotype = sample_phenotype(rng)
+    look = sample_look(rng, phenotype.female)
+    poses = [sample_pose(rng, view) for view in _views(rng, poses_per_identity)]
+    return Person(phenotype, look, poses)
+
+
+def shot_camera(config: SynthConfig, vertices: np.ndarray, shot: np.random.Generator):
+    """The camera of one image: framing drawn from the shot's own generator."""
+    from .synth_render import frame_camera
+    h, w = config.size
+    fill = STYLES[config.style][3]
+    return frame_camera(vertices, (w, h), shot.uniform(*fill), (shot.uniform(-0.03, 0.03), shot.uniform(-0.02, 0.02)))
+
+
+def shot_generator(config: SynthConfig, identity: int, pose: int) -> np.random.Generator:
+    """Random numbers of one image (framing, backdrop, noise): a rerun redraws exactly these."""
+    return np.random.default_rng([config.seed, identity, pose])
+
+
+def render_dataset(out: str | Path, config: SynthConfig, progress: bool = True, body=None) -> SynthReport:
+    """Render (or finish rendering) the dataset `config` describes into folder `out`.
+
+    `body` may pass an already loaded BodyModel (loading Anny takes seconds)."""
     import cv2
     from tqdm import tqdm
 
-    from .synth_body import BodyModel, sample_phenotype, sample_pose
-    from .synth_clothing import sample_look, vertex_colours
-    from .synth_render import Renderer, frame_camera, visible_keypoints
+    from .synth_body import BodyModel
+    from .synth_clothing import vertex_colours
+    from .synth_render import Renderer, visible_keypoints
 
     config.check()
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise SynthError(f"--out {out} is a file; give a folder")
     _check_folder(out, config)
-    _, annotation_name, pairs_name, fill = STYLES[config.style]
+    _, annotation_name, pairs_name, _ = STYLES[config.style]
     h, w = config.size
-    body = BodyModel()
+    body = body or BodyModel()
     renderer = Renderer(body.faces, body.vertex_count, (w, h))
     splits = {"train": range(config.identities),
               "test": range(config.identities, config.identities + config.test_identities)}
@@ -192,18 +227,14 @@ def render_dataset(out: str | Path, config: SynthConfig, progress: bool = True) 
         folder.mkdir(exist_ok=True)
         rows, pairs = [], []
         for identity in identities:
-            rng = np.random.default_rng([config.seed, identity])
-            phenotype = sample_phenotype(rng)
-            look = sample_look(rng, phenotype.female)
-            poses = [sample_pose(rng, view) for view in _views(rng, config.poses_per_identity)]
-            bodies = body.pose(phenotype, poses)
+            person = sample_person(config.seed, identity, config.poses_per_identity)
+            bodies = body.pose(person.phenotype, person.poses)
             coloured = False
             with_torso = []
-            for k, pose in enumerate(poses):
-                name = image_name(config, identity, k, pose.view, phenotype.female)
-                shot = np.random.default_rng([config.seed, identity, k])
-                camera = frame_camera(bodies.vertices[k], (w, h), shot.uniform(*fill),
-                                      (shot.uniform(-0.03, 0.03), shot.uniform(-0.02, 0.02)))
+            for k, pose in enumerate(person.poses):
+                name = image_name(config, identity, k, pose.view, person.phenotype.female)
+                shot = shot_generator(config, identity, k)
+                camera = shot_camera(config, bodies.vertices[k], shot)
                 keypoints = visible_keypoints(camera, bodies.vertices[k], body.faces, bodies.joints[k])
                 rows.append((name, keypoints))
                 if not np.isnan(keypoints[list(TORSO)]).any():
@@ -214,7 +245,7 @@ def render_dataset(out: str | Path, config: SynthConfig, progress: bool = True) 
                 else:
                     start = time.perf_counter()
                     if not coloured:
-                        renderer.set_colours(vertex_colours(look, bodies.rest_vertices, body.parts,
+                        renderer.set_colours(vertex_colours(person.look, bodies.rest_vertices, body.parts,
                                                             bodies.rest_joints))
                         coloured = True
                     rgba = renderer.render(bodies.vertices[k], camera)
@@ -228,7 +259,7 @@ def render_dataset(out: str | Path, config: SynthConfig, progress: bool = True) 
                     report.rendered += 1
                 bar.update(1)
                 if report.seconds > 0:
-                    bar.set_postfix_str(f"{report.images_per_minute:.0f} img/min")
+                    bar.set_postfix_str(f"{report.images_per_minute:.0f} img/min", refresh=False)
             pairs += [(a, b) for a in with_torso for b in with_torso if a != b]
         tmp = out / (annotation_name.format(split) + ".part")
         write_annotations(tmp, rows)

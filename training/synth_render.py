@@ -11,7 +11,9 @@ as OpenPose finds it in photos.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,6 +91,21 @@ def visible_keypoints(camera: Camera, vertices: np.ndarray, faces: np.ndarray, j
     return out
 
 
+@contextmanager
+def _quiet_stdout():
+    """Send the process's file descriptor 1 (where Blender's C code prints) to /dev/null."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
 class Renderer:
     """A Blender scene holding one body mesh, a camera and Workbench settings; renders RGBA."""
 
@@ -150,7 +167,8 @@ class Renderer:
         self.camera.data.lens = camera.lens
         path = os.path.join(self._tmp, "frame.png")
         self.scene.render.filepath = path
-        self.bpy.ops.render.render(write_still=True)
+        with _quiet_stdout():  # Blender prints a "Saved: ..." line per render, which buries the progress bar
+            self.bpy.ops.render.render(write_still=True)
         bgra = cv2.imread(path, cv2.IMREAD_UNCHANGED)
         if bgra is None or bgra.shape[2] != 4:
             raise RuntimeError(f"Blender wrote no RGBA image at {path}")

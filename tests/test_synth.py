@@ -1,0 +1,253 @@
+"""pg2-train synth: real Anny bodies rendered by real Blender into PATN-format files."""
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from pg2_server.keypoints import INDEX, read_annotations
+from training import synth
+from training.synth_body import ARM, FOOT, HEAD, LEG, TORSO, BodyModel, Pose, VIEWS, sample_phenotype, sample_pose
+from training.synth_clothing import PATTERNS, Garment, Look, sample_look, vertex_colours
+from training.synth_render import Renderer, visible_keypoints
+
+pytestmark = pytest.mark.timeout(300)
+
+IDENTITY = re.compile(r"^(.*?id\d{8})")  # the shared DeepFashion identity rule (training/pairs.py)
+CONFIG = synth.SynthConfig(identities=2, test_identities=1, poses_per_identity=3, seed=3, size=(96, 64),
+                           style="deepfashion")
+TORSO_JOINTS = [INDEX[n] for n in ("right_shoulder", "left_shoulder", "right_hip", "left_hip")]
+
+
+@pytest.fixture(scope="module")
+def body():
+    return BodyModel()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, body):
+    out = tmp_path_factory.mktemp("synth") / "ds"
+    report = synth.render_dataset(out, CONFIG, progress=False, body=body)
+    return out, report
+
+
+def read_pairs(path: Path) -> list[tuple[str, str]]:
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["from", "to"]
+    return [tuple(r) for r in rows[1:]]
+
+
+def test_dataset_has_patn_layout_and_formats(dataset):
+    out, report = dataset
+    assert report.rendered == 9 and report.skipped == 0 and report.images_per_minute > 0
+    people = {}
+    for split, count in (("train", 6), ("test", 3)):
+        images = sorted(p.name for p in (out / split).glob("*.jpg"))
+        assert len(images) == count
+        annotations, problems = read_annotations(out / f"fasion-resize-annotation-{split}.csv", strict=True)
+        assert problems == [] and sorted(annotations) == images
+        header = (out / f"fasion-resize-annotation-{split}.csv").read_text().splitlines()[0]
+        assert header == "name:keypoints_y:keypoints_x"
+        for name in images:
+            assert re.fullmatch(r"fashion(WO)?MENSynthid\d{8}01_\d(front|side|back)\.jpg", name)
+            image = cv2.imread(str(out / split / name))
+            assert image.shape == (96, 64, 3)
+            kps = annotations[name]
+            present = ~np.isnan(kps[:, 0])
+            assert present.sum() >= 8  # a full body in frame shows most joints
+            assert (kps[present] >= 0).all() and (kps[present, 0] < 64).all() and (kps[present, 1] < 96).all()
+        people[split] = {IDENTITY.match(n)[1] for n in images}
+        pairs = read_pairs(out / f"fasion-resize-pairs-{split}.csv")
+        assert len(pairs) == report.pairs[split] > 0
+        for a, b in pairs:
+            assert a != b and IDENTITY.match(a)[1] == IDENTITY.match(b)[1]
+            for name in (a, b):
+                assert not np.isnan(annotations[name][TORSO_JOINTS]).any()
+        # every ordered pair of torso-complete images of a person is there
+        complete = [n for n in images if not np.isnan(annotations[n][TORSO_JOINTS]).any()]
+        expected = sum(k * (k - 1) for k in np.unique([IDENTITY.match(n)[1] for n in complete],
+                                                      return_counts=True)[1])
+        assert len(pairs) == expected
+    assert len(people["train"]) == 2 and len(people["test"]) == 1
+    assert not people["train"] & people["test"]
+
+
+def test_same_seed_same_bytes_and_resume(dataset, tmp_path, body):
+    out, _ = dataset
+    again = tmp_path / "again"
+    synth.render_dataset(again, CONFIG, progress=False, body=body)
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    for f in files:
+        assert (out / f).read_bytes() == (again / f).read_bytes(), f
+    # resume: a missing image is rendered again, identical; the others are skipped
+    victim = next((again / "train").glob("*.jpg"))
+    victim.unlink()
+    (again / "fasion-resize-pairs-train.csv").unlink()
+    report = synth.render_dataset(again, CONFIG, progress=False, body=body)
+    assert (report.rendered, report.skipped) == (1, 8)
+    assert victim.read_bytes() == (out / "train" / victim.name).read_bytes()
+    assert (again / "fasion-resize-pairs-train.csv").read_bytes() == (out / "fasion-resize-pairs-train.csv").read_bytes()
+
+
+def test_other_seed_other_people():
+    a = synth.sample_person(1, 0, 3)
+    b = synth.sample_person(2, 0, 3)
+    assert a.phenotype != b.phenotype and a.look != b.look
+    assert synth.sample_person(1, 0, 3) == a
+
+
+def test_keypoints_land_on_the_rendered_body(body):
+    config = synth.SynthConfig(identities=1, test_identities=1, poses_per_identity=6, seed=11,
+                               size=(128, 88), style="deepfashion")
+    h, w = config.size
+    renderer = Renderer(body.faces, body.vertex_count, (w, h))
+    checked = 0
+    for identity in (0, 1):
+        person = synth.sample_person(config.seed, identity, config.poses_per_identity)
+        bodies = body.pose(person.phenotype, person.poses)
+        renderer.set_colours(vertex_colours(person.look, bodies.rest_vertices, body.parts, bodies.rest_joints))
+        for k in range(config.poses_per_identity):
+            camera = synth.shot_camera(config, bodies.vertices[k], synth.shot_generator(config, identity, k))
+            kps = visible_keypoints(camera, bodies.vertices[k], body.faces, bodies.joints[k])
+            alpha = renderer.render(bodies.vertices[k], camera)[..., 3]
+            # the whole body is in frame: its silhouette touches no border
+            assert alpha[0].max() == 0 and alpha[-1].max() == 0
+            rows, cols = np.nonzero(alpha > 127)
+            assert rows.max() - rows.min() > 0.6 * h  # wide poses (arms out) are framed smaller
+            for j, (x, y) in enumerate(kps):
+                if np.isnan(x):
+                    continue
+                assert alpha[int(y), int(x)] > 0, (identity, k, j, x, y)
+                checked += 1
+            # occlusion: in a back view the face points are hidden and the ears may stay
+            if person.poses[k].view == "back":
+                assert np.isnan(kps[[INDEX["nose"], INDEX["right_eye"], INDEX["left_eye"]]]).all()
+            if person.poses[k].view == "front":
+                assert not np.isnan(kps[[INDEX["nose"], INDEX["right_eye"], INDEX["left_eye"]]]).any()
+    assert checked > 100
+
+
+def test_projection_matches_blender(body):
+    renderer = Renderer(body.faces, body.vertex_count, (88, 128))
+    person = synth.sample_person(0, 0, 2)
+    bodies = body.pose(person.phenotype, person.poses)
+    config = synth.SynthConfig(1, 1, 2, 0, (128, 88), "deepfashion")
+    camera = synth.shot_camera(config, bodies.vertices[0], synth.shot_generator(config, 0, 0))
+    renderer.camera.location = camera.position
+    renderer.camera.data.lens = camera.lens
+    ours = camera.project(bodies.joints[0])
+    blender = renderer.blender_projection(bodies.joints[0])
+    np.testing.assert_allclose(ours, blender, atol=1e-3)
+
+
+def test_right_is_the_subjects_right(body):
+    """Facing the camera, the subject's right shoulder is on the image's left."""
+    front = Pose({"root": (0.0, 0.0, 0.0)}, "front", 0.0)
+    bodies = body.pose(sample_phenotype(np.random.default_rng(0)), [front])
+    j = bodies.joints[0]
+    assert j[INDEX["right_shoulder"], 0] < j[INDEX["left_shoulder"], 0]
+    assert j[INDEX["right_hip"], 0] < j[INDEX["left_hip"], 0]
+    assert j[INDEX["nose"], 1] < j[INDEX["neck"], 1]  # the face is towards −Y, the camera
+    np.testing.assert_allclose(j[INDEX["neck"]], (j[INDEX["right_shoulder"]] + j[INDEX["left_shoulder"]]) / 2)
+
+
+def test_garments_are_separate_regions(body):
+    plain = lambda c: Garment(c, c, "plain", 0.05, 0.0)  # noqa: E731
+    look = Look(skin=(0.8, 0.6, 0.5), hair=(0.1, 0.1, 0.1), hair_style="short", upper=plain((1.0, 0.0, 0.0)),
+                lower=plain((0.0, 1.0, 0.0)), shoes=plain((0.0, 0.0, 1.0)), sleeve=0.4, leg_length=0.97)
+    person = synth.sample_person(0, 0, 2)
+    bodies = body.pose(person.phenotype, person.poses)
+    rgba = vertex_colours(look, bodies.rest_vertices, body.parts, bodies.rest_joints)
+    red, green, blue = (np.all(np.isclose(rgba[:, :3], c), axis=1) for c in ((1, 0, 0), (0, 1, 0), (0, 0, 1)))
+    z = bodies.rest_vertices[:, 2]
+    hip_z = bodies.rest_joints[INDEX["right_hip"], 2]
+    ankle_z = bodies.rest_joints[INDEX["right_ankle"], 2]
+    assert red.sum() > 1000 and green.sum() > 1000 and blue.sum() > 300
+    assert z[red].min() > hip_z - 0.05 and set(np.unique(body.parts[red])) <= {TORSO, ARM}
+    assert z[green].max() < hip_z + 0.2 and set(np.unique(body.parts[green])) <= {TORSO, LEG}
+    assert z[blue].max() < ankle_z + 0.1 and set(np.unique(body.parts[blue])) <= {FOOT, LEG}
+    assert not (red & green).any() and not (green & blue).any()
+    hands_and_head = np.isin(body.parts, (HEAD,))
+    assert not red[hands_and_head].any()
+
+
+def test_looks_and_poses_vary_across_identities():
+    rng = np.random.default_rng(0)
+    looks = [sample_look(rng, female=bool(i % 2)) for i in range(60)]
+    assert {g.pattern for lk in looks for g in (lk.upper, lk.lower)} == set(PATTERNS)
+    assert len({lk.upper.colour for lk in looks}) == 60
+    assert len({lk.skin for lk in looks}) > 30 and len({lk.hair_style for lk in looks}) >= 2
+    assert len({lk.sleeve for lk in looks}) >= 3 and len({lk.leg_length for lk in looks}) >= 2
+    for view, (lo, hi) in (("front", (-0.6, 0.6)), ("back", (np.pi - 0.6, np.pi + 0.6))):
+        yaws = [sample_pose(rng, view).yaw for _ in range(50)]
+        assert lo <= min(yaws) and max(yaws) <= hi
+    sides = [abs(sample_pose(rng, "side").yaw) for _ in range(50)]
+    assert all(np.pi / 2 - 0.4 <= s <= np.pi / 2 + 0.4 for s in sides)
+    # joints stay within limits: no bone but the root (the view) turns further than 110 degrees
+    for _ in range(100):
+        for bone, angles in sample_pose(rng, str(rng.choice(VIEWS))).rotations.items():
+            assert bone == "root" or max(abs(a) for a in angles) <= np.radians(110), (bone, angles)
+
+
+def test_market_style_names_and_size(tmp_path, body):
+    config = synth.SynthConfig(identities=1, test_identities=1, poses_per_identity=2, seed=0, size=(128, 64),
+                               style="market")
+    synth.render_dataset(tmp_path, config, progress=False, body=body)
+    annotations, problems = read_annotations(tmp_path / "market-annotation-train.csv", strict=True)
+    assert problems == [] and len(annotations) == 2
+    for name in annotations:
+        assert re.fullmatch(r"0001_c[123]s1_00000[12]_00\.jpg", name)
+        image = cv2.imread(str(tmp_path / "train" / name))
+        assert image.shape == (128, 64, 3)
+        # a street backdrop, not a plain studio wall: the top row varies
+        assert image[0].std() > 1.0 or image[:, 0].std() > 5.0
+    assert (tmp_path / "market-pairs-test.csv").read_text().startswith("from,to\n")
+    assert [p.name for p in (tmp_path / "test").glob("*.jpg")][0].startswith("0002_")
+
+
+def run_main(argv, capsys):
+    parser = argparse.ArgumentParser()
+    synth.add_arguments(parser)
+    code = synth.main(parser.parse_args(argv))
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--identities", "0"], "--identities must be at least 1"),
+    (["--identities", "2", "--test-identities", "0"], "--test-identities must be at least 1"),
+    (["--identities", "2", "--poses-per-identity", "1"], "at least 2 to make pairs"),
+    (["--identities", "2", "--size", "20x10"], "too small"),
+    (["--identities", "10000", "--style", "market"], "Market names hold at most 9998"),
+])
+def test_bad_arguments_say_what_to_fix(argv, message, tmp_path, capsys):
+    code, err = run_main(["--out", str(tmp_path / "x")] + argv, capsys)
+    assert code == 2 and message in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_unparseable_size_is_refused(capsys):
+    parser = argparse.ArgumentParser()
+    synth.add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--out", "x", "--identities", "1", "--size", "big"])
+    assert "HEIGHTxWIDTH" in capsys.readouterr().err
+
+
+def test_out_that_is_a_file_or_holds_other_settings(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    code, err = run_main(["--out", str(a_file), "--identities", "1"], capsys)
+    assert code == 2 and "is a file" in err
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "synth.json").write_text('{"identities": 5, "test_identities": 1, "poses_per_identity": 8, '
+                                       '"seed": 0, "size": [256, 176], "style": "deepfashion"}')
+    code, err = run_main(["--out", str(folder), "--identities", "1", "--seed", "4"], capsys)
+    assert code == 2 and "other settings" in err and "seed: 0 there, 4 now" in err
