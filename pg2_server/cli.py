@@ -206,19 +206,17 @@ def cmd_generate_server(args: argparse.Namespace) -> int:
         from tqdm import tqdm
 
         files = pose_files(pose)
+        # Read every pose first: a bad file is reported before any work is sent.
+        poses = [(path, *load_pose_file(path)) for path in files]
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
         extension = ".jpg" if output_format == "jpeg" else ".png"
-
-        def requests():
-            for path in files:
-                size, keypoints = load_pose_file(path)
-                yield GenerateRequest(source, as_list(keypoints), size, output_format=output_format,
-                                      alpha=args.alpha, tag=path)
+        requests = (GenerateRequest(source, as_list(keypoints), size, output_format=output_format,
+                                    alpha=args.alpha, tag=path) for path, size, keypoints in poses)
 
         failures = 0
         with tqdm(total=len(files), unit="image", desc="generating") as progress:
-            for result in client.generate_many(requests(), in_flight=args.in_flight, raise_errors=False):
+            for result in client.generate_many(requests, in_flight=args.in_flight, raise_errors=False):
                 path = result.request.tag
                 if result.ok:
                     (out_dir / (path.stem + extension)).write_bytes(result.image.data)

@@ -1,0 +1,457 @@
+"""`pg2-server serve` as a real subprocess on loopback: every op, envelopes, batching, errors,
+limits, overload, CURVE, SIGTERM, and the CLI clients."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import cv2
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from pg2_server import protocol
+from pg2_server.client import Client, Curve, GenerateRequest, ServerError, ServerTimeout
+
+KEYPOINTS = [[88, 40], [88, 62], [66, 64], [58, 100], [54, 134], [110, 64], [118, 100], [122, 134],
+             [74, 130], [72, 180], [70, 228], [102, 130], [104, 180], [106, 228], [82, 34], [94, 34],
+             None, [100, 38]]
+FRAME = (176, 256)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def source_image(width=176, height=256):
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([x % 256, y % 256, (x * y) % 256], axis=2).astype(np.uint8)
+
+
+def png(image):
+    return cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))[1].tobytes()
+
+
+SOURCE_PNG = png(source_image())
+
+
+def start_server(*flags, env=None):
+    """A `pg2-server serve` subprocess with the tiny preset; returns (process, endpoint) once it answers."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    command = [sys.executable, "-m", "pg2_server.cli", "serve", "--preset", "tiny", "--random-weights",
+               "--bind", endpoint, *flags]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, **(env or {})})
+    wait_until_serving(process, endpoint, curve=None if "--curve-secret" not in flags else "skip")
+    return process, endpoint
+
+
+def wait_until_serving(process, endpoint, curve=None, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stdout.read()
+        if curve == "skip":  # a CURVE server cannot be pinged without keys: wait for its log line
+            time.sleep(0.5)
+            return
+        try:
+            with Client(endpoint, timeout=0.5, retries=1) as client:
+                client.ping()
+            return
+        except ServerTimeout:
+            pass
+    raise AssertionError("server did not start")
+
+
+def stop_server(process):
+    process.send_signal(signal.SIGTERM)
+    try:
+        out, _ = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    return process.returncode, out
+
+
+@pytest.fixture(scope="module")
+def server():
+    process, endpoint = start_server("--max-batch", "8", "--max-delay-ms", "20", "--max-message-mb", "1",
+                                     "--summary-s", "1")
+    yield endpoint
+    code, out = stop_server(process)
+    assert code == 0, out
+    assert "summary:" in out and "stopped:" in out
+
+
+def ask(endpoint, frames, timeout=20.0, socket_type=zmq.DEALER):
+    """Send raw frames on a fresh socket; returns (header, payloads) or None if nothing came back."""
+    context = zmq.Context.instance()
+    sock = context.socket(socket_type)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        sock.send_multipart(frames)
+        if not sock.poll(timeout * 1000):
+            return None
+        reply = sock.recv_multipart()
+        return msgpack.unpackb(reply[0]), reply[1:]
+    finally:
+        sock.close()
+
+
+def generate_header(request_id="g", **changes):
+    head = {"v": 1, "op": "generate", "id": request_id, "keypoints": KEYPOINTS, "size": list(FRAME),
+            "source": {"format": "png"}}
+    head.update(changes)
+    return head
+
+
+def decode(image_bytes):
+    decoded = cv2.imdecode(np.frombuffer(image_bytes, np.uint8), cv2.IMREAD_UNCHANGED)
+    return decoded
+
+
+# ---------------------------------------------------------------------------------------------
+# Ops and envelopes
+
+def test_ping_and_info(server):
+    with Client(server, timeout=10) as client:
+        assert client.ping() > 0
+        info = client.info()
+    assert info["protocol_versions"] == [1]
+    assert info["server"]["name"] == "pg2-server" and info["server"]["role"] == "serve"
+    [model] = info["models"]
+    assert model["name"] == "tiny-random" and model["canvas"] == [32, 16] and model["stages"] == ["g1", "g2"]
+    assert model["keypoints"][:3] == ["nose", "neck", "right_shoulder"] and len(model["keypoints"]) == 18
+    assert info["devices"] == ["cpu"]
+    assert info["limits"] == {"max_message_bytes": 2 ** 20, "max_image_side": 4096, "max_queue": 256}
+    assert info["batching"] == {"max_batch": 8, "max_delay_ms": 20.0}
+    for key in ("requests", "errors", "batches", "mean_batch", "mean_queue_ms", "mean_compute_ms", "rss_mb"):
+        assert key in info["counters"]
+
+
+def test_generate_png_has_the_frame_size(server):
+    with Client(server, timeout=20) as client:
+        result = client.generate(SOURCE_PNG, KEYPOINTS, (120, 200))
+    image = result.image
+    assert (image.format, image.width, image.height, image.channels) == ("png", 120, 200, 3)
+    assert decode(image.data).shape == (200, 120, 3)
+    assert result.model == "tiny-random"
+    assert set(result.timing) >= {"queue_ms", "compute_ms", "total_ms"}
+    assert result.timing["total_ms"] >= result.timing["compute_ms"] > 0
+
+
+def test_generate_raw_source_raw_output_with_alpha_and_both_stages(server):
+    raw = source_image(40, 60)
+    small_pose = [None if p is None else [p[0] * 40 / 176, p[1] * 60 / 256] for p in KEYPOINTS]
+    with Client(server, timeout=20) as client:
+        result = client.generate(raw.tobytes(), small_pose, (40, 60), source_size=(40, 60), output_format="raw",
+                                 alpha=True, stages=("g2", "g1"))
+    assert list(result.images) == ["g2", "g1"]
+    for image in result.images.values():
+        assert (image.width, image.height, image.channels) == (40, 60, 4)
+        pixels = np.frombuffer(image.data, np.uint8).reshape(60, 40, 4)
+        assert set(np.unique(pixels[:, :, 3])) <= {0, 255} and pixels[:, :, 3].max() == 255
+    # The alpha channel is the same pose mask for both stages; the pixels differ (G2 adds its map).
+    g1 = np.frombuffer(result.images["g1"].data, np.uint8).reshape(60, 40, 4)
+    g2 = np.frombuffer(result.images["g2"].data, np.uint8).reshape(60, 40, 4)
+    assert np.array_equal(g1[:, :, 3], g2[:, :, 3])
+    assert not np.array_equal(g1[:, :, :3], g2[:, :, :3])
+
+
+def test_generate_jpeg(server):
+    with Client(server, timeout=20) as client:
+        result = client.generate(SOURCE_PNG, KEYPOINTS, FRAME, output_format="jpeg")
+    assert result.image.data[:3] == b"\xff\xd8\xff"
+    assert decode(result.image.data).shape == (256, 176, 3)
+
+
+def test_same_request_gives_the_same_image(server):
+    with Client(server, timeout=20) as client:
+        first = client.generate(SOURCE_PNG, KEYPOINTS, FRAME, output_format="raw")
+        second = client.generate(SOURCE_PNG, KEYPOINTS, FRAME, output_format="raw")
+    assert first.image.data == second.image.data
+
+
+def test_req_socket_gets_its_envelope_back(server):
+    reply = ask(server, [msgpack.packb(generate_header("req-1")), SOURCE_PNG], socket_type=zmq.REQ)
+    header, payloads = reply
+    assert header["ok"] and header["id"] == "req-1" and len(payloads) == 1
+    assert decode(payloads[0]).shape == (256, 176, 3)
+    header, _ = ask(server, protocol.encode_simple("ping", "p"), socket_type=zmq.REQ)
+    assert header == {"v": 1, "id": "p", "ok": True, "pong": True, "role": "serve"}
+
+
+def test_pipelined_dealer_requests_come_back_matched_by_id(server):
+    context = zmq.Context.instance()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(server)
+    sizes = {f"r{i}": (40 + 8 * i, 50 + 4 * i) for i in range(12)}
+    try:
+        for request_id, size in sizes.items():
+            sock.send_multipart([msgpack.packb(generate_header(request_id, size=list(size))), SOURCE_PNG])
+        seen = {}
+        while len(seen) < len(sizes):
+            assert sock.poll(30000), f"only {len(seen)} replies"
+            frames = sock.recv_multipart()
+            header = msgpack.unpackb(frames[0])
+            assert header["ok"], header
+            assert header["id"] not in seen
+            seen[header["id"]] = (header["image"]["width"], header["image"]["height"])
+            assert decode(frames[1]).shape[:2] == sizes[header["id"]][::-1]
+    finally:
+        sock.close()
+    assert seen == sizes
+
+
+def test_eight_clients_twenty_five_requests_each_batched(server):
+    with Client(server, timeout=30) as client:
+        before = client.info()["counters"]
+    failures, done = [], []
+
+    def run(index):
+        size = (48 + index, 64)
+        try:
+            with Client(server, timeout=60) as client:
+                for _ in range(25):
+                    result = client.generate(SOURCE_PNG, KEYPOINTS, size, output_format="raw")
+                    assert (result.image.width, result.image.height) == size
+                    assert len(result.image.data) == size[0] * size[1] * 3
+                    done.append(index)
+        except BaseException as e:
+            failures.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures[0]
+    assert len(done) == 200
+    with Client(server, timeout=30) as client:
+        after = client.info()["counters"]
+    batches = after["batches"] - before["batches"]
+    batched = after["batched_requests"] - before["batched_requests"]
+    assert batched == 200
+    assert batched / batches > 1.5, f"mean batch {batched / batches}"
+    assert after["mean_batch"] > 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Every error code from a real bad request, and the server keeps serving
+
+def _frames(head, *payloads):
+    return [head if isinstance(head, bytes) else msgpack.packb(head), *payloads]
+
+
+BAD_REQUESTS = {
+    "malformed msgpack": (_frames(b"\xc1\xc1"), "bad_request", None),
+    "header not a map": (_frames(msgpack.packb(["v", 1])), "bad_request", None),
+    "wrong v": (_frames({"v": 9, "op": "ping", "id": 1}), "unsupported_version", 1),
+    "unknown op": (_frames({"v": 1, "op": "train", "id": 2}), "unknown_op", 2),
+    "17 keypoints": (_frames(generate_header(3, keypoints=KEYPOINTS[:17]), SOURCE_PNG), "bad_request", 3),
+    "NaN coordinate": (_frames(generate_header(4, keypoints=KEYPOINTS[:17] + [[float("nan"), 1]]), SOURCE_PNG),
+                       "bad_request", 4),
+    "inf coordinate": (_frames(generate_header(5, keypoints=[[float("inf"), 1]] + KEYPOINTS[1:]), SOURCE_PNG),
+                       "bad_request", 5),
+    "string coordinate": (_frames(generate_header(6, keypoints=[["a", "b"]] + KEYPOINTS[1:]), SOURCE_PNG),
+                          "bad_request", 6),
+    "negative size": (_frames(generate_header(7, size=[-176, 256]), SOURCE_PNG), "bad_request", 7),
+    "huge size": (_frames(generate_header(8, size=[176, 10 ** 6]), SOURCE_PNG), "too_large", 8),
+    "raw frame wrong length": (_frames(generate_header(9, source={"format": "raw", "width": 10, "height": 10}),
+                                       b"\x00" * 299), "bad_request", 9),
+    "undecodable png": (_frames(generate_header(10), SOURCE_PNG[:200]), "bad_request", 10),
+    "not a png at all": (_frames(generate_header(11), b"hello world"), "bad_request", 11),
+    "missing frame": (_frames(generate_header(12)), "bad_request", 12),
+    "extra frame": (_frames(generate_header(13), SOURCE_PNG, b"more"), "bad_request", 13),
+    "unknown model": (_frames(generate_header(14, model="deepfashion-v9"), SOURCE_PNG), "unknown_model", 14),
+    "over the message limit": (_frames(generate_header(15, pad="x" * 300_000), SOURCE_PNG + b"\x00" * 800_000),
+                               "too_large", 15),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_REQUESTS))
+def test_bad_request_gets_its_error_code_and_the_server_keeps_serving(server, name):
+    frames, code, request_id = BAD_REQUESTS[name]
+    reply = ask(server, frames)
+    assert reply is not None, "no reply"
+    header, payloads = reply
+    assert header["ok"] is False and payloads == []
+    assert header["error"]["code"] == code, header
+    assert header["id"] == request_id
+    assert isinstance(header["error"]["message"], str) and len(header["error"]["message"]) > 10
+    with Client(server, timeout=20) as client:
+        assert client.generate(SOURCE_PNG, KEYPOINTS, FRAME).image.width == 176
+
+
+def test_frame_over_maxmsgsize_is_dropped_by_zeromq_and_others_are_unaffected(server):
+    assert ask(server, _frames(generate_header(16), b"\x00" * (2 ** 20 + 10)), timeout=2) is None
+    with Client(server, timeout=20) as client:
+        assert client.ping() > 0
+        assert client.generate(SOURCE_PNG, KEYPOINTS, FRAME).image.height == 256
+
+
+def test_client_raises_server_error_with_code(server):
+    with Client(server, timeout=20) as client:
+        with pytest.raises(ServerError) as caught:
+            client.generate(SOURCE_PNG, KEYPOINTS[:17], FRAME)
+    assert caught.value.code == "bad_request" and "18 entries" in caught.value.message
+
+
+def test_info_counts_errors_by_code(server):
+    ask(server, _frames({"v": 1, "op": "nope", "id": "x"}))
+    with Client(server, timeout=20) as client:
+        counters = client.info()["counters"]
+    assert counters["errors"].get("unknown_op", 0) >= 1
+    assert counters["by_op"]["ping"] >= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI clients against the server
+
+def run_cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "pg2_server.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_cli_generate_ping_info(server, tmp_path):
+    source = tmp_path / "person.png"
+    source.write_bytes(SOURCE_PNG)
+    pose = tmp_path / "pose.json"
+    pose.write_text(json.dumps({"size": [88, 128], "keypoints": KEYPOINTS}))
+    out = tmp_path / "out" / "result.png"
+    done = run_cli("generate", "--server", server, "--source", str(source), "--pose", str(pose), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert cv2.imread(str(out)).shape == (128, 88, 3)
+    done = run_cli("ping", "--server", server)
+    assert done.returncode == 0 and "pong from" in done.stdout
+    done = run_cli("info", "--server", server, "--json")
+    assert json.loads(done.stdout)["models"][0]["name"] == "tiny-random"
+    done = run_cli("info", "--server", server)
+    assert "model tiny-random" in done.stdout and "mean batch" in done.stdout
+
+
+def test_cli_batch_mode_writes_one_image_per_pose(server, tmp_path):
+    source = tmp_path / "person.png"
+    source.write_bytes(SOURCE_PNG)
+    poses = tmp_path / "poses"
+    poses.mkdir()
+    for i in range(6):
+        (poses / f"frame_{i:04d}.json").write_text(json.dumps({"size": [60 + i, 80], "keypoints": KEYPOINTS}))
+    (poses / "frame_bad.json").write_text(json.dumps({"size": [60, 80], "keypoints": KEYPOINTS[:3]}))
+    out = tmp_path / "out"
+    done = run_cli("generate", "--server", server, "--source", str(source), "--pose", str(poses), "--out",
+                   str(out), "--in-flight", "4")
+    # A malformed pose file is reported by name before anything is sent.
+    assert done.returncode == 2 and "frame_bad.json" in done.stderr
+    assert not out.exists() or not any(out.iterdir())
+    poses.joinpath("frame_bad.json").unlink()
+    done = run_cli("generate", "--server", server, "--source", str(source), "--pose", str(poses), "--out",
+                   str(out), "--in-flight", "4")
+    assert done.returncode == 0, done.stderr
+    written = sorted(p.name for p in out.iterdir())
+    assert written == [f"frame_{i:04d}.png" for i in range(6)]
+    assert cv2.imread(str(out / "frame_0003.png")).shape == (80, 63, 3)
+
+
+def test_cli_reports_a_pasted_web_address_and_a_dead_server(tmp_path):
+    done = run_cli("ping", "--server", "http://localhost:5557")
+    assert done.returncode == 2 and "web address" in done.stderr and "tcp://localhost:5557" in done.stderr
+    done = run_cli("ping", "--server", f"tcp://127.0.0.1:{free_port()}", "--timeout", "0.3", "--retries", "2")
+    assert done.returncode == 3 and "no reply" in done.stderr and "2 attempt(s)" in done.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Overload, shutdown, CURVE: servers of their own
+
+def test_full_queue_answers_overloaded():
+    process, endpoint = start_server("--max-queue", "1", "--max-delay-ms", "400", "--max-batch", "8")
+    try:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        for i in range(6):
+            sock.send_multipart([msgpack.packb(generate_header(i)), SOURCE_PNG])
+        codes = {}
+        while len(codes) < 6:
+            assert sock.poll(20000)
+            header = msgpack.unpackb(sock.recv_multipart()[0])
+            codes[header["id"]] = "ok" if header["ok"] else header["error"]["code"]
+        sock.close()
+        assert codes[0] == "ok"
+        assert list(codes.values()).count("overloaded") >= 3
+        assert set(codes.values()) <= {"ok", "overloaded"}
+    finally:
+        code, out = stop_server(process)
+    assert code == 0, out
+
+
+def test_sigterm_under_load_replies_to_every_request_and_exits_zero():
+    process, endpoint = start_server("--max-batch", "4", "--max-delay-ms", "10")
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        for i in range(40):
+            sock.send_multipart([msgpack.packb(generate_header(i)), SOURCE_PNG])
+        assert sock.poll(30000)
+        replies = [msgpack.unpackb(sock.recv_multipart()[0])]
+        process.send_signal(signal.SIGTERM)
+        while len(replies) < 40:
+            assert sock.poll(30000), f"{len(replies)} of 40 replies"
+            replies.append(msgpack.unpackb(sock.recv_multipart()[0]))
+        process.wait(timeout=30)
+    finally:
+        sock.close()
+        if process.poll() is None:
+            process.kill()
+    out = process.stdout.read()
+    assert process.returncode == 0, out
+    assert sorted(r["id"] for r in replies) == list(range(40))
+    outcomes = ["ok" if r["ok"] else r["error"]["code"] for r in replies]
+    assert set(outcomes) <= {"ok", "overloaded"} and outcomes.count("ok") >= 1
+    assert "SIGTERM" in out and "stopped:" in out
+
+
+def test_curve_authorised_key_is_served_unknown_key_is_not(tmp_path):
+    keys = tmp_path / "keys"
+    authorised = tmp_path / "authorised"
+    for name in ("server", "alice", "mallory"):
+        done = run_cli("keys", str(keys), name)
+        assert done.returncode == 0 and f"{name}.key_secret" in done.stdout
+    authorised.mkdir()
+    (authorised / "alice.key").write_bytes((keys / "alice.key").read_bytes())
+    assert "exists" in run_cli("keys", str(keys), "alice").stderr
+    process, endpoint = start_server("--curve-secret", str(keys / "server.key_secret"),
+                                     "--curve-clients", str(authorised))
+    try:
+        alice = Curve.from_files(keys / "server.key", keys / "alice.key_secret")
+        deadline = time.monotonic() + 30
+        while True:  # the server may still be loading
+            try:
+                with Client(endpoint, timeout=1, retries=1, curve=alice) as client:
+                    assert client.ping() > 0
+                    assert client.generate(SOURCE_PNG, KEYPOINTS, FRAME).image.width == 176
+                break
+            except ServerTimeout:
+                assert time.monotonic() < deadline
+        mallory = Curve.from_files(keys / "server.key", keys / "mallory.key_secret")
+        with Client(endpoint, timeout=1, retries=1, curve=mallory) as client:
+            with pytest.raises(ServerTimeout):
+                client.ping()
+        with Client(endpoint, timeout=1, retries=1) as client:
+            with pytest.raises(ServerTimeout):
+                client.ping()
+        done = run_cli("ping", "--server", endpoint, "--curve-server-key", str(keys / "server.key"),
+                       "--curve-client-key", str(keys / "alice.key_secret"))
+        assert done.returncode == 0, done.stderr
+    finally:
+        code, out = stop_server(process)
+    assert code == 0, out
