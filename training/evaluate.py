@@ -54,8 +54,15 @@ def score(generated: np.ndarray, target: np.ndarray, mask: np.ndarray) -> dict[s
     """Every metric of one generated uint8 RGB image against its target."""
     return {"ssim_pg2": ssim_pg2(generated, target), "ssim_patn": ssim_patn(generated, target),
             "mask_ssim": mask_ssim(generated, target, mask),
-            "psnr": float(peak_signal_noise_ratio(target, generated, data_range=255)),
+            "psnr": _psnr(generated, target),
             "l1": float(np.abs(generated.astype(np.float64) - target.astype(np.float64)).mean() / 255.0)}
+
+
+def _psnr(generated: np.ndarray, target: np.ndarray) -> float:
+    """PSNR with data range 255; +inf for identical images (without numpy's divide warning)."""
+    if np.array_equal(generated, target):
+        return math.inf
+    return float(peak_signal_noise_ratio(target, generated, data_range=255))
 
 
 def _mean(values: list[float]) -> float | None:
