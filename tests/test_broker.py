@@ -1,0 +1,142 @@
+"""Broker + workers as real subprocesses: load balancing, a worker killed mid-stream, shutdown."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import cv2
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from pg2_server.client import Client, GenerateRequest
+
+KEYPOINTS = [[88, 40], [88, 62], [66, 64], [58, 100], [54, 134], [110, 64], [118, 100], [122, 134],
+             [74, 130], [72, 180], [70, 228], [102, 130], [104, 180], [106, 228], [82, 34], [94, 34],
+             [76, 38], [100, 38]]
+SOURCE_PNG = cv2.imencode(".png", np.full((256, 176, 3), 120, np.uint8))[1].tobytes()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(*args):
+    return subprocess.Popen([sys.executable, "-m", "pg2_server.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_workers(endpoint, count, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with Client(endpoint, timeout=1, retries=1) as client:
+            try:
+                info = client.info()
+                if len(info["workers"]) >= count:
+                    return info
+            except Exception:
+                pass
+        time.sleep(0.3)
+    raise AssertionError(f"{count} workers did not register")
+
+
+@pytest.fixture
+def cluster():
+    frontend, backend = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    broker = cli("broker", "--frontend", frontend, "--backend", backend, "--heartbeat-ms", "200")
+    workers = [cli("worker", "--connect", backend, "--preset", "tiny", "--random-weights", "--heartbeat-ms", "200",
+                   "--max-batch", "2", "--max-delay-ms", "30") for _ in range(2)]
+    processes = [broker, *workers]
+    try:
+        yield frontend, broker, workers
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def test_broker_answers_like_a_server_and_survives_a_killed_worker(cluster):
+    frontend, broker, workers = cluster
+    info = wait_for_workers(frontend, 2)
+    assert info["server"]["role"] == "broker"
+    assert [m["name"] for m in info["models"]] == ["tiny-random"]
+    assert info["devices"] == ["cpu", "cpu"]
+    assert len({w["pid"] for w in info["workers"]}) == 2
+
+    with Client(frontend, timeout=30) as client:
+        assert client.ping() > 0
+        assert client.generate(SOURCE_PNG, KEYPOINTS, (176, 256)).image.width == 176
+
+    # 60 pipelined requests; one worker dies (kill -9) after the first few replies.
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(frontend)
+    total = 60
+    for i in range(total):
+        header = {"v": 1, "op": "generate", "id": i, "keypoints": KEYPOINTS, "size": [40 + i, 64],
+                  "source": {"format": "png"}}
+        sock.send_multipart([msgpack.packb(header), SOURCE_PNG])
+    replies = {}
+    killed = False
+    while len(replies) < total:
+        assert sock.poll(30000), f"{len(replies)} of {total} replies"
+        frames = sock.recv_multipart()
+        header = msgpack.unpackb(frames[0])
+        assert header["id"] not in replies, f"request {header['id']} answered twice"
+        replies[header["id"]] = header
+        if len(replies) == 6 and not killed:
+            os.kill(workers[0].pid, signal.SIGKILL)
+            killed = True
+    assert not sock.poll(1000), "an extra reply arrived"
+    sock.close()
+    assert all(h["ok"] for h in replies.values()), [h for h in replies.values() if not h["ok"]]
+    assert all(h["image"]["width"] == 40 + i for i, h in replies.items())
+
+    info = wait_for_workers(frontend, 1)
+    assert len(info["workers"]) == 1
+    assert info["counters"]["requests"] >= total
+    assert info["counters"]["batches"] >= 1 and info["counters"]["mean_batch"] >= 1
+    assert info["counters"]["resent"] >= 1  # the killed worker held requests; they went to the other
+
+    # The broker and the surviving worker still serve, and stop cleanly.
+    with Client(frontend, timeout=30) as client:
+        results = list(client.generate_many(
+            [GenerateRequest(SOURCE_PNG, KEYPOINTS, (50, 70), tag=i) for i in range(8)], in_flight=4))
+    assert sorted(r.request.tag for r in results) == list(range(8))
+    for process in (workers[1], broker):
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, process.stdout.read()
+    assert "dropping worker" in broker.stdout.read()
+
+
+def test_broker_with_no_worker_answers_ping_and_info(cluster):
+    frontend, broker, workers = cluster
+    wait_for_workers(frontend, 2)
+    for worker in workers:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=30) == 0
+    with Client(frontend, timeout=5, retries=1) as client:
+        assert client.ping() > 0
+        deadline = time.monotonic() + 10
+        while client.info()["workers"]:
+            assert time.monotonic() < deadline, "stopped workers are still listed"
+            time.sleep(0.2)
+        # A bad request is answered by the broker itself.
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(frontend)
+        sock.send_multipart([msgpack.packb({"v": 3, "op": "ping", "id": "x"})])
+        assert sock.poll(5000)
+        header = msgpack.unpackb(sock.recv_multipart()[0])
+        sock.close()
+        assert header["error"]["code"] == "unsupported_version" and header["id"] == "x"
