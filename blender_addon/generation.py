@@ -170,7 +170,7 @@ class Batch:
                         break
                     self._finish(result)
         except client.ServerError as e:
-            self.events.put(Event("error", message=_server_message(e)))
+            self.events.put(Event("error", message=describe_server_error(e)))
         except Exception as e:  # reported to the user; the add-on must not die silently
             self.events.put(Event("error", message=f"{type(e).__name__}: {e}"))
         finally:
@@ -219,7 +219,8 @@ class Batch:
         self.events.put(Event("frame", job, pixels, timing=dict(result.timing)))
 
 
-def _server_message(error) -> str:
+def describe_server_error(error) -> str:
+    """A short report line for a client.ServerError (timeouts read as an unreachable server)."""
     if isinstance(error, client.ServerTimeout):
         return f"PG2 server not reachable: {error.message}"
     if error.code == "overloaded":

@@ -258,8 +258,10 @@ class PG2_OT_test_connection(bpy.types.Operator):
         try:
             with conn.open() as server:
                 self._answer.put(("ok", server.info()))
-        except Exception as e:
-            self._answer.put(("error", getattr(e, "message", None) or str(e)))
+        except generation.client.ServerError as e:
+            self._answer.put(("error", generation.describe_server_error(e)))
+        except Exception as e:  # shown to the user instead of dying on the thread
+            self._answer.put(("error", f"{type(e).__name__}: {e}"))
 
     def modal(self, context, event):
         if event.type != "TIMER":
@@ -277,7 +279,7 @@ class PG2_OT_test_connection(bpy.types.Operator):
         if kind == "error":
             if prefs:
                 prefs.server_info = "Not connected: " + body
-            self.report({"ERROR"}, "PG2 server: " + body)
+            self.report({"ERROR"}, body)
             return {"CANCELLED"}
         text = describe_info(body)
         if prefs:

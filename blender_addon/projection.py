@@ -74,8 +74,7 @@ class Crop:
         return [None if p is None else (p[0] - self.x, p[1] - self.y) for p in keypoints]
 
 
-def person_crop(keypoints: Sequence[Point | None], aspect: float, margin: float = 0.15,
-                frame: tuple[int, int] | None = None) -> Crop:
+def person_crop(keypoints: Sequence[Point | None], aspect: float, margin: float = 0.15) -> Crop:
     """The rectangle around the visible keypoints with width/height = `aspect`, grown by
     `margin` of its height on every side; clamped to at least 8 px per side."""
     visible = [p for p in keypoints if p is not None]

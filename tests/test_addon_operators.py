@@ -1,0 +1,241 @@
+"""The add-on in real Blender: registration, and the operators end to end against a real
+`pg2-server serve --preset tiny --random-weights` on a free loopback port."""
+from __future__ import annotations
+
+import math
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+bpy = pytest.importorskip("bpy")
+import addon_utils  # noqa: E402
+from mathutils import Euler  # noqa: E402
+
+from blender_addon import imaging, rig  # noqa: E402
+from pg2_server.client import Client, ServerError  # noqa: E402
+
+ADDON = "blender_addon"
+WIDTH, HEIGHT = 120, 160
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png_size(path) -> tuple[int, int]:
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pg2_server.cli", "serve", "--preset", "tiny", "--random-weights",
+         "--bind", endpoint, "--threads", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    with Client(endpoint, timeout=1.0, retries=1) as client:
+        while True:
+            try:
+                client.ping()
+                break
+            except ServerError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    process.kill()
+                    pytest.fail("pg2-server did not start: " + (process.stderr.read() or "")[-2000:])
+    yield endpoint
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def fresh_file():
+    """An empty file with the add-on enabled (factory settings also reset the add-ons)."""
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    module = addon_utils.enable(ADDON, default_set=True, handle_error=None)
+    assert module is not None, "the add-on did not enable"
+    return module
+
+
+@pytest.fixture(scope="module")
+def addon():
+    yield fresh_file()
+    addon_utils.disable(ADDON, default_set=True, handle_error=None)
+
+
+def prefs():
+    return bpy.context.preferences.addons.get(ADDON).preferences
+
+
+@pytest.fixture
+def shot(addon, tmp_path):
+    """A fresh scene: camera on the PG2 Pose Rig (animated over frames 1-5), a source photo."""
+    fresh_file()
+    scene = bpy.context.scene
+    scene.render.resolution_x, scene.render.resolution_y = WIDTH * 2, HEIGHT * 2
+    scene.render.resolution_percentage = 50
+    camera = bpy.data.objects.new("Camera", bpy.data.cameras.new("Camera"))
+    scene.collection.objects.link(camera)
+    camera.location, camera.rotation_euler = (0, -6.5, 0.9), Euler((math.radians(90), 0, 0))
+    scene.camera = camera
+    arm = rig.create_pose_rig(scene.collection, bpy.context.view_layer)
+    bone = arm.pose.bones["right_shoulder"]
+    bone.rotation_mode = "XYZ"
+    for frame in range(1, 6):
+        bone.rotation_euler = Euler((math.radians(15 * frame), 0, 0))
+        bone.keyframe_insert("rotation_euler", frame=frame)
+    scene.frame_start, scene.frame_end, scene.frame_current = 1, 5, 1
+    source = tmp_path / "person.png"
+    pixels = imaging.background(44, 64, (0.8, 0.5, 0.3))
+    pixels[10:60, 12:32] = (30, 40, 200)
+    source.write_bytes(imaging.encode_png(pixels))
+    settings = scene.pg2
+    settings.armature = arm
+    settings.source_path = str(source)
+    settings.output_path = str(tmp_path / "out" / "frame_####.png")
+    return scene
+
+
+def connect(endpoint, timeout=20.0):
+    prefs().endpoint, prefs().timeout = endpoint, timeout
+    prefs().server_key = prefs().client_key = ""
+
+
+def test_register_unregister_three_times(addon):
+    for _ in range(3):
+        addon_utils.disable(ADDON, default_set=True, handle_error=None)
+        assert not hasattr(bpy.types.Scene, "pg2")
+        assert not hasattr(bpy.ops.pg2, "generate") or "generate" not in dir(bpy.ops.pg2)
+        module = addon_utils.enable(ADDON, default_set=True, handle_error=None)
+        assert module is not None and hasattr(bpy.types.Scene, "pg2")
+        assert bpy.context.preferences.addons.get(ADDON) is not None
+    assert {"generate", "generate_frames", "test_connection", "add_pose_rig"} <= set(dir(bpy.ops.pg2))
+
+
+def test_add_pose_rig_operator(addon):
+    fresh_file()
+    assert bpy.ops.pg2.add_pose_rig() == {"FINISHED"}
+    arm = bpy.context.scene.pg2.armature
+    assert arm is not None and len(arm.data.bones) == 19
+
+
+def test_one_frame_makes_pg2_result(shot, server):
+    connect(server)
+    shot.pg2.set_camera_background = True
+    assert bpy.ops.pg2.generate() == {"FINISHED"}
+    image = bpy.data.images["PG2 Result"]
+    assert tuple(image.size) == (WIDTH, HEIGHT)
+    assert max(image.pixels[:]) > 0.0
+    assert shot.camera.data.background_images[0].image == image
+    assert shot.frame_current == 1
+
+
+def test_person_framing_composites_into_the_full_frame(shot, server):
+    connect(server)
+    settings = shot.pg2
+    settings.framing, settings.background, settings.background_color = "PERSON", "COLOR", (0, 1, 0)
+    settings.margin = 0.05
+    assert bpy.ops.pg2.generate() == {"FINISHED"}
+    image = bpy.data.images["PG2 Result"]
+    assert tuple(image.size) == (WIDTH, HEIGHT)
+    corner = image.pixels[0:4]  # bottom-left: far from the person, so the background colour
+    assert corner[0] == pytest.approx(0.0, abs=0.01) and corner[1] == pytest.approx(1.0, abs=0.01)
+
+
+def test_frame_range_writes_files_and_resumes(shot, server):
+    connect(server)
+    out = Path(shot.pg2.output_path).parent
+    assert bpy.ops.pg2.generate_frames() == {"FINISHED"}
+    files = sorted(out.glob("*.png"))
+    assert [f.name for f in files] == [f"frame_{i:04d}.png" for i in range(1, 6)]
+    assert all(png_size(f) == (WIDTH, HEIGHT) for f in files)
+    assert not list(out.glob(".pg2-*"))  # no temporary left behind
+    stamps = {f: f.stat().st_mtime_ns for f in files}
+    files[2].unlink()
+    assert bpy.ops.pg2.generate_frames() == {"FINISHED"}
+    assert files[2].exists()
+    assert all(f.stat().st_mtime_ns == stamps[f] for f in files if f != files[2])
+    assert bpy.ops.pg2.generate_frames() == {"FINISHED"}  # all exist: nothing sent
+    assert all(f.stat().st_mtime_ns == stamps[f] for f in files if f != files[2])
+
+
+def test_step_and_custom_range(shot, server):
+    connect(server)
+    settings = shot.pg2
+    settings.use_scene_range = False
+    settings.frame_start, settings.frame_end, settings.frame_step = 2, 9, 3
+    settings.output_path = str(Path(settings.output_path).parent / "step_##")
+    assert bpy.ops.pg2.generate_frames() == {"FINISHED"}
+    out = Path(settings.output_path).parent
+    assert sorted(f.name for f in out.glob("step_*")) == ["step_02.png", "step_05.png", "step_08.png"]
+
+
+def test_server_down_fails_within_the_timeout_and_writes_nothing(shot):
+    connect(f"tcp://127.0.0.1:{free_port()}", timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="not reachable"):
+        bpy.ops.pg2.generate_frames()
+    assert time.monotonic() - started < 5.0
+    out = Path(shot.pg2.output_path).parent
+    assert not out.exists() or not any(out.iterdir())
+    with pytest.raises(RuntimeError, match="not reachable"):
+        bpy.ops.pg2.test_connection()
+
+
+def test_connection_test_shows_the_model(addon, server):
+    connect(server)
+    assert bpy.ops.pg2.test_connection() == {"FINISHED"}
+    info = prefs().server_info
+    assert "tiny" in info and "canvas 16x32" in info and "cpu" in info
+
+
+@pytest.mark.parametrize("problem,message", [
+    ("http", "web address"),
+    ("no_port", "needs a host and a port"),
+    ("no_armature", "choose the armature"),
+    ("no_camera", "no active camera"),
+    ("missing_source", "does not exist"),
+    ("not_an_image", "not a PNG or JPEG"),
+    ("unmapped", "pick a preset or map the bones"),
+    ("curve_half", "CURVE needs both"),
+])
+def test_errors_say_what_to_fix(shot, problem, message, tmp_path):
+    connect("tcp://127.0.0.1:9")
+    settings = shot.pg2
+    if problem == "http":
+        prefs().endpoint = "http://localhost:5557"
+    elif problem == "no_port":
+        prefs().endpoint = "tcp://localhost"
+    elif problem == "no_armature":
+        settings.armature = None
+        bpy.context.view_layer.objects.active = shot.camera
+    elif problem == "no_camera":
+        shot.camera = None
+    elif problem == "missing_source":
+        settings.source_path = str(tmp_path / "nobody.png")
+    elif problem == "not_an_image":
+        (tmp_path / "notes.png").write_text("hello")
+        settings.source_path = str(tmp_path / "notes.png")
+    elif problem == "unmapped":
+        settings.armature = rig.build_armature(
+            shot.collection, bpy.context.view_layer, "plain",
+            [("Bone", (0, 0, 0), (0, 0, 1), None, False), ("Bone.001", (0, 0, 1), (0, 0, 2), "Bone", True)])
+    elif problem == "curve_half":
+        prefs().server_key = str(tmp_path / "server.key")
+    with pytest.raises(RuntimeError, match=message):
+        bpy.ops.pg2.generate()
+    out = Path(settings.output_path).parent
+    assert not out.exists()
