@@ -20,17 +20,29 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
+from tqdm import tqdm
 
 from pg2_server.keypoints import INDEX, write_annotations
 
-from .synth_body import Phenotype, Pose, sample_phenotype, sample_pose
-from .synth_clothing import Look, sample_look
+from .synth_body import BodyModel, Phenotype, Pose, sample_phenotype, sample_pose
+from .synth_clothing import Look, sample_look, vertex_colours
+from .synth_render import Camera, Renderer, frame_camera, visible_keypoints
+
+
+@dataclass(frozen=True)
+class Style:
+    """What a dataset style fixes: default (H, W), file names of a split, how much height the body fills."""
+    size: tuple[int, int]
+    annotations: str
+    pairs: str
+    fill: tuple[float, float]
+
 
 STYLES = {
-    # style: default (H, W), annotation and pairs file names, fraction of the height the body fills
-    "deepfashion": ((256, 176), "fasion-resize-annotation-{}.csv", "fasion-resize-pairs-{}.csv", (0.80, 0.93)),
-    "market": ((128, 64), "market-annotation-{}.csv", "market-pairs-{}.csv", (0.82, 0.95)),
+    "deepfashion": Style((256, 176), "fasion-resize-annotation-{}.csv", "fasion-resize-pairs-{}.csv", (0.80, 0.93)),
+    "market": Style((128, 64), "market-annotation-{}.csv", "market-pairs-{}.csv", (0.82, 0.95)),
 }
 TORSO = tuple(INDEX[n] for n in ("right_shoulder", "left_shoulder", "right_hip", "left_hip"))
 _VIEW_CHOICES = ("front", "side", "back")
@@ -94,7 +106,6 @@ def _views(rng: np.random.Generator, count: int) -> list[str]:
 
 def background(rng: np.random.Generator, style: str, size: tuple[int, int]) -> np.ndarray:
     """A backdrop (H, W, 3) float in 0–255: a light studio wall or a Market-like street scene."""
-    import cv2
     h, w = size
     ys = np.linspace(0, 1, h)[:, None, None]
     if style == "deepfashion":
@@ -116,7 +127,6 @@ def background(rng: np.random.Generator, style: str, size: tuple[int, int]) -> n
 
 def composite(rgba: np.ndarray, backdrop: np.ndarray, style: str, rng: np.random.Generator) -> np.ndarray:
     """The render over its backdrop as uint8 RGB; Market's camera blur and noise on top."""
-    import cv2
     alpha = rgba[..., 3:4].astype(np.float64) / 255
     image = rgba[..., :3] * alpha + backdrop * (1 - alpha)
     if style == "market":
@@ -189,12 +199,11 @@ def sample_person(seed: int, identity: int, poses_per_identity: int) -> Person:
     return Person(phenotype, look, poses)
 
 
-def shot_camera(config: SynthConfig, vertices: np.ndarray, shot: np.random.Generator):
+def shot_camera(config: SynthConfig, vertices: np.ndarray, shot: np.random.Generator) -> Camera:
     """The camera of one image: framing drawn from the shot's own generator."""
-    from .synth_render import frame_camera
     h, w = config.size
-    fill = STYLES[config.style][3]
-    return frame_camera(vertices, (w, h), shot.uniform(*fill), (shot.uniform(-0.03, 0.03), shot.uniform(-0.02, 0.02)))
+    fill = shot.uniform(*STYLES[config.style].fill)
+    return frame_camera(vertices, (w, h), fill, (shot.uniform(-0.03, 0.03), shot.uniform(-0.02, 0.02)))
 
 
 def shot_generator(config: SynthConfig, identity: int, pose: int) -> np.random.Generator:
@@ -202,23 +211,17 @@ def shot_generator(config: SynthConfig, identity: int, pose: int) -> np.random.G
     return np.random.default_rng([config.seed, identity, pose])
 
 
-def render_dataset(out: str | Path, config: SynthConfig, progress: bool = True, body=None) -> SynthReport:
+def render_dataset(out: str | Path, config: SynthConfig, progress: bool = True,
+                   body: BodyModel | None = None) -> SynthReport:
     """Render (or finish rendering) the dataset `config` describes into folder `out`.
 
     `body` may pass an already loaded BodyModel (loading Anny takes seconds)."""
-    import cv2
-    from tqdm import tqdm
-
-    from .synth_body import BodyModel
-    from .synth_clothing import vertex_colours
-    from .synth_render import Renderer, visible_keypoints
-
     config.check()
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise SynthError(f"--out {out} is a file; give a folder")
     _check_folder(out, config)
-    _, annotation_name, pairs_name, _ = STYLES[config.style]
+    style = STYLES[config.style]
     h, w = config.size
     body = body or BodyModel()
     renderer = Renderer(body.faces, body.vertex_count, (w, h))
@@ -263,10 +266,10 @@ def render_dataset(out: str | Path, config: SynthConfig, progress: bool = True, 
                     report.rendered += 1
                 bar.update(1)
             pairs += [(a, b) for a in with_torso for b in with_torso if a != b]
-        tmp = out / (annotation_name.format(split) + ".part")
+        tmp = out / (style.annotations.format(split) + ".part")
         write_annotations(tmp, rows)
-        os.replace(tmp, out / annotation_name.format(split))
-        _write_pairs(out / pairs_name.format(split), pairs)
+        os.replace(tmp, out / style.annotations.format(split))
+        _write_pairs(out / style.pairs.format(split), pairs)
         report.pairs[split] = len(pairs)
     bar.close()
     report.seconds = time.perf_counter() - start
@@ -297,7 +300,7 @@ def config_from_args(args: argparse.Namespace) -> SynthConfig:
     test = args.test_identities
     if test is None:
         test = max(1, round(0.15 * args.identities))
-    size = tuple(args.size) if args.size else STYLES[style][0]
+    size = tuple(args.size) if args.size else STYLES[style].size
     return SynthConfig(identities=args.identities, test_identities=test,
                        poses_per_identity=args.poses_per_identity, seed=args.seed, size=size, style=style)
 
