@@ -1,11 +1,11 @@
 """Build the installable extension zip: `python -m blender_addon.build [--split-platforms]`.
 
-Stages the add-on in `build/pg2_pose/` with the protocol/client modules copied from
+Stages the add-on in `build/blender_addon/pg2_pose/` with the protocol/client modules copied from
 `pg2_server` into `pg2_wire/`, the pyzmq and msgpack wheels that pip downloads for each
 Python and platform Blender ships (or wheels from `--wheels-from DIR`, offline), and a
 manifest listing exactly the wheels saved; then zips it with Blender's own extension
-builder (`bl_pkg/cli/blender_ext.py`, found in the `bpy` package or a Blender install) and
-validates the result. Needs no `bpy` import.
+builder (`bl_pkg/cli/blender_ext.py`, found in the installed `bpy` package) and
+validates the result; without Blender it writes the same layout itself. Never imports `bpy`.
 """
 from __future__ import annotations
 
@@ -172,8 +172,35 @@ def run_blender_ext(blender_ext: Path, *args: str) -> str:
     return run.stdout
 
 
+def zip_staging(staging: Path, output_dir: Path, split_platforms: bool) -> list[Path]:
+    """Blender's package layout without Blender: files at the zip's root; a per-platform zip
+    keeps only its wheels and names them under [build.generated], as blender_ext.py does."""
+    manifest = tomllib.loads((staging / "blender_manifest.toml").read_text())
+    name = f"{manifest['id']}-{manifest['version']}"
+    targets = [(p, f"{name}-{p.replace('-', '_')}.zip") for p in manifest["platforms"]] \
+        if split_platforms else [(None, f"{name}.zip")]
+    written = []
+    for platform, filename in targets:
+        keep = [w for w in manifest.get("wheels", [])
+                if platform is None or _fits(Wheel(Path(w)).tags["platform"], platform)]
+        with zipfile.ZipFile(output_dir / filename, "w", zipfile.ZIP_DEFLATED) as archive:
+            for path in sorted(staging.rglob("*")):
+                rel = path.relative_to(staging).as_posix()
+                if path.is_dir() or (rel.startswith("wheels/") and f"./{rel}" not in keep):
+                    continue
+                data = path.read_bytes()
+                if rel == "blender_manifest.toml" and platform is not None:
+                    data += ("\n# BEGIN GENERATED CONTENT.\n[build.generated]\n"
+                             f'platforms = ["{platform}"]\n'
+                             "wheels = [" + ", ".join(f'"{w}"' for w in keep) + "]\n"
+                             "# END GENERATED CONTENT.\n").encode()
+                archive.writestr(rel, data)
+        written.append(output_dir / filename)
+    return written
+
+
 def build(output_dir: Path, split_platforms: bool = False, wheels_from: Path | None = None,
-          work_dir: Path | None = None) -> list[Path]:
+          work_dir: Path | None = None, use_blender: bool = True) -> list[Path]:
     """Build and validate the extension zip(s); returns their paths."""
     work_dir = work_dir or ROOT / "build" / "blender_addon"
     if wheels_from is not None:
@@ -187,17 +214,17 @@ def build(output_dir: Path, split_platforms: bool = False, wheels_from: Path | N
     check_manifest(staging)
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
-    blender_ext = find_blender_ext()
-    if blender_ext is None:
-        raise BuildError("Blender's extension builder was not found: `pip install bpy` (or run "
-                         "`blender --command extension build` in the staged folder "
-                         f"{staging})")
+    blender_ext = find_blender_ext() if use_blender else None
     before = set(output_dir.glob("pg2_pose-*.zip"))
-    args = ["build", "--source-dir", str(staging), "--output-dir", str(output_dir)]
-    run_blender_ext(blender_ext, *args, *(["--split-platforms"] if split_platforms else []))
+    if blender_ext is not None:
+        args = ["build", "--source-dir", str(staging), "--output-dir", str(output_dir)]
+        run_blender_ext(blender_ext, *args, *(["--split-platforms"] if split_platforms else []))
+    else:
+        zip_staging(staging, output_dir, split_platforms)
     zips = sorted(set(output_dir.glob("pg2_pose-*.zip")) - before) or sorted(output_dir.glob("pg2_pose-*.zip"))
     for archive in zips:
-        run_blender_ext(blender_ext, "validate", str(archive))
+        if blender_ext is not None:
+            run_blender_ext(blender_ext, "validate", str(archive))
         check_manifest(archive)
     return zips
 
