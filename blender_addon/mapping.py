@@ -32,11 +32,11 @@ LIMBS = tuple(n for n in NAMES if n not in FACE and n != "neck")
 # keypoints). Calibrated on the Anny body's COCO regressor: blender_addon/calibrate_face.py,
 # results in docs/blender.md.
 FACE_OFFSETS: dict[str, tuple[float, float, float]] = {
-    "nose": (0.0, 0.29, 0.37),
-    "right_eye": (-0.10, 0.40, 0.30),
-    "left_eye": (0.10, 0.40, 0.30),
-    "right_ear": (-0.24, 0.33, 0.04),
-    "left_ear": (0.24, 0.33, 0.04),
+    "nose": (0.0, 0.029, 0.392),
+    "right_eye": (-0.104, 0.132, 0.319),
+    "left_eye": (0.104, 0.132, 0.319),
+    "right_ear": (-0.265, 0.085, 0.029),
+    "left_ear": (0.265, 0.085, 0.029),
 }
 # Shoulder width / head-bone length, used only when a rig lacks a shoulder.
 HEAD_LENGTH_TO_SHOULDERS = 1.6
@@ -55,6 +55,9 @@ class Preset:
     head: tuple[str, ...]  # candidates for the head bone (face synthesis)
     canonical: Callable[[str], str | None]  # actual bone name -> preset name, None to ignore
     neck_from_shoulders: bool = True  # COCO's neck is the shoulder midpoint
+    # How far this rig's head bone starts below the MPFB head bone that FACE_OFFSETS were
+    # fitted on, in shoulder widths; added to the offsets' "up" (calibrate_face.py).
+    head_drop: float = 0.0
 
 
 def _sided(right: str, left: str, end: str = "head") -> dict:
@@ -102,7 +105,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                      "right_eye": (("eye.R", "head"),), "left_eye": (("eye.L", "head"),),
                      "right_ear": (("ear.R", "head"),), "left_ear": (("ear.L", "head"),)},
                neck=("spine.004",)),
-        head=("spine.006",), canonical=_rigify_name,
+        head=("spine.006",), canonical=_rigify_name, head_drop=0.07,
     ),
     Preset(
         "mpfb", "Anny / MakeHuman (MPFB) default",
@@ -128,7 +131,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                 "knee": ("RightLeg", "LeftLeg"), "ankle": ("RightFoot", "LeftFoot")},
                face={"right_eye": (("RightEye", "head"),), "left_eye": (("LeftEye", "head"),)},
                neck=("Neck",)),
-        head=("Head",), canonical=_mixamo_name,
+        head=("Head",), canonical=_mixamo_name, head_drop=0.207,
     ),
 )}
 
@@ -158,6 +161,7 @@ class BoneMapping:
     # Face frame (left, up, forward columns) in the head bone's local space, from the rest pose.
     face_frame: Matrix | None = None
     rest_scale: float = 0.0  # shoulder width at rest, metres in armature space
+    head_drop: float = 0.0  # Preset.head_drop of the preset used
     notes: list[str] = field(default_factory=list)
 
     def missing(self) -> list[str]:
@@ -224,7 +228,7 @@ def resolve(bone_names: Sequence[str], preset: str | None = None,
     if spec.neck_from_shoulders and shoulders:
         sources[INDEX["neck"]] = Source("shoulders")
     head_bone = next((lookup[b] for b in spec.head if b in lookup), None)
-    mapping = BoneMapping(preset, sources, head_bone)
+    mapping = BoneMapping(preset, sources, head_bone, head_drop=spec.head_drop)
     for override in overrides:
         if override.keypoint not in INDEX:
             raise MappingError(f"override for unknown keypoint {override.keypoint!r}")
@@ -314,5 +318,6 @@ def keypoints_3d(armature, mapping: BoneMapping) -> list[Vector | None]:
         for name in FACE:
             i = INDEX[name]
             if mapping.sources[i] is not None and mapping.sources[i].kind == "face":
-                local[i] = head.head + frame @ (Vector(FACE_OFFSETS[name]) * scale)
+                offset = Vector(FACE_OFFSETS[name]) + Vector((0.0, mapping.head_drop, 0.0))
+                local[i] = head.head + frame @ (offset * scale)
     return [None if p is None else world @ p for p in local]

