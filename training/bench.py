@@ -108,6 +108,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ValueError("bench --data needs --data-root, --annotations and --pairs")
         bench_data(args)
         return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
                           ("cpu" if args.device == "auto" else args.device))
     if device.type == "cuda":
@@ -145,6 +147,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (cuDNN autotuning, compile)")
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", action="store_true", help="also time torch.compile")
+    p.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's choice)")
     p.add_argument("--peak-tflops", type=float, help="the card's peak for MFU (default: known cards' bf16 peak)")
     p.add_argument("--data", action="store_true", help="measure the data loader instead")
     p.add_argument("--data-root")

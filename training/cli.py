@@ -59,6 +59,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from .distributed import init_distributed, shutdown
     from .trainer import Trainer, pretrained_g1, state_path, train_config
 
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     job = init_distributed(args.device)
     try:
         config = train_config(
@@ -139,6 +142,8 @@ def _add_fit(sub) -> None:
     p.add_argument("--sample-every", type=int, help="steps between sample grids (default 500)")
     p.add_argument("--save-every", type=int, help="steps between state saves (default 1000)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (torchrun: each process its LOCAL_RANK GPU)")
+    p.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's choice; on a small shared "
+                                               "CPU machine 1 avoids OpenMP threads fighting over cores)")
     p.add_argument("--no-bf16", action="store_true", help="fp32 on CUDA too (default: bf16 autocast on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks")
     p.set_defaults(func=cmd_fit)
