@@ -34,7 +34,7 @@ PLATFORMS = {
 }
 _WHEEL = re.compile(r"^(?P<name>[^-]+)-(?P<version>[^-]+)(-\d[^-]*)?-(?P<python>[^-]+)-(?P<abi>[^-]+)"
                     r"-(?P<platform>[^-]+)\.whl$")
-_EXCLUDE = {"__pycache__", "build.py", "calibrate_face.py", "wheels", "pg2_wire"}
+_EXCLUDE = {"__pycache__", "build.py", "calibrate_face.py", "bench.py", "wheels", "pg2_wire"}
 
 
 class BuildError(RuntimeError):

@@ -239,3 +239,37 @@ def test_errors_say_what_to_fix(shot, problem, message, tmp_path):
         bpy.ops.pg2.generate()
     out = Path(settings.output_path).parent
     assert not out.exists()
+
+
+def _plan(scene, frames, folder):
+    from blender_addon import generation
+    from blender_addon.mapping import armature_mapping
+    paths = [str(folder / f"f{f:03d}.png") for f in frames]
+    return generation.plan_frames(scene, scene.pg2.armature, armature_mapping(scene.pg2.armature),
+                                  frames, paths, keep_outside=False)
+
+
+def test_batch_thread_streams_frames_and_cancels_cleanly(shot, server, tmp_path):
+    """The UI path: a worker thread, events polled from the main thread, Esc = cancel()."""
+    from blender_addon import generation
+    from blender_addon.preferences import Connection
+    source = Path(shot.pg2.source_path).read_bytes()
+    jobs = _plan(shot, [1, 2, 3], tmp_path / "a")
+    batch = generation.Batch(Connection(server, 20.0), source, None, jobs, generation.Framing(), in_flight=2)
+    batch.start()
+    events = []
+    while not events or events[-1].kind != "end":
+        events.append(batch.events.get(timeout=30))
+    assert [e.kind for e in events] == ["frame"] * 3 + ["end"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["f001.png", "f002.png", "f003.png"]
+
+    jobs = _plan(shot, list(range(1, 6)) * 8, tmp_path / "b")  # 40 requests
+    batch = generation.Batch(Connection(server, 20.0), source, None, jobs, generation.Framing(), in_flight=1)
+    batch.start()
+    first = batch.events.get(timeout=30)
+    assert first.kind == "frame"
+    batch.cancel()
+    batch.thread.join(30)
+    assert not batch.thread.is_alive()
+    assert batch.done < len(jobs)
+    assert not [p for p in (tmp_path / "b").iterdir() if p.name.startswith(".pg2-")]

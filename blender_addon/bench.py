@@ -1,0 +1,166 @@
+"""Add-on benchmarks in Blender-as-a-module: `python -m blender_addon.bench projection|frames`.
+
+projection: 18 keypoints of an animated PG2 Pose Rig for N frames (frame_set included).
+frames: a frame range through `bpy.ops.pg2.generate_frames` against a server, next to the
+same requests sent straight from the Python client at the same in-flight count (the
+server's own time per image); the ratio is what Blender adds. Starts
+`pg2-server serve --random-weights` on a free port unless --endpoint is given.
+Not part of the built extension.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _scene(width: int, height: int, frames: int):
+    import bpy  # first: addon_utils and mathutils come with it
+    import addon_utils
+    from mathutils import Euler
+
+    from blender_addon import imaging, rig
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    addon_utils.enable("blender_addon", default_set=True, handle_error=None)
+    scene = bpy.context.scene
+    scene.render.resolution_x, scene.render.resolution_y, scene.render.resolution_percentage = width, height, 100
+    camera = bpy.data.objects.new("Camera", bpy.data.cameras.new("Camera"))
+    scene.collection.objects.link(camera)
+    camera.location, camera.rotation_euler = (0, -6.5, 0.9), Euler((math.radians(90), 0, 0))
+    scene.camera = camera
+    arm = rig.create_pose_rig(scene.collection, bpy.context.view_layer)
+    for name in ("right_shoulder", "left_hip", "neck"):
+        bone = arm.pose.bones[name]
+        bone.rotation_mode = "XYZ"
+        for frame in (1, frames // 2 + 1, frames):
+            bone.rotation_euler = Euler((math.radians(40 * math.sin(frame / 7)), 0, 0))
+            bone.keyframe_insert("rotation_euler", frame=frame)
+    scene.frame_start, scene.frame_end = 1, frames
+    scene.pg2.armature = arm
+    source = Path(tempfile.mkdtemp()) / "person.png"
+    pixels = imaging.background(88, 128, (0.8, 0.5, 0.3))
+    pixels[10:120, 30:60] = (30, 40, 200)
+    source.write_bytes(imaging.encode_png(pixels))
+    scene.pg2.source_path = str(source)
+    return scene, arm
+
+
+def bench_projection(frames: int) -> None:
+    import bpy
+
+    from blender_addon.mapping import armature_mapping
+    from blender_addon.projection import project_armature
+    scene, arm = _scene(1920, 1080, frames)
+    mapping = armature_mapping(arm)
+    started = time.perf_counter()
+    for frame in range(1, frames + 1):
+        scene.frame_set(frame)
+        points = project_armature(scene, arm, mapping=mapping)
+    elapsed = time.perf_counter() - started
+    assert sum(p is not None for p in points) == 18
+    started = time.perf_counter()
+    for frame in range(1, frames + 1):
+        scene.frame_set(frame)
+    frame_set_only = time.perf_counter() - started
+    print(f"projection: {frames} frames in {elapsed:.3f} s ({elapsed / frames * 1e3:.3f} ms/frame); "
+          f"frame_set alone {frame_set_only:.3f} s (Blender {bpy.app.version_string})")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_frames(frames: int, in_flight: int, endpoint: str | None, preset: str, size,
+                 rounds: int = 3) -> None:
+    import bpy
+
+    from blender_addon.wire import client
+    process = None
+    if endpoint is None:
+        endpoint = f"tcp://127.0.0.1:{_free_port()}"
+        process = subprocess.Popen([sys.executable, "-m", "pg2_server.cli", "serve", "--preset", preset,
+                                    "--random-weights", "--bind", endpoint], stdout=subprocess.DEVNULL)
+    try:
+        with client.Client(endpoint, timeout=2.0, retries=1) as c:
+            for _ in range(120):
+                try:
+                    c.ping()
+                    break
+                except client.ServerError:
+                    time.sleep(0.5)
+            info = c.info()
+        scene, arm = _scene(size[0], size[1], frames)
+        prefs = bpy.context.preferences.addons["blender_addon"].preferences
+        prefs.endpoint, prefs.timeout = endpoint, 120.0
+        settings = scene.pg2
+        settings.in_flight = in_flight
+        out = Path(tempfile.mkdtemp())
+        settings.output_path = str(out / "warm_####.png")
+        scene.frame_end = 4
+        bpy.ops.pg2.generate_frames()  # warm-up: server batches, sockets
+        scene.frame_end = frames
+        # Reference: the same keypoints, straight from the client, same in-flight count.
+        from blender_addon import generation
+        from blender_addon.mapping import armature_mapping
+        jobs = generation.plan_frames(scene, arm, armature_mapping(arm), list(range(1, frames + 1)),
+                                      [None] * frames, keep_outside=False)
+        source = Path(settings.source_path).read_bytes()
+        requests = [client.GenerateRequest(source, [None if p is None else list(p) for p in j.keypoints],
+                                           list(j.frame_size)) for j in jobs]
+        references, addons = [], []
+        for round_ in range(rounds):  # alternate, so load from elsewhere hits both alike
+            with client.Client(endpoint, timeout=120.0) as c:
+                started = time.perf_counter()
+                for _ in c.generate_many(requests, in_flight=in_flight):
+                    pass
+                references.append(time.perf_counter() - started)
+            settings.output_path = str(out / f"r{round_}" / "frame_####.png")
+            started = time.perf_counter()
+            bpy.ops.pg2.generate_frames()
+            addons.append(time.perf_counter() - started)
+        reference, addon = min(references), min(addons)
+        out = out / "r0"
+        assert len(list(out.glob("frame_*.png"))) == frames
+        model = info["models"][0]
+        print(f"frames: {frames} frames {size[0]}x{size[1]}, model {model['name']} canvas {model['canvas']} "
+              f"on {info.get('devices')}, in flight {in_flight}")
+        print(f"  client straight to server: best of {rounds} {reference:.2f} s "
+              f"({reference / frames * 1e3:.1f} ms/image); all {', '.join(f'{t:.2f}' for t in references)}")
+        print(f"  bpy.ops.pg2.generate_frames: best of {rounds} {addon:.2f} s "
+              f"({addon / frames * 1e3:.1f} ms/frame); all {', '.join(f'{t:.2f}' for t in addons)}")
+        print(f"  ratio add-on / server: {addon / reference:.3f} (target <= 1.1)")
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(10)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("projection")
+    p.add_argument("--frames", type=int, default=1000)
+    p = sub.add_parser("frames")
+    p.add_argument("--frames", type=int, default=50)
+    p.add_argument("--in-flight", type=int, default=4)
+    p.add_argument("--endpoint", help="a running server (default: start one)")
+    p.add_argument("--preset", default="demo", help="model preset of the started server")
+    p.add_argument("--size", type=int, nargs=2, default=(176, 256), metavar=("W", "H"))
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of each; the best counts")
+    args = parser.parse_args(argv)
+    if args.what == "projection":
+        bench_projection(args.frames)
+    else:
+        bench_frames(args.frames, args.in_flight, args.endpoint, args.preset, args.size, args.rounds)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
