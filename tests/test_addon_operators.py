@@ -273,3 +273,70 @@ def test_batch_thread_streams_frames_and_cancels_cleanly(shot, server, tmp_path)
     assert not batch.thread.is_alive()
     assert batch.done < len(jobs)
     assert not [p for p in (tmp_path / "b").iterdir() if p.name.startswith(".pg2-")]
+
+
+class RecordingLayout:
+    """Stands in for a UI layout (there is none headless): checks every prop/operator named."""
+
+    def __init__(self, seen):
+        self.seen = seen
+
+    def __getattr__(self, name):
+        if name in ("prop", "prop_search", "template_ID", "template_list", "operator", "label"):
+            return getattr(self, "_" + name)
+        return lambda *a, **k: RecordingLayout(self.seen)
+
+    def __setattr__(self, name, value):
+        object.__setattr__(self, name, value)
+
+    def _prop(self, data, name, **kw):
+        data = getattr(data, "bl_rna", None) and data
+        assert data is not None and name in data.bl_rna.properties, f"{data} has no property {name}"
+        self.seen.append(name)
+
+    def _prop_search(self, data, name, search_data, search_name, **kw):
+        self._prop(data, name)
+        assert search_name in search_data.bl_rna.properties
+
+    def _template_ID(self, data, name, **kw):
+        self._prop(data, name)
+
+    def _template_list(self, list_type, list_id, data, name, active_data, active_name, **kw):
+        assert hasattr(bpy.types, list_type)
+        self._prop(data, name)
+        self._prop(active_data, active_name)
+
+    def _operator(self, idname, **kw):
+        group, _, name = idname.partition(".")
+        assert name in dir(getattr(bpy.ops, group)), idname
+
+    def _label(self, text="", **kw):
+        self.seen.append(("label", text))
+
+
+def test_panels_and_preferences_draw_real_properties(shot):
+    from blender_addon import panels, preferences
+
+    class Context:
+        scene = shot
+    for framing, source in (("CAMERA", "FILE"), ("PERSON", "IMAGE")):
+        shot.pg2.framing, shot.pg2.source_kind = framing, source
+        for panel in (panels.PG2_PT_main, panels.PG2_PT_frames, panels.PG2_PT_overrides):
+            seen = []
+            panel.draw(type("P", (), {"layout": RecordingLayout(seen)})(), Context)
+            assert seen
+    seen = []
+    shot.pg2.overrides.add()
+    panels.PG2_UL_overrides.draw_item(None, Context, RecordingLayout(seen), shot.pg2, shot.pg2.overrides[0],
+                                      0, None, "", 0)
+    assert seen == ["keypoint", "bone", "end"]
+    prefs().endpoint = "http://example.org:5557"
+    seen = []
+
+    class Prefs:  # the real preferences, drawn into the recording layout
+        layout = RecordingLayout(seen)
+
+        def __getattr__(self, name):
+            return getattr(prefs(), name)
+    preferences.PG2Preferences.draw(Prefs(), Context)
+    assert any(isinstance(s, tuple) and "web address" in s[1] for s in seen)
