@@ -119,7 +119,7 @@ def started_server(command: list[str], endpoint: str, timeout: float = 120.0):
 
 
 def drive(endpoint: str, clients: int, total: int, source: bytes, keypoints, size, timeout: float,
-          curve=None) -> tuple[list[float], float]:
+          curve=None, output_format: str = "png") -> tuple[list[float], float]:
     """`clients` threads, one request in flight each, `total` requests; returns (latencies ms, wall s)."""
     latencies: list[float] = []
     errors: list[BaseException] = []
@@ -136,7 +136,7 @@ def drive(endpoint: str, clients: int, total: int, source: bytes, keypoints, siz
                         return
                 started = time.perf_counter()
                 try:
-                    client.generate(source, keypoints, size)
+                    client.generate(source, keypoints, size, output_format=output_format)
                 except BaseException as e:
                     errors.append(e)
                     return
@@ -163,10 +163,10 @@ def measure_served(endpoint: str, args: argparse.Namespace, clients: int, total:
         info_before = client.info()
         # Warm-up: every client once, so the first (slow) batches are not timed.
         drive(endpoint, clients, clients * max(1, args.warmup), source_png, BENCH_KEYPOINTS, BENCH_FRAME,
-              args.timeout, curve)
+              args.timeout, curve, args.output_format)
         info_warm = client.info()
         latencies, wall = drive(endpoint, clients, total, source_png, BENCH_KEYPOINTS, BENCH_FRAME,
-                                args.timeout, curve)
+                                args.timeout, curve, args.output_format)
         info_after = client.info()
     before, after = info_warm["counters"], info_after["counters"]
     batches = after["batches"] - before["batches"]
@@ -179,14 +179,15 @@ def measure_served(endpoint: str, args: argparse.Namespace, clients: int, total:
             "devices": info_after.get("devices")}
 
 
-def measure_overhead(endpoint: str, pipeline, count: int, source: np.ndarray, timeout: float, curve=None) -> dict:
+def measure_overhead(endpoint: str, pipeline, count: int, source: np.ndarray, timeout: float, curve=None,
+                     output_format: str = "png") -> dict:
     """p50 of served latency minus raw `generate` latency at batch 1, measured alternately."""
     source_png = png_bytes(source)
     served, raw = [], []
     with Client(endpoint, timeout=timeout, curve=curve) as client:
         for i in range(count + 3):
             started = time.perf_counter()
-            client.generate(source_png, BENCH_KEYPOINTS, BENCH_FRAME)
+            client.generate(source_png, BENCH_KEYPOINTS, BENCH_FRAME, output_format=output_format)
             served_ms = (time.perf_counter() - started) * 1000
             started = time.perf_counter()
             pipeline.generate([source], [BENCH_KEYPOINTS], [BENCH_FRAME])
@@ -195,7 +196,8 @@ def measure_overhead(endpoint: str, pipeline, count: int, source: np.ndarray, ti
                 served.append(served_ms)
                 raw.append(raw_ms)
     differences = [s - r for s, r in zip(served, raw)]
-    return {"requests": count, "served_p50_ms": statistics.median(served), "raw_p50_ms": statistics.median(raw),
+    return {"requests": count, "output_format": output_format, "served_p50_ms": statistics.median(served),
+            "raw_p50_ms": statistics.median(raw),
             "overhead_p50_ms": statistics.median(served) - statistics.median(raw),
             "paired_difference_p50_ms": statistics.median(differences)}
 
@@ -213,6 +215,7 @@ def run_bench(args: argparse.Namespace) -> int:
     curve = client_from_args(args).curve if args.server else None
     batch = min(args.max_batch, clients)
     report: dict = {"source": f"{BENCH_FRAME[0]}×{BENCH_FRAME[1]} PNG ({len(source_png)} bytes)",
+                    "output_format": args.output_format,
                     "cpu_count": os.cpu_count(), "load_average": os.getloadavg()}
 
     pipeline = load_pipeline(args)
@@ -233,11 +236,13 @@ def run_bench(args: argparse.Namespace) -> int:
     report["served_over_raw"] = report["served"]["requests_per_s"] / rate
     if args.overhead:
         if args.server:
-            report["overhead"] = measure_overhead(args.server, pipeline, args.overhead, source, args.timeout, curve)
+            report["overhead"] = measure_overhead(args.server, pipeline, args.overhead, source, args.timeout, curve,
+                                                  args.output_format)
         else:
             endpoint = f"tcp://127.0.0.1:{free_port()}"
             with started_server(server_command(args, endpoint, 1), endpoint):
-                report["overhead"] = measure_overhead(endpoint, pipeline, args.overhead, source, args.timeout)
+                report["overhead"] = measure_overhead(endpoint, pipeline, args.overhead, source, args.timeout,
+                                                      output_format=args.output_format)
     report["load_average_end"] = os.getloadavg()
     if args.json:
         print(json.dumps(report, indent=2))
@@ -261,7 +266,8 @@ def format_report(report: dict) -> str:
              f"{served['rss_mb_end']} MiB after {served['requests']} requests"]
     if "overhead" in report:
         o = report["overhead"]
-        lines.append(f"protocol overhead at 1 client, batch 1 ({o['requests']} requests): served p50 "
+        lines.append(f"protocol overhead at 1 client, batch 1, {o['output_format']} output ({o['requests']} requests): "
+                     f"served p50 "
                      f"{o['served_p50_ms']:.2f} ms − raw p50 {o['raw_p50_ms']:.2f} ms = {o['overhead_p50_ms']:.2f} ms"
                      f" (median of paired differences {o['paired_difference_p50_ms']:.2f} ms)")
     return "\n".join(lines)

@@ -456,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=int, default=16, help="concurrent DEALER clients (default 16)")
     p.add_argument("--requests", type=int, default=0, help="requests in total (default: 8 per client, ≥ 64)")
     p.add_argument("--warmup", type=int, default=0, help="requests per client before timing (default 1)")
+    p.add_argument("--output-format", choices=["png", "jpeg", "raw"], default="png",
+                   help="result format the clients ask for (default png)")
     p.add_argument("--overhead", type=int, default=0,
                    help="also measure protocol overhead with this many requests at 1 client, batch 1")
     p.add_argument("--json", action="store_true", help="print the results as JSON")

@@ -115,7 +115,7 @@ def serve(worker: Worker, bind: str, stop: threading.Event, curve: Curve | None 
         while True:
             events = dict(poller.poll(50))
             if outbox.pull in events:
-                forward(outbox.pull, router)
+                outbox.deliver(router)
             if router in events:
                 while True:
                     try:
@@ -142,26 +142,18 @@ def serve(worker: Worker, bind: str, stop: threading.Event, curve: Curve | None 
         while time.monotonic() < deadline:
             events = dict(poller.poll(20))
             if outbox.pull in events:
-                forward(outbox.pull, router)
+                outbox.deliver(router)
             if router in events:
                 frames = router.recv_multipart(copy=False)
                 envelope, message = protocol.split_envelope(frames)
                 worker.handle([f.buffer for f in message], replier(envelope))
-        forward(outbox.pull, router)
+        outbox.deliver(router)
         log.info("stopped: %s", worker.summary())
     finally:
         worker.close()
-        forward(outbox.pull, router)
+        outbox.deliver(router)
         outbox.close()
         router.close()
         if authenticator:
             authenticator.stop()
 
-
-def forward(pull: zmq.Socket, out: zmq.Socket) -> None:
-    """Send every queued outbox message on `out` without blocking for more."""
-    while True:
-        try:
-            out.send_multipart(pull.recv_multipart(zmq.NOBLOCK, copy=False), copy=False)
-        except zmq.Again:
-            return

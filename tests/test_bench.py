@@ -1,0 +1,48 @@
+"""The bench's measuring pieces (the end-to-end run is documented in docs/server.md)."""
+import numpy as np
+
+from pg2_server.bench import BENCH_FRAME, BENCH_KEYPOINTS, bench_source, format_report, percentile, png_bytes, \
+    raw_throughput
+from pg2_server.codec import declared_size
+from pg2_server.pipeline import Pipeline
+
+
+def test_percentiles_are_nearest_rank():
+    values = list(range(1, 101))
+    assert percentile(values, 50) in (50, 51)
+    assert percentile(values, 95) == 95 or percentile(values, 95) == 96
+    assert percentile(values, 99) in (99, 100)
+    assert percentile([7.0], 99) == 7.0
+    assert np.isnan(percentile([], 50))
+
+
+def test_bench_source_is_a_deterministic_176_by_256_png():
+    image = bench_source()
+    assert image.shape == (256, 176, 3) and image.dtype == np.uint8
+    assert np.array_equal(image, bench_source())
+    data = png_bytes(image)
+    assert declared_size(data, "png") == BENCH_FRAME
+    assert len(BENCH_KEYPOINTS) == 18
+
+
+def test_raw_throughput_counts_images_of_the_whole_pipeline():
+    pipeline = Pipeline.random("tiny")
+    measured = raw_throughput(pipeline, 4, bench_source(), BENCH_KEYPOINTS, BENCH_FRAME, iterations=2,
+                              min_seconds=0.0)
+    assert measured.batch == 4
+    assert measured.images_per_s > 0
+    assert abs(measured.ms_per_batch - 4 / measured.images_per_s * 1000) < 1e-6
+
+
+def test_report_shows_ratio_latency_and_memory():
+    report = {"source": "176×256 PNG (1 bytes)", "cpu_count": 2, "load_average": (1.0, 1.0, 1.0),
+              "served": {"model": "tiny-random", "devices": ["cpu"], "clients": 16, "requests": 64,
+                         "requests_per_s": 9.0, "p50_ms": 1.0, "p95_ms": 2.0, "p99_ms": 3.0, "mean_batch": 16.0,
+                         "rss_mb_start": 250.0, "rss_mb_warm": 300.0, "rss_mb_end": 301.0},
+              "raw": {"batch": 16, "images_per_s": 10.0, "ms_per_batch": 1600.0, "runs_images_per_s": [9.5, 10.5]},
+              "served_over_raw": 0.9, "output_format": "png",
+              "overhead": {"requests": 10, "output_format": "png", "served_p50_ms": 12.0, "raw_p50_ms": 10.5, "overhead_p50_ms": 1.5,
+                           "paired_difference_p50_ms": 1.4}}
+    text = format_report(report)
+    assert "served / raw: 0.900" in text and "mean batch 16.00" in text
+    assert "301.0 MiB after 64 requests" in text and "= 1.50 ms" in text
