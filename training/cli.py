@@ -54,10 +54,10 @@ def _load_split(args: argparse.Namespace, quiet: bool = False):
 # -- fit --------------------------------------------------------------------------------------
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from pg2_server.model import preset
+    from pg2_server.model import ModelConfig, preset
 
     from .distributed import init_distributed, shutdown
-    from .trainer import Trainer, pretrained_g1, state_path, train_config
+    from .trainer import Trainer, load_run_state, pretrained_g1, state_path, train_config
 
     if args.threads:
         import torch
@@ -88,9 +88,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
             if g1_config.preset != args.preset:
                 raise ValueError(f"G1 was trained with preset {g1_config.preset!r}, not {args.preset!r}")
             model_config = g1_config
-        elif args.stage == 2:
-            from .trainer import load_run_state
-            from pg2_server.model import ModelConfig
+        elif args.stage == 2:  # resuming stage 2: the model is the one saved
             model_config = ModelConfig.from_dict(load_run_state(run_dir, 2)["model_config"])
         split = _load_split(args, quiet=not job.is_main)
         provenance = {"data_root": str(Path(args.data_root).resolve()),
@@ -98,6 +96,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
                       "pairs": str(Path(args.pairs).resolve()),
                       "pairs_used": len(split.pairs), "images": len(split.names),
                       "skipped": {k: len(v) for k, v in split.report.problems.items()}}
+        if g1_state is not None:
+            provenance["g1_from"] = str(Path(args.g1 or run_dir).resolve())
         trainer = Trainer(config, model_config, run_dir, split, job, g1_state=g1_state,
                           resume=args.resume, data_provenance=provenance)
         if job.is_main:

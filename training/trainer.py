@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -314,7 +315,10 @@ class Trainer:
         sampler = PairSampler(len(dataset), c.seed, c.flip, self.job.rank, self.job.world_size,
                               start=self.step * c.batch_size)
         loader = make_loader(dataset, c.batch_size, sampler, c.workers, pin_memory=self.cuda)
-        previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        # Signals can only be caught on the main thread; elsewhere (a notebook's worker thread)
+        # the caller owns interruption.
+        catch = threading.current_thread() is threading.main_thread()
+        previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGTERM, signal.SIGINT)} if catch else {}
         log = _LossLog(self.run_dir, c.stage, self.step, self.job.is_main)
         samples = self._sample_batch(dataset) if self.job.is_main else None
         bar = tqdm(total=c.steps, initial=self.step, desc=f"stage {c.stage}", unit="step",
