@@ -291,6 +291,26 @@ def test_bad_request_gets_its_error_code_and_the_server_keeps_serving(server, na
         assert client.generate(SOURCE_PNG, KEYPOINTS, FRAME).image.width == 176
 
 
+def test_ping_answers_while_the_model_is_busy(server):
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(server)
+    for i in range(48):
+        sock.send_multipart([msgpack.packb(generate_header(i, size=[352, 512])), SOURCE_PNG])
+    time.sleep(0.05)
+    with Client(server, timeout=20) as client:
+        client.ping()
+        pinged = time.monotonic()
+    answered = 0
+    while answered < 48:
+        assert sock.poll(30000)
+        sock.recv_multipart()
+        answered += 1
+    finished = time.monotonic()
+    sock.close()
+    assert pinged < finished
+
+
 def test_frame_over_maxmsgsize_is_dropped_by_zeromq_and_others_are_unaffected(server):
     assert ask(server, _frames(generate_header(16), b"\x00" * (2 ** 20 + 10)), timeout=2) is None
     with Client(server, timeout=20) as client:
@@ -394,7 +414,9 @@ def test_full_queue_answers_overloaded():
 
 
 def test_sigterm_under_load_replies_to_every_request_and_exits_zero():
-    process, endpoint = start_server("--max-batch", "4", "--max-delay-ms", "10")
+    process, endpoint = start_server("--max-batch", "4", "--max-delay-ms", "10", "--device", "cpu,cpu")
+    with Client(endpoint, timeout=20) as client:
+        assert client.info()["devices"] == ["cpu", "cpu"]  # one batching thread each
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
