@@ -97,6 +97,7 @@ class FrameJob:
     keypoints: list[Point | None]
     frame_size: tuple[int, int]
     path: str | None = None  # None: the single-frame result, kept as pixels
+    render: str | None = None  # rendered frame to composite over (Blender loads it: main thread)
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ class Framing:
     """How a frame becomes a request and a result comes back into the frame."""
     mode: str = "CAMERA"  # "CAMERA" | "PERSON"
     margin: float = 0.15
-    background: tuple | None = (1.0, 1.0, 1.0)  # RGB 0..1; None = transparent
+    background: tuple | str | None = (1.0, 1.0, 1.0)  # RGB 0..1, "RENDER", None = transparent
 
 
 def plan_frames(scene, armature, mapping: BoneMapping, frames: Sequence[int],
@@ -131,7 +132,8 @@ class Event:
     """What the worker hands the main thread: a finished frame, an error, or the end."""
     kind: str  # "frame" | "error" | "end"
     job: FrameJob | None = None
-    pixels: object = None  # (H, W, 3|4) uint8 array for a single-frame result
+    pixels: object = None  # (H, W, 3|4) uint8 array: a single-frame result, or a crop to
+    crop: Crop | None = None  # composite over job.render at `crop` (main thread)
     message: str = ""
     timing: dict = field(default_factory=dict)
 
@@ -208,6 +210,9 @@ class Batch:
             pixels = None
         else:
             pixels = imaging.raw_image(image.data, image.width, image.height, image.channels)
+            if crop is not None and job.render is not None:
+                self.events.put(Event("frame", job, pixels, crop=crop, timing=dict(result.timing)))
+                return  # the main thread loads the render, composites, writes and counts it
             if crop is not None:
                 width, height = job.frame_size
                 frame = imaging.background(width, height, self.framing.background)
@@ -217,6 +222,35 @@ class Batch:
                 pixels = None
         self.done += 1
         self.events.put(Event("frame", job, pixels, timing=dict(result.timing)))
+
+
+def render_pixels(path: str):
+    """A rendered frame file as an (H, W, 4) uint8 array, read by Blender (main thread only)."""
+    import numpy as np
+    image = bpy.data.images.load(path, check_existing=False)
+    try:
+        width, height = image.size
+        pixels = np.empty(width * height * 4, np.float32)
+        image.pixels.foreach_get(pixels)
+    finally:
+        bpy.data.images.remove(image)
+    rgba = pixels.reshape(height, width, 4)[::-1]
+    return np.clip(np.rint(rgba * 255), 0, 255).astype(np.uint8)
+
+
+def finish_over_render(event: Event):
+    """Composite a crop over its frame's render (main thread); writes the file if the job has
+    one, else returns the frame's pixels."""
+    job = event.job
+    frame = render_pixels(job.render)
+    if frame.shape[1::-1] != tuple(job.frame_size):
+        raise GenerationError(f"the render {job.render} is {frame.shape[1]}x{frame.shape[0]}, "
+                              f"but the frame is {job.frame_size[0]}x{job.frame_size[1]}; render it again")
+    pixels = imaging.composite(frame, event.pixels, event.crop.x, event.crop.y)
+    if job.path:
+        imaging.write_atomic(job.path, imaging.encode_png(pixels))
+        return None
+    return pixels
 
 
 def describe_server_error(error) -> str:

@@ -41,8 +41,28 @@ def _mapping(context, armature):
 
 
 def _framing(settings) -> Framing:
-    color = None if settings.background == "TRANSPARENT" else tuple(settings.background_color)
-    return Framing(settings.framing, settings.margin, color)
+    background = {"TRANSPARENT": None, "RENDER": "RENDER"}.get(settings.background,
+                                                                tuple(settings.background_color))
+    return Framing(settings.framing, settings.margin, background)
+
+
+def _attach_renders(scene, jobs, render_missing: bool) -> None:
+    """Point each job at its rendered frame file; render the frame first if allowed."""
+    for job in jobs:
+        path = scene.render.frame_path(frame=job.frame)
+        if not os.path.isfile(path) and render_missing:
+            current = scene.frame_current
+            scene.frame_set(job.frame)
+            try:
+                bpy.ops.render.render()
+                # A still render does not expand the path's #, so save the result ourselves.
+                bpy.data.images["Render Result"].save_render(path, scene=scene)
+            finally:
+                scene.frame_set(current)
+        if not os.path.isfile(path):
+            raise GenerationError(f"no render of frame {job.frame} at {path}: render the animation "
+                                  "first (Render › Render Animation) or choose another background")
+        job.render = path
 
 
 def show_result(pixels, camera=None):
@@ -98,6 +118,8 @@ class _GenerationRun:
             source, source_size = generation.read_source(settings)
             jobs = generation.plan_frames(context.scene, armature, mapping, frames, paths,
                                           keep_outside=settings.framing == "PERSON")
+            if settings.framing == "PERSON" and settings.background == "RENDER":
+                _attach_renders(context.scene, jobs, render_missing=len(jobs) == 1 and paths[0] is None)
         except (GenerationError, MappingError, ValueError) as e:
             self.report({"ERROR"}, str(e))
             return {"CANCELLED"}
@@ -107,8 +129,10 @@ class _GenerationRun:
         self._error = None
         settings.progress, settings.status = 0.0, f"0 / {self._total}"
         if bpy.app.background or context.window is None:
-            self._batch.run()
-            self._drain(context)
+            # Blocking, but the worker still overlaps the network with the main thread's work.
+            self._batch.start()
+            while not self._drain(context, wait=True):
+                pass
             return self._end(context)
         _RUNS.add(self._batch)
         wm = context.window_manager
@@ -118,18 +142,28 @@ class _GenerationRun:
         wm.modal_handler_add(self)
         return {"RUNNING_MODAL"}
 
-    def _drain(self, context) -> bool:
-        """Handle the worker's events; True once it has ended."""
+    def _drain(self, context, wait: bool = False) -> bool:
+        """Handle the worker's events (waiting for the first if `wait`); True once it has ended."""
         settings = context.scene.pg2
         ended = False
         while True:
             try:
-                event = self._batch.events.get_nowait()
+                event = self._batch.events.get(timeout=None) if wait else self._batch.events.get_nowait()
             except queue.Empty:
                 break
+            wait = False
             if event.kind == "frame":
-                if event.pixels is not None:
-                    show_result(event.pixels, self._camera)
+                pixels = event.pixels
+                if event.crop is not None:  # over a render: Blender reads it, so here
+                    try:
+                        pixels = generation.finish_over_render(event)
+                    except (GenerationError, RuntimeError) as e:
+                        self._error = str(e)
+                        self._batch.cancel()
+                        continue
+                    self._batch.done += 1
+                if pixels is not None:
+                    show_result(pixels, self._camera)
             elif event.kind == "error":
                 self._error = event.message
             else:

@@ -48,6 +48,8 @@ class PG2SceneSettings(bpy.types.PropertyGroup):
                           description="Person framing: space around the skeleton, as a fraction of its height")
     background: EnumProperty(name="Background", items=[
         ("COLOR", "Colour", "Composite the person over a solid colour"),
+        ("RENDER", "Render", "Composite the person over the scene's rendered frame (the file at the "
+                             "Output Properties path; the current frame is rendered if it is missing)"),
         ("TRANSPARENT", "Transparent", "Keep only the person (RGBA)")], default="COLOR",
         description="Person framing: what lies around the generated crop")
     background_color: FloatVectorProperty(name="Colour", subtype="COLOR", size=3, min=0.0, max=1.0,

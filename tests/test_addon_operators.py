@@ -340,3 +340,30 @@ def test_panels_and_preferences_draw_real_properties(shot):
             return getattr(prefs(), name)
     preferences.PG2Preferences.draw(Prefs(), Context)
     assert any(isinstance(s, tuple) and "web address" in s[1] for s in seen)
+
+
+def test_person_framing_over_the_render(shot, server, tmp_path):
+    connect(server)
+    settings = shot.pg2
+    settings.framing, settings.background = "PERSON", "RENDER"
+    shot.render.engine = "BLENDER_WORKBENCH"
+    shot.render.image_settings.file_format = "PNG"
+    shot.render.filepath = str(tmp_path / "render" / "r_####")
+    shot.world = bpy.data.worlds.new("World")
+    shot.world.color = (1.0, 0.0, 0.0)  # Workbench's "World" background: pure red
+    shot.display.shading.background_type = "WORLD"
+    # A range needs renders that exist.
+    with pytest.raises(RuntimeError, match="no render of frame 1"):
+        bpy.ops.pg2.generate_frames()
+    # One frame: rendered on the spot, then the person goes over it.
+    assert bpy.ops.pg2.generate() == {"FINISHED"}
+    assert (tmp_path / "render" / "r_0001.png").exists()
+    from blender_addon.generation import render_pixels
+    render = render_pixels(str(tmp_path / "render" / "r_0001.png"))
+    corner = bpy.data.images["PG2 Result"].pixels[0:3]  # bottom-left, far from the person
+    assert corner == pytest.approx(render[-1, 0, :3] / 255, abs=1.5 / 255)
+    red, green = int(render[-1, 0, 0]), int(render[-1, 0, 1])
+    assert red > 2 * green  # the red world (through the view transform), not a default colour
+    bpy.ops.render.render(animation=True)
+    assert bpy.ops.pg2.generate_frames() == {"FINISHED"}
+    assert len(list(Path(settings.output_path).parent.glob("frame_*.png"))) == 5
