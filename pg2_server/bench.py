@@ -234,6 +234,12 @@ def run_bench(args: argparse.Namespace) -> int:
     report["raw"] = {"batch": batch, "images_per_s": rate, "ms_per_batch": batch / rate * 1000,
                      "runs_images_per_s": [r.images_per_s for r in raw_runs]}
     report["served_over_raw"] = report["served"]["requests_per_s"] / rate
+    observed = max(1, round(report["served"]["mean_batch"]))
+    if observed != batch:
+        # Closed-loop clients can settle into smaller batches; compare at that size too.
+        at_mean = raw_throughput(pipeline, observed, source, BENCH_KEYPOINTS, BENCH_FRAME, iterations)
+        report["raw_at_mean_batch"] = {"batch": observed, "images_per_s": at_mean.images_per_s,
+                                       "served_over_raw": report["served"]["requests_per_s"] / at_mean.images_per_s}
     if args.overhead:
         if args.server:
             report["overhead"] = measure_overhead(args.server, pipeline, args.overhead, source, args.timeout, curve,
@@ -261,7 +267,10 @@ def format_report(report: dict) -> str:
              f"raw pipeline at batch {raw['batch']}: {raw['images_per_s']:.2f} images/s "
              f"({raw['ms_per_batch']:.1f} ms/batch; before/after the served run: "
              f"{', '.join(f'{r:.2f}' for r in raw['runs_images_per_s'])})",
-             f"served / raw: {report['served_over_raw']:.3f}",
+             f"served / raw: {report['served_over_raw']:.3f}"
+             + (f" (raw at the served mean batch {report['raw_at_mean_batch']['batch']}: "
+                f"{report['raw_at_mean_batch']['images_per_s']:.2f} images/s, served / raw "
+                f"{report['raw_at_mean_batch']['served_over_raw']:.3f})" if "raw_at_mean_batch" in report else ""),
              f"server RSS: {served['rss_mb_start']} MiB at start, {served['rss_mb_warm']} MiB after warm-up, "
              f"{served['rss_mb_end']} MiB after {served['requests']} requests"]
     if "overhead" in report:

@@ -194,6 +194,9 @@ def cmd_generate_server(args: argparse.Namespace) -> int:
     with client_from_args(args) as client:
         if not pose.is_dir():
             size, keypoints = load_pose_file(pose)
+            # The server encodes in the format --out asks for, so the bytes are written as they come.
+            suffix = Path(args.out).suffix.lower()
+            output_format = "jpeg" if suffix in (".jpg", ".jpeg") and not args.alpha else "png"
             result = client.generate(source, as_list(keypoints), size, output_format=output_format,
                                      alpha=args.alpha)
             out = Path(args.out)

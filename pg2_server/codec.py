@@ -86,7 +86,10 @@ def decode_image(data, spec: ImageSpec, max_side: int, request_id=None) -> np.nd
     if (spec.width is not None and spec.width != width) or (spec.height is not None and spec.height != height):
         raise ProtocolError(BAD_REQUEST, f"the source header says {spec.width}×{spec.height} but the "
                                          f"{spec.format.upper()} file is {width}×{height}", request_id)
-    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error:  # some corrupt files make the codec raise instead of returning None
+        image = None
     if image is None or image.shape[:2] != (height, width):
         raise ProtocolError(BAD_REQUEST, f"the source {spec.format.upper()} file cannot be decoded "
                                          "(truncated or corrupt)", request_id)

@@ -200,7 +200,12 @@ class Worker:
                         f"the server's queue is full ({self.config.max_queue} requests); retry later", received)
             return
         job = Job(request, reply, received, self.pipelines[0])
-        self.pool.submit(self._guard, job, self._prepare, job)
+        try:
+            self.pool.submit(self._guard, job, self._prepare, job)
+        except RuntimeError:  # the pool is shut down: this worker is closing
+            self._finish_job(job, protocol.encode_error(request.id, protocol.OVERLOADED,
+                                                        "the server is shutting down; retry on another server"),
+                             protocol.OVERLOADED)
 
     # -- the stages of a generate request ------------------------------------------------------
 
