@@ -14,7 +14,7 @@ import bpy
 
 from . import generation, rig
 from .generation import Batch, Framing, GenerationError
-from .mapping import LIMBS, MappingError, Override, armature_mapping
+from .mapping import LIMBS, MappingError
 from .preferences import connection, describe_info, preferences
 
 RESULT_IMAGE = "PG2 Result"
@@ -32,12 +32,6 @@ def _scene_armature(context):
         return settings.armature
     active = context.active_object
     return active if active is not None and active.type == "ARMATURE" else None
-
-
-def _mapping(context, armature):
-    settings = context.scene.pg2
-    overrides = [Override(o.keypoint, o.bone, o.end) for o in settings.overrides]
-    return armature_mapping(armature, settings.preset, overrides)
 
 
 def _framing(settings) -> Framing:
@@ -104,10 +98,10 @@ class _GenerationRun:
         try:
             armature = _scene_armature(context)
             if armature is None:
-                raise GenerationError("choose the armature to pose in the PG2 panel (Scene properties)")
+                raise GenerationError("choose the armature to pose in the PG2 panel (3D Viewport sidebar, PG2 tab)")
             if context.scene.camera is None:
                 raise GenerationError("the scene has no active camera; add one and make it active")
-            mapping = _mapping(context, armature)
+            mapping = settings.bone_mapping(armature)
             unmapped = [n for n in mapping.missing() if n in LIMBS]
             if len(unmapped) == len(LIMBS):
                 raise GenerationError(f"no limb of {armature.name} is mapped; pick the rig preset "

@@ -8,7 +8,7 @@ import bpy
 import gpu
 from gpu_extras.batch import batch_for_shader
 
-from .mapping import MappingError, Override, armature_mapping, keypoints_3d
+from .mapping import MappingError, keypoints_3d
 from .projection import project_points
 
 # OpenPose's drawing skeleton and colours (pg2_server.keypoints.SKELETON / COLORS; the tests
@@ -55,8 +55,7 @@ def draw() -> None:
     if armature is None or armature.type != "ARMATURE":
         return
     try:
-        mapping = armature_mapping(armature, settings.preset,
-                                   [Override(o.keypoint, o.bone, o.end) for o in settings.overrides])
+        mapping = settings.bone_mapping()
     except MappingError:
         return  # the panel says what is wrong; the overlay just stays empty
     points = [None if p is None else tuple(p) for p in keypoints_3d(armature, mapping)]

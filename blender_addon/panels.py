@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import bpy
 
-from .mapping import NAMES, MappingError, Override, armature_mapping
+from .mapping import NAMES, MappingError
 
 
 class _PG2Panel:
@@ -26,8 +26,7 @@ class PG2_PT_main(_PG2Panel, bpy.types.Panel):
             layout.label(text="Choose an armature (or add Armature › PG2 Pose Rig)", icon="INFO")
         else:
             try:
-                mapping = armature_mapping(armature, settings.preset,
-                                           [Override(o.keypoint, o.bone, o.end) for o in settings.overrides])
+                mapping = settings.bone_mapping()
                 missing = mapping.missing()
                 layout.label(text=f"Rig: {mapping.preset}; {len(NAMES) - len(missing)} of 18 keypoints",
                              icon="CHECKMARK" if not missing else "INFO")

@@ -5,7 +5,7 @@ import bpy
 from bpy.props import (BoolProperty, CollectionProperty, EnumProperty, FloatProperty,
                        FloatVectorProperty, IntProperty, PointerProperty, StringProperty)
 
-from .mapping import NAMES, PRESETS
+from .mapping import NAMES, PRESETS, BoneMapping, Override, armature_mapping
 
 KEYPOINT_ITEMS = [(name, name.replace("_", " ").title(), f"COCO-18 keypoint {i}: {name}")
                   for i, name in enumerate(NAMES)]
@@ -71,6 +71,11 @@ class PG2SceneSettings(bpy.types.PropertyGroup):
                                description="Draw the keypoints the model will get in the viewport")
     progress: FloatProperty(name="Progress", default=0.0, min=0.0, max=1.0, subtype="FACTOR")
     status: StringProperty(name="Status", default="")
+
+    def bone_mapping(self, armature=None) -> BoneMapping:
+        """The mapping of `armature` (default: the chosen one) under this preset and overrides."""
+        overrides = [Override(o.keypoint, o.bone, o.end) for o in self.overrides]
+        return armature_mapping(armature if armature is not None else self.armature, self.preset, overrides)
 
 
 CLASSES = (PG2BoneOverride, PG2SceneSettings)
