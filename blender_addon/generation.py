@@ -11,7 +11,6 @@ import os
 import queue
 import re
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -152,8 +151,6 @@ class Batch:
         self.cancelled = threading.Event()
         self.thread: threading.Thread | None = None
         self.done = 0
-        self.started = time.perf_counter()
-        self.compute_ms: list[float] = []
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self.run, name="pg2-batch", daemon=True)
@@ -203,8 +200,6 @@ class Batch:
     def _finish(self, result) -> None:
         job, crop = result.request.tag
         image = result.image
-        if result.timing.get("compute_ms") is not None:
-            self.compute_ms.append(float(result.timing["compute_ms"]))
         if image.format == "png" and job.path:
             imaging.write_atomic(job.path, image.data)
             pixels = None

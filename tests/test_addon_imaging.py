@@ -1,0 +1,75 @@
+"""Result pixels: PNG encoding read back by Blender, compositing, frame file names, sources."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+bpy = pytest.importorskip("bpy")
+
+from blender_addon import generation, imaging  # noqa: E402
+
+
+def test_png_reads_back_in_blender(tmp_path):
+    rng = np.random.default_rng(0)
+    for channels in (3, 4):
+        pixels = rng.integers(0, 256, (7, 5, channels), dtype=np.uint8)
+        path = tmp_path / f"p{channels}.png"
+        imaging.write_atomic(str(path), imaging.encode_png(pixels))
+        back = generation.render_pixels(str(path))
+        assert back.shape == (7, 5, 4)
+        assert np.array_equal(back[..., :channels], pixels)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".pg2-")] == []
+
+
+def test_composite_blends_by_alpha_and_clips():
+    frame = imaging.background(6, 4, (0.0, 0.0, 1.0))
+    person = np.zeros((2, 3, 4), np.uint8)
+    person[..., 0] = 255
+    person[0, 0, 3], person[0, 1, 3], person[0, 2, 3] = 255, 128, 0
+    out = imaging.composite(frame, person, 4, -1)  # reaches past the right and top edges
+    assert out.shape == frame.shape and np.array_equal(frame[..., 2], np.full((4, 6), 255))
+    assert tuple(out[0, 4]) == (0, 0, 255)  # person row 1 has alpha 0 everywhere
+    clipped = imaging.composite(frame, person, 4, 0)
+    assert tuple(clipped[0, 4]) == (255, 0, 0)
+    assert tuple(clipped[0, 5]) == (128, 0, 127)
+    transparent = imaging.composite(imaging.background(6, 4, None), person, 4, 0)
+    assert tuple(transparent[0, 4]) == (255, 0, 0, 255) and transparent[0, 5, 3] == 128
+    assert transparent[3, 0, 3] == 0
+    assert np.array_equal(imaging.composite(frame, person, 50, 50), frame)
+
+
+def test_raw_image_checks_its_size():
+    assert imaging.raw_image(bytes(24), 2, 4, 3).shape == (4, 2, 3)
+    with pytest.raises(ValueError, match="needs 24 bytes"):
+        imaging.raw_image(bytes(23), 2, 4, 3)
+
+
+def test_frame_paths_follow_blenders_hash_pattern(tmp_path):
+    assert generation.frame_path(str(tmp_path / "f_####.png"), 7) == str(tmp_path / "f_0007.png")
+    assert generation.frame_path(str(tmp_path / "a##_b###"), 12) == str(tmp_path / "a##_b012.png")
+    assert generation.frame_path(str(tmp_path / "shot.jpg"), 3) == str(tmp_path / "shot0003.jpg")
+    assert generation.frame_path(str(tmp_path) + os.sep, 5) == str(tmp_path / "0005.png")
+
+
+def test_source_from_an_image_datablock(tmp_path):
+    image = bpy.data.images.new("person", 4, 3)
+    pixels = np.zeros((3, 4, 4), np.float32)
+    pixels[..., 0], pixels[..., 3] = 1.0, 1.0
+    pixels[0, 0] = (0, 1, 0, 1)  # Blender's first row is the bottom one
+    image.pixels.foreach_set(pixels.ravel())
+
+    class Settings:
+        source_kind, source_image, source_path = "IMAGE", image, ""
+    data, size = generation.read_source(Settings)
+    rgb = np.frombuffer(data, np.uint8).reshape(3, 4, 3)
+    assert size == (4, 3) and tuple(rgb[2, 0]) == (0, 255, 0) and tuple(rgb[0, 0]) == (255, 0, 0)
+    png = tmp_path / "p.png"
+    png.write_bytes(imaging.encode_png(np.zeros((3, 4, 3), np.uint8)))
+    Settings.source_image = bpy.data.images.load(str(png))
+    data, size = generation.read_source(Settings)
+    assert size is None and data == png.read_bytes()  # a file's own bytes travel as they are
+    Settings.source_image = None
+    with pytest.raises(generation.GenerationError, match="choose a source image"):
+        generation.read_source(Settings)
