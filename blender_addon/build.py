@@ -15,10 +15,14 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the build needs 3.11+ (as Blender's own tools do)
+    tomllib = None
 
 ADDON = Path(__file__).resolve().parent
 ROOT = ADDON.parent
@@ -139,6 +143,8 @@ def _fits(tag: str, platform: str) -> bool:
 
 def check_manifest(folder_or_zip: Path) -> dict:
     """Our own checks on top of Blender's validator: required fields and wheels present."""
+    if tomllib is None:
+        raise BuildError("building the extension needs Python 3.11 or later (for tomllib)")
     if folder_or_zip.suffix == ".zip":
         with zipfile.ZipFile(folder_or_zip) as archive:
             names = set(archive.namelist())
