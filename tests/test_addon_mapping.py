@@ -241,3 +241,14 @@ def test_face_follows_the_head_bone(scene):
     assert abs(nose_after.z - nose_before.z) < 0.01 * mp.rest_scale / 0.3
     assert abs(nose_after.x - nose_before.x) > 0.05  # turned sideways
     assert (after[INDEX["right_shoulder"]] - before[INDEX["right_shoulder"]]).length < 1e-6
+
+
+def test_pose_rig_without_face_bones_gets_the_same_face(scene):
+    rows = [r for r in rig.pose_rig_bones() if r[0] not in mapping.FACE]
+    arm = make(scene, "faceless", rows)
+    mp = armature_mapping(arm)
+    assert mp.preset == "pg2" and mp.head_bone == "neck"
+    points = keypoints_3d(arm, mp)
+    for name in mapping.FACE:
+        assert mp.sources[INDEX[name]].kind == "face"
+        assert (points[INDEX[name]] - Vector(rig.JOINTS[name])).length < 1e-4, name
