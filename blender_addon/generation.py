@@ -47,6 +47,15 @@ def frame_path(pattern: str, frame: int) -> str:
     return os.path.join(head, base)
 
 
+def file_format(path: str) -> str:
+    """The image format a frame file's extension asks for: "png" or "jpeg"."""
+    extension = os.path.splitext(path)[1].lower()
+    formats = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
+    if extension not in formats:
+        raise GenerationError(f"frame files must end in .png, .jpg or .jpeg, not {extension!r} ({path})")
+    return formats[extension]
+
+
 def read_source(settings) -> tuple[bytes, tuple[int, int] | None]:
     """The source photo as PNG/JPEG bytes (size None) or raw RGB bytes with its (W, H)."""
     if settings.source_kind == "IMAGE":
@@ -189,9 +198,9 @@ class Batch:
                 return
             keypoints = crop.shift(job.keypoints) if crop else job.keypoints
             size = (crop.width, crop.height) if crop else job.frame_size
-            # Files in camera framing take the server's PNG as is; anything composited or
-            # shown in Blender needs pixels.
-            fmt = "png" if job.path and not person else "raw"
+            # Files in camera framing take the server's PNG/JPEG as is; anything composited
+            # or shown in Blender needs pixels.
+            fmt = file_format(job.path) if job.path and not person else "raw"
             yield client.GenerateRequest(
                 self.source, [None if p is None else [float(p[0]), float(p[1])] for p in keypoints],
                 list(size), source_size=self.source_size, output_format=fmt, alpha=person,
@@ -200,7 +209,7 @@ class Batch:
     def _finish(self, result) -> None:
         job, crop = result.request.tag
         image = result.image
-        if image.format == "png" and job.path:
+        if image.format != "raw" and job.path:
             imaging.write_atomic(job.path, image.data)
             pixels = None
         else:

@@ -247,6 +247,13 @@ class PG2_OT_generate_frames(_GenerationRun, bpy.types.Operator):
             return {"CANCELLED"}
         frames = list(range(start, end + 1, step))
         paths = [generation.frame_path(settings.output_path, f) for f in frames]
+        try:
+            if generation.file_format(paths[0]) != "png" and settings.framing == "PERSON":
+                raise GenerationError("Person framing composites the result and writes PNG files "
+                                      "(with transparency if chosen); make the output path end in .png")
+        except GenerationError as e:
+            self.report({"ERROR"}, str(e))
+            return {"CANCELLED"}
         todo = [(f, p) for f, p in zip(frames, paths) if settings.overwrite or not os.path.exists(p)]
         self._skipped = len(frames) - len(todo)
         if not todo:

@@ -367,3 +367,20 @@ def test_person_framing_over_the_render(shot, server, tmp_path):
     bpy.ops.render.render(animation=True)
     assert bpy.ops.pg2.generate_frames() == {"FINISHED"}
     assert len(list(Path(settings.output_path).parent.glob("frame_*.png"))) == 5
+
+
+def test_jpeg_frames_and_bad_extensions(shot, server):
+    connect(server)
+    settings = shot.pg2
+    folder = Path(settings.output_path).parent
+    settings.output_path = str(folder / "j_####.jpg")
+    shot.frame_end = 2
+    assert bpy.ops.pg2.generate_frames() == {"FINISHED"}
+    assert [p.read_bytes()[:3] for p in sorted(folder.glob("j_*.jpg"))] == [b"\xff\xd8\xff"] * 2
+    settings.framing = "PERSON"
+    with pytest.raises(RuntimeError, match="end in .png"):
+        bpy.ops.pg2.generate_frames()
+    settings.framing = "CAMERA"
+    settings.output_path = str(folder / "t_####.tiff")
+    with pytest.raises(RuntimeError, match=r"must end in \.png, \.jpg or \.jpeg"):
+        bpy.ops.pg2.generate_frames()
