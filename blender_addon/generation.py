@@ -11,7 +11,7 @@ import os
 import queue
 import re
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import bpy
@@ -140,10 +140,9 @@ class Event:
     """What the worker hands the main thread: a finished frame, an error, or the end."""
     kind: str  # "frame" | "error" | "end"
     job: FrameJob | None = None
-    pixels: object = None  # (H, W, 3|4) uint8 array: a single-frame result, or a crop to
-    crop: Crop | None = None  # composite over job.render at `crop` (main thread)
+    pixels: object = None  # (H, W, 3|4) uint8: the single-frame result, or a crop that the
+    crop: Crop | None = None  # main thread composites over job.render at `crop`
     message: str = ""
-    timing: dict = field(default_factory=dict)
 
 
 class Batch:
@@ -215,7 +214,7 @@ class Batch:
         else:
             pixels = imaging.raw_image(image.data, image.width, image.height, image.channels)
             if crop is not None and job.render is not None:
-                self.events.put(Event("frame", job, pixels, crop=crop, timing=dict(result.timing)))
+                self.events.put(Event("frame", job, pixels, crop=crop))
                 return  # the main thread loads the render, composites, writes and counts it
             if crop is not None:
                 width, height = job.frame_size
@@ -225,7 +224,7 @@ class Batch:
                 imaging.write_atomic(job.path, imaging.encode_png(pixels))
                 pixels = None
         self.done += 1
-        self.events.put(Event("frame", job, pixels, timing=dict(result.timing)))
+        self.events.put(Event("frame", job, pixels))
 
 
 def render_pixels(path: str):
