@@ -383,3 +383,10 @@ def test_jpeg_frames_and_bad_extensions(shot, server):
     settings.output_path = str(folder / "t_####.tiff")
     with pytest.raises(RuntimeError, match=r"must end in \.png, \.jpg or \.jpeg"):
         bpy.ops.pg2.generate_frames()
+
+
+def test_server_error_codes_are_reported(shot, server):
+    connect(server)
+    shot.render.resolution_x, shot.render.resolution_y, shot.render.resolution_percentage = 5000, 400, 100
+    with pytest.raises(RuntimeError, match="PG2 server error too_large: .*4096"):
+        bpy.ops.pg2.generate()
