@@ -60,6 +60,7 @@ class RawMeasurement:
     batch: int
     images_per_s: float
     ms_per_batch: float
+    cpu_ms_per_image: float  # process CPU time: robust to other processes sharing the cores
 
 
 def raw_throughput(pipeline, batch: int, source: np.ndarray, keypoints, size, iterations: int = 3,
@@ -67,12 +68,13 @@ def raw_throughput(pipeline, batch: int, source: np.ndarray, keypoints, size, it
     """Images/s of `pipeline.generate` (prepare + G1/G2 + finish) at one batch size, after one warm-up."""
     sources, poses, sizes = [source] * batch, [keypoints] * batch, [size] * batch
     pipeline.generate(sources, poses, sizes, batch_size=batch)
-    runs, start = 0, time.perf_counter()
+    runs, start, cpu_start = 0, time.perf_counter(), time.process_time()
     while runs < iterations or time.perf_counter() - start < min_seconds:
         pipeline.generate(sources, poses, sizes, batch_size=batch)
         runs += 1
     elapsed = (time.perf_counter() - start) / runs
-    return RawMeasurement(batch, batch / elapsed, elapsed * 1000)
+    cpu = (time.process_time() - cpu_start) / runs
+    return RawMeasurement(batch, batch / elapsed, elapsed * 1000, cpu / batch * 1000)
 
 
 def free_port() -> int:
@@ -174,6 +176,8 @@ def measure_served(endpoint: str, args: argparse.Namespace, clients: int, total:
     return {"clients": clients, "requests": total, "requests_per_s": total / wall,
             "p50_ms": percentile(latencies, 50), "p95_ms": percentile(latencies, 95),
             "p99_ms": percentile(latencies, 99), "mean_batch": batched / batches if batches else 0.0,
+            "server_cpu_ms_per_request": (after["cpu_s"] - before["cpu_s"]) / total * 1000
+            if "cpu_s" in after else None,
             "rss_mb_start": info_before["counters"].get("rss_mb"), "rss_mb_warm": before.get("rss_mb"),
             "rss_mb_end": after.get("rss_mb"), "model": info_after["models"][0]["name"],
             "devices": info_after.get("devices")}
@@ -232,14 +236,16 @@ def run_bench(args: argparse.Namespace) -> int:
     raw_runs.append(raw_throughput(pipeline, batch, source, BENCH_KEYPOINTS, BENCH_FRAME, iterations))
     rate = statistics.mean(r.images_per_s for r in raw_runs)
     report["raw"] = {"batch": batch, "images_per_s": rate, "ms_per_batch": batch / rate * 1000,
-                     "runs_images_per_s": [r.images_per_s for r in raw_runs]}
+                     "runs_images_per_s": [r.images_per_s for r in raw_runs],
+                     "cpu_ms_per_image": statistics.mean(r.cpu_ms_per_image for r in raw_runs)}
     report["served_over_raw"] = report["served"]["requests_per_s"] / rate
     observed = max(1, round(report["served"]["mean_batch"]))
     if observed != batch:
         # Closed-loop clients can settle into smaller batches; compare at that size too.
         at_mean = raw_throughput(pipeline, observed, source, BENCH_KEYPOINTS, BENCH_FRAME, iterations)
         report["raw_at_mean_batch"] = {"batch": observed, "images_per_s": at_mean.images_per_s,
-                                       "served_over_raw": report["served"]["requests_per_s"] / at_mean.images_per_s}
+                                       "served_over_raw": report["served"]["requests_per_s"] / at_mean.images_per_s,
+                                       "cpu_ms_per_image": at_mean.cpu_ms_per_image}
     if args.overhead:
         if args.server:
             report["overhead"] = measure_overhead(args.server, pipeline, args.overhead, source, args.timeout, curve,
@@ -271,6 +277,7 @@ def format_report(report: dict) -> str:
              + (f" (raw at the served mean batch {report['raw_at_mean_batch']['batch']}: "
                 f"{report['raw_at_mean_batch']['images_per_s']:.2f} images/s, served / raw "
                 f"{report['raw_at_mean_batch']['served_over_raw']:.3f})" if "raw_at_mean_batch" in report else ""),
+             cpu_line(report),
              f"server RSS: {served['rss_mb_start']} MiB at start, {served['rss_mb_warm']} MiB after warm-up, "
              f"{served['rss_mb_end']} MiB after {served['requests']} requests"]
     if "overhead" in report:
@@ -280,3 +287,14 @@ def format_report(report: dict) -> str:
                      f"{o['served_p50_ms']:.2f} ms − raw p50 {o['raw_p50_ms']:.2f} ms = {o['overhead_p50_ms']:.2f} ms"
                      f" (median of paired differences {o['paired_difference_p50_ms']:.2f} ms)")
     return "\n".join(lines)
+
+
+def cpu_line(report: dict) -> str:
+    """CPU time per image, served (server process) against raw: comparable on a shared machine."""
+    served = report["served"].get("server_cpu_ms_per_request")
+    reference = report.get("raw_at_mean_batch", report["raw"])
+    if served is None:
+        return "server CPU time: not reported by this server"
+    return (f"CPU time per image: server {served:.1f} ms, raw pipeline at batch {reference['batch']} "
+            f"{reference['cpu_ms_per_image']:.1f} ms (raw / served {reference['cpu_ms_per_image'] / served:.3f}; "
+            "a machine shared with other work changes wall-clock figures far more than these)")

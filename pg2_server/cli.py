@@ -458,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_client_arguments(p, required=False)
     p.add_argument("--clients", type=int, default=16, help="concurrent DEALER clients (default 16)")
     p.add_argument("--requests", type=int, default=0, help="requests in total (default: 8 per client, ≥ 64)")
-    p.add_argument("--warmup", type=int, default=0, help="requests per client before timing (default 1)")
+    p.add_argument("--warmup", type=int, default=2, help="requests per client before timing (default 2)")
     p.add_argument("--output-format", choices=["png", "jpeg", "raw"], default="png",
                    help="result format the clients ask for (default png)")
     p.add_argument("--overhead", type=int, default=0,
@@ -468,16 +468,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Serving mixes a batching thread running torch with decode/encode threads: OpenMP threads that
-# spin while they wait then starve the others (on 2 cores a 4 ms batch took up to 700 ms).
+# Serving mixes a batching thread running torch with decode/encode threads. Threads that spin
+# while they wait (OpenMP's, and OpenCV's own pool) then starve the others: on 2 cores a 4 ms
+# batch took up to 700 ms. Requests are decoded in parallel by the server's pool, so OpenCV needs
+# no pool of its own, and OpenMP threads should sleep when idle.
 SPIN_SENSITIVE = ("serve", "worker", "bench")
+
+
+def quiet_idle_threads() -> None:
+    """Passive OpenMP waits (read once, when torch loads OpenMP) and no OpenCV thread pool."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import cv2
+    cv2.setNumThreads(1)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in SPIN_SENSITIVE:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads OpenMP
+        quiet_idle_threads()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -310,7 +310,8 @@ class Worker:
         model = self.pipelines[0].describe()
         model.pop("device", None)
         counters = self.counters.snapshot()
-        counters.update(in_flight=self._in_flight, queued=self.jobs.qsize(), rss_mb=round(resident_memory_mb(), 1))
+        counters.update(in_flight=self._in_flight, queued=self.jobs.qsize(), rss_mb=round(resident_memory_mb(), 1),
+                        cpu_s=round(time.process_time(), 3))
         devices = [str(p.device) for p in self.pipelines]
         return {"protocol_versions": list(protocol.SUPPORTED_VERSIONS),
                 "server": {"name": "pg2-server", "version": package_version(), "role": self.role},

@@ -32,17 +32,21 @@ def test_raw_throughput_counts_images_of_the_whole_pipeline():
     assert measured.batch == 4
     assert measured.images_per_s > 0
     assert abs(measured.ms_per_batch - 4 / measured.images_per_s * 1000) < 1e-6
+    assert measured.cpu_ms_per_image > 0
 
 
 def test_report_shows_ratio_latency_and_memory():
     report = {"source": "176×256 PNG (1 bytes)", "cpu_count": 2, "load_average": (1.0, 1.0, 1.0),
               "served": {"model": "tiny-random", "devices": ["cpu"], "clients": 16, "requests": 64,
                          "requests_per_s": 9.0, "p50_ms": 1.0, "p95_ms": 2.0, "p99_ms": 3.0, "mean_batch": 16.0,
-                         "rss_mb_start": 250.0, "rss_mb_warm": 300.0, "rss_mb_end": 301.0},
-              "raw": {"batch": 16, "images_per_s": 10.0, "ms_per_batch": 1600.0, "runs_images_per_s": [9.5, 10.5]},
+                         "rss_mb_start": 250.0, "rss_mb_warm": 300.0, "rss_mb_end": 301.0,
+                         "server_cpu_ms_per_request": 100.0},
+              "raw": {"batch": 16, "images_per_s": 10.0, "ms_per_batch": 1600.0, "runs_images_per_s": [9.5, 10.5],
+                      "cpu_ms_per_image": 95.0},
               "served_over_raw": 0.9, "output_format": "png",
               "overhead": {"requests": 10, "output_format": "png", "served_p50_ms": 12.0, "raw_p50_ms": 10.5, "overhead_p50_ms": 1.5,
                            "paired_difference_p50_ms": 1.4}}
     text = format_report(report)
     assert "served / raw: 0.900" in text and "mean batch 16.00" in text
     assert "301.0 MiB after 64 requests" in text and "= 1.50 ms" in text
+    assert "raw / served 0.950" in text

@@ -200,13 +200,13 @@ def _decode_or_protocol_error(message_frames):
         assert isinstance(e.message, str) and e.message
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.binary(max_size=64), min_size=0, max_size=4))
 def test_fuzz_random_bytes(message_frames):
     _decode_or_protocol_error(message_frames)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(st.sampled_from(sorted(protocol._REQUEST_KEYS) + ["x"]), json_like, max_size=8),
        st.sampled_from(["generate", "info", "ping", None]), st.lists(st.binary(max_size=32), max_size=3))
 def test_fuzz_structured_headers(fields, op, payloads):
