@@ -127,15 +127,16 @@ def cmd_generate_batch_local(args: argparse.Namespace) -> int:
 
     source = read_rgb(args.source)
     files = pose_files(Path(args.pose))
+    poses = [load_pose_file(f) for f in files]  # every file checked before the model loads
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     pipeline = load_pipeline(args)
     chunk = max(1, args.in_flight)
     with tqdm(total=len(files), unit="image", desc="generating") as progress:
         for start in range(0, len(files), chunk):
-            batch = files[start:start + chunk]
-            poses = [load_pose_file(f) for f in batch]
-            results = pipeline.generate([source] * len(batch), [k for _, k in poses], [z for z, _ in poses])
+            batch, batch_poses = files[start:start + chunk], poses[start:start + chunk]
+            results = pipeline.generate([source] * len(batch), [k for _, k in batch_poses],
+                                        [z for z, _ in batch_poses])
             for path, generation in zip(batch, results):
                 write_rgb(out_dir / (path.stem + "." + args.format.replace("jpeg", "jpg")), generation.image)
             progress.update(len(batch))
@@ -235,6 +236,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.local == bool(args.server):
         raise SystemExit("error: pass either --local (run the model here) or --server ENDPOINT")
     batch = Path(args.pose).is_dir()
+    if args.grid and not (args.local and not batch):
+        raise SystemExit("error: --grid works for one pose with --local")
     if args.local:
         return cmd_generate_batch_local(args) if batch else cmd_generate_local(args)
     return cmd_generate_server(args)
