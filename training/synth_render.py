@@ -67,6 +67,7 @@ def frame_camera(vertices: np.ndarray, size: tuple[int, int], fill: float, offse
 
 def visible_keypoints(camera: Camera, vertices: np.ndarray, faces: np.ndarray, joints: np.ndarray) -> np.ndarray:
     """Pixel keypoints (18,2), NaN where outside the frame or hidden behind the body."""
+    import bpy  # noqa: F401  (mathutils is importable only once bpy is loaded)
     from mathutils import Vector
     from mathutils.bvhtree import BVHTree
 
