@@ -94,12 +94,12 @@ def _wait_for_state(path: Path, process: subprocess.Popen, timeout: float = 60.0
     raise AssertionError("no state was written")
 
 
-def _start(dataset, out, steps, save_every):
+def _start(dataset, out, steps, save_every, *extra, **popen):
     args = _fit_args(dataset, out, 1, "--steps", str(steps), "--save-every", str(save_every),
-                     "--batch-size", "2", "--sample-every", "1000")
+                     "--batch-size", "2", "--sample-every", "1000", *extra)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # as this process: same numbers
     return subprocess.Popen([sys.executable, "-m", "training.cli", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
 def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path, dataset):
@@ -135,6 +135,18 @@ def test_sigterm_saves_the_state_and_exits_143(tmp_path, dataset):
     last_logged = json.loads((out / "stage1-log.jsonl").read_text().splitlines()[-1])
     assert state["step"] == last_logged["step"] < 100_000
     assert "continue with --resume" in process.stderr.read()
+
+
+def test_signal_to_the_whole_process_group_still_saves_the_state(tmp_path, dataset):
+    # Ctrl-C in a terminal, `kill -- -PGID` and job schedulers signal the data workers too.
+    out = tmp_path / "run"
+    process = _start(dataset, out, 100_000, 5, "--workers", "2", start_new_session=True)
+    _wait_for_state(state_path(out, 1), process)
+    os.killpg(process.pid, signal.SIGTERM)
+    assert process.wait(timeout=60) == 143, process.stderr.read()
+    state = load_run_state(out, 1)
+    last_logged = json.loads((out / "stage1-log.jsonl").read_text().splitlines()[-1])
+    assert state["step"] == last_logged["step"] < 100_000
 
 
 def test_two_stages_write_logs_samples_and_tensorboard(tmp_path, dataset):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -229,6 +230,10 @@ class PairSampler(Sampler):
 
 def _worker_init(_: int) -> None:
     cv2.setNumThreads(1)  # the loader's processes are the parallelism; OpenCV threads would fight
+    # Ctrl-C and schedulers signal the whole process group: only the trainer may act on it (save
+    # the state, then shut the loader down). Workers exit by themselves when the trainer dies.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_loader(dataset: PairDataset, batch_size: int, sampler: PairSampler, workers: int,
