@@ -87,7 +87,8 @@ def server_command(args: argparse.Namespace, bind: str, max_batch: int) -> list[
     """The `pg2-server serve` command line for this bench's model and batching flags."""
     command = [sys.executable, "-m", "pg2_server.cli", "serve", "--bind", bind, "--device", args.device,
                "--dtype", args.dtype, "--max-batch", str(max_batch), "--max-delay-ms", str(args.max_delay_ms),
-               "--max-queue", str(args.max_queue), "--threads", str(args.threads), "--seed", str(args.seed)]
+               "--max-queue", str(args.max_queue), "--threads", str(args.threads), "--seed", str(args.seed),
+               "--source-cache-mb", str(args.source_cache_mb)]
     if args.random_weights:
         command += ["--preset", args.preset, "--random-weights"]
     elif args.checkpoint:

@@ -257,6 +257,8 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-message-mb", type=float, default=32.0, help="largest request in MiB (default 32)")
     parser.add_argument("--max-image-side", type=int, default=4096, help="largest image side in px (default 4096)")
     parser.add_argument("--threads", type=int, default=4, help="image decode/encode threads (default 4)")
+    parser.add_argument("--source-cache-mb", type=float, default=64.0,
+                        help="decoded source images kept for reuse, by content (default 64; 0 = off)")
     parser.add_argument("--summary-s", type=float, default=60.0, help="seconds between summary log lines")
 
 
@@ -274,7 +276,7 @@ def build_worker(args: argparse.Namespace, role: str):
     devices = [d.strip() for d in args.device.split(",") if d.strip()]
     pipelines = [load_pipeline(argparse.Namespace(**{**vars(args), "device": device})) for device in devices]
     config = WorkerConfig(max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, max_queue=args.max_queue,
-                          threads=args.threads,
+                          threads=args.threads, source_cache_mb=args.source_cache_mb,
                           limits=Limits(int(args.max_message_mb * 2 ** 20), args.max_image_side))
     return Worker(pipelines, config, role=role)
 

@@ -5,7 +5,10 @@ that claims a huge image is refused before OpenCV allocates anything for it.
 """
 from __future__ import annotations
 
+import hashlib
 import struct
+import threading
+from collections import OrderedDict
 
 import cv2
 import numpy as np
@@ -94,6 +97,49 @@ def decode_image(data, spec: ImageSpec, max_side: int, request_id=None) -> np.nd
         raise ProtocolError(BAD_REQUEST, f"the source {spec.format.upper()} file cannot be decoded "
                                          "(truncated or corrupt)", request_id)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+class SourceCache:
+    """Recently decoded sources by content hash: an animation sends the same photo with every frame.
+
+    Holds at most `max_bytes` of decoded pixels, least recently used out first; the arrays are
+    read-only, since every request that hits the cache shares them.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._images: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def decode(self, data, spec: ImageSpec, max_side: int, request_id=None) -> np.ndarray:
+        """decode_image, answered from the cache when these exact bytes were decoded recently."""
+        if self.max_bytes <= 0:
+            return decode_image(data, spec, max_side, request_id)
+        key = hashlib.blake2b(data, digest_size=16, person=spec.format.encode()).digest() + \
+            f"{spec.width}x{spec.height}".encode()
+        with self._lock:
+            image = self._images.get(key)
+            if image is not None:
+                self._images.move_to_end(key)
+                self.hits += 1
+                return image
+            self.misses += 1
+        image = decode_image(data, spec, max_side, request_id)
+        if image.nbytes > self.max_bytes:
+            return image
+        image = image if spec.format != "raw" else image.copy()  # raw views the request's frame
+        image.flags.writeable = False
+        with self._lock:
+            if key not in self._images:
+                self._images[key] = image
+                self._bytes += image.nbytes
+            while self._bytes > self.max_bytes:
+                _, dropped = self._images.popitem(last=False)
+                self._bytes -= dropped.nbytes
+        return image
 
 
 def encode_image(rgb: np.ndarray, alpha: np.ndarray | None, output: OutputSpec, stage: str) -> tuple[bytes, ImageSpec]:

@@ -24,7 +24,7 @@ import zmq
 
 from . import protocol
 from .batching import Batcher
-from .codec import decode_image, encode_image
+from .codec import SourceCache, encode_image
 from .keypoints import KeypointError
 from .protocol import Limits, ProtocolError, Request
 
@@ -60,6 +60,7 @@ class WorkerConfig:
     max_queue: int = 256
     threads: int = 4
     limits: Limits = field(default_factory=Limits)
+    source_cache_mb: float = 64.0
 
 
 class Counters:
@@ -143,6 +144,7 @@ class Worker:
         self.counters = Counters()
         self.pool = ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="pg2-codec")
         self.jobs: queue.Queue = queue.Queue()
+        self.sources = SourceCache(int(config.source_cache_mb * 2 ** 20))
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
         self._idle = threading.Condition(self._in_flight_lock)
@@ -211,7 +213,8 @@ class Worker:
 
     def _prepare(self, job: Job) -> None:
         request = job.request
-        image = decode_image(request.source, request.source_spec, self.config.limits.max_image_side, request.id)
+        image = self.sources.decode(request.source, request.source_spec, self.config.limits.max_image_side,
+                                    request.id)
         request.source = None  # the payload frame is no longer needed; free it early
         try:
             job.prepared = job.pipeline.prepare(image, request.keypoints, request.size)
@@ -311,7 +314,8 @@ class Worker:
         model.pop("device", None)
         counters = self.counters.snapshot()
         counters.update(in_flight=self._in_flight, queued=self.jobs.qsize(), rss_mb=round(resident_memory_mb(), 1),
-                        cpu_s=round(time.process_time(), 3))
+                        cpu_s=round(time.process_time(), 3), source_cache_hits=self.sources.hits,
+                        source_cache_misses=self.sources.misses)
         devices = [str(p.device) for p in self.pipelines]
         return {"protocol_versions": list(protocol.SUPPORTED_VERSIONS),
                 "server": {"name": "pg2-server", "version": package_version(), "role": self.role},

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pg2_server.codec import declared_size, decode_image, encode_image, sniff_format
+from pg2_server.codec import SourceCache, declared_size, decode_image, encode_image, sniff_format
 from pg2_server.protocol import ImageSpec, OutputSpec, ProtocolError
 
 
@@ -101,3 +101,20 @@ def test_encode_with_and_without_alpha(fmt):
         assert np.array_equal(pixels[:, :, 3], alpha)
     else:
         assert np.abs(pixels.astype(int) - image).mean() < 12
+
+
+def test_source_cache_decodes_each_distinct_source_once():
+    cache = SourceCache(max_bytes=2 * 20 * 12 * 3)
+    first, second, third = encoded(rgb(), ".png"), encoded(rgb()[::-1].copy(), ".png"), encoded(rgb() // 2, ".png")
+    a = cache.decode(first, ImageSpec("png"), 4096)
+    assert cache.decode(first, ImageSpec("png"), 4096) is a and (cache.hits, cache.misses) == (1, 1)
+    assert not a.flags.writeable and np.array_equal(a, rgb())
+    cache.decode(second, ImageSpec("png"), 4096)
+    cache.decode(third, ImageSpec("png"), 4096)  # over two images' worth: the least recent goes
+    assert cache.decode(first, ImageSpec("png"), 4096) is not a and cache.misses == 4
+    raw = rgb().tobytes()
+    assert np.array_equal(cache.decode(raw, ImageSpec("raw", 20, 12), 4096), rgb())
+    with pytest.raises(ProtocolError):
+        cache.decode(first[:40], ImageSpec("png"), 4096)  # errors are never cached
+    off = SourceCache(0)
+    assert off.decode(first, ImageSpec("png"), 4096) is not off.decode(first, ImageSpec("png"), 4096)
