@@ -381,6 +381,20 @@ def test_cli_batch_mode_writes_one_image_per_pose(server, tmp_path):
     assert cv2.imread(str(out / "frame_0003.png")).shape == (80, 63, 3)
 
 
+def test_cli_local_batch_mode_needs_no_server(tmp_path):
+    source = tmp_path / "person.png"
+    source.write_bytes(SOURCE_PNG)
+    poses = tmp_path / "poses"
+    poses.mkdir()
+    for i in range(3):
+        (poses / f"f{i}.json").write_text(json.dumps({"size": [40, 50 + i], "keypoints": KEYPOINTS}))
+    out = tmp_path / "out"
+    done = run_cli("generate", "--local", "--preset", "tiny", "--random-weights", "--source", str(source),
+                   "--pose", str(poses), "--out", str(out), "--in-flight", "2", "--format", "jpeg")
+    assert done.returncode == 0, done.stderr
+    assert [cv2.imread(str(out / f"f{i}.jpg")).shape for i in range(3)] == [(50, 40, 3), (51, 40, 3), (52, 40, 3)]
+
+
 def test_cli_reports_a_pasted_web_address_and_a_dead_server(tmp_path):
     done = run_cli("ping", "--server", "http://localhost:5557")
     assert done.returncode == 2 and "web address" in done.stderr and "tcp://localhost:5557" in done.stderr
