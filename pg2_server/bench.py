@@ -89,6 +89,8 @@ def server_command(args: argparse.Namespace, bind: str, max_batch: int) -> list[
                "--dtype", args.dtype, "--max-batch", str(max_batch), "--max-delay-ms", str(args.max_delay_ms),
                "--max-queue", str(args.max_queue), "--threads", str(args.threads), "--seed", str(args.seed),
                "--source-cache-mb", str(args.source_cache_mb)]
+    if args.fast:
+        command += ["--fast", "--compile", args.compile]
     if args.random_weights:
         command += ["--preset", args.preset, "--random-weights"]
     elif args.checkpoint:
@@ -211,6 +213,8 @@ def run_bench(args: argparse.Namespace) -> int:
     """The `bench` subcommand."""
     from .cli import client_from_args, load_pipeline
 
+    if args.sweep:
+        sweep_then_configure(args)
     clients = args.clients
     if clients < 1:
         raise SystemExit("error: --clients must be at least 1")
@@ -262,6 +266,29 @@ def run_bench(args: argparse.Namespace) -> int:
     else:
         print(format_report(report))
     return 0
+
+
+def sweep_then_configure(args: argparse.Namespace) -> None:
+    """Issue 7's table: fp32 eager vs the fast path per preset and batch size; then point the
+    served run at --preset's best batch size (clients = 2 × batch keep every batch full)."""
+    from .pipeline import FastPath
+    from .throughput import compare, format_table
+
+    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    batches = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    dtype = "bfloat16" if args.dtype == "float32" else args.dtype
+    compile_mode = getattr(args, "compile", "none")
+    fast = FastPath(compile=compile_mode != "none",
+                    compile_mode=None if compile_mode in ("none", "default") else compile_mode)
+    rows = compare(presets, batches, device=args.device, dtype=dtype, fast=fast)
+    print(f"raw model, {args.device}: fp32 eager (reference) vs {dtype} fast path (compile: {compile_mode})")
+    print(format_table(rows), flush=True)
+    best = [r for r in rows if r["fast"]["preset"] == args.preset]
+    if best and args.random_weights:
+        top = max(best, key=lambda r: r["fast"]["images_per_s"])["fast"]["batch"]
+        args.max_batch, args.clients = top, 2 * top
+        args.dtype, args.fast = dtype, True
+        print(f"served: --preset {args.preset} at its best batch {top}, {2 * top} clients", flush=True)
 
 
 def format_report(report: dict) -> str:

@@ -67,12 +67,26 @@ def load_pipeline(args: argparse.Namespace):
     if getattr(args, "random_weights", False):
         if args.checkpoint:
             raise SystemExit("error: give either --checkpoint or --preset with --random-weights, not both")
-        return Pipeline.random(args.preset, seed=args.seed, device=args.device, dtype=args.dtype)
+        return Pipeline.random(args.preset, seed=args.seed, device=args.device, dtype=args.dtype,
+                               fast=fast_path(args))
     checkpoint = args.checkpoint or default_checkpoint()
     if checkpoint is None:
         raise SystemExit("error: no --checkpoint given and no bundled default model is installed; "
                          "pass --checkpoint PATH or --preset tiny --random-weights")
-    return Pipeline.from_checkpoint(checkpoint, device=args.device, dtype=args.dtype)
+    return Pipeline.from_checkpoint(checkpoint, device=args.device, dtype=args.dtype, fast=fast_path(args))
+
+
+def fast_path(args: argparse.Namespace):
+    """The FastPath named by --fast / --compile, or None for plain eager execution."""
+    from .pipeline import FastPath
+
+    compile_mode = getattr(args, "compile", "none")
+    if not getattr(args, "fast", False):
+        if compile_mode != "none":
+            raise SystemExit("error: --compile needs --fast")
+        return None
+    return FastPath(compile=compile_mode != "none", compile_mode=None if compile_mode in ("none", "default")
+                    else compile_mode)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,6 +97,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--fast", action="store_true",
+                        help="fast path: channels_last, cuDNN autotuning, batch-size buckets, pinned buffers")
+    parser.add_argument("--compile", default="none", choices=["none", "default", "max-autotune", "reduce-overhead"],
+                        help="with --fast: torch.compile G1+G2 per bucket (reduce-overhead adds CUDA graphs)")
 
 
 def write_grid(path: Path, source: np.ndarray, size, keypoints, generation) -> None:
@@ -230,6 +248,15 @@ def cmd_generate_server(args: argparse.Namespace) -> int:
                 progress.update(1)
     print(f"wrote {len(files) - failures} images to {out_dir}" + (f"; {failures} failed" if failures else ""))
     return 1 if failures else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .samples import BUNDLED, write_sample_grid
+
+    pipeline = load_pipeline(args)
+    out = write_sample_grid(pipeline, args.out, args.samples or BUNDLED)
+    print(f"wrote {out}: source | target pose | G1 | G2 | real target, model {pipeline.name}")
+    return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -416,6 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-flight", type=int, default=8, help="requests in flight in batch mode (default 8)")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("demo", help="generate the bundled sample people and poses into one grid image")
+    add_model_arguments(p)
+    p.add_argument("--out", default="sample_grid.png", help="grid image to write (default sample_grid.png)")
+    p.add_argument("--samples", help="a sample-set folder with samples.json (default: the bundled one)")
+    p.set_defaults(func=cmd_demo)
+
     p = sub.add_parser("serve", help="serve the model over ZeroMQ (protocol v1), batching per device")
     add_worker_arguments(p)
     p.add_argument("--bind", default="tcp://127.0.0.1:5557", help="endpoint to bind (default tcp://127.0.0.1:5557)")
@@ -469,6 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overhead", type=int, default=0,
                    help="also measure protocol overhead with this many requests at 1 client, batch 1")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--sweep", action="store_true",
+                   help="first compare fp32 eager with the fast path (--dtype, default bfloat16) for --presets over "
+                        "--batch-sizes, then serve --preset at its best batch size")
+    p.add_argument("--presets", default="market,deepfashion", help="presets of --sweep (default market,deepfashion)")
+    p.add_argument("--batch-sizes", default="1,8,32,64", help="batch sizes of --sweep (default 1,8,32,64)")
     p.set_defaults(func=cmd_bench)
     return parser
 

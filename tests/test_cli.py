@@ -73,3 +73,23 @@ def test_generate_local_errors_are_one_clear_line(tmp_path, inputs):
                   str(tmp_path / "missing.png"), "--pose", str(pose), "--out", str(tmp_path / "x.png"), check=False)
     assert result.returncode == 2 and "cannot read image" in result.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_fast_path_flag_gives_the_same_image(tmp_path, inputs):
+    source, pose = inputs
+    common = ["generate", "--local", "--preset", "tiny", "--random-weights", "--source", str(source), "--pose",
+              str(pose)]
+    _run(*common, "--out", str(tmp_path / "eager.png"))
+    _run(*common, "--out", str(tmp_path / "fast.png"), "--fast")
+    eager, fast = cv2.imread(str(tmp_path / "eager.png")), cv2.imread(str(tmp_path / "fast.png"))
+    assert np.abs(eager.astype(int) - fast.astype(int)).max() <= 1
+    result = _run(*common, "--out", str(tmp_path / "x.png"), "--compile", "default", check=False)
+    assert result.returncode != 0 and "--compile needs --fast" in result.stderr
+
+
+def test_demo_writes_the_sample_grid(tmp_path):
+    out = tmp_path / "grid.png"
+    result = _run("demo", "--preset", "tiny", "--random-weights", "--out", str(out))
+    assert "wrote" in result.stdout
+    grid = cv2.imread(str(out))
+    assert grid is not None and grid.shape[1] > 4 * 176     # at least source | pose | G1 | G2 columns
