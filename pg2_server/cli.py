@@ -308,17 +308,25 @@ def build_worker(args: argparse.Namespace, role: str):
     return Worker(pipelines, config, role=role)
 
 
+def server_curve(args: argparse.Namespace):
+    """The server side of CURVE from --curve-secret/--curve-clients (both or neither), checked."""
+    from .server import Curve
+
+    if not (args.curve_secret or args.curve_clients):
+        return None
+    if not (args.curve_secret and args.curve_clients):
+        raise SystemExit("error: CURVE needs both --curve-secret SERVER.key_secret and --curve-clients DIR")
+    curve = Curve(Path(args.curve_secret), Path(args.curve_clients))
+    curve.check()
+    return curve
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .protocol import check_endpoint
-    from .server import Curve, StopSignal, serve
+    from .server import StopSignal, serve
 
     check_endpoint(args.bind, bind=True)
-    curve = None
-    if args.curve_secret or args.curve_clients:
-        if not (args.curve_secret and args.curve_clients):
-            raise SystemExit("error: CURVE needs both --curve-secret SERVER.key_secret and --curve-clients DIR")
-        curve = Curve(Path(args.curve_secret), Path(args.curve_clients))
-        curve.check()
+    curve = server_curve(args)
     stop = StopSignal()
     worker = build_worker(args, "serve")
     serve(worker, args.bind, stop.event, curve=curve, summary_s=args.summary_s, drain_s=args.drain_s)
@@ -344,15 +352,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_broker(args: argparse.Namespace) -> int:
     from .broker import Broker, BrokerConfig
     from .protocol import check_endpoint
-    from .server import Curve, StopSignal
+    from .server import StopSignal
 
     check_endpoint(args.frontend, bind=True)
     check_endpoint(args.backend, bind=True)
-    curve = None
-    if args.curve_secret or args.curve_clients:
-        if not (args.curve_secret and args.curve_clients):
-            raise SystemExit("error: CURVE needs both --curve-secret SERVER.key_secret and --curve-clients DIR")
-        curve = Curve(Path(args.curve_secret), Path(args.curve_clients))
+    curve = server_curve(args)
     config = BrokerConfig(heartbeat_s=args.heartbeat_ms / 1000, max_queue=args.max_queue,
                           max_message_bytes=int(args.max_message_mb * 2 ** 20), summary_s=args.summary_s)
     stop = StopSignal()
