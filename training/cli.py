@@ -6,6 +6,7 @@
     torchrun --standalone --nproc_per_node N -m training.cli fit ...   # DDP, see training/distributed.py
     pg2-train export RUN --out CKPT [--dtype float16]
     pg2-train eval --checkpoint CKPT --data-root DIR --annotations CSV --pairs CSV --out DIR
+                   [--inception-weights PTH --fid-train-root DIR | --fid-train-stats NPZ] [--lpips-weights PTH]
     pg2-train bench --preset P [--batch-size B] [--stage 1|2] | bench --data --data-root ...
 
 Each subcommand lives in a function `cmd_NAME(args)`; `build_parser` wires them.
@@ -181,17 +182,46 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.device == "auto":
         import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    perceptual = _perceptual_scores(args)  # first: a wrong weight file fails before any generation
     pipeline = Pipeline.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype)
     split = _load_split(args)
     metrics = evaluate(pipeline, split, args.out, batch_size=args.batch_size, save_images=not args.no_images,
-                       limit=args.limit, workers=args.workers)
+                       limit=args.limit, workers=args.workers, perceptual=perceptual)
     print(markdown_table(metrics))
     print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'metrics.md'}")
     return 0
 
 
+def _perceptual_scores(args: argparse.Namespace):
+    """IS / FID / LPIPS scorers for the weight files given, or None when none is given."""
+    fid = args.fid_train_root or args.fid_train_stats
+    if not (args.inception_weights or args.lpips_weights or fid):
+        return None
+    from .features import LPIPS, FeatureError, FidStatistics, Inception, PerceptualScores, list_images, \
+        training_statistics
+
+    if fid and not args.inception_weights:
+        raise FeatureError("FID needs --inception-weights (torchvision's inception_v3_google-*.pth)")
+    if args.fid_train_annotations and not args.fid_train_root:
+        raise FeatureError("--fid-train-annotations goes with --fid-train-root")
+    inception = Inception(args.inception_weights, args.device) if args.inception_weights else None
+    lpips = LPIPS(args.lpips_weights, args.device) if args.lpips_weights else None
+    reference = None
+    if args.fid_train_root:
+        paths = list_images(args.fid_train_root, args.fid_train_annotations)
+        reference = training_statistics(inception, paths, batch_size=args.batch_size,
+                                        source=str(Path(args.fid_train_root).resolve()))
+        where = reference.save(args.fid_train_stats or Path(args.out) / "fid-train-stats.npz")
+        print(f"FID statistics of {reference.count} training images written to {where} "
+              f"(reuse them with --fid-train-stats)", file=sys.stderr)
+    elif args.fid_train_stats:
+        reference = FidStatistics.load(args.fid_train_stats, inception)
+    return PerceptualScores(inception, lpips, reference)
+
+
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="generate every test pair and score it (SSIM, mask-SSIM, PSNR, L1)")
+    p = sub.add_parser("eval", help="generate every test pair and score it (SSIM, mask-SSIM, PSNR, L1; "
+                                    "IS, FID, LPIPS given local weight files)")
     p.add_argument("--checkpoint", required=True, help="NAME.json of pg2-train export")
     _add_data_arguments(p, "image folder of the test split")
     p.add_argument("--out", required=True, help="folder for images/, metrics.json and metrics.md")
@@ -201,6 +231,19 @@ def _add_eval(sub) -> None:
     p.add_argument("--workers", type=int, default=2, help="threads scoring images")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g = p.add_argument_group("perceptual metrics (pip install 'pg2-blender[metrics]'; local weight files, "
+                             "nothing is downloaded)")
+    g.add_argument("--inception-weights", metavar="FILE",
+                   help="torchvision Inception-v3 ImageNet weights (.pth or .safetensors): adds IS and mask-IS")
+    g.add_argument("--fid-train-root", metavar="DIR",
+                   help="training-split image folder: adds FID against its statistics, written to "
+                        "--fid-train-stats (default OUT/fid-train-stats.npz)")
+    g.add_argument("--fid-train-annotations", metavar="CSV",
+                   help="with --fid-train-root: only the images this annotation CSV names")
+    g.add_argument("--fid-train-stats", metavar="NPZ",
+                   help="FID statistics of the training images written earlier: adds FID without recomputing")
+    g.add_argument("--lpips-weights", metavar="FILE",
+                   help="torchvision AlexNet ImageNet weights (.pth or .safetensors): adds LPIPS (v0.1, alex)")
     p.set_defaults(func=cmd_eval)
 
 

@@ -8,6 +8,7 @@ scikit-image. Columns:
   own script used the source mask).
 - PSNR (data range 255) and L1 (mean absolute difference, images scaled to [0, 1]).
 Rows: copy-source (the source image as the answer), G1 alone, G1 + G2.
+Given local weight files, also IS / mask-IS, FID and LPIPS (training/features.py).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import json
 import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -26,9 +28,13 @@ from pg2_server.pipeline import Pipeline
 
 from .data import PairSplit
 
+if TYPE_CHECKING:
+    from .features import PerceptualScores
+
 METRICS = ("ssim_pg2", "ssim_patn", "mask_ssim", "psnr", "l1")
 HEADERS = {"ssim_pg2": "SSIM (PG2)", "ssim_patn": "SSIM (PATN)", "mask_ssim": "mask-SSIM",
-           "psnr": "PSNR dB", "l1": "L1"}
+           "psnr": "PSNR dB", "l1": "L1", "is": "IS", "mask_is": "mask-IS", "fid": "FID (train)",
+           "lpips": "LPIPS"}
 
 
 def ssim_pg2(generated: np.ndarray, target: np.ndarray) -> float:
@@ -76,8 +82,10 @@ def _file_stem(source: str, target: str) -> str:
 
 def evaluate(pipeline: Pipeline, split: PairSplit, out_dir: str | Path, batch_size: int = 16,
              save_images: bool = True, limit: int | None = None, workers: int = 2,
-             progress: bool = True) -> dict:
-    """Generate every pair of `split`, save the images, score them; returns the metrics dict."""
+             progress: bool = True, perceptual: PerceptualScores | None = None) -> dict:
+    """Generate every pair of `split`, save the images, score them; returns the metrics dict.
+
+    With `perceptual`, the rows also get its IS / mask-IS / FID / LPIPS columns."""
     out_dir = Path(out_dir)
     pairs = split.pairs[:limit] if limit else split.pairs
     rows = {"copy-source": {m: [] for m in METRICS}, "g1": {m: [] for m in METRICS}}
@@ -88,10 +96,8 @@ def evaluate(pipeline: Pipeline, split: PairSplit, out_dir: str | Path, batch_si
             (out_dir / "images" / kind).mkdir(parents=True, exist_ok=True)
 
     def score_pair(item):
-        (source_name, target_name), source, target, generation = item
+        (source_name, target_name), baseline, target, generation = item
         mask = generation.alpha
-        baseline = source if source.shape == target.shape else \
-            cv2.resize(source, (target.shape[1], target.shape[0]), interpolation=cv2.INTER_AREA)
         result = {"copy-source": score(baseline, target, mask), "g1": score(generation.g1, target, mask)}
         if "g1+g2" in rows:
             result["g1+g2"] = score(generation.image, target, mask)
@@ -111,7 +117,17 @@ def evaluate(pipeline: Pipeline, split: PairSplit, out_dir: str | Path, batch_si
             sizes = [(t.shape[1], t.shape[0]) for t in targets]
             generations = pipeline.generate(sources, keypoints, sizes, with_g1=True, with_alpha=True,
                                             batch_size=batch_size)
-            for result in pool.map(score_pair, zip(chunk, sources, targets, generations)):
+            baselines = [source if source.shape == target.shape else
+                         cv2.resize(source, (target.shape[1], target.shape[0]), interpolation=cv2.INTER_AREA)
+                         for source, target in zip(sources, targets)]
+            scoring = pool.map(score_pair, zip(chunk, baselines, targets, generations))
+            if perceptual is not None:  # on the model's device while the threads score SSIM
+                masks = [g.alpha for g in generations]
+                perceptual.add("copy-source", baselines, targets, masks)
+                perceptual.add("g1", [g.g1 for g in generations], targets, masks)
+                if "g1+g2" in rows:
+                    perceptual.add("g1+g2", [g.image for g in generations], targets, masks)
+            for result in scoring:
                 for row, values in result.items():
                     for metric, value in values.items():
                         rows[row][metric].append(value)
@@ -126,6 +142,14 @@ def evaluate(pipeline: Pipeline, split: PairSplit, out_dir: str | Path, batch_si
                  "no sample covariance, generated image's data range; mask-SSIM uses the target pose "
                  "mask; PSNR data range 255 (identical images excluded from the mean); L1 on [0, 1].",
     }
+    if perceptual is not None and pairs:
+        for row, values in perceptual.results().items():
+            metrics["rows"][row].update(values)
+        metrics["perceptual"] = perceptual.describe()
+        metrics["notes"] += (" IS / mask-IS: torchvision Inception-v3 softmax, 10 in-order splits (OpenAI's "
+                             "formula), mask-IS on the generated image times the target pose mask; FID: "
+                             "torchvision Inception-v3 pool features against the training images' statistics; "
+                             "LPIPS v0.1 AlexNet. Not comparable with TF-Inception FID/IS of papers.")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out_dir / "metrics.md").write_text(markdown_table(metrics))
@@ -134,10 +158,11 @@ def evaluate(pipeline: Pipeline, split: PairSplit, out_dir: str | Path, batch_si
 
 def markdown_table(metrics: dict) -> str:
     """The metrics as a markdown table, one row per method."""
-    header = "| method | " + " | ".join(HEADERS[m] for m in METRICS) + " |"
+    columns = [m for m in HEADERS if any(m in values for values in metrics["rows"].values())]
+    header = "| method | " + " | ".join(HEADERS[m] for m in columns) + " |"
     lines = [f"{metrics['pairs']} test pairs, checkpoint `{metrics['checkpoint']}`", "", header,
-             "|---" * (len(METRICS) + 1) + "|"]
+             "|---" * (len(columns) + 1) + "|"]
     for row, values in metrics["rows"].items():
-        cells = ["n/a" if values[m] is None else f"{values[m]:.4f}" for m in METRICS]
+        cells = ["n/a" if values.get(m) is None else f"{values[m]:.4f}" for m in columns]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
