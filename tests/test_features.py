@@ -66,6 +66,7 @@ def test_inception_score_of_known_predictions():
     assert inception_score(uniform)[0] == pytest.approx(1.0)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")             # torchmetrics: buffer size, std of one split
 def test_inception_score_equals_torchmetrics_on_one_split():
     image_inception = pytest.importorskip("torchmetrics.image.inception")
     logits = np.random.default_rng(1).normal(0, 3, (50, 1000))
@@ -97,6 +98,24 @@ def test_frechet_distance_equals_pytorch_fid_sqrtm_and_torchmetrics():
     root = psd_sqrt(s1)
     np.testing.assert_allclose(root @ root, s1, atol=1e-12)
     assert frechet_distance(mu1, s1, mu2, s2, root) == frechet_distance(mu1, s1, mu2, s2)
+
+
+def test_frechet_distance_from_fewer_samples_than_dimensions():
+    rng = np.random.default_rng(6)
+    reference = rng.normal(size=(100, 40))
+    mu1, s1 = reference.mean(0), np.cov(reference, rowvar=False)
+    moments = FeatureMoments(40)
+    moments.add(rng.normal(0.5, 2, size=(7, 40)))
+    moments.add(rng.normal(0.5, 2, size=(5, 40)))
+    mu2, s2 = moments.statistics()
+    assert moments.samples().shape == (12, 40)
+    via_gram = frechet_distance(mu1, s1, mu2, s2, samples2=moments.samples())
+    assert via_gram == pytest.approx(frechet_distance(mu1, s1, mu2, s2), rel=1e-7)  # rounding of the zero λ
+    stats = FidStatistics(mu1, s1, 100, "")
+    assert stats.distance(moments) == pytest.approx(via_gram, rel=1e-12) and stats._sqrt_sigma is None
+    moments.add(rng.normal(0.5, 2, size=(30, 40)))             # now more samples than dimensions
+    assert moments.samples() is None
+    assert stats.distance(moments) == pytest.approx(frechet_distance(mu1, s1, *moments.statistics()), rel=1e-12)
 
 
 def test_frechet_distance_of_few_samples_in_many_dimensions():

@@ -130,17 +130,27 @@ class Inception:
 
 
 class FeatureMoments:
-    """Running sum and sum of outer products of features: their mean and covariance without keeping them."""
+    """Running sum and sum of outer products of features: their mean and covariance.
+
+    The features themselves are kept only while there are no more of them than dimensions (the
+    memory of the outer products): then FID needs no d × d eigendecomposition (frechet_distance)."""
 
     def __init__(self, dim: int = 2048):
         self.count = 0
         self.total = np.zeros(dim)
         self.outer = np.zeros((dim, dim))
+        self._kept: list[np.ndarray] | None = []
 
     def add(self, features: np.ndarray) -> None:
         self.count += len(features)
         self.total += features.sum(0)
         self.outer += features.T @ features
+        if self._kept is not None:
+            self._kept = [*self._kept, features] if self.count <= len(self.total) else None
+
+    def samples(self) -> np.ndarray | None:
+        """The features added, while they are at most as many as the dimensions; else None."""
+        return np.concatenate(self._kept) if self._kept else None
 
     def statistics(self) -> tuple[np.ndarray, np.ndarray]:
         """Mean and unbiased covariance (as numpy.cov)."""
@@ -192,11 +202,13 @@ class FidStatistics:
                                f"{inception.path} is {inception.sha256[:12]}…); recompute with --fid-train-root")
         return stats
 
-    def distance(self, mu: np.ndarray, sigma: np.ndarray) -> float:
-        """FID of features with mean `mu` and covariance `sigma` against these statistics."""
-        if self._sqrt_sigma is None:  # one eigendecomposition for every row scored against them
+    def distance(self, moments: FeatureMoments) -> float:
+        """FID of the features gathered in `moments` against these statistics."""
+        mu, sigma = moments.statistics()
+        samples = moments.samples()
+        if samples is None and self._sqrt_sigma is None:  # one eigendecomposition for every row
             self._sqrt_sigma = psd_sqrt(self.sigma)
-        return frechet_distance(self.mu, self.sigma, mu, sigma, self._sqrt_sigma)
+        return frechet_distance(self.mu, self.sigma, mu, sigma, self._sqrt_sigma, samples)
 
 
 def psd_sqrt(sigma: np.ndarray) -> np.ndarray:
@@ -206,14 +218,20 @@ def psd_sqrt(sigma: np.ndarray) -> np.ndarray:
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     sqrt_sigma1: np.ndarray | None = None) -> float:
+                     sqrt_sigma1: np.ndarray | None = None, samples2: np.ndarray | None = None) -> float:
     """‖μ1 − μ2‖² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½).
 
     Tr (Σ1 Σ2)^½ is Σ √λ over the eigenvalues of the symmetric √Σ1 Σ2 √Σ1 (the same as Σ1 Σ2's):
     the value of pytorch-fid's scipy.linalg.sqrtm without its cost (53 s at 2048-d on a 2-core
-    machine) or its imaginary parts when there are fewer images than dimensions."""
-    root = psd_sqrt(sigma1) if sqrt_sigma1 is None else sqrt_sigma1
-    eigenvalues = np.linalg.eigvalsh(root @ sigma2 @ root)
+    machine) or its imaginary parts when there are fewer images than dimensions. Given the n ≤ d
+    samples behind μ2, Σ2, the nonzero λ are those of the n × n matrix Xc Σ1 Xcᵀ / (n − 1)."""
+    if samples2 is not None and 1 < len(samples2) <= len(mu2):
+        centered = samples2 - mu2
+        gram = centered @ sigma1 @ centered.T / (len(samples2) - 1)
+        eigenvalues = np.linalg.eigvalsh((gram + gram.T) / 2)
+    else:
+        root = psd_sqrt(sigma1) if sqrt_sigma1 is None else sqrt_sigma1
+        eigenvalues = np.linalg.eigvalsh(root @ sigma2 @ root)
     trace_covmean = np.sqrt(np.clip(eigenvalues, 0, None)).sum()
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_covmean)
@@ -352,8 +370,7 @@ class PerceptualScores:
                 values["is"], values["is_std"] = inception_score(np.concatenate(self._logits[row]))
                 values["mask_is"], values["mask_is_std"] = inception_score(np.concatenate(self._mask_logits[row]))
             if row in self._moments:
-                mu, sigma = self._moments[row].statistics()
-                values["fid"] = self.fid_reference.distance(mu, sigma)
+                values["fid"] = self.fid_reference.distance(self._moments[row])
             if row in self._lpips:
                 values["lpips"] = float(np.concatenate(self._lpips[row]).mean())
             rows[row] = values
