@@ -78,6 +78,7 @@ def write_atomic(path: str, data: bytes) -> None:
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(data)
+        os.chmod(temporary, 0o644)   # mkstemp makes 0600; frames are for compositors and other users
         os.replace(temporary, path)
     except BaseException:
         try:

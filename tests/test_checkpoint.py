@@ -31,6 +31,13 @@ def test_save_writes_weights_and_description(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_saved_files_are_readable_by_others(tmp_path):
+    _, _, _, paths = _save(tmp_path)
+    for path in paths:
+        assert path.stat().st_mode & 0o777 == 0o644
+    assert list(tmp_path.glob(".*.tmp")) == []         # no temporary file left behind
+
+
 def test_save_load_gives_identical_pipeline_outputs(tmp_path):
     _save(tmp_path)
     reference = Pipeline.random("tiny", seed=3)      # same seed → same weights as _save

@@ -66,6 +66,7 @@ def save_state(path: str | Path, state: dict) -> Path:
         save_file(tensors, tmp, metadata={_META_KEY: json.dumps(skeleton)})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)   # mkstemp makes 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
