@@ -271,16 +271,14 @@ def run_bench(args: argparse.Namespace) -> int:
 def sweep_then_configure(args: argparse.Namespace) -> None:
     """Issue 7's table: fp32 eager vs the fast path per preset and batch size; then point the
     served run at --preset's best batch size (clients = 2 × batch keep every batch full)."""
-    from .pipeline import FastPath
+    from .cli import fast_path_for
     from .throughput import compare, format_table
 
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     batches = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     dtype = "bfloat16" if args.dtype == "float32" else args.dtype
     compile_mode = getattr(args, "compile", "none")
-    fast = FastPath(compile=compile_mode != "none",
-                    compile_mode=None if compile_mode in ("none", "default") else compile_mode)
-    rows = compare(presets, batches, device=args.device, dtype=dtype, fast=fast)
+    rows = compare(presets, batches, device=args.device, dtype=dtype, fast=fast_path_for(compile_mode))
     print(f"raw model, {args.device}: fp32 eager (reference) vs {dtype} fast path (compile: {compile_mode})")
     print(format_table(rows), flush=True)
     best = [r for r in rows if r["fast"]["preset"] == args.preset]

@@ -78,15 +78,20 @@ def load_pipeline(args: argparse.Namespace):
 
 def fast_path(args: argparse.Namespace):
     """The FastPath named by --fast / --compile, or None for plain eager execution."""
-    from .pipeline import FastPath
-
     compile_mode = getattr(args, "compile", "none")
     if not getattr(args, "fast", False):
         if compile_mode != "none":
             raise SystemExit("error: --compile needs --fast")
         return None
-    return FastPath(compile=compile_mode != "none", compile_mode=None if compile_mode in ("none", "default")
-                    else compile_mode)
+    return fast_path_for(compile_mode)
+
+
+def fast_path_for(compile_mode: str):
+    """A FastPath for a --compile choice: none, default, max-autotune or reduce-overhead."""
+    from .pipeline import FastPath
+
+    return FastPath(compile=compile_mode != "none",
+                    compile_mode=None if compile_mode in ("none", "default") else compile_mode)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -16,14 +16,13 @@ import cv2
 import numpy as np
 import torch
 
-from .checkpoint import Checkpoint, load_checkpoint
+from .checkpoint import DTYPES as CHECKPOINT_DTYPES, Checkpoint, load_checkpoint
 from .keypoints import as_array
 from .model import Generator1, Generator2, ModelConfig, preset
 from .pose import FrameFit, check_image, fit_frame, heatmaps, pose_coordinates, pose_mask, \
     to_uint8, to_unit_range
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {**CHECKPOINT_DTYPES, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
