@@ -23,18 +23,31 @@ def _disk_offsets(radius: int) -> tuple[np.ndarray, np.ndarray]:
     return dy[inside], dx[inside]
 
 
-def _stamp(canvas: np.ndarray, x: float, y: float, radius: int, value) -> None:
-    """Set the disk of `radius` around the pixel nearest (x, y) to `value`, clipped to canvas."""
+def _stamp(canvas: np.ndarray, centres: np.ndarray, radius: int, value, channels: np.ndarray | None = None) -> None:
+    """Set the disks of `radius` around the pixels nearest each (x, y) of `centres` (N, 2) to `value`.
+
+    With `channels` (N,), disk i goes to channel channels[i] of a (C, H, W) canvas; otherwise
+    every disk goes to the (H, W) canvas. Pixels outside the canvas are clipped.
+    """
+    if len(centres) == 0:
+        return
     dy, dx = _disk_offsets(radius)
-    rows = dy + int(round(y))
-    cols = dx + int(round(x))
+    # np.rint rounds half to even, as Python's round() does for the scalar version of this rule.
+    rows = (np.rint(centres[:, 1]).astype(np.int64)[:, None] + dy[None, :]).ravel()
+    cols = (np.rint(centres[:, 0]).astype(np.int64)[:, None] + dx[None, :]).ravel()
     h, w = canvas.shape[-2:]
     keep = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
-    canvas[..., rows[keep], cols[keep]] = value
+    if channels is None:
+        canvas[rows[keep], cols[keep]] = value
+    else:
+        canvas[np.repeat(channels, len(dy))[keep], rows[keep], cols[keep]] = value
 
 
-def _inside(x: float, y: float, height: int, width: int) -> bool:
-    return 0 <= round(x) < width and 0 <= round(y) < height
+def _inside(points: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Per keypoint (N, 2): present and its nearest pixel lies on the canvas."""
+    x, y = np.rint(points[:, 0]), np.rint(points[:, 1])
+    with np.errstate(invalid="ignore"):
+        return ~np.isnan(x) & ~np.isnan(y) & (x >= 0) & (x < width) & (y >= 0) & (y < height)
 
 
 def heatmaps(keypoints, height: int, width: int, radius: int = 4, kind: str = "disk",
@@ -46,24 +59,24 @@ def heatmaps(keypoints, height: int, width: int, radius: int = 4, kind: str = "d
     lies outside the canvas, gives an empty channel (-1 for disk, 0 for gaussian).
     """
     points = as_array(keypoints)
+    present = np.flatnonzero(_inside(points, height, width))
     if kind == "disk":
         maps = np.full((len(points), height, width), -1.0, dtype=np.float32)
-        for channel, (x, y) in zip(maps, points):
-            if not np.isnan(x) and _inside(x, y, height, width):
-                _stamp(channel, x, y, radius, 1.0)
+        _stamp(maps, points[present], radius, 1.0, channels=present)
         return maps
     if kind == "gaussian":
         maps = np.zeros((len(points), height, width), dtype=np.float32)
         ys = np.arange(height, dtype=np.float32)[:, None]
         xs = np.arange(width, dtype=np.float32)[None, :]
-        for channel, (x, y) in zip(maps, points):
-            if not np.isnan(x) and _inside(x, y, height, width):
-                channel[:] = np.exp(-((xs - x) ** 2 + (ys - y) ** 2) / (2 * sigma ** 2))
+        for channel in present:
+            x, y = points[channel]
+            maps[channel] = np.exp(-((xs - x) ** 2 + (ys - y) ** 2) / (2 * sigma ** 2))
         return maps
     raise ValueError(f"unknown heat-map kind {kind!r}; use 'disk' or 'gaussian'")
 
 
 _CLOSING_KERNEL = np.ones((5, 5), np.uint8)
+_LIMB_ENDS = np.array(MASK_LIMBS)
 
 
 def pose_mask(keypoints, height: int, width: int, radius: int = 4) -> np.ndarray:
@@ -74,16 +87,17 @@ def pose_mask(keypoints, height: int, width: int, radius: int = 4) -> np.ndarray
     """
     points = as_array(keypoints)
     mask = np.zeros((height, width), dtype=np.uint8)
-    for a, b in MASK_LIMBS:
-        (x0, y0), (x1, y1) = points[a], points[b]
-        if np.isnan(x0) or np.isnan(x1):
-            continue
-        _stamp(mask, x0, y0, radius, 1)
-        _stamp(mask, x1, y1, radius, 1)
-        samples = int(np.hypot(x1 - x0, y1 - y0) / radius)
-        for i in range(1, samples):
-            t = i / samples
-            _stamp(mask, x0 + (x1 - x0) * t, y0 + (y1 - y0) * t, radius, 1)
+    a, b = points[_LIMB_ENDS[:, 0]], points[_LIMB_ENDS[:, 1]]
+    both = ~np.isnan(a[:, 0]) & ~np.isnan(b[:, 0])
+    a, b = a[both], b[both]
+    # Interior samples i/n, i = 1..n-1, with n = int(length / radius), per limb.
+    samples = (np.hypot(b[:, 0] - a[:, 0], b[:, 1] - a[:, 1]) / radius).astype(np.int64)
+    interior = np.maximum(samples - 1, 0)
+    limb = np.repeat(np.arange(len(a)), interior)
+    step = np.arange(len(limb)) - np.repeat(np.cumsum(interior) - interior, interior) + 1
+    t = step / samples[limb]
+    between = a[limb] + (b[limb] - a[limb]) * t[:, None]
+    _stamp(mask, np.concatenate([a, b, between]), radius, 1)
     return cv2.morphologyEx(mask, cv2.MORPH_CLOSE, _CLOSING_KERNEL)
 
 
@@ -91,9 +105,7 @@ def pose_coordinates(keypoints, height: int, width: int) -> np.ndarray:
     """Keypoints as a (36,) float32 vector for the CE pose embedding: x/W, y/H; -1 if missing."""
     points = as_array(keypoints)
     scaled = points / np.array([width, height], dtype=np.float64)
-    inside = ~np.isnan(points[:, 0]) & np.array(
-        [not np.isnan(x) and _inside(x, y, height, width) for x, y in points])
-    scaled[~inside] = -1.0
+    scaled[~_inside(points, height, width)] = -1.0
     return scaled.reshape(-1).astype(np.float32)
 
 

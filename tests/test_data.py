@@ -1,6 +1,7 @@
 """training/data.py: reading PATN splits, the pair tensors on the canvas, the resumable sampler."""
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -105,6 +106,17 @@ def test_sampler_is_seeded_restartable_and_splits_ranks():
     a = [next(rank0)[0] for _ in range(5)]
     b = [next(rank1)[0] for _ in range(5)]
     assert sorted(a + b) == list(range(10))
+
+
+@pytest.mark.timeout(120)
+def test_workers_start_after_the_parent_used_opencv_threads(tmp_path):
+    # A parent that ran a parallel OpenCV op before forking used to hang its workers forever.
+    cv2.setNumThreads(2)
+    cv2.resize(np.zeros((1500, 1500, 3), np.uint8), (700, 700))
+    data = write_dataset(tmp_path)
+    dataset = PairDataset(load_split(data["images"], data["annotations"], data["pairs"]), TINY)
+    batch = next(iter(make_loader(dataset, 5, PairSampler(len(dataset)), workers=2)))
+    assert batch["source"].shape == (5, 3, 32, 16)
 
 
 def test_loader_batches_full_and_identical_with_workers(tmp_path):

@@ -1,3 +1,4 @@
+import cv2
 import numpy as np
 import pytest
 
@@ -72,6 +73,46 @@ def test_pose_mask_closing_fills_small_gaps():
     points = _points(k2=(10, 10), k3=(10, 30), k5=(19, 10), k6=(19, 30), k1=(14, 5))
     mask = pose.pose_mask(points, 40, 40)
     assert mask[20, 10:20].all()
+
+
+def _independent_mask(points, height, width, radius):
+    """The original's mask rule written out disk by disk with per-pixel loops (before closing)."""
+    mask = np.zeros((height, width), np.uint8)
+
+    def disk(x, y):
+        cx, cy = int(round(x)), int(round(y))
+        for r in range(max(0, cy - radius), min(height, cy + radius + 1)):
+            for c in range(max(0, cx - radius), min(width, cx + radius + 1)):
+                if (r - cy) ** 2 + (c - cx) ** 2 <= radius ** 2:
+                    mask[r, c] = 1
+
+    for a, b in MASK_LIMBS:
+        if points[a] is None or points[b] is None:
+            continue
+        (x0, y0), (x1, y1) = points[a], points[b]
+        disk(x0, y0)
+        disk(x1, y1)
+        n = int(np.hypot(x1 - x0, y1 - y0) / radius)
+        for i in range(1, n):
+            disk(x0 + (x1 - x0) * (i / n), y0 + (y1 - y0) * (i / n))
+    return cv2.morphologyEx(mask, cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_heatmaps_and_mask_equal_independent_loops_on_random_poses(seed):
+    rng = np.random.default_rng(seed)
+    height, width, radius = [(40, 24, 4), (32, 16, 2), (48, 30, 5)][seed % 3]
+    points = [None if rng.random() < 0.2 else
+              (float(rng.uniform(-6, width + 6)), float(rng.uniform(-6, height + 6))) for _ in range(18)]
+    if seed % 2:  # exact halves: rounding must go half-to-even everywhere
+        points = [None if p is None else (round(p[0]) + 0.5, round(p[1]) + 0.5) for p in points]
+    maps = pose.heatmaps(points, height, width, radius)
+    for k, point in enumerate(points):
+        inside = point is not None and 0 <= round(point[0]) < width and 0 <= round(point[1]) < height
+        expected = _independent_disk(*point, height, width, radius) if inside else -np.ones((height, width))
+        assert np.array_equal(maps[k], expected), k
+    assert np.array_equal(pose.pose_mask(points, height, width, radius),
+                          _independent_mask(points, height, width, radius))
 
 
 def test_framing_identity_when_sizes_match():

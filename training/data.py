@@ -239,6 +239,11 @@ def _worker_init(_: int) -> None:
 def make_loader(dataset: PairDataset, batch_size: int, sampler: PairSampler, workers: int,
                 pin_memory: bool = False) -> DataLoader:
     """A DataLoader over the endless sampler, full batches only."""
+    if workers:
+        # Forked workers inherit OpenCV's thread pool without its threads: a child that touches the
+        # pool (setNumThreads, a parallel resize) waits forever for them. With one thread in the
+        # parent there is no pool to inherit; the parent's OpenCV work here is small anyway.
+        cv2.setNumThreads(1)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=pin_memory, drop_last=True, worker_init_fn=_worker_init,
                       persistent_workers=False, prefetch_factor=4 if workers else None)
