@@ -163,27 +163,52 @@ def drive(endpoint: str, clients: int, total: int, source: bytes, keypoints, siz
 
 def measure_served(endpoint: str, args: argparse.Namespace, clients: int, total: int, source_png: bytes,
                    curve=None) -> dict:
-    """Throughput, latency percentiles, batching and server RSS over `total` requests."""
+    """Throughput, latency percentiles, batching and server CPU/RSS over `total` requests (server warm)."""
     with Client(endpoint, timeout=args.timeout, curve=curve) as client:
-        info_before = client.info()
-        # Warm-up: every client once, so the first (slow) batches are not timed.
-        drive(endpoint, clients, clients * max(1, args.warmup), source_png, BENCH_KEYPOINTS, BENCH_FRAME,
-              args.timeout, curve, args.output_format)
-        info_warm = client.info()
+        before = client.info()["counters"]
         latencies, wall = drive(endpoint, clients, total, source_png, BENCH_KEYPOINTS, BENCH_FRAME,
                                 args.timeout, curve, args.output_format)
         info_after = client.info()
-    before, after = info_warm["counters"], info_after["counters"]
+    after = info_after["counters"]
     batches = after["batches"] - before["batches"]
     batched = after["batched_requests"] - before["batched_requests"]
-    return {"clients": clients, "requests": total, "requests_per_s": total / wall,
+    return {"clients": clients, "requests": total, "requests_per_s": total / wall, "latencies_ms": latencies,
             "p50_ms": percentile(latencies, 50), "p95_ms": percentile(latencies, 95),
-            "p99_ms": percentile(latencies, 99), "mean_batch": batched / batches if batches else 0.0,
-            "server_cpu_ms_per_request": (after["cpu_s"] - before["cpu_s"]) / total * 1000
-            if "cpu_s" in after else None,
-            "rss_mb_start": info_before["counters"].get("rss_mb"), "rss_mb_warm": before.get("rss_mb"),
-            "rss_mb_end": after.get("rss_mb"), "model": info_after["models"][0]["name"],
-            "devices": info_after.get("devices")}
+            "p99_ms": percentile(latencies, 99), "batches": batches, "batched": batched,
+            "mean_batch": batched / batches if batches else 0.0,
+            "server_cpu_s": after["cpu_s"] - before["cpu_s"] if "cpu_s" in after else None,
+            "rss_mb_warm": before.get("rss_mb"), "rss_mb_end": after.get("rss_mb"),
+            "model": info_after["models"][0]["name"], "devices": info_after.get("devices")}
+
+
+def served_rounds(endpoint: str, args: argparse.Namespace, clients: int, total: int, source_png: bytes, curve,
+                  between) -> tuple[dict, list[dict]]:
+    """Warm the server up, then `args.rounds` served runs with `between()` (a raw run) after each.
+
+    Returns the runs pooled (median req/s, percentiles over every latency, overall mean batch,
+    CPU and RSS) and the runs themselves.
+    """
+    with Client(endpoint, timeout=args.timeout, curve=curve) as client:
+        rss_start = client.info()["counters"].get("rss_mb")
+    # Warm-up: every client a few times, so the first (slow) batches are not timed.
+    drive(endpoint, clients, clients * max(1, args.warmup), source_png, BENCH_KEYPOINTS, BENCH_FRAME, args.timeout,
+          curve, args.output_format)
+    runs = []
+    for _ in range(args.rounds):
+        runs.append(measure_served(endpoint, args, clients, total, source_png, curve))
+        between()
+    latencies = [ms for run in runs for ms in run.pop("latencies_ms")]
+    batches, batched = sum(r["batches"] for r in runs), sum(r["batched"] for r in runs)
+    cpu = [r["server_cpu_s"] for r in runs]
+    pooled = {"clients": clients, "requests": total, "rounds": len(runs),
+              "requests_per_s": statistics.median(r["requests_per_s"] for r in runs),
+              "runs_requests_per_s": [r["requests_per_s"] for r in runs],
+              "p50_ms": percentile(latencies, 50), "p95_ms": percentile(latencies, 95),
+              "p99_ms": percentile(latencies, 99), "mean_batch": batched / batches if batches else 0.0,
+              "server_cpu_ms_per_request": sum(cpu) / (total * len(runs)) * 1000 if None not in cpu else None,
+              "rss_mb_start": rss_start, "rss_mb_warm": runs[0]["rss_mb_warm"], "rss_mb_end": runs[-1]["rss_mb_end"],
+              "model": runs[-1]["model"], "devices": runs[-1]["devices"]}
+    return pooled, runs
 
 
 def measure_overhead(endpoint: str, pipeline, count: int, source: np.ndarray, timeout: float, curve=None,
@@ -216,8 +241,8 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.sweep:
         sweep_then_configure(args)
     clients = args.clients
-    if clients < 1:
-        raise SystemExit("error: --clients must be at least 1")
+    if clients < 1 or args.rounds < 1:
+        raise SystemExit("error: --clients and --rounds must be at least 1")
     total = args.requests or max(64, 8 * clients)
     source = bench_source()
     source_png = png_bytes(source)
@@ -229,21 +254,28 @@ def run_bench(args: argparse.Namespace) -> int:
 
     pipeline = load_pipeline(args)
     iterations = max(3, total // batch // 2)
-    # Raw before and after the served run (same server idle in both), so that load from other
-    # processes during the run shows up as a spread instead of skewing the ratio.
+    # Raw before the first served run and after each one (the server idle meanwhile): every
+    # served run is compared with the raw runs on either side of it, so load from other
+    # processes shows up as a spread across rounds instead of skewing one ratio.
     raw_runs = [raw_throughput(pipeline, batch, source, BENCH_KEYPOINTS, BENCH_FRAME, iterations)]
+
+    def raw_again() -> None:
+        raw_runs.append(raw_throughput(pipeline, batch, source, BENCH_KEYPOINTS, BENCH_FRAME, iterations))
+
     if args.server:
-        report["served"] = measure_served(args.server, args, clients, total, source_png, curve)
+        report["served"], runs = served_rounds(args.server, args, clients, total, source_png, curve, raw_again)
     else:
         endpoint = f"tcp://127.0.0.1:{free_port()}"
         with started_server(server_command(args, endpoint, args.max_batch), endpoint):
-            report["served"] = measure_served(endpoint, args, clients, total, source_png)
-    raw_runs.append(raw_throughput(pipeline, batch, source, BENCH_KEYPOINTS, BENCH_FRAME, iterations))
+            report["served"], runs = served_rounds(endpoint, args, clients, total, source_png, None, raw_again)
     rate = statistics.mean(r.images_per_s for r in raw_runs)
     report["raw"] = {"batch": batch, "images_per_s": rate, "ms_per_batch": batch / rate * 1000,
                      "runs_images_per_s": [r.images_per_s for r in raw_runs],
                      "cpu_ms_per_image": statistics.mean(r.cpu_ms_per_image for r in raw_runs)}
-    report["served_over_raw"] = report["served"]["requests_per_s"] / rate
+    ratios = [run["requests_per_s"] / ((raw_runs[i].images_per_s + raw_runs[i + 1].images_per_s) / 2)
+              for i, run in enumerate(runs)]
+    report["served_over_raw_runs"] = ratios
+    report["served_over_raw"] = statistics.median(ratios)
     observed = max(1, round(report["served"]["mean_batch"]))
     if observed != batch:
         # Closed-loop clients can settle into smaller batches; compare at that size too.
@@ -293,13 +325,17 @@ def format_report(report: dict) -> str:
     served, raw = report["served"], report["raw"]
     lines = [f"model {served['model']} on {', '.join(served['devices'] or [])}; source {report['source']}; "
              f"{report['cpu_count']} CPUs, load average {report['load_average'][0]:.2f}",
-             f"served: {served['clients']} clients × 1 in flight, {served['requests']} requests: "
+             f"served: {served['clients']} clients × 1 in flight, {served['requests']} requests"
+             f"{' × ' + str(served['rounds']) + ' rounds' if served.get('rounds', 1) > 1 else ''}: "
              f"{served['requests_per_s']:.2f} req/s, latency p50 {served['p50_ms']:.1f} ms, "
              f"p95 {served['p95_ms']:.1f} ms, p99 {served['p99_ms']:.1f} ms, mean batch {served['mean_batch']:.2f}",
              f"raw pipeline at batch {raw['batch']}: {raw['images_per_s']:.2f} images/s "
-             f"({raw['ms_per_batch']:.1f} ms/batch; before/after the served run: "
+             f"({raw['ms_per_batch']:.1f} ms/batch; before and after each served run: "
              f"{', '.join(f'{r:.2f}' for r in raw['runs_images_per_s'])})",
              f"served / raw: {report['served_over_raw']:.3f}"
+             + (f" (median of {len(report['served_over_raw_runs'])} rounds: "
+                f"{', '.join(f'{r:.3f}' for r in report['served_over_raw_runs'])})"
+                if len(report.get('served_over_raw_runs', [])) > 1 else "")
              + (f" (raw at the served mean batch {report['raw_at_mean_batch']['batch']}: "
                 f"{report['raw_at_mean_batch']['images_per_s']:.2f} images/s, served / raw "
                 f"{report['raw_at_mean_batch']['served_over_raw']:.3f})" if "raw_at_mean_batch" in report else ""),

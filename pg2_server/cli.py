@@ -506,6 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=int, default=16, help="concurrent DEALER clients (default 16)")
     p.add_argument("--requests", type=int, default=0, help="requests in total (default: 8 per client, ≥ 64)")
     p.add_argument("--warmup", type=int, default=2, help="requests per client before timing (default 2)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="served runs, each between two raw runs; the ratio is their median (default 3)")
     p.add_argument("--output-format", choices=["png", "jpeg", "raw"], default="png",
                    help="result format the clients ask for (default png)")
     p.add_argument("--overhead", type=int, default=0,

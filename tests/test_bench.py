@@ -43,10 +43,39 @@ def test_report_shows_ratio_latency_and_memory():
                          "server_cpu_ms_per_request": 100.0},
               "raw": {"batch": 16, "images_per_s": 10.0, "ms_per_batch": 1600.0, "runs_images_per_s": [9.5, 10.5],
                       "cpu_ms_per_image": 95.0},
-              "served_over_raw": 0.9, "output_format": "png",
+              "served_over_raw": 0.9, "served_over_raw_runs": [0.85, 0.9, 0.95], "output_format": "png",
               "overhead": {"requests": 10, "output_format": "png", "served_p50_ms": 12.0, "raw_p50_ms": 10.5, "overhead_p50_ms": 1.5,
                            "paired_difference_p50_ms": 1.4}}
     text = format_report(report)
-    assert "served / raw: 0.900" in text and "mean batch 16.00" in text
+    assert "served / raw: 0.900 (median of 3 rounds: 0.850, 0.900, 0.950)" in text and "mean batch 16.00" in text
     assert "301.0 MiB after 64 requests" in text and "= 1.50 ms" in text
     assert "raw / served 0.950" in text
+
+
+def test_bench_end_to_end_compares_each_round_with_raw_runs_around_it():
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "pg2_server.cli", "bench", "--preset", "tiny", "--random-weights",
+                             "--clients", "2", "--max-batch", "2", "--requests", "8", "--rounds", "2", "--warmup", "1",
+                             "--overhead", "5", "--output-format", "raw", "--json"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    served, raw = report["served"], report["raw"]
+    assert served["rounds"] == 2 and len(served["runs_requests_per_s"]) == 2
+    assert len(raw["runs_images_per_s"]) == 3 and raw["batch"] == 2
+    assert len(report["served_over_raw_runs"]) == 2
+    assert min(report["served_over_raw_runs"]) <= report["served_over_raw"] <= max(report["served_over_raw_runs"])
+    assert 1 <= served["mean_batch"] <= 2 and served["server_cpu_ms_per_request"] > 0
+    assert report["overhead"]["requests"] == 5 and report["overhead"]["raw_p50_ms"] > 0
+
+
+def test_bench_refuses_zero_rounds():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "pg2_server.cli", "bench", "--preset", "tiny", "--random-weights",
+                             "--rounds", "0"], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "--rounds must be at least 1" in result.stderr
