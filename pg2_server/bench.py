@@ -166,8 +166,10 @@ def measure_served(endpoint: str, args: argparse.Namespace, clients: int, total:
     """Throughput, latency percentiles, batching and server CPU/RSS over `total` requests (server warm)."""
     with Client(endpoint, timeout=args.timeout, curve=curve) as client:
         before = client.info()["counters"]
+        cpu_start = time.process_time()  # this process: the clients' share of a machine they share
         latencies, wall = drive(endpoint, clients, total, source_png, BENCH_KEYPOINTS, BENCH_FRAME,
                                 args.timeout, curve, args.output_format)
+        client_cpu = time.process_time() - cpu_start
         info_after = client.info()
     after = info_after["counters"]
     batches = after["batches"] - before["batches"]
@@ -177,7 +179,7 @@ def measure_served(endpoint: str, args: argparse.Namespace, clients: int, total:
             "p99_ms": percentile(latencies, 99), "batches": batches, "batched": batched,
             "mean_batch": batched / batches if batches else 0.0,
             "server_cpu_s": after["cpu_s"] - before["cpu_s"] if "cpu_s" in after else None,
-            "rss_mb_warm": before.get("rss_mb"), "rss_mb_end": after.get("rss_mb"),
+            "client_cpu_s": client_cpu, "rss_mb_warm": before.get("rss_mb"), "rss_mb_end": after.get("rss_mb"),
             "model": info_after["models"][0]["name"], "devices": info_after.get("devices")}
 
 
@@ -206,6 +208,7 @@ def served_rounds(endpoint: str, args: argparse.Namespace, clients: int, total: 
               "p50_ms": percentile(latencies, 50), "p95_ms": percentile(latencies, 95),
               "p99_ms": percentile(latencies, 99), "mean_batch": batched / batches if batches else 0.0,
               "server_cpu_ms_per_request": sum(cpu) / (total * len(runs)) * 1000 if None not in cpu else None,
+              "client_cpu_ms_per_request": sum(r["client_cpu_s"] for r in runs) / (total * len(runs)) * 1000,
               "rss_mb_start": rss_start, "rss_mb_warm": runs[0]["rss_mb_warm"], "rss_mb_end": runs[-1]["rss_mb_end"],
               "model": runs[-1]["model"], "devices": runs[-1]["devices"]}
     return pooled, runs
@@ -357,6 +360,8 @@ def cpu_line(report: dict) -> str:
     reference = report.get("raw_at_mean_batch", report["raw"])
     if served is None:
         return "server CPU time: not reported by this server"
+    clients = report["served"].get("client_cpu_ms_per_request")
     return (f"CPU time per image: server {served:.1f} ms, raw pipeline at batch {reference['batch']} "
             f"{reference['cpu_ms_per_image']:.1f} ms (raw / served {reference['cpu_ms_per_image'] / served:.3f}; "
-            "a machine shared with other work changes wall-clock figures far more than these)")
+            "a machine shared with other work changes wall-clock figures far more than these)"
+            + (f"; the bench's clients {clients:.1f} ms per request" if clients is not None else ""))

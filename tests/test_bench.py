@@ -40,7 +40,7 @@ def test_report_shows_ratio_latency_and_memory():
               "served": {"model": "tiny-random", "devices": ["cpu"], "clients": 16, "requests": 64,
                          "requests_per_s": 9.0, "p50_ms": 1.0, "p95_ms": 2.0, "p99_ms": 3.0, "mean_batch": 16.0,
                          "rss_mb_start": 250.0, "rss_mb_warm": 300.0, "rss_mb_end": 301.0,
-                         "server_cpu_ms_per_request": 100.0},
+                         "server_cpu_ms_per_request": 100.0, "client_cpu_ms_per_request": 4.25},
               "raw": {"batch": 16, "images_per_s": 10.0, "ms_per_batch": 1600.0, "runs_images_per_s": [9.5, 10.5],
                       "cpu_ms_per_image": 95.0},
               "served_over_raw": 0.9, "served_over_raw_runs": [0.85, 0.9, 0.95], "output_format": "png",
@@ -49,7 +49,7 @@ def test_report_shows_ratio_latency_and_memory():
     text = format_report(report)
     assert "served / raw: 0.900 (median of 3 rounds: 0.850, 0.900, 0.950)" in text and "mean batch 16.00" in text
     assert "301.0 MiB after 64 requests" in text and "= 1.50 ms" in text
-    assert "raw / served 0.950" in text
+    assert "raw / served 0.950" in text and "clients 4.2 ms per request" in text
 
 
 def test_bench_end_to_end_compares_each_round_with_raw_runs_around_it():
@@ -69,6 +69,7 @@ def test_bench_end_to_end_compares_each_round_with_raw_runs_around_it():
     assert len(report["served_over_raw_runs"]) == 2
     assert min(report["served_over_raw_runs"]) <= report["served_over_raw"] <= max(report["served_over_raw_runs"])
     assert 1 <= served["mean_batch"] <= 2 and served["server_cpu_ms_per_request"] > 0
+    assert served["client_cpu_ms_per_request"] > 0
     assert report["overhead"]["requests"] == 5 and report["overhead"]["raw_p50_ms"] > 0
 
 
