@@ -2,7 +2,8 @@
 
 Drives a server (started here as a subprocess, or `--server ENDPOINT`) with N concurrent
 DEALER clients, one request in flight each, and measures the same model in this process at
-the same batch size (`raw_throughput`). With `--overhead N` it also measures protocol
+the same batch size (`raw_throughput`) before the first and after every one of `--rounds`
+served runs; the ratio served/raw is the median over rounds. With `--overhead N` it also measures protocol
 overhead: served minus raw latency at one client and batch 1, interleaved so that load from
 other processes hits both alike. RSS comes from the server's own `info` counters.
 """
