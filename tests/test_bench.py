@@ -1,4 +1,8 @@
-"""The bench's measuring pieces (the end-to-end run is documented in docs/server.md)."""
+"""The bench's measuring pieces, and one short end-to-end run against a real server subprocess."""
+import json
+import subprocess
+import sys
+
 import numpy as np
 
 from pg2_server.bench import BENCH_FRAME, BENCH_KEYPOINTS, bench_source, format_report, percentile, png_bytes, \
@@ -53,10 +57,6 @@ def test_report_shows_ratio_latency_and_memory():
 
 
 def test_bench_end_to_end_compares_each_round_with_raw_runs_around_it():
-    import json
-    import subprocess
-    import sys
-
     result = subprocess.run([sys.executable, "-m", "pg2_server.cli", "bench", "--preset", "tiny", "--random-weights",
                              "--clients", "2", "--max-batch", "2", "--requests", "8", "--rounds", "2", "--warmup", "1",
                              "--overhead", "5", "--output-format", "raw", "--json"],
@@ -74,9 +74,6 @@ def test_bench_end_to_end_compares_each_round_with_raw_runs_around_it():
 
 
 def test_bench_refuses_zero_rounds():
-    import subprocess
-    import sys
-
     result = subprocess.run([sys.executable, "-m", "pg2_server.cli", "bench", "--preset", "tiny", "--random-weights",
                              "--rounds", "0"], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "--rounds must be at least 1" in result.stderr

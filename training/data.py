@@ -229,7 +229,9 @@ class PairSampler(Sampler):
 
 
 def _worker_init(_: int) -> None:
-    cv2.setNumThreads(1)  # the loader's processes are the parallelism; OpenCV threads would fight
+    # The loader's processes are the parallelism; OpenCV threads would fight. Forked workers already
+    # have 1 from make_loader (then this is a no-op); spawned ones (macOS, Windows) need it here.
+    cv2.setNumThreads(1)
     # Ctrl-C and schedulers signal the whole process group: only the trainer may act on it (save
     # the state, then shut the loader down). Workers exit by themselves when the trainer dies.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
