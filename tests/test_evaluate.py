@@ -62,7 +62,7 @@ def test_eval_writes_images_metrics_and_table(tmp_path, capsys):
     split = load_split(data["images"], data["annotations"], data["pairs"])
     metrics = evaluate(pipeline, split, tmp_path / "eval", batch_size=4, progress=False)
     assert metrics["pairs"] == 13 and metrics["skipped"] == {"missing images": 1}
-    assert set(metrics["rows"]) == {"copy-source", "g1", "g1+g2"}
+    assert set(metrics["rows"]) == {"copy-source", "blank", "g1", "g1+g2", "target"}
     assert len(list((tmp_path / "eval" / "images" / "final").glob("*.png"))) == 13
     assert len(list((tmp_path / "eval" / "images" / "g1").glob("*.png"))) == 13
     copy = metrics["rows"]["copy-source"]

@@ -6,7 +6,8 @@
     torchrun --standalone --nproc_per_node N -m training.cli fit ...   # DDP, see training/distributed.py
     pg2-train export RUN --out CKPT [--dtype float16]
     pg2-train eval --checkpoint CKPT --data-root DIR --annotations CSV --pairs CSV --out DIR
-                   [--inception-weights PTH --fid-train-root DIR | --fid-train-stats NPZ] [--lpips-weights PTH]
+                   [--pckh] [--inception-weights PTH --fid-train-root DIR | --fid-train-stats NPZ] [--lpips-weights PTH]
+    pg2-train annotate --images DIR --out ANNOTATIONS.csv [--truth CSV]   # keypoints from photos (pose extra)
     pg2-train bench --preset P [--batch-size B] [--stage 1|2] | bench --data --data-root ...
 
 Each subcommand lives in a function `cmd_NAME(args)`; `build_parser` wires them.
@@ -183,10 +184,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     perceptual = _perceptual_scores(args)  # first: a wrong weight file fails before any generation
+    detector = None
+    if args.pckh:  # also before any generation: a missing extra is said at once
+        from pg2_server.detection import PoseDetector
+        detector = PoseDetector(visibility=args.visibility, several_people=False)
     pipeline = Pipeline.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype)
     split = _load_split(args)
     metrics = evaluate(pipeline, split, args.out, batch_size=args.batch_size, save_images=not args.no_images,
-                       limit=args.limit, workers=args.workers, perceptual=perceptual)
+                       limit=args.limit, workers=args.workers, perceptual=perceptual, detector=detector)
     print(markdown_table(metrics))
     print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'metrics.md'}")
     return 0
@@ -231,6 +236,11 @@ def _add_eval(sub) -> None:
     p.add_argument("--workers", type=int, default=2, help="threads scoring images")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--pckh", action="store_true",
+                   help="also PCKh@0.5, limb PCKh and the detection rate, keypoints detected in every image with "
+                        "MediaPipe BlazePose (the pose extra, see docs/pose-detection.md)")
+    p.add_argument("--visibility", type=float, default=0.5,
+                   help="with --pckh: BlazePose visibility below which a keypoint counts as not found (default 0.5)")
     g = p.add_argument_group("perceptual metrics (pip install 'pg2-blender[metrics]'; local weight files, "
                              "nothing is downloaded)")
     g.add_argument("--inception-weights", metavar="FILE",
@@ -245,6 +255,30 @@ def _add_eval(sub) -> None:
     g.add_argument("--lpips-weights", metavar="FILE",
                    help="torchvision AlexNet ImageNet weights (.pth or .safetensors): adds LPIPS (v0.1, alex)")
     p.set_defaults(func=cmd_eval)
+
+
+# -- annotate ---------------------------------------------------------------------------------
+
+def cmd_annotate(args: argparse.Namespace) -> int:
+    from .annotate import annotate_folder
+
+    return annotate_folder(args.images, args.out, visibility=args.visibility, truth=args.truth,
+                           several_people=not args.one_person)
+
+
+def _add_annotate(sub) -> None:
+    p = sub.add_parser("annotate", help="detect COCO-18 keypoints in a folder of photos (MediaPipe BlazePose) and "
+                                        "write PATN's annotation CSV, for `pairs` and `fit` on your own photos")
+    p.add_argument("--images", required=True, help="folder of photos (PNG/JPEG/BMP/WebP; not recursive)")
+    p.add_argument("--out", required=True, help="annotation CSV to write (name:keypoints_y:keypoints_x, -1 missing)")
+    p.add_argument("--visibility", type=float, default=0.5,
+                   help="BlazePose visibility below which a keypoint is written as missing (default 0.5)")
+    p.add_argument("--one-person", action="store_true",
+                   help="skip the search for further people (faster when each photo shows one person)")
+    p.add_argument("--truth", metavar="CSV",
+                   help="an annotation CSV of the same images: print the detector's PCKh@0.5 against it, per "
+                        "keypoint and per view")
+    p.set_defaults(func=cmd_annotate)
 
 
 # -- wiring -----------------------------------------------------------------------------------
@@ -277,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit(sub)
     _add_export(sub)
     _add_eval(sub)
+    _add_annotate(sub)
     _add_optional(sub, "bench", "add_bench_parser")
     _add_synth(sub)
     return parser
