@@ -4,6 +4,8 @@
     pg2-server generate --local [--checkpoint CKPT | --preset NAME --random-weights] \\
         --source IMG --pose POSE.json --out OUT.png [--grid]
     pg2-server generate --server tcp://HOST:5557 --source IMG --pose POSE.json|POSE_DIR --out OUT.png|OUT_DIR
+    pg2-server generate --local|--server ... --source IMG --pose-from REFERENCE_PHOTO --out OUT.png
+    pg2-server pose PHOTO... --out POSE.json|DIR [--openpose] [--overlay]     # needs the pose extra
     pg2-server serve [--checkpoint CKPT | --preset NAME --random-weights] [--bind tcp://127.0.0.1:5557]
     pg2-server broker --frontend tcp://*:5557 --backend tcp://*:5558
     pg2-server worker --connect tcp://BROKER:5558 [--checkpoint CKPT] [--device cuda:0]
@@ -122,7 +124,7 @@ def cmd_generate_local(args: argparse.Namespace) -> int:
     from .drawing import read_rgb, write_rgb
 
     source = read_rgb(args.source)
-    size, keypoints = load_pose_file(args.pose)
+    size, keypoints = target_pose(args)
     pipeline = load_pipeline(args)
     [generation] = pipeline.generate([source], [keypoints], [size], with_g1=args.grid)
     out = Path(args.out)
@@ -214,10 +216,10 @@ def cmd_generate_server(args: argparse.Namespace) -> int:
 
     source = Path(args.source).read_bytes()
     output_format = "jpeg" if args.format == "jpeg" else "png"
-    pose = Path(args.pose)
+    pose = Path(args.pose or args.pose_from)
     with client_from_args(args) as client:
         if not pose.is_dir():
-            size, keypoints = load_pose_file(pose)
+            size, keypoints = target_pose(args)
             # The server encodes in the format --out asks for, so the bytes are written as they come.
             suffix = Path(args.out).suffix.lower()
             output_format = "jpeg" if suffix in (".jpg", ".jpeg") and not args.alpha else "png"
@@ -255,6 +257,57 @@ def cmd_generate_server(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def pose_outputs(photos: list[Path], out: Path) -> list[Path]:
+    """Where each photo's pose JSON goes: --out itself for one photo and a .json --out, else OUT/STEM.json."""
+    if out.suffix.lower() == ".json":
+        if len(photos) != 1:
+            raise SystemExit(f"error: --out {out} is one file but {len(photos)} photos were given; "
+                             "give a folder instead")
+        return [out]
+    stems = [p.stem for p in photos]
+    clash = sorted({s for s in stems if stems.count(s) > 1})
+    if clash:
+        raise SystemExit(f"error: photos with the same name would write the same file: {', '.join(clash)}")
+    return [out / f"{stem}.json" for stem in stems]
+
+
+def cmd_pose(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .detection import DetectionError, PoseDetector, image_files, read_photo
+    from .drawing import draw_pose, write_rgb
+
+    photos = image_files(args.photos)
+    if not photos:
+        raise SystemExit("error: no photos given (folders are searched for PNG/JPEG/BMP/WebP files)")
+    outputs = pose_outputs(photos, Path(args.out))
+    failures = 0
+    with PoseDetector(visibility=args.visibility, several_people=not args.one_person) as detector:
+        for photo, out in tqdm(list(zip(photos, outputs)), unit="photo", desc="pose", disable=len(photos) < 2):
+            try:
+                image = read_photo(photo)
+                detection = detector.detect(image, str(photo))
+            except DetectionError as e:
+                failures += 1
+                tqdm.write(f"error: {e}", file=sys.stderr)
+                continue
+            for note in detection.notes:
+                tqdm.write(note, file=sys.stderr)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(detection.to_json()) + "\n")
+            written = [out]
+            if args.openpose:
+                written.append(out.with_name(out.stem + "_keypoints.json"))
+                written[-1].write_text(json.dumps(detection.to_openpose()) + "\n")
+            if args.overlay:
+                written.append(out.with_name(out.stem + "_overlay.png"))
+                write_rgb(written[-1], draw_pose(detection.keypoints, detection.size, background=image))
+            tqdm.write(f"{photo}: {detection.found} of 18 keypoints → {', '.join(map(str, written))}")
+    if failures:
+        print(f"{len(photos) - failures} of {len(photos)} photos done; {failures} failed", file=sys.stderr)
+    return 1 if failures else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .samples import BUNDLED, write_sample_grid
 
@@ -264,10 +317,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def target_pose(args: argparse.Namespace):
+    """(size, keypoints) of the target: from --pose's file, or detected in --pose-from's photo."""
+    if not args.pose_from:
+        return load_pose_file(args.pose)
+    from .detection import PoseDetector
+
+    with PoseDetector() as detector:
+        detection = detector.detect_file(args.pose_from)
+    for note in detection.notes:
+        print(note, file=sys.stderr)
+    print(f"target pose from {args.pose_from}: {detection.found} of 18 keypoints, frame "
+          f"{detection.size[0]}×{detection.size[1]}", file=sys.stderr)
+    return detection.size, detection.keypoints
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.local == bool(args.server):
         raise SystemExit("error: pass either --local (run the model here) or --server ENDPOINT")
-    batch = Path(args.pose).is_dir()
+    if bool(args.pose) == bool(args.pose_from):
+        raise SystemExit("error: pass either --pose POSE.json|POSE_DIR or --pose-from REFERENCE_PHOTO")
+    batch = bool(args.pose) and Path(args.pose).is_dir()
     if args.grid and not (args.local and not batch):
         raise SystemExit("error: --grid works for one pose with --local")
     if args.local:
@@ -443,14 +513,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(p)
     add_client_arguments(p, required=False)
     p.add_argument("--source", required=True, help="photo of the person (PNG/JPEG)")
-    p.add_argument("--pose", required=True,
+    p.add_argument("--pose",
                    help="pose JSON ({size, keypoints} or OpenPose JSON), or a folder of them (batch mode)")
+    p.add_argument("--pose-from", metavar="PHOTO",
+                   help="instead of --pose: the pose of the person in this photo, detected with MediaPipe BlazePose "
+                        "(the pose extra); the output has the photo's size")
     p.add_argument("--out", required=True, help="output image (PNG/JPEG), or a folder in batch mode")
     p.add_argument("--grid", action="store_true", help="write source | target pose | G1 | G2 instead (--local)")
     p.add_argument("--alpha", action="store_true", help="add the person mask as alpha (PNG only, --server)")
     p.add_argument("--format", choices=["png", "jpeg"], default="png", help="image format in batch mode")
     p.add_argument("--in-flight", type=int, default=8, help="requests in flight in batch mode (default 8)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("pose", help="detect the pose (COCO-18 keypoints) of the person in photos with MediaPipe "
+                                    "BlazePose (the pose extra) and write pose JSON")
+    p.add_argument("photos", nargs="+", metavar="PHOTO", help="photos, or folders of them")
+    p.add_argument("--out", required=True,
+                   help="a .json file for one photo, else a folder (PHOTO_STEM.json per photo)")
+    p.add_argument("--openpose", action="store_true", help="also write OpenPose JSON beside it (STEM_keypoints.json)")
+    p.add_argument("--overlay", action="store_true", help="also draw the skeleton over the photo (STEM_overlay.png)")
+    p.add_argument("--visibility", type=float, default=0.5,
+                   help="BlazePose visibility below which a keypoint is written as null (default 0.5)")
+    p.add_argument("--one-person", action="store_true", help="skip the search for further people (faster)")
+    p.set_defaults(func=cmd_pose)
 
     p = sub.add_parser("demo", help="generate the bundled sample people and poses into one grid image")
     add_model_arguments(p)

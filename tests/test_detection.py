@@ -1,0 +1,240 @@
+"""pg2_server/detection.py, `pg2-server pose`, `generate --pose-from` and `pg2-train annotate`, with
+the real MediaPipe BlazePose model on the bundled sample people (synthetic renders with exact
+keypoints)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from pg2_server.detection import (BLAZEPOSE_INDEX, DetectionError, available, check_photo, landmarks_to_coco,
+                                  read_photo)
+from pg2_server.keypoints import INDEX, NAMES, load_pose_file, parse_pose, read_annotations
+from pg2_server.samples import BUNDLED
+
+needs_mediapipe = pytest.mark.skipif(not available(), reason="the pose extra (mediapipe 0.10.14) is not installed")
+SAMPLES = json.loads((BUNDLED / "samples.json").read_text())
+# Measured: PCKh@0.5 0.947 over the 560 held-out synthetic test images (docs/pose-detection.md); the
+# six sample targets score 0.875 (one back view comes out mirrored); the floor is below both.
+PCKH_FLOOR = 0.8
+
+
+def targets():
+    """(image RGB, (W, H), truth keypoints, dataset name) of the six sample targets."""
+    for sample in SAMPLES:
+        size, keypoints = load_pose_file(BUNDLED / sample["pose"])
+        yield read_photo(BUNDLED / sample["target"]), size, keypoints, sample["dataset_pair"][1]
+
+
+def pckh(predicted: np.ndarray, truth: np.ndarray) -> tuple[int, int]:
+    from training.evaluate import pckh_counts
+
+    right, annotated = pckh_counts(predicted, truth)
+    return int(right.sum()), int(annotated.sum())
+
+
+@pytest.fixture(scope="module")
+def detector():
+    if not available():
+        pytest.skip("the pose extra (mediapipe 0.10.14) is not installed")
+    from pg2_server.detection import PoseDetector
+
+    with PoseDetector() as d:
+        yield d
+
+
+def test_blazepose_landmarks_map_to_coco18_in_design_order():
+    size = (200, 100)                                    # not square: x scales by W, y by H
+    landmarks = np.zeros((33, 3))
+    landmarks[:, 2] = 0.9
+    for i in range(33):
+        landmarks[i, :2] = ((i + 1) / 40, (i + 1) / 50)
+    landmarks[27, 2] = 0.2                               # left ankle hardly visible → None
+    landmarks[28, :2] = (1.2, 0.5)                       # right ankle outside the image → None
+    points, seen = landmarks_to_coco(landmarks, size)
+    for name, source in (("nose", 0), ("right_shoulder", 12), ("left_shoulder", 11), ("right_wrist", 16),
+                         ("left_hip", 23), ("right_knee", 26), ("right_eye", 5), ("left_eye", 2),
+                         ("right_ear", 8), ("left_ear", 7)):
+        assert BLAZEPOSE_INDEX[INDEX[name]] == source
+        x, y = landmarks[source, :2]
+        assert points[INDEX[name]] == pytest.approx((x * 200 - 0.5, y * 100 - 0.5))
+    neck = INDEX["neck"]
+    assert points[neck] == pytest.approx(points[[INDEX["right_shoulder"], INDEX["left_shoulder"]]].mean(axis=0))
+    assert np.isnan(points[INDEX["left_ankle"]]).all() and seen[INDEX["left_ankle"]] == pytest.approx(0.2)
+    assert np.isnan(points[INDEX["right_ankle"]]).all()
+    landmarks[12, 2] = 0.1                               # one shoulder gone: no neck either
+    points, seen = landmarks_to_coco(landmarks, size)
+    assert np.isnan(points[neck]).all() and seen[neck] == pytest.approx(0.1)
+    assert len(NAMES) == len(BLAZEPOSE_INDEX) == 18
+
+
+def test_bad_photos_get_a_message_that_says_what_to_do(tmp_path):
+    text = tmp_path / "notes.jpg"
+    text.write_text("not a picture")
+    with pytest.raises(DetectionError, match="not an image"):
+        read_photo(text)
+    with pytest.raises(DetectionError, match="no such file"):
+        read_photo(tmp_path / "missing.png")
+    with pytest.raises(DetectionError, match=r"16×24 px.*at least 32"):
+        check_photo(np.zeros((24, 16, 3), np.uint8), "tiny.png")
+
+
+@needs_mediapipe
+def test_detected_keypoints_match_the_renders_exact_keypoints(detector):
+    right = total = 0
+    sides = []
+    for image, size, truth, name in targets():
+        detection = detector.detect(image)
+        assert detection.size == size and detection.people == 1
+        r, t = pckh(detection.keypoints, truth)
+        right, total = right + r, total + t
+        # Sides follow the subject (front and back views alike): a right shoulder or hip is found
+        # nearer the true right one than the true left one.
+        for right_joint, left_joint in (("right_shoulder", "left_shoulder"), ("right_hip", "left_hip")):
+            found, true = detection.keypoints[INDEX[right_joint]], truth[INDEX[right_joint]]
+            other = truth[INDEX[left_joint]]
+            sides.append(bool(np.linalg.norm(found - true) < np.linalg.norm(found - other)))
+    assert right / total >= PCKH_FLOOR, f"PCKh {right / total:.3f} over {total} keypoints"
+    # BlazePose mirrors one of the three back views here (the man's, person 4): 10 of 12 sides.
+    assert sum(sides) >= 10, sides
+
+
+@needs_mediapipe
+def test_any_size_and_aspect_ratio(detector):
+    image, size, truth, _ = next(targets())
+    # Stretched 2× wide and 1.5× high, then padded 40 px on the left: keypoints follow.
+    stretched = cv2.resize(image, (size[0] * 2, int(size[1] * 1.5)), interpolation=cv2.INTER_LINEAR)
+    padded = cv2.copyMakeBorder(stretched, 0, 0, 40, 0, cv2.BORDER_REPLICATE)
+    moved = np.stack([(truth[:, 0] + 0.5) * 2 - 0.5 + 40, (truth[:, 1] + 0.5) * 1.5 - 0.5], axis=1)
+    detection = detector.detect(padded)
+    assert detection.size == (padded.shape[1], padded.shape[0])
+    r, t = pckh(detection.keypoints, moved)
+    assert r / t >= PCKH_FLOOR
+
+
+def two_people(tmp_path) -> tuple[Path, np.ndarray]:
+    """A larger person on the left and a smaller one on the right; returns (file, larger's truth)."""
+    big, size, truth, _ = list(targets())[3]
+    small = cv2.resize(read_photo(BUNDLED / SAMPLES[0]["source"]), (88, 128), interpolation=cv2.INTER_AREA)
+    canvas = np.full((size[1], size[0] + 124, 3), 255, np.uint8)
+    canvas[:, :size[0]] = big
+    canvas[100:228, size[0] + 24:size[0] + 112] = small
+    path = tmp_path / "two.png"
+    cv2.imwrite(str(path), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
+    return path, truth
+
+
+@needs_mediapipe
+def test_several_people_take_the_largest_and_say_so(detector, tmp_path):
+    path, truth = two_people(tmp_path)
+    detection = detector.detect_file(path)
+    assert detection.people == 2 and "2 people found; took the largest" in detection.notes[0]
+    r, t = pckh(detection.keypoints, truth)
+    assert r / t >= PCKH_FLOOR
+
+
+@needs_mediapipe
+def test_no_person_is_an_error_not_a_guess(detector):
+    with pytest.raises(DetectionError, match="no person found"):
+        detector.detect(np.full((200, 150, 3), 230, np.uint8))
+
+
+def run(module, *args, timeout=180):
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@needs_mediapipe
+def test_pose_command_batch_carries_on_past_bad_files(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a_notes.jpg").write_text("not a picture")
+    cv2.imwrite(str(photos / "b_empty.png"), np.full((200, 150, 3), 230, np.uint8))
+    cv2.imwrite(str(photos / "c_tiny.png"), np.full((20, 20, 3), 230, np.uint8))
+    target = BUNDLED / SAMPLES[1]["target"]
+    (photos / "d_person.jpg").write_bytes(target.read_bytes())
+    two, _ = two_people(tmp_path)
+    out = tmp_path / "poses"
+    done = run("pg2_server.cli", "pose", str(photos), str(two), "--out", str(out), "--openpose", "--overlay")
+    assert done.returncode == 1                          # some failed; the rest were written
+    assert "a_notes.jpg: not an image" in done.stderr
+    assert "b_empty.png: no person found" in done.stderr
+    assert "c_tiny.png: the image is 20×20 px" in done.stderr
+    assert "two.png: 2 people found; took the largest" in done.stderr
+    assert "2 of 5 photos done; 3 failed" in done.stderr
+    size, keypoints = load_pose_file(out / "d_person.json")
+    truth_size, truth = load_pose_file(BUNDLED / SAMPLES[1]["pose"])
+    assert size == truth_size and pckh(keypoints, truth)[0] / pckh(keypoints, truth)[1] >= PCKH_FLOOR
+    openpose_size, openpose = parse_pose(json.loads((out / "d_person_keypoints.json").read_text()))
+    assert openpose_size == size and np.allclose(openpose, keypoints, atol=0.01, equal_nan=True)
+    overlay = cv2.imread(str(out / "d_person_overlay.png"))
+    assert overlay.shape == (size[1], size[0], 3)
+    assert (out / "two.json").is_file() and not (out / "b_empty.json").exists()
+
+
+@needs_mediapipe
+def test_generate_pose_from_a_reference_photo(tmp_path):
+    reference = tmp_path / "reference.png"
+    big = cv2.resize(cv2.imread(str(BUNDLED / SAMPLES[2]["target"])), (264, 384))
+    cv2.imwrite(str(reference), big)
+    out = tmp_path / "out.png"
+    done = run("pg2_server.cli", "generate", "--local", "--preset", "tiny", "--random-weights",
+               "--source", str(BUNDLED / SAMPLES[0]["source"]), "--pose-from", str(reference), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "target pose from" in done.stderr and "frame 264×384" in done.stderr
+    assert cv2.imread(str(out)).shape == (384, 264, 3)   # the reference photo's frame
+    done = run("pg2_server.cli", "generate", "--local", "--preset", "tiny", "--random-weights", "--source",
+               str(BUNDLED / SAMPLES[0]["source"]), "--pose-from", str(tmp_path / "nope.png"), "--out", str(out))
+    assert done.returncode == 2 and "nope.png: no such file" in done.stderr
+    done = run("pg2_server.cli", "generate", "--local", "--preset", "tiny", "--random-weights", "--source",
+               str(out), "--out", str(out))
+    assert done.returncode != 0 and "--pose-from" in done.stderr
+
+
+@needs_mediapipe
+def test_generate_pose_from_against_a_server(tmp_path):
+    from test_server import start_server, stop_server
+
+    process, endpoint = start_server()
+    try:
+        out = tmp_path / "served.png"
+        done = run("pg2_server.cli", "generate", "--server", endpoint, "--source", str(BUNDLED / SAMPLES[0]["source"]),
+                   "--pose-from", str(BUNDLED / SAMPLES[1]["target"]), "--out", str(out))
+        assert done.returncode == 0, done.stderr
+        assert cv2.imread(str(out)).shape == (256, 176, 3)
+    finally:
+        stop_server(process)
+
+
+@needs_mediapipe
+def test_annotate_writes_patn_rows_and_scores_against_truth(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = ["name:keypoints_y:keypoints_x"]
+    for sample in SAMPLES:
+        name = sample["dataset_pair"][1]
+        (images / name).write_bytes((BUNDLED / sample["target"]).read_bytes())
+        _, truth = load_pose_file(BUNDLED / sample["pose"])
+        ys = [-1 if np.isnan(y) else int(y) for y in truth[:, 1]]
+        xs = [-1 if np.isnan(x) else int(x) for x in truth[:, 0]]
+        rows.append(f"{name}: {ys}: {xs}")
+    (images / "zz_notes.png").write_text("not a picture")
+    truth_csv = tmp_path / "truth.csv"
+    truth_csv.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "annotations.csv"
+    done = run("training.cli", "annotate", "--images", str(images), "--out", str(out), "--truth", str(truth_csv))
+    assert done.returncode == 0, done.stderr
+    assert "zz_notes.png: not an image" in done.stderr
+    assert "6 images annotated, 1 skipped" in done.stdout and "ms per image" in done.stdout
+    detected, problems = read_annotations(out)
+    assert problems == [] and len(detected) == 6
+    text = out.read_text()
+    assert text.startswith("name:keypoints_y:keypoints_x\n") and "-1" in text   # back views: no nose
+    table = {line.split("|")[1].strip(): line for line in done.stdout.splitlines() if line.startswith("| ")}
+    assert set(table["keypoint"].replace(" ", "").split("|")[2:-1]) == {"all", "back", "front"}
+    overall = float(table["pckh"].split("|")[2].strip(" *"))
+    assert overall >= PCKH_FLOOR
