@@ -210,11 +210,12 @@ def test_generate_pose_from_against_a_server(tmp_path):
         stop_server(process)
 
 
-@needs_mediapipe
-def test_annotate_writes_patn_rows_and_scores_against_truth(tmp_path):
+def sample_dataset(tmp_path) -> tuple[Path, Path, list[str]]:
+    """The six sample targets under their dataset names (which carry the view) with a truth CSV."""
     images = tmp_path / "images"
     images.mkdir()
     rows = ["name:keypoints_y:keypoints_x"]
+    names = []
     for sample in SAMPLES:
         name = sample["dataset_pair"][1]
         (images / name).write_bytes((BUNDLED / sample["target"]).read_bytes())
@@ -222,9 +223,44 @@ def test_annotate_writes_patn_rows_and_scores_against_truth(tmp_path):
         ys = [-1 if np.isnan(y) else int(y) for y in truth[:, 1]]
         xs = [-1 if np.isnan(x) else int(x) for x in truth[:, 0]]
         rows.append(f"{name}: {ys}: {xs}")
-    (images / "zz_notes.png").write_text("not a picture")
+        names.append(name)
     truth_csv = tmp_path / "truth.csv"
     truth_csv.write_text("\n".join(rows) + "\n")
+    return images, truth_csv, names
+
+
+@needs_mediapipe
+def test_eval_pckh_detection_rate_and_views(tmp_path):
+    from pg2_server.checkpoint import save_checkpoint
+    from pg2_server.pipeline import Pipeline
+    from training.cli import main
+
+    images, truth_csv, names = sample_dataset(tmp_path)
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("from,to\n" + "".join(f"{a},{b}\n" for a, b in zip(names, names[1:] + names[:1])))
+    pipeline = Pipeline.random("tiny", seed=1)
+    checkpoint = tmp_path / "tiny"
+    save_checkpoint(checkpoint, pipeline.config, pipeline.g1, pipeline.g2)
+    assert main(["eval", "--checkpoint", f"{checkpoint}.json", "--data-root", str(images), "--annotations",
+                 str(truth_csv), "--pairs", str(pairs), "--out", str(tmp_path / "eval"), "--no-images",
+                 "--device", "cpu", "--pckh"]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    rows = metrics["rows"]
+    assert rows["target"]["detected"] == 1.0 and rows["target"]["pckh"] >= PCKH_FLOOR
+    assert rows["copy-source"]["detected"] == 1.0               # the sources are people too
+    assert rows["blank"]["detected"] == 0.0 and rows["blank"]["pckh"] == 0.0
+    assert rows["target"]["pckh"] > rows["copy-source"]["pckh"]   # other people's poses score lower
+    assert set(metrics["views"]) == {"front", "back"}
+    assert sum(v["target"]["images"] for v in metrics["views"].values()) == 6
+    assert metrics["pckh_per_keypoint"]["target"]["neck"] == 1.0
+    table = (tmp_path / "eval" / "metrics.md").read_text()
+    assert "limb PCKh" in table and "| back |" in table and "ΔE00" in table
+
+
+@needs_mediapipe
+def test_annotate_writes_patn_rows_and_scores_against_truth(tmp_path):
+    images, truth_csv, _ = sample_dataset(tmp_path)
+    (images / "zz_notes.png").write_text("not a picture")
     out = tmp_path / "annotations.csv"
     done = run("training.cli", "annotate", "--images", str(images), "--out", str(out), "--truth", str(truth_csv))
     assert done.returncode == 0, done.stderr
@@ -238,3 +274,21 @@ def test_annotate_writes_patn_rows_and_scores_against_truth(tmp_path):
     assert set(table["keypoint"].replace(" ", "").split("|")[2:-1]) == {"all", "back", "front"}
     overall = float(table["pckh"].split("|")[2].strip(" *"))
     assert overall >= PCKH_FLOOR
+
+
+@needs_mediapipe
+def test_prepare_without_patn_annotations_detects_them(tmp_path, capsys):
+    from training.cli import main
+
+    raw = tmp_path / "Market-1501"
+    for folder, people in (("bounding_box_train", SAMPLES[:3]), ("bounding_box_test", SAMPLES[3:5])):
+        (raw / folder).mkdir(parents=True)
+        for k, sample in enumerate(people):
+            (raw / folder / f"{k + 1:04d}_c1s1_{k:06d}_00.jpg").write_bytes((BUNDLED / sample["target"]).read_bytes())
+    out = tmp_path / "out"
+    assert main(["prepare", "market", "--raw", str(raw), "--out", str(out)]) == 0
+    train, _ = read_annotations(out / "market-annotation-train.csv")
+    test, _ = read_annotations(out / "market-annotation-test.csv")
+    assert sorted(train) == sorted(p.name for p in (out / "train").iterdir()) and len(train) == 3
+    assert len(test) == 2
+    assert "next: pg2-train pairs" in capsys.readouterr().err

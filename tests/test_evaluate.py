@@ -86,3 +86,73 @@ def test_eval_writes_images_metrics_and_table(tmp_path, capsys):
     assert "| g1 |" in printed.out and "g1+g2" not in printed.out        # a G1-only checkpoint
     assert "1 missing images" in printed.err
     assert not (tmp_path / "cli" / "images").exists()
+
+
+def test_mask_ssim_uses_the_mask_drawn_at_the_images_own_resolution(tmp_path):
+    from pg2_server.drawing import read_rgb
+    from pg2_server.pose import fit_frame, pose_mask
+    from training.evaluate import target_mask
+
+    data = write_dataset(tmp_path, "deepfashion", identities=1, views=2)
+    split = load_split(data["images"], data["annotations"], data["pairs"])
+    split.pairs = split.pairs[:1]
+    pipeline = Pipeline.random("tiny", seed=1)
+    metrics = evaluate(pipeline, split, tmp_path / "eval", progress=False)
+    source, target_name = split.pairs[0]
+    target = read_rgb(split.image_dir / target_name)
+    size = (target.shape[1], target.shape[0])
+    generated = read_rgb(next((tmp_path / "eval" / "images" / "final").glob("*.png")))
+    mask = pose_mask(split.keypoints[target_name], size[1], size[0], 4)
+    assert np.array_equal(target_mask(split.keypoints[target_name], size), mask)
+    assert metrics["rows"]["g1+g2"]["mask_ssim"] == pytest.approx(mask_ssim(generated, target, mask), abs=1e-9)
+    # The model canvas's mask scaled up (what eval used before) covers far more of the image.
+    fit = fit_frame(size, pipeline.config.canvas)
+    canvas_mask = pose_mask(fit.keypoints_to_canvas(split.keypoints[target_name]), *pipeline.config.canvas, 4)
+    scaled_up = fit.image_to_frame(canvas_mask[..., None] * np.uint8(255))[..., 0] > 0
+    assert scaled_up.mean() > 1.5 * mask.mean()
+    assert metrics["rows"]["g1+g2"]["mask_ssim"] != pytest.approx(mask_ssim(generated, target, scaled_up), abs=1e-4)
+
+
+def test_delta_e_and_detail(images):
+    from skimage.color import deltaE_ciede2000, rgb2lab
+
+    from training.evaluate import delta_e, detail
+
+    target, generated = images
+    mask = np.zeros(target.shape[:2], np.uint8)
+    mask[10:30, 5:25] = 1
+    inside = mask > 0
+    expected = deltaE_ciede2000(rgb2lab(generated), rgb2lab(target))[inside].mean()
+    assert delta_e(generated, target, mask) == pytest.approx(expected, rel=1e-6)
+    assert delta_e(target, target, mask) == 0.0
+    flat = np.full_like(target, 128)
+    assert detail(flat, mask) == 0.0 and detail(target, mask) > 10
+    assert math.isnan(delta_e(generated, target, np.zeros_like(mask)))
+
+
+def test_pckh_follows_patn_head_box_rule_side_aware():
+    from training.evaluate import head_size, pckh_counts
+
+    truth = np.full((18, 2), np.nan)
+    truth[0] = (50, 20)        # nose
+    truth[1] = (50, 40)        # neck: head box 10 wide (with the ears), 20 high
+    truth[16] = (45, 22)
+    truth[17] = (55, 22)
+    truth[2], truth[5] = (40, 42), (60, 42)                     # right, left shoulder
+    truth[8], truth[11] = (44, 90), (56, 90)
+    assert head_size(truth) == (10.0, 20.0)
+    predicted = truth.copy()
+    predicted[0] += (4.9, 9.9)          # inside ½ head width and height: right
+    predicted[1] += (5.1, 0)            # |dx| = 5.1 ≥ 5: wrong
+    predicted[2], predicted[5] = truth[5], truth[2]             # sides swapped: both wrong
+    right, annotated = pckh_counts(predicted, truth)
+    assert annotated.sum() == 8 and right.sum() == 5
+    assert not right[[1, 2, 5]].any()
+    assert pckh_counts(None, truth)[0].sum() == 0                # no person: all wrong
+    limbs, annotated_limbs = pckh_counts(truth, truth, joints=range(2, 14))
+    assert annotated_limbs.sum() == 4 and limbs.sum() == 4
+    headless = truth.copy()
+    headless[[0, 1, 16, 17]] = np.nan   # no head: the torso (48 px) sets the size
+    assert head_size(headless) == pytest.approx((0.27 * 48, 0.44 * 48))
+    headless[[8, 11]] = np.nan
+    assert head_size(headless) is None and pckh_counts(truth, headless) is None

@@ -178,8 +178,32 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if report.total:
         print(report.details(), file=sys.stderr)
     if not args.annotations:
-        print("no annotation CSVs given: annotate the images (COCO-18) and run `pg2-train pairs`", file=sys.stderr)
+        annotate_splits(Path(args.out), "fasion-resize" if args.dataset == "deepfashion" else "market")
     return 0
+
+
+def annotate_splits(out: Path, prefix: str) -> list[Path]:
+    """Without PATN's annotation CSVs: detect keypoints in OUT/train and OUT/test (the pose extra)."""
+    from pg2_server.detection import INSTALL_HINT, available
+
+    if not available():
+        print(f"no annotation CSVs given and MediaPipe is not installed: {INSTALL_HINT}; then run "
+              "`pg2-train annotate` and `pg2-train pairs`", file=sys.stderr)
+        return []
+    from .annotate import annotate_folder
+
+    written = []
+    for split in ("train", "test"):
+        folder = out / split
+        if folder.is_dir() and any(folder.iterdir()):
+            csv_path = out / f"{prefix}-annotation-{split}.csv"
+            print(f"no annotation CSVs given: detecting keypoints in {folder} → {csv_path}", file=sys.stderr)
+            if annotate_folder(folder, csv_path) == 0:
+                written.append(csv_path)
+    if written:
+        print("next: pg2-train pairs --images OUT/train --annotations " + str(written[0]) + " --out PAIRS.csv",
+              file=sys.stderr)
+    return written
 
 
 def add_prepare_parser(sub) -> None:
