@@ -292,3 +292,16 @@ def test_prepare_without_patn_annotations_detects_them(tmp_path, capsys):
     assert sorted(train) == sorted(p.name for p in (out / "train").iterdir()) and len(train) == 3
     assert len(test) == 2
     assert "next: pg2-train pairs" in capsys.readouterr().err
+
+
+def test_without_mediapipe_the_error_says_how_to_install(monkeypatch, capsys):
+    from pg2_server import detection
+
+    monkeypatch.setitem(sys.modules, "mediapipe.python.solutions", None)   # import fails as if absent
+    assert not detection.available()
+    with pytest.raises(detection.DetectorUnavailable, match=r'pip install -e "\.\[pose\]"'):
+        detection.PoseDetector()
+    from pg2_server.cli import main
+
+    assert main(["pose", str(BUNDLED / SAMPLES[0]["target"]), "--out", "x.json"]) == 2
+    assert "pip install --no-deps mediapipe==0.10.14" in capsys.readouterr().err
