@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import bpy
 
-from .mapping import NAMES, MappingError
+from .mapping import NAMES, MappingError, describe
 
 
 class _PG2Panel:
@@ -20,7 +20,9 @@ class PG2_PT_main(_PG2Panel, bpy.types.Panel):
         layout = self.layout
         settings = context.scene.pg2
         layout.prop(settings, "armature")
-        layout.prop(settings, "preset")
+        row = layout.row(align=True)
+        row.prop(settings, "preset")
+        row.prop(settings, "show_mapping", text="", icon="PRESET")
         armature = settings.armature
         if armature is None:
             layout.label(text="Choose an armature (or add Armature › PG2 Pose Rig)", icon="INFO")
@@ -31,7 +33,12 @@ class PG2_PT_main(_PG2Panel, bpy.types.Panel):
                 layout.label(text=f"Rig: {mapping.preset}; {len(NAMES) - len(missing)} of 18 keypoints",
                              icon="CHECKMARK" if not missing else "INFO")
                 if missing:
-                    layout.label(text="Unmapped: " + ", ".join(missing), icon="ERROR")
+                    layout.label(text="Missing: " + ", ".join(missing), icon="ERROR")
+                if settings.show_mapping:
+                    box = layout.box()
+                    for name, text in describe(mapping):
+                        box.label(text=f"{name.replace('_', ' ')}: {text}",
+                                  icon="ERROR" if text == "missing" else "DOT")
             except MappingError as e:
                 layout.label(text=str(e), icon="ERROR")
         if context.scene.camera is None:

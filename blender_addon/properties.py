@@ -31,6 +31,8 @@ class PG2SceneSettings(bpy.types.PropertyGroup):
                               description="The posed armature whose joints become the 18 keypoints")
     preset: EnumProperty(name="Rig", items=PRESET_ITEMS, default="auto",
                          description="Which bone names to read the keypoints from")
+    show_mapping: BoolProperty(name="Show Mapping", default=False,
+                               description="List each keypoint's bone (or what it is made from) and the missing ones")
     overrides: CollectionProperty(type=PG2BoneOverride)
     override_index: IntProperty(default=0)
     source_kind: EnumProperty(name="Source", items=[

@@ -318,12 +318,15 @@ def test_panels_and_preferences_draw_real_properties(shot):
 
     class Context:
         scene = shot
+    shot.pg2.show_mapping = True
     for framing, source in (("CAMERA", "FILE"), ("PERSON", "IMAGE")):
         shot.pg2.framing, shot.pg2.source_kind = framing, source
         for panel in (panels.PG2_PT_main, panels.PG2_PT_frames, panels.PG2_PT_overrides):
             seen = []
             panel.draw(type("P", (), {"layout": RecordingLayout(seen)})(), Context)
             assert seen
+            if panel is panels.PG2_PT_main:
+                assert ("label", "right elbow: right_elbow") in seen  # the mapping list
     seen = []
     shot.pg2.overrides.add()
     panels.PG2_UL_overrides.draw_item(None, Context, RecordingLayout(seen), shot.pg2, shot.pg2.overrides[0],
