@@ -56,6 +56,7 @@ class PG2_PT_main(_PG2Panel, bpy.types.Panel):
             if settings.background == "COLOR":
                 col.prop(settings, "background_color")
         layout.prop(settings, "show_overlay")
+        layout.prop(settings, "occlusion")
         row = layout.row()
         row.scale_y = 1.4
         row.operator("pg2.generate", icon="RENDER_STILL")
@@ -79,6 +80,8 @@ class PG2_PT_frames(_PG2Panel, bpy.types.Panel):
         col.prop(settings, "frame_end")
         col.prop(settings, "frame_step")
         layout.prop(settings, "overwrite")
+        layout.prop(settings, "unprojectable")
+        layout.prop(settings, "load_into_sequencer")
         layout.prop(settings, "in_flight")
         row = layout.row()
         row.scale_y = 1.4

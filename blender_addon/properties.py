@@ -13,6 +13,10 @@ PRESET_ITEMS = [("auto", "Automatic", "Recognise the rig from its bone names")] 
     (p.name, p.label, f"Bone names of the {p.label} rig") for p in PRESETS.values()]
 
 
+# Blender 5 warns on "//" (relative to the .blend) unless a path property says it takes it.
+_RELATIVE = {"PATH_SUPPORTS_BLEND_RELATIVE"}
+
+
 def _is_armature(self, obj) -> bool:
     return obj.type == "ARMATURE"
 
@@ -38,7 +42,7 @@ class PG2SceneSettings(bpy.types.PropertyGroup):
     source_kind: EnumProperty(name="Source", items=[
         ("FILE", "File", "A PNG or JPEG photo of the person on disk"),
         ("IMAGE", "Image", "An image datablock of this file")], default="FILE")
-    source_path: StringProperty(name="Source photo", subtype="FILE_PATH",
+    source_path: StringProperty(name="Source photo", subtype="FILE_PATH", options=_RELATIVE,
                                 description="PNG or JPEG photo of the person to pose")
     source_image: PointerProperty(name="Source image", type=bpy.types.Image,
                                   description="Image datablock with the person to pose")
@@ -57,6 +61,7 @@ class PG2SceneSettings(bpy.types.PropertyGroup):
     background_color: FloatVectorProperty(name="Colour", subtype="COLOR", size=3, min=0.0, max=1.0,
                                           default=(1.0, 1.0, 1.0))
     output_path: StringProperty(name="Output", subtype="FILE_PATH", default="//pg2/frame_####.png",
+                                options=_RELATIVE,
                                 description="Frame files; #### becomes the zero-padded frame number")
     frame_start: IntProperty(name="Start", default=1, min=0)
     frame_end: IntProperty(name="End", default=250, min=0)
@@ -71,6 +76,16 @@ class PG2SceneSettings(bpy.types.PropertyGroup):
                                         description="Also show the single-frame result behind the camera view")
     show_overlay: BoolProperty(name="Show Skeleton", default=True,
                                description="Draw the keypoints the model will get in the viewport")
+    unprojectable: EnumProperty(name="Unposed Frames", items=[
+        ("SKIP", "Skip", "Frames where fewer than two joints are in front of the camera are left out (and counted)"),
+        ("BLANK", "Blank", "Such frames are written with the background only, so the sequence has no gaps")],
+        default="SKIP", description="Frame ranges: what to do with frames whose pose the camera does not see")
+    occlusion: BoolProperty(name="Hide Occluded Joints", default=True,
+                            description="Leave out joints hidden behind the body (a ray from the camera "
+                                        "against the meshes bound to the armature), as in the training data")
+    load_into_sequencer: BoolProperty(name="Load into Sequencer", default=False,
+                                      description="After Generate Frames, add the frames as an image strip "
+                                                  "in this scene's Video Sequencer")
     progress: FloatProperty(name="Progress", default=0.0, min=0.0, max=1.0, subtype="FACTOR")
     status: StringProperty(name="Status", default="")
 
