@@ -6,6 +6,7 @@ The neck, the shoulders' midpoint deep inside the body, stays when a shoulder is
 """
 from __future__ import annotations
 
+import numpy as np
 from mathutils import Vector
 
 from .mapping import FACE, INDEX, keypoints_3d
@@ -27,12 +28,35 @@ def bound_meshes(armature) -> list:
 
 
 class Occluder:
-    """Drops hidden keypoints of one armature's current pose (main thread)."""
+    """Drops hidden keypoints of one armature's current pose (main thread).
+
+    The deformed vertices come from Blender (one `foreach_get` per mesh and frame); the rays
+    are cast in numpy against every triangle: building a BVH tree for each deformed frame
+    (what `Object.ray_cast` does) took ~30 ms per 20k-vertex mesh, this takes a few.
+    """
 
     def __init__(self, armature, mapping=None):
         self.armature = armature
         self.mapping = mapping
         self.meshes = bound_meshes(armature)
+        self._triangles: dict[str, np.ndarray] = {}
+
+    def _view_triangles(self, depsgraph, to_camera: np.ndarray, ortho: bool):
+        """Per bound mesh: its deformed triangles' corners in the camera's (u, v, depth)."""
+        for obj in self.meshes:
+            evaluated = obj.evaluated_get(depsgraph)
+            mesh = evaluated.data
+            count = len(mesh.vertices)
+            key = obj.name
+            if key not in self._triangles or self._triangles[key][1] != count:
+                mesh.calc_loop_triangles()
+                indices = np.empty(len(mesh.loop_triangles) * 3, np.int32)
+                mesh.loop_triangles.foreach_get("vertices", indices)
+                self._triangles[key] = (indices.reshape(-1, 3), count)
+            co = np.empty(count * 3, np.float32)
+            mesh.vertices.foreach_get("co", co)
+            matrix = to_camera @ np.array(evaluated.matrix_world, np.float64)
+            yield _view(co.reshape(-1, 3), matrix, ortho)[self._triangles[key][0]]  # (T, 3, 3)
 
     def visible(self, scene, keypoints, points_3d=None) -> list:
         """`keypoints` (pixels or None) with the hidden ones set to None; unchanged without a mesh."""
@@ -41,43 +65,77 @@ class Occluder:
         if points_3d is None:
             points_3d = keypoints_3d(self.armature, self.mapping or _mapping(scene, self.armature))
         import bpy
-        camera = scene.camera
-        # The posed (deformed) meshes of this frame.
-        depsgraph = bpy.context.evaluated_depsgraph_get()
-        evaluated = [m.evaluated_get(depsgraph) for m in self.meshes]
-        origin_world = camera.matrix_world.translation
-        ortho = camera.data.type == "ORTHO"
-        forward = (camera.matrix_world.to_3x3() @ Vector((0, 0, -1))).normalized()
+        candidates = [k for k, p in enumerate(points_3d)
+                      if keypoints[k] is not None and p is not None and k != INDEX["neck"]]
         out = list(keypoints)
-        for k, point in enumerate(points_3d):
-            if out[k] is None or point is None or k == INDEX["neck"]:
-                continue
-            origin = point - forward * 1000.0 if ortho else origin_world
-            tolerance = FACE_TOLERANCE if k in _FACE else JOINT_TOLERANCE
-            if _hit_before(evaluated, origin, point, tolerance):
-                out[k] = None
+        camera = scene.camera
+        to_camera = np.array(camera.matrix_world.inverted(), np.float64)
+        ortho = camera.data.type == "ORTHO"
+        triangles = list(self._view_triangles(bpy.context.evaluated_depsgraph_get(), to_camera, ortho)) \
+            if candidates else []
+        if triangles:
+            points = np.array([tuple(points_3d[k]) for k in candidates], np.float64)
+            hidden = _hidden(np.concatenate(triangles), _view(points, to_camera, ortho),
+                             np.array([FACE_TOLERANCE if k in _FACE else JOINT_TOLERANCE for k in candidates]),
+                             ortho)
+            for k, h in zip(candidates, hidden):
+                if h:
+                    out[k] = None
         neck = INDEX["neck"]
         if out[neck] is not None and all(out[i] is None for i in _SHOULDERS):
             out[neck] = None
         return out
 
 
-def _hit_before(objects, origin: Vector, point: Vector, tolerance: float) -> bool:
-    """Whether any object's surface crosses the ray origin→point more than `tolerance` before it."""
-    ray = point - origin
-    distance = ray.length
-    if distance <= tolerance:
-        return False
-    for obj in objects:
-        inverse = obj.matrix_world.inverted()
-        local_origin, local_point = inverse @ origin, inverse @ point
-        local_ray = local_point - local_origin
-        scale = local_ray.length / distance  # object units per metre along this ray
-        hit, location, _, _ = obj.ray_cast(local_origin, local_ray.normalized(),
-                                           distance=(distance - tolerance) * scale)
-        if hit:
-            return True
-    return False
+def _view(points: np.ndarray, to_camera: np.ndarray, ortho: bool) -> np.ndarray:
+    """World points → (u, v, depth): camera-plane coordinates (x/depth, y/depth for a
+    perspective camera) and the distance in front of the camera."""
+    local = points @ to_camera[:3, :3].T + to_camera[:3, 3]
+    depth = -local[:, 2]  # the camera looks down its -Z
+    if ortho:
+        return np.stack([local[:, 0], local[:, 1], depth], axis=1)
+    safe = np.where(depth > 1e-6, depth, np.nan)
+    return np.stack([local[:, 0] / safe, local[:, 1] / safe, depth], axis=1)
+
+
+def _hidden(corners: np.ndarray, points: np.ndarray, tolerance: np.ndarray, ortho: bool = False) -> np.ndarray:
+    """For each point (u, v, depth): whether a triangle (rows of 3 corners in `corners`) covers
+    it more than `tolerance` (metres along the ray) in front of it.
+
+    All rays start at the camera, so in (u, v) they are points and the triangles are flat:
+    a bounding-box test keeps a few triangles per ray, then barycentric coordinates give
+    coverage and (1/depth being affine in u, v) the depth of the surface there.
+    """
+    tri = corners.reshape(-1, 3, 3)
+    # Triangles reaching behind the camera are dropped (their u, v are NaN there); elementwise
+    # minimum/maximum, since reductions over a 3-long axis are many times slower in numpy.
+    tri = tri[(tri[:, 0, 2] > 0) & (tri[:, 1, 2] > 0) & (tri[:, 2, 2] > 0)]
+    c0, c1, c2 = tri[:, 0, :2], tri[:, 1, :2], tri[:, 2, :2]
+    lo, hi = np.minimum(np.minimum(c0, c1), c2), np.maximum(np.maximum(c0, c1), c2)
+    lo_u, lo_v, hi_u, hi_v = lo[:, 0].copy(), lo[:, 1].copy(), hi[:, 0].copy(), hi[:, 1].copy()
+    out = np.zeros(len(points), bool)
+    for i, (u, v, depth) in enumerate(points):
+        if not np.isfinite(u):
+            continue
+        near = tri[(lo_u <= u) & (u <= hi_u) & (lo_v <= v) & (v <= hi_v)]
+        if not len(near):
+            continue
+        a, b, c = near[:, 0], near[:, 1], near[:, 2]
+        det = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (c[:, 0] - a[:, 0]) * (b[:, 1] - a[:, 1])
+        ok = np.abs(det) > 1e-18
+        det = np.where(ok, det, 1.0)
+        w1 = ((u - a[:, 0]) * (c[:, 1] - a[:, 1]) - (c[:, 0] - a[:, 0]) * (v - a[:, 1])) / det
+        w2 = ((b[:, 0] - a[:, 0]) * (v - a[:, 1]) - (u - a[:, 0]) * (b[:, 1] - a[:, 1])) / det
+        w0 = 1.0 - w1 - w2
+        inside = ok & (w0 >= 0) & (w1 >= 0) & (w2 >= 0)
+        if not inside.any():
+            continue
+        inverse = w0 / a[:, 2] + w1 / b[:, 2] + w2 / c[:, 2]
+        surface = 1.0 / inverse[inside]
+        # Depths along the same ray scale with the distance: convert the tolerance.
+        stretch = 1.0 if ortho else float(np.sqrt(u * u + v * v + 1.0))
+        out[i] = bool((surface < depth - tolerance[i] / stretch).any())
+    return out
 
 
 def _mapping(scene, armature):
