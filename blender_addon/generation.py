@@ -20,7 +20,7 @@ from typing import Sequence
 import bpy
 import zmq
 
-from . import imaging
+from . import imaging, openpose
 from .mapping import BoneMapping, keypoints_3d
 from .projection import Crop, Point, ProjectionError, frame_size, person_crop, project_points
 from .wire import client
@@ -312,6 +312,27 @@ class Batch:
         if crop is not None:
             pixels = imaging.composite(self._background(job), pixels, crop.x, crop.y)
         self._write(job, pixels)
+
+
+class PoseExport(Batch):
+    """The worker of Export Poses: per planned frame, an OpenPose JSON file
+    (`<name>_keypoints.json`) and the skeleton image (`<name>.png`); no server involved."""
+
+    def __init__(self):
+        super().__init__(None, b"", None, Framing())
+
+    def run(self) -> None:
+        try:
+            while (job := self._next_job()) is not None:
+                people = [] if job.blank else [job.keypoints]
+                stem = os.path.splitext(job.path)[0]
+                imaging.write_atomic(stem + "_keypoints.json", openpose.pose_json_bytes(people, job.frame_size))
+                self._write(job, openpose.draw_skeleton(people, job.frame_size))
+        except Exception as e:  # reported to the user; the add-on must not die silently
+            self.events.put(Event("error", message=f"{type(e).__name__}: {e}"))
+        finally:
+            self._terminate()
+            self.events.put(Event("end"))
 
 
 def load_render(path: str, size: tuple[int, int] | None = None):

@@ -116,8 +116,9 @@ def _on_load_pre(*_args) -> None:
     cancel_all()
 
 
-def prepare_run(context, frames, paths, on_result=None) -> generation.Run:
-    """Validate the scene's settings and start a Run (its worker starts at once).
+def prepare_run(context, frames, paths, on_result=None, export: bool = False) -> generation.Run:
+    """Validate the scene's settings and start a Run (its worker starts at once); `export`
+    writes pose files instead of asking a server.
 
     Raises GenerationError / MappingError / ValueError with what to fix.
     """
@@ -133,6 +134,13 @@ def prepare_run(context, frames, paths, on_result=None) -> generation.Run:
     if len(unmapped) == len(LIMBS):
         raise GenerationError(f"no limb of {armature.name} is mapped; pick the rig preset "
                               "or map the bones by hand in the PG2 panel")
+    if export:
+        check_output(settings.pose_output_path, paths)
+        occluder = occlusion.Occluder(armature, mapping) if settings.occlusion else None
+        run = generation.Run(scene, armature, mapping, frames, paths, generation.PoseExport(),
+                             unprojectable=settings.unprojectable, occlusion=occluder)
+        run.unmapped = unmapped
+        return run
     conn = connection(context)
     if paths and paths[0] is not None:
         check_output(settings.output_path, paths)
@@ -171,6 +179,11 @@ class _GenerationRun:
         except (GenerationError, MappingError, ValueError) as e:
             self.report({"ERROR"}, str(e))
             return {"CANCELLED"}
+        return self._go(context)
+
+    def _go(self, context):
+        """Run the prepared `self._run`: blocking in background mode, else from a modal timer."""
+        settings = context.scene.pg2
         if self._run.unmapped:
             self.report({"WARNING"}, "unmapped keypoints (left out): " + ", ".join(self._run.unmapped))
         settings.progress, settings.status = 0.0, self._run.progress_text()
@@ -309,6 +322,47 @@ class PG2_OT_generate_frames(_GenerationRun, bpy.types.Operator):
         return f"PG2: wrote {self._run.done} frame(s){skipped} to {folder}"
 
 
+class PG2_OT_export_poses(_GenerationRun, bpy.types.Operator):
+    """Write the armature's pose as OpenPose JSON and a skeleton image per frame (no server)"""
+    bl_idname = "pg2.export_poses"
+    bl_label = "Export Poses"
+    bl_options = {"REGISTER"}
+
+    frames: bpy.props.EnumProperty(name="Frames", items=[
+        ("CURRENT", "Current Frame", "Only the current frame"),
+        ("RANGE", "Frame Range", "The frame range of the Frames panel")], default="RANGE")
+
+    def execute(self, context):
+        scene, settings = context.scene, context.scene.pg2
+        if self.frames == "CURRENT":
+            frames = [scene.frame_current]
+        elif settings.use_scene_range:
+            frames = list(range(scene.frame_start, scene.frame_end + 1, scene.frame_step))
+        else:
+            frames = list(range(settings.frame_start, settings.frame_end + 1, settings.frame_step))
+        if not frames:
+            self.report({"ERROR"}, "the frame range is empty")
+            return {"CANCELLED"}
+        if not settings.pose_output_path:
+            self.report({"ERROR"}, "choose an output path for the poses in the PG2 panel")
+            return {"CANCELLED"}
+        paths = [os.path.splitext(generation.frame_path(settings.pose_output_path, f))[0] + ".png"
+                 for f in frames]
+        if running():
+            self.report({"ERROR"}, "PG2 is already generating; wait for it or press Esc")
+            return {"CANCELLED"}
+        try:
+            self._run = prepare_run(context, frames, paths, export=True)
+        except (GenerationError, MappingError, ValueError) as e:
+            self.report({"ERROR"}, str(e))
+            return {"CANCELLED"}
+        self._camera = None
+        return self._go(context)
+
+    def _summary(self) -> str:
+        return f"PG2: wrote {self._run.done} pose(s) to {os.path.dirname(self._run.paths[0])}"
+
+
 class PG2_OT_test_connection(bpy.types.Operator):
     """Ask the server for its description (model, canvas, devices)"""
     bl_idname = "pg2.test_connection"
@@ -417,7 +471,7 @@ def add_menu(self, context):
     self.layout.operator(PG2_OT_add_pose_rig.bl_idname, icon="OUTLINER_OB_ARMATURE")
 
 
-CLASSES = (PG2_OT_generate, PG2_OT_generate_frames, PG2_OT_test_connection, PG2_OT_add_pose_rig,
+CLASSES = (PG2_OT_generate, PG2_OT_generate_frames, PG2_OT_export_poses, PG2_OT_test_connection, PG2_OT_add_pose_rig,
            PG2_OT_override_add, PG2_OT_override_remove)
 
 

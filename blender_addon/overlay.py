@@ -10,16 +10,8 @@ from gpu_extras.batch import batch_for_shader
 
 from .mapping import MappingError, keypoints_3d
 from .projection import project_points
+from .skeleton import COLORS, SKELETON  # noqa: F401  (the tests pin them to the server's)
 
-# OpenPose's drawing skeleton and colours (pg2_server.keypoints.SKELETON / COLORS; the tests
-# pin these copies to them): 17 limbs from the original 1-indexed pairs.
-SKELETON = tuple((a - 1, b - 1) for a, b in (
-    (2, 3), (2, 6), (3, 4), (4, 5), (6, 7), (7, 8), (2, 9), (9, 10), (10, 11), (2, 12),
-    (12, 13), (13, 14), (2, 1), (1, 15), (15, 17), (1, 16), (16, 18)))
-COLORS = (
-    (255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0),
-    (0, 255, 0), (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255),
-    (0, 0, 255), (85, 0, 255), (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85))
 HIDDEN = (0.4, 0.4, 0.4, 0.8)  # joints the camera does not see: left out of the request
 
 _handle = None

@@ -86,6 +86,11 @@ class PG2_PT_frames(_PG2Panel, bpy.types.Panel):
         row = layout.row()
         row.scale_y = 1.4
         row.operator("pg2.generate_frames", icon="RENDER_ANIMATION")
+        layout.separator()
+        layout.prop(settings, "pose_output_path")
+        row = layout.row(align=True)
+        row.operator("pg2.export_poses", text="Export Pose", icon="ARMATURE_DATA").frames = "CURRENT"
+        row.operator("pg2.export_poses", text="Export Poses", icon="OUTLINER_OB_ARMATURE").frames = "RANGE"
 
 
 class PG2_UL_overrides(bpy.types.UIList):

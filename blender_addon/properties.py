@@ -63,6 +63,10 @@ class PG2SceneSettings(bpy.types.PropertyGroup):
     output_path: StringProperty(name="Output", subtype="FILE_PATH", default="//pg2/frame_####.png",
                                 options=_RELATIVE,
                                 description="Frame files; #### becomes the zero-padded frame number")
+    pose_output_path: StringProperty(name="Poses", subtype="FILE_PATH", default="//pg2_poses/pose_####.png",
+                                     options=_RELATIVE,
+                                     description="Export Poses: skeleton images; each gets a NAME_keypoints.json "
+                                                 "(OpenPose) beside it; #### becomes the frame number")
     frame_start: IntProperty(name="Start", default=1, min=0)
     frame_end: IntProperty(name="End", default=250, min=0)
     frame_step: IntProperty(name="Step", default=1, min=1)

@@ -311,6 +311,7 @@ class RecordingLayout:
     def _operator(self, idname, **kw):
         group, _, name = idname.partition(".")
         assert name in dir(getattr(bpy.ops, group)), idname
+        return type("OperatorProperties", (), {})()
 
     def _label(self, text="", **kw):
         self.seen.append(("label", text))
