@@ -66,6 +66,8 @@ def read_source(settings) -> tuple[bytes, tuple[int, int] | None]:
         image = settings.source_image
         if image is None:
             raise GenerationError("choose a source image of the person in the PG2 panel")
+        if image.type == "RENDER_RESULT":
+            return render_result_png(image), None
         if image.packed_file is not None:
             data = bytes(image.packed_file.data)
         elif image.source == "FILE" and os.path.isfile(bpy.path.abspath(image.filepath)):
@@ -88,6 +90,29 @@ def read_source(settings) -> tuple[bytes, tuple[int, int] | None]:
     except ValueError:
         raise GenerationError(f"the source photo {path} is not a PNG or JPEG file") from None
     return data, None
+
+
+def render_result_png(image) -> bytes:
+    """The Render Result as PNG bytes: its pixels are not readable from Python, so Blender
+    saves it (with the scene's colour management) to a temporary file, read back at once."""
+    import tempfile
+    folder = tempfile.mkdtemp(prefix="pg2-render-")
+    path = os.path.join(folder, "source.png")
+    scene = bpy.context.scene
+    saved = scene.render.image_settings.file_format
+    try:
+        scene.render.image_settings.file_format = "PNG"
+        image.save_render(path, scene=scene)
+        with open(path, "rb") as file:
+            return file.read()
+    except (RuntimeError, OSError):
+        raise GenerationError("the Render Result holds no image: render a frame first (Render › "
+                              "Render Image) or choose another source") from None
+    finally:
+        scene.render.image_settings.file_format = saved
+        for name in os.listdir(folder):
+            os.unlink(os.path.join(folder, name))
+        os.rmdir(folder)
 
 
 def _image_pixels(image) -> tuple[bytes, tuple[int, int]]:

@@ -102,6 +102,28 @@ def show_result(pixels, size, camera=None):
     return image
 
 
+STRIP_NAME = "PG2 Frames"
+
+
+def load_strip(scene, paths, frames):
+    """Put the generated frame files into the scene's Video Sequencer as one image strip
+    (replacing the previous PG2 strip), starting at the first frame; files in one folder only."""
+    existing = [p for p in paths if os.path.isfile(p)]
+    if not existing:
+        return None
+    editor = scene.sequence_editor or scene.sequence_editor_create()
+    old = editor.strips.get(STRIP_NAME)
+    channel = old.channel if old is not None else 1 + max((s.channel for s in editor.strips), default=0)
+    if old is not None:
+        editor.strips.remove(old)
+    folder = os.path.dirname(existing[0])
+    strip = editor.strips.new_image(STRIP_NAME, existing[0], channel, frames[paths.index(existing[0])])
+    for path in existing[1:]:
+        if os.path.dirname(path) == folder:
+            strip.elements.append(os.path.basename(path))
+    return strip
+
+
 def cancel_all() -> None:
     """Stop every run of this session (a new file is being loaded, or the add-on goes)."""
     for run in list(_RUNS):
@@ -308,6 +330,7 @@ class PG2_OT_generate_frames(_GenerationRun, bpy.types.Operator):
         except GenerationError as e:
             self.report({"ERROR"}, str(e))
             return {"CANCELLED"}
+        self._all_frames, self._all_paths = frames, paths
         todo = [(f, p) for f, p in zip(frames, paths) if settings.overwrite or not os.path.exists(p)]
         self._skipped = len(frames) - len(todo)
         if not todo:
@@ -315,6 +338,10 @@ class PG2_OT_generate_frames(_GenerationRun, bpy.types.Operator):
                                   "generate them again")
             return {"FINISHED"}
         return self._start(context, [f for f, _ in todo], [p for _, p in todo])
+
+    def _finished(self, context) -> None:
+        if context.scene.pg2.load_into_sequencer:
+            load_strip(context.scene, self._all_paths, self._all_frames)
 
     def _summary(self) -> str:
         skipped = f", skipped {self._skipped} existing" if self._skipped else ""

@@ -519,3 +519,35 @@ def test_planning_is_spread_over_steps(shot, server, tmp_path):
     assert 1 <= run.planned < 60 and run.progress_text().startswith(f"posing {run.planned} / 60")
     drive(run)
     assert run.done == 60 and run.error is None
+
+
+def test_render_result_as_the_source(shot, server):
+    connect(server)
+    settings = shot.pg2
+    settings.source_kind = "IMAGE"
+    shot.render.engine = "BLENDER_WORKBENCH"
+    # Render Result appears once something is rendered.
+    bpy.ops.render.render()
+    settings.source_image = bpy.data.images["Render Result"]
+    from blender_addon import generation
+    data, size = generation.read_source(settings)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and size is None
+    assert png_size_bytes(data) == (WIDTH, HEIGHT)
+    assert bpy.ops.pg2.generate() == {"FINISHED"}
+
+
+def png_size_bytes(data):
+    return struct.unpack(">II", data[16:24])
+
+
+def test_frames_loaded_into_the_sequencer(shot, server):
+    connect(server)
+    settings = shot.pg2
+    settings.load_into_sequencer = True
+    assert bpy.ops.pg2.generate_frames() == {"FINISHED"}
+    strip = shot.sequence_editor.strips["PG2 Frames"]
+    assert strip.type == "IMAGE" and strip.frame_final_start == 1 and strip.frame_final_duration == 5
+    assert [e.filename for e in strip.elements] == [f"frame_{i:04d}.png" for i in range(1, 6)]
+    assert bpy.path.abspath(strip.directory).rstrip("/") == str(Path(settings.output_path).parent)
+    assert bpy.ops.pg2.generate_frames() == {"FINISHED"}  # again: replaced, not stacked
+    assert len(shot.sequence_editor.strips) == 1
