@@ -162,6 +162,8 @@ def plan_frame(scene, armature, mapping: BoneMapping, keep_outside: bool,
     if scene.camera is None:
         raise ProjectionError("the scene has no camera: add one and make it the active camera")
     points = keypoints_3d(armature, mapping)
+    if occlusion is not None and occlusion.meshes:
+        points = occlusion.face_on_surface(points, occlusion.triangles(scene))
     keypoints = project_points(scene, scene.camera, points, keep_outside)
     if keep_outside:
         width, height = frame_size(scene)

@@ -386,9 +386,26 @@ def keypoints_3d(armature, mapping: BoneMapping) -> list[Vector | None]:
     if head is not None and mapping.face_frame is not None:
         scale = mapping.rest_scale
         frame = head.matrix.to_3x3().normalized() @ mapping.face_frame
+        origin = head.head + frame @ (Vector((0.0, mapping.head_drop, 0.0)) * scale)
+        right_eye, left_eye = local[INDEX["right_eye"]], local[INDEX["left_eye"]]
+        eyes = mapping.sources[INDEX["right_eye"]], mapping.sources[INDEX["left_eye"]]
+        if right_eye is not None and left_eye is not None and all(e.kind == "bone" for e in eyes):
+            # The rig's eye bones fix the face's height: the synthesised points hang from
+            # their midpoint rather than from the head joint (whose height varies per rig).
+            eye = Vector(FACE_OFFSETS["left_eye"])
+            origin = (right_eye + left_eye) / 2 - frame @ (Vector((0.0, eye.y, eye.z)) * scale)
         for name in FACE:
             i = INDEX[name]
             if mapping.sources[i] is not None and mapping.sources[i].kind == "face":
-                offset = Vector(FACE_OFFSETS[name]) + Vector((0.0, mapping.head_drop, 0.0))
-                local[i] = head.head + frame @ (offset * scale)
+                local[i] = origin + frame @ (Vector(FACE_OFFSETS[name]) * scale)
     return [None if p is None else world @ p for p in local]
+
+
+def face_axes(armature, mapping: BoneMapping):
+    """The face frame's (left, up, forward) unit vectors in world space for the current pose,
+    or None when the mapping has no head bone."""
+    head = armature.pose.bones.get(mapping.head_bone) if mapping.head_bone else None
+    if head is None or mapping.face_frame is None:
+        return None
+    frame = armature.matrix_world.to_3x3() @ head.matrix.to_3x3().normalized() @ mapping.face_frame
+    return tuple(frame.col[i].normalized() for i in range(3))

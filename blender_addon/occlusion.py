@@ -9,10 +9,12 @@ from __future__ import annotations
 import numpy as np
 from mathutils import Vector
 
-from .mapping import FACE, INDEX, keypoints_3d
+from .mapping import FACE, INDEX, face_axes, keypoints_3d
 
 FACE_TOLERANCE = 0.04
 JOINT_TOLERANCE = 0.15
+# How far a face point may move to reach the surface (metres).
+SURFACE_REACH = 0.06
 _FACE = {INDEX[n] for n in FACE}
 _SHOULDERS = (INDEX["right_shoulder"], INDEX["left_shoulder"])
 
@@ -39,10 +41,12 @@ class Occluder:
         self.armature = armature
         self.mapping = mapping
         self.meshes = bound_meshes(armature)
-        self._triangles: dict[str, np.ndarray] = {}
+        self._triangles: dict[str, tuple] = {}
+        self._cached = None
 
-    def _view_triangles(self, depsgraph, to_camera: np.ndarray, ortho: bool):
-        """Per bound mesh: its deformed triangles' corners in the camera's (u, v, depth)."""
+    def _world_triangles(self, depsgraph) -> np.ndarray:
+        """The deformed triangles' corners of every bound mesh in world space, (T, 3, 3)."""
+        corners = []
         for obj in self.meshes:
             evaluated = obj.evaluated_get(depsgraph)
             mesh = evaluated.data
@@ -55,8 +59,41 @@ class Occluder:
                 self._triangles[key] = (indices.reshape(-1, 3), count)
             co = np.empty(count * 3, np.float32)
             mesh.vertices.foreach_get("co", co)
-            matrix = to_camera @ np.array(evaluated.matrix_world, np.float64)
-            yield _view(co.reshape(-1, 3), matrix, ortho)[self._triangles[key][0]]  # (T, 3, 3)
+            matrix = np.array(evaluated.matrix_world, np.float64)
+            world = co.reshape(-1, 3) @ matrix[:3, :3].T + matrix[:3, 3]
+            corners.append(world[self._triangles[key][0]])
+        return np.concatenate(corners) if corners else np.zeros((0, 3, 3))
+
+    def face_on_surface(self, points_3d, triangles: np.ndarray) -> list:
+        """Face keypoints moved onto the body's surface: nose and eyes along the face's forward
+        axis (eye bones sit inside the eyeballs), ears along its sideways axis; a point moves
+        only when the surface is within `SURFACE_REACH` of it (a hand in front of the face is
+        not the face)."""
+        axes = face_axes(self.armature, self.mapping) if self.mapping is not None else None
+        if axes is None or not len(triangles):
+            return list(points_3d)
+        left, _, forward = (np.array(v) for v in axes)
+        out = list(points_3d)
+        present = [p for p in (points_3d[INDEX[n]] for n in FACE) if p is not None]
+        if not present:
+            return out
+        centre = np.mean([np.array(p) for p in present], axis=0)
+        near = triangles[(np.abs(triangles - centre).max(axis=2) < 0.4).all(axis=1)]
+        if not len(near):
+            return out
+        a = near[:, 0]
+        e1, e2 = near[:, 1] - a, near[:, 2] - a
+        for name in FACE:
+            point = points_3d[INDEX[name]]
+            if point is None:
+                continue
+            point = np.array(point)
+            outward = {"right_ear": -left, "left_ear": left}.get(name, forward)
+            origin = point + outward * SURFACE_REACH
+            t = _first_hit(a, e1, e2, origin, -outward)
+            if t is not None and t <= 2 * SURFACE_REACH:
+                out[INDEX[name]] = Vector(origin - outward * t)
+        return out
 
     def visible(self, scene, keypoints, points_3d=None) -> list:
         """`keypoints` (pixels or None) with the hidden ones set to None; unchanged without a mesh."""
@@ -64,18 +101,17 @@ class Occluder:
             return list(keypoints)
         if points_3d is None:
             points_3d = keypoints_3d(self.armature, self.mapping or _mapping(scene, self.armature))
-        import bpy
         candidates = [k for k, p in enumerate(points_3d)
                       if keypoints[k] is not None and p is not None and k != INDEX["neck"]]
         out = list(keypoints)
         camera = scene.camera
         to_camera = np.array(camera.matrix_world.inverted(), np.float64)
         ortho = camera.data.type == "ORTHO"
-        triangles = list(self._view_triangles(bpy.context.evaluated_depsgraph_get(), to_camera, ortho)) \
-            if candidates else []
-        if triangles:
+        triangles = self.triangles(scene)
+        if len(triangles) and candidates:
             points = np.array([tuple(points_3d[k]) for k in candidates], np.float64)
-            hidden = _hidden(np.concatenate(triangles), _view(points, to_camera, ortho),
+            corners = _view(triangles.reshape(-1, 3), to_camera, ortho)
+            hidden = _hidden(corners, _view(points, to_camera, ortho),
                              np.array([FACE_TOLERANCE if k in _FACE else JOINT_TOLERANCE for k in candidates]),
                              ortho)
             for k, h in zip(candidates, hidden):
@@ -85,6 +121,31 @@ class Occluder:
         if out[neck] is not None and all(out[i] is None for i in _SHOULDERS):
             out[neck] = None
         return out
+
+
+    def triangles(self, scene) -> np.ndarray:
+        """This frame's world triangles (computed once per frame, shared by both uses)."""
+        import bpy
+        frame = (scene.frame_current, scene.frame_subframe)
+        if getattr(self, "_frame", None) != frame or self._cached is None:
+            self._cached = self._world_triangles(bpy.context.evaluated_depsgraph_get())
+            self._frame = frame
+        return self._cached
+
+
+def _first_hit(a, e1, e2, origin, direction):
+    """Distance along the ray to the nearest triangle it crosses (Möller–Trumbore), or None."""
+    p = np.cross(direction, e2)
+    det = np.einsum("ij,ij->i", e1, p)
+    ok = np.abs(det) > 1e-12
+    inv = 1.0 / np.where(ok, det, 1.0)
+    s = origin - a
+    u = np.einsum("ij,ij->i", s, p) * inv
+    q = np.cross(s, e1)
+    v = (q @ direction) * inv
+    t = np.einsum("ij,ij->i", e2, q) * inv
+    hit = ok & (u >= 0) & (v >= 0) & (u + v <= 1) & (t > 0)
+    return float(t[hit].min()) if hit.any() else None
 
 
 def _view(points: np.ndarray, to_camera: np.ndarray, ortho: bool) -> np.ndarray:

@@ -365,3 +365,20 @@ def test_describe_lists_mapped_and_missing(scene):
     assert rows["nose"] == "from Head"
     assert rows["left_ear"] == "missing"
     assert list(rows) == list(mapping.NAMES)
+
+
+def test_eye_bones_fix_the_height_of_the_synthesised_face(scene):
+    arm = make(scene, "mixamo eyes", mixamo_rows("mixamorig:"))
+    mp = armature_mapping(arm)
+    points = keypoints_3d(arm, mp)
+    eyes = (points[INDEX["right_eye"]] + points[INDEX["left_eye"]]) / 2
+    expected = (mapping.FACE_OFFSETS["left_eye"][1] - mapping.FACE_OFFSETS["nose"][1]) * mp.rest_scale
+    up = mapping.face_axes(arm, mp)[1]
+    assert (eyes - points[INDEX["nose"]]).dot(up) == pytest.approx(expected, abs=1e-4)
+    # Raising the eye bones raises the nose and ears with them (not so the head-only rig).
+    rows = [r if not r[0].endswith("Eye") else (r[0], tuple(Vector(r[1]) + Vector((0, 0, 0.03))),
+                                                  tuple(Vector(r[2]) + Vector((0, 0, 0.03))), *r[3:])
+            for r in mixamo_rows("mixamorig:")]
+    higher = keypoints_3d(make(scene, "mixamo eyes up", rows), mp)
+    for name in ("nose", "right_ear", "left_ear"):
+        assert higher[INDEX[name]].z - points[INDEX[name]].z == pytest.approx(0.03, abs=1e-4), name

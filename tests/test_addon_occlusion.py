@@ -69,3 +69,31 @@ def test_neck_follows_the_shoulders(scene):
     keypoints = plan_frame(scene, arm, mapping, keep_outside=False, occlusion=occlusion.Occluder(arm, mapping))
     assert keypoints[INDEX["right_shoulder"]] is None and keypoints[INDEX["left_shoulder"]] is None
     assert keypoints[INDEX["neck"]] is None
+
+
+def test_face_points_move_onto_the_bound_head(scene):
+    """A sphere of a head around the rig's face: nose and eyes go to its front, ears to its sides."""
+    scene, arm, camera = scene
+    from mathutils import Vector
+    mapping = armature_mapping(arm)
+    from blender_addon.mapping import keypoints_3d
+    points = keypoints_3d(arm, mapping)
+    nose = points[INDEX["nose"]]
+    centre = Vector((0.0, nose.y + 0.09, nose.z))  # 9 cm behind the nose
+    mesh = bpy.data.meshes.new("head")
+    bm = bmesh.new()
+    bmesh.ops.create_uvsphere(bm, u_segments=64, v_segments=32, radius=0.11,
+                              matrix=Matrix.Translation(centre))
+    bm.to_mesh(mesh)
+    bm.free()
+    head = bpy.data.objects.new("head", mesh)
+    scene.collection.objects.link(head)
+    head.modifiers.new("Armature", "ARMATURE").object = arm
+    bpy.context.view_layer.update()
+    occluder = occlusion.Occluder(arm, mapping)
+    moved = occluder.face_on_surface(points, occluder.triangles(scene))
+    for name in ("nose", "right_eye", "left_eye", "right_ear", "left_ear"):
+        assert abs((moved[INDEX[name]] - centre).length - 0.11) < 0.003, name
+    assert moved[INDEX["nose"]].y < nose.y  # pulled forward onto the face (the body faces -Y)
+    assert moved[INDEX["right_ear"]].x < points[INDEX["right_ear"]].x + 0.06
+    assert moved[INDEX["right_shoulder"]] == points[INDEX["right_shoulder"]]
