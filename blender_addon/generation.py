@@ -78,7 +78,12 @@ def read_source(settings) -> tuple[bytes, tuple[int, int] | None]:
         if data is not None and data[:8].startswith((b"\x89PNG", b"\xff\xd8\xff")):
             return data, None
         return _image_pixels(image)
-    path = bpy.path.abspath(settings.source_path) if settings.source_path else ""
+    return read_photo(settings.source_path)
+
+
+def read_photo(path_setting: str) -> tuple[bytes, None]:
+    """A PNG/JPEG file's bytes (its path as typed in a setting, `//` = next to the .blend)."""
+    path = bpy.path.abspath(path_setting) if path_setting else ""
     if not path:
         raise GenerationError("choose a source photo of the person in the PG2 panel")
     if not os.path.isfile(path):
@@ -143,6 +148,10 @@ class FrameJob:
     path: str | None = None  # None: the single-frame result, kept as pixels
     render: object = None  # the frame's render as Blender's float pixels, to composite over
     blank: bool = False  # nothing to pose: write the background only
+    # Several people: one (keypoints, source, source_size, camera distance) per person in
+    # view; `keypoints` is then unused. Composited back to front.
+    people: list | None = None
+    results: dict | None = None  # the worker's crops of `people` received so far
 
 
 @dataclass(frozen=True)
@@ -288,23 +297,32 @@ class Batch:
             if job.blank:
                 self._write(job, self._background(job))
                 continue
-            crop = None
-            if person:
-                height, width = canvas
-                crop = person_crop(job.keypoints, width / height, self.framing.margin)
-                if max(crop.width, crop.height) > max_side:
-                    self._skip(job, f"frame {job.frame}: the person crop would be {crop.width}x{crop.height} px "
-                                    f"(the server takes at most {max_side}); the armature is too close to the camera")
-                    continue
-            keypoints = crop.shift(job.keypoints) if crop else job.keypoints
-            size = (crop.width, crop.height) if crop else job.frame_size
-            # Files in camera framing take the server's PNG/JPEG as is; anything composited
-            # or shown in Blender needs pixels.
-            fmt = file_format(job.path) if job.path and not person else "raw"
-            yield client.GenerateRequest(
-                self.source, [None if p is None else [float(p[0]), float(p[1])] for p in keypoints],
-                list(size), source_size=self.source_size, output_format=fmt, alpha=person,
-                tag=(job, crop))
+            parts = job.people if job.people is not None else [(job.keypoints, self.source, self.source_size, 0.0)]
+            crops = []
+            for keypoints, _, _, _ in parts:
+                crop = None
+                if person:
+                    height, width = canvas
+                    crop = person_crop(keypoints, width / height, self.framing.margin)
+                    if max(crop.width, crop.height) > max_side:
+                        self._skip(job, f"frame {job.frame}: the person crop would be {crop.width}x{crop.height} "
+                                        f"px (the server takes at most {max_side}); an armature is too close to "
+                                        "the camera")
+                        break
+                crops.append(crop)
+            else:
+                if job.people is not None:
+                    job.results = {}
+                for index, ((keypoints, source, source_size, _), crop) in enumerate(zip(parts, crops)):
+                    keypoints = crop.shift(keypoints) if crop else keypoints
+                    size = (crop.width, crop.height) if crop else job.frame_size
+                    # Files in camera framing take the server's PNG/JPEG as is; anything
+                    # composited or shown in Blender needs pixels.
+                    fmt = file_format(job.path) if job.path and not person else "raw"
+                    yield client.GenerateRequest(
+                        source, [None if p is None else [float(p[0]), float(p[1])] for p in keypoints],
+                        list(size), source_size=source_size, output_format=fmt, alpha=person,
+                        tag=(job, crop, index))
 
     def _background(self, job: FrameJob):
         width, height = job.frame_size
@@ -328,8 +346,19 @@ class Batch:
             self.events.put(Event("frame", job, imaging.to_blender_pixels(pixels), (width, height)))
 
     def _finish(self, result) -> None:
-        job, crop = result.request.tag
+        job, crop, index = result.request.tag
         image = result.image
+        if job.people is not None:
+            # Several people: wait for all of the frame's crops, then paste the farthest first.
+            job.results[index] = (crop, imaging.raw_image(image.data, image.width, image.height, image.channels))
+            if len(job.results) < len(job.people):
+                return
+            frame = self._background(job)
+            for i in sorted(job.results, key=lambda i: -job.people[i][3]):
+                crop, pixels = job.results[i]
+                frame = imaging.composite(frame, pixels, crop.x, crop.y)
+            self._write(job, frame)
+            return
         if image.format != "raw" and job.path:
             imaging.write_atomic(job.path, image.data)
             self.done += 1
@@ -425,8 +454,10 @@ class Run:
     def __init__(self, scene, armature, mapping: BoneMapping, frames: Sequence[int],
                  paths: Sequence[str | None], batch: Batch, *, keep_outside: bool = False,
                  unprojectable: str = "SKIP", renders: Sequence[str] | None = None,
-                 occlusion=None, on_result=None):
+                 occlusion=None, on_result=None, people=None):
         self.scene, self.armature, self.mapping = scene, armature, mapping
+        # Several people: (armature, mapping, occluder, source, source_size) each; Person framing.
+        self.people = people
         self.frames, self.paths = list(frames), list(paths)
         self.batch = batch
         self.keep_outside = keep_outside
@@ -495,9 +526,11 @@ class Run:
             self.batch.close()
 
     def _job(self, frame: int, path, render_path) -> FrameJob | None:
-        keypoints = plan_frame(self.scene, self.armature, self.mapping, self.keep_outside, self.occlusion)
         size = frame_size(self.scene)
         render = load_render(render_path, size) if render_path else None
+        if self.people:
+            return self._people_job(frame, path, size, render)
+        keypoints = plan_frame(self.scene, self.armature, self.mapping, self.keep_outside, self.occlusion)
         visible = sum(p is not None for p in keypoints)
         if visible < 2:
             if self.unprojectable == "BLANK" and path:
@@ -509,6 +542,26 @@ class Run:
         if visible < FEW_VISIBLE:
             self.report.few_visible.append(frame)
         return FrameJob(frame, keypoints, size, path, render)
+
+    def _people_job(self, frame: int, path, size, render) -> FrameJob | None:
+        camera = self.scene.camera.matrix_world.translation
+        parts = []
+        for armature, mapping, occluder, source, source_size in self.people:
+            keypoints = plan_frame(self.scene, armature, mapping, True, occluder)
+            points = [p for p in keypoints_3d(armature, mapping) if p is not None]
+            if sum(p is not None for p in keypoints) < 2 or not points:
+                continue  # this person is out of view on this frame
+            distance = (sum(points, points[0] * 0) / len(points) - camera).length
+            parts.append((keypoints, source, source_size, distance))
+            if sum(p is not None for p in keypoints) < FEW_VISIBLE:
+                self.report.few_visible.append(frame)
+        if not parts:
+            if self.unprojectable == "BLANK" and path:
+                self.report.blank.append(frame)
+                return FrameJob(frame, [None] * 18, size, path, render, blank=True)
+            self.report.skipped.append((frame, "no chosen armature is in front of the camera"))
+            return None
+        return FrameJob(frame, [], size, path, render, people=parts)
 
     def _drain(self, wait: float) -> None:
         while True:

@@ -392,8 +392,12 @@ def keypoints_3d(armature, mapping: BoneMapping) -> list[Vector | None]:
         if right_eye is not None and left_eye is not None and all(e.kind == "bone" for e in eyes):
             # The rig's eye bones fix the face's height: the synthesised points hang from
             # their midpoint rather than from the head joint (whose height varies per rig).
+            # Only the height: eye bones sit inside the eyeballs, behind the surface points
+            # the offsets were fitted on.
             eye = Vector(FACE_OFFSETS["left_eye"])
-            origin = (right_eye + left_eye) / 2 - frame @ (Vector((0.0, eye.y, eye.z)) * scale)
+            from_eyes = (right_eye + left_eye) / 2 - frame @ (Vector((0.0, eye.y, eye.z)) * scale)
+            up = frame.col[1].normalized()
+            origin = origin + up * (from_eyes - origin).dot(up)
         for name in FACE:
             i = INDEX[name]
             if mapping.sources[i] is not None and mapping.sources[i].kind == "face":

@@ -167,6 +167,19 @@ def prepare_run(context, frames, paths, on_result=None, export: bool = False) ->
     if paths and paths[0] is not None:
         check_output(settings.output_path, paths)
     source, source_size = generation.read_source(settings)
+    people = None
+    if len(settings.people):
+        if settings.framing != "PERSON":
+            raise GenerationError("several people need Person framing (each is generated in its own crop)")
+        people = []
+        for person in [(armature, settings.source_path)] + [(p.armature, p.source_path) for p in settings.people]:
+            body, path = person
+            if body is None:
+                raise GenerationError("a row of the People list has no armature; choose one or remove the row")
+            body_mapping = settings.bone_mapping(body)
+            photo, _ = generation.read_photo(path)
+            people.append((body, body_mapping, occlusion.Occluder(body, body_mapping) if settings.occlusion else None,
+                           photo, None))
     renders = None
     if settings.framing == "PERSON" and settings.background == "RENDER":
         renders = _render_paths(scene, frames, render_missing=len(frames) == 1 and paths[0] is None)
@@ -174,7 +187,7 @@ def prepare_run(context, frames, paths, on_result=None, export: bool = False) ->
     batch = Batch(conn, source, source_size, _framing(settings), settings.in_flight)
     run = generation.Run(scene, armature, mapping, frames, paths, batch,
                          keep_outside=settings.framing == "PERSON", unprojectable=settings.unprojectable,
-                         renders=renders, occlusion=occluder, on_result=on_result)
+                         renders=renders, occlusion=occluder, on_result=on_result, people=people)
     run.unmapped = unmapped
     return run
 
@@ -494,12 +507,41 @@ class PG2_OT_override_remove(bpy.types.Operator):
         return {"FINISHED"}
 
 
+class PG2_OT_person_add(bpy.types.Operator):
+    """Add a person: another armature with its own photo"""
+    bl_idname = "pg2.person_add"
+    bl_label = "Add Person"
+    bl_options = {"REGISTER", "UNDO"}
+
+    def execute(self, context):
+        settings = context.scene.pg2
+        settings.people.add()
+        settings.person_index = len(settings.people) - 1
+        return {"FINISHED"}
+
+
+class PG2_OT_person_remove(bpy.types.Operator):
+    """Remove the selected person"""
+    bl_idname = "pg2.person_remove"
+    bl_label = "Remove Person"
+    bl_options = {"REGISTER", "UNDO"}
+
+    def execute(self, context):
+        settings = context.scene.pg2
+        if not 0 <= settings.person_index < len(settings.people):
+            self.report({"ERROR"}, "select a person to remove")
+            return {"CANCELLED"}
+        settings.people.remove(settings.person_index)
+        settings.person_index = max(0, settings.person_index - 1)
+        return {"FINISHED"}
+
+
 def add_menu(self, context):
     self.layout.operator(PG2_OT_add_pose_rig.bl_idname, icon="OUTLINER_OB_ARMATURE")
 
 
 CLASSES = (PG2_OT_generate, PG2_OT_generate_frames, PG2_OT_export_poses, PG2_OT_test_connection, PG2_OT_add_pose_rig,
-           PG2_OT_override_add, PG2_OT_override_remove)
+           PG2_OT_override_add, PG2_OT_override_remove, PG2_OT_person_add, PG2_OT_person_remove)
 
 
 def register() -> None:

@@ -119,7 +119,30 @@ class PG2_PT_overrides(_PG2Panel, bpy.types.Panel):
         col.operator("pg2.override_remove", icon="REMOVE", text="")
 
 
-CLASSES = (PG2_PT_main, PG2_PT_frames, PG2_UL_overrides, PG2_PT_overrides)
+class PG2_UL_people(bpy.types.UIList):
+    def draw_item(self, context, layout, data, item, icon, active_data, active_propname, index):
+        row = layout.row(align=True)
+        row.prop(item, "armature", text="")
+        row.prop(item, "source_path", text="")
+
+
+class PG2_PT_people(_PG2Panel, bpy.types.Panel):
+    bl_label = "More People"
+    bl_parent_id = "PG2_PT_main"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        settings = context.scene.pg2
+        layout = self.layout
+        layout.label(text="Besides the Armature above: each with its own photo (Person framing)")
+        row = layout.row()
+        row.template_list("PG2_UL_people", "", settings, "people", settings, "person_index", rows=2)
+        col = row.column(align=True)
+        col.operator("pg2.person_add", icon="ADD", text="")
+        col.operator("pg2.person_remove", icon="REMOVE", text="")
+
+
+CLASSES = (PG2_PT_main, PG2_PT_frames, PG2_UL_overrides, PG2_PT_overrides, PG2_UL_people, PG2_PT_people)
 
 
 def register() -> None:

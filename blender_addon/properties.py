@@ -29,6 +29,13 @@ class PG2BoneOverride(bpy.types.PropertyGroup):
                                          ("tail", "Tail", "The bone's tail")], default="head")
 
 
+class PG2Person(bpy.types.PropertyGroup):
+    """One more person of the shot: an armature and the photo of whom it poses."""
+    armature: PointerProperty(name="Armature", type=bpy.types.Object, poll=_is_armature)
+    source_path: StringProperty(name="Photo", subtype="FILE_PATH", options=_RELATIVE,
+                                description="PNG or JPEG photo of this person")
+
+
 class PG2SceneSettings(bpy.types.PropertyGroup):
     """What to generate: the posed armature, the person's photo, framing and output."""
     armature: PointerProperty(name="Armature", type=bpy.types.Object, poll=_is_armature,
@@ -38,6 +45,9 @@ class PG2SceneSettings(bpy.types.PropertyGroup):
     show_mapping: BoolProperty(name="Show Mapping", default=False,
                                description="List each keypoint's bone (or what it is made from) and the missing ones")
     overrides: CollectionProperty(type=PG2BoneOverride)
+    people: CollectionProperty(type=PG2Person, description="Several people: each armature with its own "
+                               "photo, in Person framing, composited back to front; empty = just the Armature")
+    person_index: IntProperty(default=0)
     override_index: IntProperty(default=0)
     source_kind: EnumProperty(name="Source", items=[
         ("FILE", "File", "A PNG or JPEG photo of the person on disk"),
@@ -99,7 +109,7 @@ class PG2SceneSettings(bpy.types.PropertyGroup):
         return armature_mapping(armature if armature is not None else self.armature, self.preset, overrides)
 
 
-CLASSES = (PG2BoneOverride, PG2SceneSettings)
+CLASSES = (PG2BoneOverride, PG2Person, PG2SceneSettings)
 
 
 def register() -> None:

@@ -325,7 +325,7 @@ def test_panels_and_preferences_draw_real_properties(shot):
     shot.pg2.show_mapping = True
     for framing, source in (("CAMERA", "FILE"), ("PERSON", "IMAGE")):
         shot.pg2.framing, shot.pg2.source_kind = framing, source
-        for panel in (panels.PG2_PT_main, panels.PG2_PT_frames, panels.PG2_PT_overrides):
+        for panel in (panels.PG2_PT_main, panels.PG2_PT_frames, panels.PG2_PT_overrides, panels.PG2_PT_people):
             seen = []
             panel.draw(type("P", (), {"layout": RecordingLayout(seen)})(), Context)
             assert seen
@@ -551,3 +551,64 @@ def test_frames_loaded_into_the_sequencer(shot, server):
     assert bpy.path.abspath(strip.directory).rstrip("/") == str(Path(settings.output_path).parent)
     assert bpy.ops.pg2.generate_frames() == {"FINISHED"}  # again: replaced, not stacked
     assert len(shot.sequence_editor.strips) == 1
+
+
+def test_several_people_composited_back_to_front(shot, server, tmp_path):
+    connect(server)
+    settings = shot.pg2
+    settings.framing, settings.background, settings.background_color = "PERSON", "COLOR", (0, 1, 0)
+    settings.margin = 0.05
+    first = settings.armature
+    first.location = (-0.45, 1.5, 0)  # behind
+    second = rig.create_pose_rig(shot.collection, bpy.context.view_layer, "second")
+    second.location = (0.45, 0, 0)  # in front, overlapping the first in the frame
+    third = rig.create_pose_rig(shot.collection, bpy.context.view_layer, "off screen")
+    third.location = (40, 0, 0)
+    red = tmp_path / "red.png"
+    pixels = imaging.background(44, 64, (1.0, 0.0, 0.0))
+    red.write_bytes(imaging.encode_png(pixels))
+    for body in (second, third):
+        person = settings.people.add()
+        person.armature, person.source_path = body, str(red)
+    bpy.context.view_layer.update()
+    from blender_addon import generation, operators
+    events = []
+    run = operators.prepare_run(bpy.context, [1], [None], on_result=events.append)
+    assert len(run.people) == 3
+    drive(run)
+    assert run.error is None and len(events) == 1
+    job = events[0].job
+    assert len(job.people) == 2  # the one off screen is left out of this frame
+    distances = [part[3] for part in job.people]
+    assert distances[0] > distances[1]  # the first armature is farther
+    assert bpy.ops.pg2.generate() == {"FINISHED"}
+    settings.framing = "CAMERA"
+    with pytest.raises(RuntimeError, match="several people need Person framing"):
+        bpy.ops.pg2.generate()
+    settings.framing = "PERSON"
+    settings.people[0].armature = None
+    with pytest.raises(RuntimeError, match="has no armature"):
+        bpy.ops.pg2.generate()
+
+
+def test_composite_order_puts_the_nearer_person_on_top(tmp_path):
+    from blender_addon import generation
+    from blender_addon.projection import Crop
+    import numpy as np
+    batch = generation.Batch(None, b"", None, generation.Framing("PERSON", 0.1, (0, 0, 0)))
+    job = generation.FrameJob(1, [], (8, 4), None, people=[([], b"", None, 5.0), ([], b"", None, 2.0)])
+    job.results = {}
+    near = np.full((4, 8, 4), (0, 0, 255, 255), np.uint8)
+    far = np.full((4, 8, 4), (255, 0, 0, 255), np.uint8)
+
+    class Result:
+        def __init__(self, index, pixels):
+            self.request = type("R", (), {"tag": (job, Crop(0, 0, 8, 4), index)})()
+            self.image = type("I", (), {"data": pixels.tobytes(), "width": 8, "height": 4, "channels": 4,
+                                        "format": "raw"})()
+    batch._finish(Result(1, near))  # the nearer arrives first
+    assert batch.events.empty()
+    batch._finish(Result(0, far))
+    event = batch.events.get_nowait()
+    pixels = np.asarray(event.pixels).reshape(4, 8, 4)
+    assert tuple(np.rint(pixels[0, 0, :3] * 255)) == (0, 0, 255)  # the near one on top
