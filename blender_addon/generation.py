@@ -490,7 +490,7 @@ class Run:
     def cancel(self) -> None:
         self.batch.cancel()
 
-    def step(self, budget: float = 0.02, wait: float = 0.0) -> bool:
+    def step(self, budget: float = 0.01, wait: float = 0.0) -> bool:
         """Do a slice of the work; True once the worker has ended. `wait` > 0 blocks up to that
         long for the worker's next event when there is nothing to plan (background mode)."""
         started = time.perf_counter()

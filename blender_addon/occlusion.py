@@ -44,9 +44,10 @@ class Occluder:
         self._triangles: dict[str, tuple] = {}
         self._cached = None
 
-    def _world_triangles(self, depsgraph) -> np.ndarray:
-        """The deformed triangles' corners of every bound mesh in world space, (T, 3, 3)."""
-        corners = []
+    def _world_mesh(self, depsgraph) -> tuple[np.ndarray, np.ndarray]:
+        """The deformed vertices of every bound mesh in world space (V, 3) and the triangles
+        as vertex indices (T, 3)."""
+        vertices, triangles, offset = [], [], 0
         for obj in self.meshes:
             evaluated = obj.evaluated_get(depsgraph)
             mesh = evaluated.data
@@ -59,30 +60,31 @@ class Occluder:
                 self._triangles[key] = (indices.reshape(-1, 3), count)
             co = np.empty(count * 3, np.float32)
             mesh.vertices.foreach_get("co", co)
-            matrix = np.array(evaluated.matrix_world, np.float64)
-            world = co.reshape(-1, 3) @ matrix[:3, :3].T + matrix[:3, 3]
-            corners.append(world[self._triangles[key][0]])
-        return np.concatenate(corners) if corners else np.zeros((0, 3, 3))
+            # float32 throughout: half the memory traffic, ample for millimetres.
+            matrix = np.array(evaluated.matrix_world, np.float32)
+            vertices.append(co.reshape(-1, 3) @ matrix[:3, :3].T + matrix[:3, 3])
+            triangles.append(self._triangles[key][0] + offset)
+            offset += count
+        if not vertices:
+            return np.zeros((0, 3)), np.zeros((0, 3), np.int32)
+        return np.concatenate(vertices), np.concatenate(triangles)
 
-    def face_on_surface(self, points_3d, triangles: np.ndarray) -> list:
+    def face_on_surface(self, points_3d, mesh: tuple[np.ndarray, np.ndarray]) -> list:
         """Face keypoints moved onto the body's surface: nose and eyes along the face's forward
         axis (eye bones sit inside the eyeballs), ears along its sideways axis; a point moves
         only when the surface is within `SURFACE_REACH` of it (a hand in front of the face is
         not the face)."""
         axes = face_axes(self.armature, self.mapping) if self.mapping is not None else None
-        if axes is None or not len(triangles):
+        vertices, indices = mesh
+        if axes is None or not len(indices):
             return list(points_3d)
+        triangles = vertices[indices]
         left, _, forward = (np.array(v) for v in axes)
         out = list(points_3d)
-        present = [p for p in (points_3d[INDEX[n]] for n in FACE) if p is not None]
-        if not present:
-            return out
-        centre = np.mean([np.array(p) for p in present], axis=0)
-        near = triangles[(np.abs(triangles - centre).max(axis=2) < 0.4).all(axis=1)]
-        if not len(near):
-            return out
-        a = near[:, 0]
-        e1, e2 = near[:, 1] - a, near[:, 2] - a
+        # Each ray is 2 × SURFACE_REACH long: only triangles whose bounding box meets the
+        # ray's own box can be hit (elementwise min/max: reductions over a 3-long axis are slow).
+        c0, c1, c2 = triangles[:, 0], triangles[:, 1], triangles[:, 2]
+        lo, hi = np.minimum(np.minimum(c0, c1), c2), np.maximum(np.maximum(c0, c1), c2)
         for name in FACE:
             point = points_3d[INDEX[name]]
             if point is None:
@@ -90,7 +92,15 @@ class Occluder:
             point = np.array(point)
             outward = {"right_ear": -left, "left_ear": left}.get(name, forward)
             origin = point + outward * SURFACE_REACH
-            t = _first_hit(a, e1, e2, origin, -outward)
+            end = point - outward * SURFACE_REACH
+            ray_lo, ray_hi = np.minimum(origin, end), np.maximum(origin, end)
+            meets = ((lo[:, 0] <= ray_hi[0]) & (hi[:, 0] >= ray_lo[0]) & (lo[:, 1] <= ray_hi[1])
+                     & (hi[:, 1] >= ray_lo[1]) & (lo[:, 2] <= ray_hi[2]) & (hi[:, 2] >= ray_lo[2]))
+            near = triangles[meets]
+            if not len(near):
+                continue
+            a = near[:, 0]
+            t = _first_hit(a, near[:, 1] - a, near[:, 2] - a, origin, -outward)
             if t is not None and t <= 2 * SURFACE_REACH:
                 out[INDEX[name]] = Vector(origin - outward * t)
         return out
@@ -105,12 +115,12 @@ class Occluder:
                       if keypoints[k] is not None and p is not None and k != INDEX["neck"]]
         out = list(keypoints)
         camera = scene.camera
-        to_camera = np.array(camera.matrix_world.inverted(), np.float64)
+        to_camera = np.array(camera.matrix_world.inverted(), np.float32)
         ortho = camera.data.type == "ORTHO"
-        triangles = self.triangles(scene)
-        if len(triangles) and candidates:
-            points = np.array([tuple(points_3d[k]) for k in candidates], np.float64)
-            corners = _view(triangles.reshape(-1, 3), to_camera, ortho)
+        vertices, indices = self.triangles(scene)
+        if len(indices) and candidates:
+            points = np.array([tuple(points_3d[k]) for k in candidates], np.float32)
+            corners = _view(vertices, to_camera, ortho)[indices]
             hidden = _hidden(corners, _view(points, to_camera, ortho),
                              np.array([FACE_TOLERANCE if k in _FACE else JOINT_TOLERANCE for k in candidates]),
                              ortho)
@@ -123,12 +133,13 @@ class Occluder:
         return out
 
 
-    def triangles(self, scene) -> np.ndarray:
-        """This frame's world triangles (computed once per frame, shared by both uses)."""
+    def triangles(self, scene) -> tuple[np.ndarray, np.ndarray]:
+        """This frame's world vertices and triangle indices (read once per frame, shared by
+        the face and the occlusion)."""
         import bpy
         frame = (scene.frame_current, scene.frame_subframe)
         if getattr(self, "_frame", None) != frame or self._cached is None:
-            self._cached = self._world_triangles(bpy.context.evaluated_depsgraph_get())
+            self._cached = self._world_mesh(bpy.context.evaluated_depsgraph_get())
             self._frame = frame
         return self._cached
 
