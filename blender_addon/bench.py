@@ -5,6 +5,8 @@ frames: a frame range through `bpy.ops.pg2.generate_frames` against a server, ne
 same requests sent straight from the Python client at the same in-flight count (the
 server's own time per image); the ratio is what Blender adds. Starts
 `pg2-server serve --random-weights` on a free port unless --endpoint is given.
+steps: a frame range driven as the UI drives it (Run.step from a 50 ms timer), timing every
+main-thread step: the longest must stay under 50 ms for the UI to stay responsive.
 Not part of the built extension.
 """
 from __future__ import annotations
@@ -142,6 +144,102 @@ def bench_frames(frames: int, in_flight: int, endpoint: str | None, preset: str,
             process.wait(10)
 
 
+def _skinned_body(scene, arm, vertices: int):
+    """A mesh of about `vertices` vertices, skinned to the rig's nearest bones, so frame_set
+    deforms a real mesh (and occlusion has a body to test against)."""
+    import bpy
+    import bmesh
+    from mathutils import Matrix
+    rings = max(8, int(math.sqrt(vertices / 2)))
+    mesh = bpy.data.meshes.new("body")
+    bm = bmesh.new()
+    bmesh.ops.create_uvsphere(bm, u_segments=2 * rings, v_segments=rings, radius=1.0,
+                              matrix=Matrix.LocRotScale((0, 0, 0.9), None, (0.28, 0.16, 0.9)))
+    bm.to_mesh(mesh)
+    bm.free()
+    body = bpy.data.objects.new("body", mesh)
+    scene.collection.objects.link(body)
+    body.modifiers.new("Armature", "ARMATURE").object = arm
+    bones = [(b.name, (b.head_local + b.tail_local) / 2) for b in arm.data.bones]
+    groups = {name: body.vertex_groups.new(name=name) for name, _ in bones}
+    nearest: dict[str, list[int]] = {}
+    for v in mesh.vertices:
+        name = min(bones, key=lambda b: (b[1] - v.co).length)[0]
+        nearest.setdefault(name, []).append(v.index)
+    for name, indices in nearest.items():
+        groups[name].add(indices, 1.0, "REPLACE")
+    return body
+
+
+def bench_steps(frames: int, endpoint: str | None, preset: str, size, mesh: int, framing: str,
+                over_render: bool, occlusion: bool = True) -> None:
+    import bpy
+
+    from blender_addon import generation, operators
+    from blender_addon.wire import client
+    process = None
+    if endpoint is None:
+        endpoint = f"tcp://127.0.0.1:{_free_port()}"
+        process = subprocess.Popen([sys.executable, "-m", "pg2_server.cli", "serve", "--preset", preset,
+                                    "--random-weights", "--bind", endpoint], stdout=subprocess.DEVNULL)
+    try:
+        with client.Client(endpoint, timeout=2.0, retries=1) as c:
+            for _ in range(120):
+                try:
+                    c.ping()
+                    break
+                except client.ServerError:
+                    time.sleep(0.5)
+        scene, arm = _scene(size[0], size[1], frames)
+        if mesh:
+            _skinned_body(scene, arm, mesh)
+        prefs = bpy.context.preferences.addons["blender_addon"].preferences
+        prefs.endpoint, prefs.timeout = endpoint, 120.0
+        settings = scene.pg2
+        settings.framing = framing
+        settings.occlusion = occlusion
+        out = Path(tempfile.mkdtemp())
+        if over_render:
+            settings.background = "RENDER"
+            scene.render.engine = "BLENDER_WORKBENCH"
+            scene.render.image_settings.file_format = "PNG"
+            scene.render.filepath = str(out / "render" / "r_####")
+            started = time.perf_counter()
+            bpy.ops.render.render(animation=True)
+            print(f"rendered {frames} frames for the background in {time.perf_counter() - started:.1f} s")
+        # Same-run reference: what planning every frame at once (the old way) costs.
+        started = time.perf_counter()
+        for frame in range(1, frames + 1):
+            scene.frame_set(frame)
+        frame_set_all = time.perf_counter() - started
+        scene.frame_set(1)
+        settings.output_path = str(out / "frame_####.png")
+        paths = [generation.frame_path(settings.output_path, f) for f in range(1, frames + 1)]
+        started = time.perf_counter()
+        run = operators.prepare_run(bpy.context, list(range(1, frames + 1)), paths)
+        first = time.perf_counter() - started
+        while not run.step():  # what the modal timer does every 50 ms
+            time.sleep(0.05)
+        wall = time.perf_counter() - started
+        assert run.error is None, run.error
+        steps = sorted(run.step_times)
+        p99 = steps[min(len(steps) - 1, int(0.99 * len(steps)))]
+        print(f"steps: {frames} frames {size[0]}x{size[1]}, {framing} framing"
+              f"{' over the render' if over_render else ''}, mesh {mesh} vertices, occlusion "
+              f"{'on' if occlusion else 'off'}; {run.done} written in "
+              f"{wall:.1f} s")
+        print(f"  start (checks, source, renders list): {first * 1e3:.1f} ms; {len(steps)} timer steps: "
+              f"max {steps[-1] * 1e3:.1f} ms, 99th percentile {p99 * 1e3:.1f} ms, "
+              f"mean {sum(steps) / len(steps) * 1e3:.2f} ms (target: max < 50 ms); over 50 ms: "
+              f"{sum(t > 0.05 for t in steps)}; the 5 longest {', '.join(f'{t * 1e3:.0f}' for t in steps[-5:])} ms")
+        print(f"  reference, same run: frame_set of all {frames} frames at once {frame_set_all * 1e3:.0f} ms "
+              f"({frame_set_all / frames * 1e3:.2f} ms/frame)")
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(10)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -154,9 +252,21 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="demo", help="model preset of the started server")
     p.add_argument("--size", type=int, nargs=2, default=(176, 256), metavar=("W", "H"))
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds of each; the best counts")
+    p = sub.add_parser("steps")
+    p.add_argument("--frames", type=int, default=500)
+    p.add_argument("--endpoint", help="a running server (default: start one)")
+    p.add_argument("--preset", default="tiny", help="model preset of the started server")
+    p.add_argument("--size", type=int, nargs=2, default=(176, 256), metavar=("W", "H"))
+    p.add_argument("--mesh", type=int, default=20000, help="vertices of a skinned body (0: none)")
+    p.add_argument("--framing", choices=("CAMERA", "PERSON"), default="CAMERA")
+    p.add_argument("--over-render", action="store_true", help="Person framing over rendered frames")
+    p.add_argument("--no-occlusion", action="store_true", help="Hide Occluded Joints off")
     args = parser.parse_args(argv)
     if args.what == "projection":
         bench_projection(args.frames)
+    elif args.what == "steps":
+        bench_steps(args.frames, args.endpoint, args.preset, args.size, args.mesh,
+                    "PERSON" if args.over_render else args.framing, args.over_render, not args.no_occlusion)
     else:
         bench_frames(args.frames, args.in_flight, args.endpoint, args.preset, args.size, args.rounds)
     return 0

@@ -97,12 +97,111 @@ def face_points(out, model, offsets: dict | None, up_rest: np.ndarray):
             for name in FACE}
 
 
+# Mixamo's names for the MPFB default rig's bones (same joints of the same body).
+MIXAMO_NAMES = {"root": "Hips", "spine03": "Spine", "spine01": "Spine2", "neck01": "Neck", "head": "Head",
+                "eye.R": "RightEye", "eye.L": "LeftEye"}
+for _side, _word in (("R", "Right"), ("L", "Left")):
+    MIXAMO_NAMES.update({f"clavicle.{_side}": f"{_word}Shoulder", f"upperarm01.{_side}": f"{_word}Arm",
+                         f"lowerarm01.{_side}": f"{_word}ForeArm", f"wrist.{_side}": f"{_word}Hand",
+                         f"upperleg01.{_side}": f"{_word}UpLeg", f"lowerleg01.{_side}": f"{_word}Leg",
+                         f"foot.{_side}": f"{_word}Foot"})
+
+
+def measure_surface(count: int, seed: int = 2) -> dict:
+    """Face error on Mixamo-named rigs of Anny bodies with the body mesh bound (Blender).
+
+    Per phenotype at rest: a Blender mesh of the body, an armature with Mixamo's bone names
+    at the MPFB default rig's joints (eye bones at the eyeball centres, HeadTop_End above the
+    head), then the add-on's face points three ways: synthesised from the head bone only,
+    hung from the eye bones, and moved onto the mesh surface. Error against the `anny` COCO
+    regressor, px for a body 256 px tall, frontal (x, z) and profile (y, z).
+    """
+    import bpy
+
+    from blender_addon import mapping as mapping_module, rig
+    from blender_addon.occlusion import Occluder
+    model, regressor, labels = _model()
+    out, kp = _run(model, regressor, count, seed=seed, max_angle_deg=0.0)
+    index = {name: i for i, name in enumerate(model.bone_labels)}
+    # The regressor reads the posed outputs (here the rest pose, in its own placement).
+    poses = out["bone_poses"].numpy()
+    heads = poses[:, :, :3, 3]
+    vertices = out["vertices"].numpy()
+    faces = model.get_triangular_faces().numpy() if hasattr(model, "get_triangular_faces") else model.faces.numpy()
+    parents = {"Hips": None, "Spine": "Hips", "Spine2": "Spine", "Neck": "Spine2", "Head": "Neck",
+               "HeadTop_End": "Head", "RightEye": "Head", "LeftEye": "Head"}
+    for word in ("Right", "Left"):
+        parents.update({f"{word}Shoulder": "Spine2", f"{word}Arm": f"{word}Shoulder",
+                        f"{word}ForeArm": f"{word}Arm", f"{word}Hand": f"{word}ForeArm",
+                        f"{word}UpLeg": "Hips", f"{word}Leg": f"{word}UpLeg", f"{word}Foot": f"{word}Leg"})
+    errors = {variant: {n: ([], []) for n in FACE} for variant in ("head bone", "eye bones", "eye bones + mesh")}
+    for b in range(count):
+        bpy.ops.wm.read_factory_settings(use_empty=True)
+        scene = bpy.context.scene
+        rows = []
+        for mpfb, name in MIXAMO_NAMES.items():
+            head = heads[b, index[mpfb]]
+            axis = poses[b, index[mpfb], :3, 1]  # a bone's Y axis runs head -> tail
+            length = 0.02 if "eye" in mpfb else 0.08
+            rows.append((name, tuple(head), tuple(head + axis * length), None, False))
+        top = heads[b, index["head"]] + poses[b, index["head"], :3, 1] * 0.2
+        rows.append(("HeadTop_End", tuple(top), tuple(top + np.array((0, 0, 0.05))), None, False))
+        order = ["Hips"]
+        while len(order) < len(rows):
+            order += [n for n, p in parents.items() if p in order and n not in order]
+        by_name = {r[0]: r for r in rows}
+        rows = [(n, by_name[n][1], by_name[n][2], parents[n], False) for n in order if n in by_name]
+        arm = rig.build_armature(scene.collection, bpy.context.view_layer, "mixamo", rows)
+        mesh = bpy.data.meshes.new("body")
+        mesh.from_pydata(vertices[b].tolist(), [], faces.tolist())
+        body = bpy.data.objects.new("body", mesh)
+        scene.collection.objects.link(body)
+        body.modifiers.new("Armature", "ARMATURE").object = arm
+        bpy.context.view_layer.update()
+        tall = vertices[b, :, 2].max() - vertices[b, :, 2].min()
+        px = 256.0 / tall
+        truth = {n: kp[b, labels.index(n)] for n in FACE}
+        no_eyes = mapping_module.armature_mapping(arm, "mixamo", [mapping_module.Override("right_eye", ""),
+                                                                   mapping_module.Override("left_eye", "")])
+        for n in ("right_eye", "left_eye"):  # synthesise them as well
+            no_eyes.sources[mapping_module.INDEX[n]] = mapping_module.Source("face", no_eyes.head_bone)
+        # This rig's Head sits at MPFB's head joint: no drop, so only the offsets are measured.
+        no_eyes.head_drop = 0.0
+        with_eyes = mapping_module.armature_mapping(arm, "mixamo")
+        occluder = Occluder(arm, with_eyes)
+        variants = {
+            "head bone": mapping_module.keypoints_3d(arm, no_eyes),
+            "eye bones": mapping_module.keypoints_3d(arm, with_eyes),
+        }
+        variants["eye bones + mesh"] = occluder.face_on_surface(variants["eye bones"], occluder.triangles(scene))
+        for variant, points in variants.items():
+            for n in FACE:
+                delta = np.array(points[mapping_module.INDEX[n]]) - truth[n]
+                errors[variant][n][0].append(float(np.hypot(delta[0], delta[2]) * px))
+                errors[variant][n][1].append(float(np.hypot(delta[1], delta[2]) * px))
+    print(f"face error on {count} Anny bodies at rest, Mixamo-named rig with the body mesh bound "
+          "(px, body 256 px tall): mean / 95th pct")
+    for variant, table in errors.items():
+        print(f"  {variant}:")
+        for n in FACE:
+            front, side = np.array(table[n][0]), np.array(table[n][1])
+            print(f"    {n:10s} frontal {front.mean():5.2f} / {np.percentile(front, 95):5.2f}"
+                  f"   profile {side.mean():5.2f} / {np.percentile(side, 95):5.2f}")
+    return errors
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--fit", type=int, default=64, help="phenotypes to fit on")
     parser.add_argument("--test", type=int, default=64, help="posed phenotypes to measure on")
     parser.add_argument("--max-angle", type=float, default=25.0, help="head and neck rotation, degrees")
+    parser.add_argument("--surface", type=int, default=0, metavar="N",
+                        help="instead: measure the face on N Mixamo-named rigs with the Anny mesh bound")
     args = parser.parse_args(argv)
+    if args.surface:
+        import bpy  # noqa: F401
+        measure_surface(args.surface)
+        return 0
     model, regressor, labels = _model()
     up_rest = _head_direction()
     out, kp = _run(model, regressor, args.fit, seed=0, max_angle_deg=0.0)

@@ -1,9 +1,11 @@
-"""One generation run: plan frames on the main thread, talk to the server on a worker thread.
+"""One generation run: plan frames on the main thread a few at a time, talk to the server on
+a worker thread.
 
-The main thread does everything that touches `bpy` (frame_set, projection, reading the
-source); a `Batch` thread sends pipelined requests, composites and writes the frame files,
-and hands events back through a queue that the operator polls (modal timer in the UI, a
-plain loop in background mode).
+The main thread does only what touches `bpy` (frame_set, projection, loading a render,
+reading the source), in `Run.step()` calls that each stay within a time budget, so a long
+range never freezes the UI (the modal timer calls `step`; background mode loops over it).
+A `Batch` thread takes the planned frames as they come, sends pipelined requests,
+composites and writes the frame files, and hands events back through a queue.
 """
 from __future__ import annotations
 
@@ -11,14 +13,16 @@ import os
 import queue
 import re
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import bpy
+import zmq
 
-from . import imaging
-from .mapping import BoneMapping
-from .projection import Crop, Point, frame_size, person_crop, project_armature
+from . import imaging, openpose
+from .mapping import BoneMapping, keypoints_3d
+from .projection import Crop, Point, ProjectionError, frame_size, person_crop, project_points
 from .wire import client
 
 _HASHES = re.compile(r"#+")
@@ -62,6 +66,8 @@ def read_source(settings) -> tuple[bytes, tuple[int, int] | None]:
         image = settings.source_image
         if image is None:
             raise GenerationError("choose a source image of the person in the PG2 panel")
+        if image.type == "RENDER_RESULT":
+            return render_result_png(image), None
         if image.packed_file is not None:
             data = bytes(image.packed_file.data)
         elif image.source == "FILE" and os.path.isfile(bpy.path.abspath(image.filepath)):
@@ -72,7 +78,12 @@ def read_source(settings) -> tuple[bytes, tuple[int, int] | None]:
         if data is not None and data[:8].startswith((b"\x89PNG", b"\xff\xd8\xff")):
             return data, None
         return _image_pixels(image)
-    path = bpy.path.abspath(settings.source_path) if settings.source_path else ""
+    return read_photo(settings.source_path)
+
+
+def read_photo(path_setting: str) -> tuple[bytes, None]:
+    """A PNG/JPEG file's bytes (its path as typed in a setting, `//` = next to the .blend)."""
+    path = bpy.path.abspath(path_setting) if path_setting else ""
     if not path:
         raise GenerationError("choose a source photo of the person in the PG2 panel")
     if not os.path.isfile(path):
@@ -84,6 +95,29 @@ def read_source(settings) -> tuple[bytes, tuple[int, int] | None]:
     except ValueError:
         raise GenerationError(f"the source photo {path} is not a PNG or JPEG file") from None
     return data, None
+
+
+def render_result_png(image) -> bytes:
+    """The Render Result as PNG bytes: its pixels are not readable from Python, so Blender
+    saves it (with the scene's colour management) to a temporary file, read back at once."""
+    import tempfile
+    folder = tempfile.mkdtemp(prefix="pg2-render-")
+    path = os.path.join(folder, "source.png")
+    scene = bpy.context.scene
+    saved = scene.render.image_settings.file_format
+    try:
+        scene.render.image_settings.file_format = "PNG"
+        image.save_render(path, scene=scene)
+        with open(path, "rb") as file:
+            return file.read()
+    except (RuntimeError, OSError):
+        raise GenerationError("the Render Result holds no image: render a frame first (Render › "
+                              "Render Image) or choose another source") from None
+    finally:
+        scene.render.image_settings.file_format = saved
+        for name in os.listdir(folder):
+            os.unlink(os.path.join(folder, name))
+        os.rmdir(folder)
 
 
 def _image_pixels(image) -> tuple[bytes, tuple[int, int]]:
@@ -98,6 +132,13 @@ def _image_pixels(image) -> tuple[bytes, tuple[int, int]]:
     return data, (width, height)
 
 
+# Fewer visible keypoints than this on a frame: the run still goes, with a warning.
+FEW_VISIBLE = 6
+# The connection check before a long job: a dead server is reported after this long, not
+# after the (much longer) per-reply timeout.
+CHECK_TIMEOUT = 3.0
+
+
 @dataclass
 class FrameJob:
     """One frame to generate: its keypoints in frame pixels and where the result goes."""
@@ -105,7 +146,12 @@ class FrameJob:
     keypoints: list[Point | None]
     frame_size: tuple[int, int]
     path: str | None = None  # None: the single-frame result, kept as pixels
-    render: str | None = None  # rendered frame to composite over (Blender loads it: main thread)
+    render: object = None  # the frame's render as Blender's float pixels, to composite over
+    blank: bool = False  # nothing to pose: write the background only
+    # Several people: one (keypoints, source, source_size, camera distance) per person in
+    # view; `keypoints` is then unused. Composited back to front.
+    people: list | None = None
+    results: dict | None = None  # the worker's crops of `people` received so far
 
 
 @dataclass(frozen=True)
@@ -116,20 +162,38 @@ class Framing:
     background: tuple | str | None = (1.0, 1.0, 1.0)  # RGB 0..1, "RENDER", None = transparent
 
 
+def plan_frame(scene, armature, mapping: BoneMapping, keep_outside: bool,
+               occlusion=None) -> list[Point | None]:
+    """Keypoints of the current frame in frame pixels (main thread). With `keep_outside`,
+    points far outside the frame (near the camera plane) are still dropped: they would make
+    a person crop thousands of pixels wide. `occlusion` (occlusion.Occluder) drops joints
+    hidden behind the body."""
+    if scene.camera is None:
+        raise ProjectionError("the scene has no camera: add one and make it the active camera")
+    points = keypoints_3d(armature, mapping)
+    if occlusion is not None and occlusion.meshes:
+        points = occlusion.face_on_surface(points, occlusion.triangles(scene))
+    keypoints = project_points(scene, scene.camera, points, keep_outside)
+    if keep_outside:
+        width, height = frame_size(scene)
+        keypoints = [None if p is None or not (-width <= p[0] <= 2 * width and -height <= p[1] <= 2 * height)
+                     else p for p in keypoints]
+    if occlusion is not None:
+        keypoints = occlusion.visible(scene, keypoints, points)
+    return keypoints
+
+
 def plan_frames(scene, armature, mapping: BoneMapping, frames: Sequence[int],
                 paths: Sequence[str | None], keep_outside: bool) -> list[FrameJob]:
-    """Pose each frame and project its keypoints (main thread; restores the current frame)."""
+    """Pose each frame and project its keypoints, all at once (scripts and tests; the
+    operators plan through `Run.step`). Restores the current frame."""
     current = scene.frame_current, scene.frame_subframe
     jobs = []
     try:
         for frame, path in zip(frames, paths):
             scene.frame_set(frame)
-            keypoints = project_armature(scene, armature, mapping=mapping, keep_outside=keep_outside)
-            if sum(p is not None for p in keypoints) < 2:
-                raise GenerationError(
-                    f"frame {frame}: fewer than two joints of {armature.name} are in front of the "
-                    "camera; frame the armature with the active camera")
-            jobs.append(FrameJob(frame, keypoints, frame_size(scene), path))
+            jobs.append(FrameJob(frame, plan_frame(scene, armature, mapping, keep_outside),
+                                 frame_size(scene), path))
     finally:
         scene.frame_set(current[0], subframe=current[1])
     return jobs
@@ -137,123 +201,385 @@ def plan_frames(scene, armature, mapping: BoneMapping, frames: Sequence[int],
 
 @dataclass
 class Event:
-    """What the worker hands the main thread: a finished frame, an error, or the end."""
-    kind: str  # "frame" | "error" | "end"
+    """What the worker hands the main thread: a finished or skipped frame, an error, the end."""
+    kind: str  # "frame" | "skip" | "error" | "end"
     job: FrameJob | None = None
-    pixels: object = None  # (H, W, 3|4) uint8: the single-frame result, or a crop that the
-    crop: Crop | None = None  # main thread composites over job.render at `crop`
+    pixels: object = None  # flat float RGBA, bottom-up (Image.pixels order): the single-frame result
+    size: tuple[int, int] | None = None  # (W, H) of `pixels`
     message: str = ""
 
 
 class Batch:
-    """Pipelined requests for a list of frames on its own thread (or the caller's, blocking)."""
+    """The worker: takes planned jobs from `add()` until `close()`, sends pipelined requests,
+    finishes each result (composite, encode, write) off the main thread."""
 
-    def __init__(self, connection, source: bytes, source_size, jobs: list[FrameJob],
-                 framing: Framing, in_flight: int = 4):
+    def __init__(self, connection, source: bytes, source_size, framing: Framing, in_flight: int = 4,
+                 check_timeout: float = CHECK_TIMEOUT):
         self.connection = connection
         self.source, self.source_size = source, source_size
-        self.jobs = jobs
         self.framing = framing
         self.in_flight = in_flight
+        self.check_timeout = check_timeout
+        self.jobs: queue.Queue[FrameJob | None] = queue.Queue()
         self.events: queue.Queue[Event] = queue.Queue()
         self.cancelled = threading.Event()
+        # Its own ZeroMQ context: terminating it wakes the worker from any socket wait, so
+        # a cancel takes effect at once, not after the reply timeout.
+        self.context = zmq.Context()
+        self._terminating = threading.Lock()
         self.thread: threading.Thread | None = None
         self.done = 0
+
+    def add(self, job: FrameJob) -> None:
+        self.jobs.put(job)
+
+    def close(self) -> None:
+        """No more jobs will come."""
+        self.jobs.put(None)
+
+    def backlog(self) -> int:
+        """Jobs handed over but not yet sent."""
+        return self.jobs.qsize()
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self.run, name="pg2-batch", daemon=True)
         self.thread.start()
 
     def cancel(self) -> None:
+        """Stop soon (within a fraction of a second); never blocks the caller."""
         self.cancelled.set()
+        threading.Thread(target=self._terminate, name="pg2-cancel", daemon=True).start()
+
+    def _terminate(self) -> None:
+        with self._terminating:
+            self.context.term()  # returns once the worker has closed its sockets (LINGER 0)
 
     def run(self) -> None:
-        """Send every job, finish each result; always ends with an "end" event."""
+        """Check the server, send every job, finish each result; always ends with "end"."""
         try:
-            with self.connection.open() as server:
-                crops = self._crops(server)
-                for result in server.generate_many(self._requests(crops), in_flight=self.in_flight):
+            with self.connection.open(self.context, timeout=min(self.check_timeout,
+                                                                 self.connection.timeout)) as check:
+                check.ping()
+            with self.connection.open(self.context) as server:
+                canvas, max_side = None, 1 << 16
+                if self.framing.mode == "PERSON":
+                    info = server.info()
+                    models = info.get("models") or [{}]
+                    canvas = models[0].get("canvas", (256, 256))
+                    max_side = int((info.get("limits") or {}).get("max_image_side", max_side))
+                for result in server.generate_many(self._requests(canvas, max_side), in_flight=self.in_flight):
                     if self.cancelled.is_set():
                         break
                     self._finish(result)
+        except zmq.ZMQError:
+            if not self.cancelled.is_set():
+                self.events.put(Event("error", message="PG2 connection closed unexpectedly"))
         except client.ServerError as e:
-            self.events.put(Event("error", message=describe_server_error(e)))
+            if not self.cancelled.is_set():
+                self.events.put(Event("error", message=describe_server_error(e)))
         except Exception as e:  # reported to the user; the add-on must not die silently
             self.events.put(Event("error", message=f"{type(e).__name__}: {e}"))
         finally:
+            self._terminate()  # after a cancel: waits for the cancel's own term, a no-op then
             self.events.put(Event("end"))
 
-    def _crops(self, server) -> list[Crop | None]:
-        if self.framing.mode != "PERSON":
-            return [None] * len(self.jobs)
-        models = server.info().get("models") or [{}]
-        height, width = models[0].get("canvas", (256, 256))
-        return [person_crop(job.keypoints, width / height, self.framing.margin) for job in self.jobs]
+    def _next_job(self) -> FrameJob | None:
+        while not self.cancelled.is_set():
+            try:
+                return self.jobs.get(timeout=0.05)
+            except queue.Empty:
+                continue
+        return None
 
-    def _requests(self, crops):
+    def _requests(self, canvas, max_side: int):
         person = self.framing.mode == "PERSON"
-        for job, crop in zip(self.jobs, crops):
-            if self.cancelled.is_set():
-                return
-            keypoints = crop.shift(job.keypoints) if crop else job.keypoints
-            size = (crop.width, crop.height) if crop else job.frame_size
-            # Files in camera framing take the server's PNG/JPEG as is; anything composited
-            # or shown in Blender needs pixels.
-            fmt = file_format(job.path) if job.path and not person else "raw"
-            yield client.GenerateRequest(
-                self.source, [None if p is None else [float(p[0]), float(p[1])] for p in keypoints],
-                list(size), source_size=self.source_size, output_format=fmt, alpha=person,
-                tag=(job, crop))
+        while (job := self._next_job()) is not None:
+            if job.blank:
+                self._write(job, self._background(job))
+                continue
+            parts = job.people if job.people is not None else [(job.keypoints, self.source, self.source_size, 0.0)]
+            crops = []
+            for keypoints, _, _, _ in parts:
+                crop = None
+                if person:
+                    height, width = canvas
+                    crop = person_crop(keypoints, width / height, self.framing.margin)
+                    if max(crop.width, crop.height) > max_side:
+                        self._skip(job, f"frame {job.frame}: the person crop would be {crop.width}x{crop.height} "
+                                        f"px (the server takes at most {max_side}); an armature is too close to "
+                                        "the camera")
+                        break
+                crops.append(crop)
+            else:
+                if job.people is not None:
+                    job.results = {}
+                for index, ((keypoints, source, source_size, _), crop) in enumerate(zip(parts, crops)):
+                    keypoints = crop.shift(keypoints) if crop else keypoints
+                    size = (crop.width, crop.height) if crop else job.frame_size
+                    # Files in camera framing take the server's PNG/JPEG as is; anything
+                    # composited or shown in Blender needs pixels.
+                    fmt = file_format(job.path) if job.path and not person else "raw"
+                    yield client.GenerateRequest(
+                        source, [None if p is None else [float(p[0]), float(p[1])] for p in keypoints],
+                        list(size), source_size=source_size, output_format=fmt, alpha=person,
+                        tag=(job, crop, index))
+
+    def _background(self, job: FrameJob):
+        width, height = job.frame_size
+        if job.render is not None:
+            return render_array(job.render, width, height)
+        color = self.framing.background
+        return imaging.background(width, height, (1.0, 1.0, 1.0) if color == "RENDER" else color)
+
+    def _skip(self, job: FrameJob, message: str) -> None:
+        self.events.put(Event("skip", job, message=message))
+
+    def _write(self, job: FrameJob, pixels) -> None:
+        """The finished frame: to its file, or to the main thread as Blender pixels."""
+        if job.path:
+            imaging.write_atomic(job.path, imaging.encode_png(pixels))
+            self.done += 1
+            self.events.put(Event("frame", job))
+        else:
+            height, width = pixels.shape[:2]
+            self.done += 1
+            self.events.put(Event("frame", job, imaging.to_blender_pixels(pixels), (width, height)))
 
     def _finish(self, result) -> None:
-        job, crop = result.request.tag
+        job, crop, index = result.request.tag
         image = result.image
+        if job.people is not None:
+            # Several people: wait for all of the frame's crops, then paste the farthest first.
+            job.results[index] = (crop, imaging.raw_image(image.data, image.width, image.height, image.channels))
+            if len(job.results) < len(job.people):
+                return
+            frame = self._background(job)
+            for i in sorted(job.results, key=lambda i: -job.people[i][3]):
+                crop, pixels = job.results[i]
+                frame = imaging.composite(frame, pixels, crop.x, crop.y)
+            self._write(job, frame)
+            return
         if image.format != "raw" and job.path:
             imaging.write_atomic(job.path, image.data)
-            pixels = None
-        else:
-            pixels = imaging.raw_image(image.data, image.width, image.height, image.channels)
-            if crop is not None and job.render is not None:
-                self.events.put(Event("frame", job, pixels, crop=crop))
-                return  # the main thread loads the render, composites, writes and counts it
-            if crop is not None:
-                width, height = job.frame_size
-                frame = imaging.background(width, height, self.framing.background)
-                pixels = imaging.composite(frame, pixels, crop.x, crop.y)
-            if job.path:
-                imaging.write_atomic(job.path, imaging.encode_png(pixels))
-                pixels = None
-        self.done += 1
-        self.events.put(Event("frame", job, pixels))
+            self.done += 1
+            self.events.put(Event("frame", job))
+            return
+        pixels = imaging.raw_image(image.data, image.width, image.height, image.channels)
+        if crop is not None:
+            pixels = imaging.composite(self._background(job), pixels, crop.x, crop.y)
+        self._write(job, pixels)
 
 
-def render_pixels(path: str):
-    """A rendered frame file as an (H, W, 4) uint8 array, read by Blender (main thread only)."""
+class PoseExport(Batch):
+    """The worker of Export Poses: per planned frame, an OpenPose JSON file
+    (`<name>_keypoints.json`) and the skeleton image (`<name>.png`); no server involved."""
+
+    def __init__(self):
+        super().__init__(None, b"", None, Framing())
+
+    def run(self) -> None:
+        try:
+            while (job := self._next_job()) is not None:
+                people = [] if job.blank else [job.keypoints]
+                stem = os.path.splitext(job.path)[0]
+                imaging.write_atomic(stem + "_keypoints.json", openpose.pose_json_bytes(people, job.frame_size))
+                self._write(job, openpose.draw_skeleton(people, job.frame_size))
+        except Exception as e:  # reported to the user; the add-on must not die silently
+            self.events.put(Event("error", message=f"{type(e).__name__}: {e}"))
+        finally:
+            self._terminate()
+            self.events.put(Event("end"))
+
+
+def load_render(path: str, size: tuple[int, int] | None = None):
+    """A rendered frame file as Blender's flat float pixels (main thread: Blender reads it);
+    the worker turns them into an array with `render_array`. `size`, if given, must match."""
     import numpy as np
     image = bpy.data.images.load(path, check_existing=False)
     try:
         width, height = image.size
+        if size is not None and (width, height) != tuple(size):
+            raise GenerationError(f"the render {path} is {width}x{height}, but the frame is "
+                                  f"{size[0]}x{size[1]}; render it again")
         pixels = np.empty(width * height * 4, np.float32)
         image.pixels.foreach_get(pixels)
     finally:
         bpy.data.images.remove(image)
+    return pixels.reshape(height, width, 4)
+
+
+def render_array(pixels, width: int, height: int):
+    """Blender's float pixels of a render as an (H, W, 4) uint8 array, top row first."""
+    import numpy as np
     rgba = pixels.reshape(height, width, 4)[::-1]
     return np.clip(np.rint(rgba * 255), 0, 255).astype(np.uint8)
 
 
-def finish_over_render(event: Event):
-    """Composite a crop over its frame's render (main thread); writes the file if the job has
-    one, else returns the frame's pixels."""
-    job = event.job
-    frame = render_pixels(job.render)
-    if frame.shape[1::-1] != tuple(job.frame_size):
-        raise GenerationError(f"the render {job.render} is {frame.shape[1]}x{frame.shape[0]}, "
-                              f"but the frame is {job.frame_size[0]}x{job.frame_size[1]}; render it again")
-    pixels = imaging.composite(frame, event.pixels, event.crop.x, event.crop.y)
-    if job.path:
-        imaging.write_atomic(job.path, imaging.encode_png(pixels))
-        return None
-    return pixels
+def render_pixels(path: str):
+    """A rendered frame file as an (H, W, 4) uint8 array, read by Blender (main thread only)."""
+    pixels = load_render(path)
+    return render_array(pixels, pixels.shape[1], pixels.shape[0])
+
+
+@dataclass
+class Report:
+    """What a run did besides generating: frames skipped or blank, frames with few joints."""
+    skipped: list[tuple[int, str]] = field(default_factory=list)  # (frame, why)
+    blank: list[int] = field(default_factory=list)
+    few_visible: list[int] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        """Warnings for the report area, one per kind."""
+        out = []
+        if self.skipped:
+            frames = ", ".join(str(f) for f, _ in self.skipped[:8]) + ("…" if len(self.skipped) > 8 else "")
+            out.append(f"skipped {len(self.skipped)} frame(s) ({frames}): {self.skipped[0][1]}")
+        if self.blank:
+            out.append(f"{len(self.blank)} frame(s) could not be projected and were written blank")
+        if self.few_visible:
+            frames = ", ".join(str(f) for f in self.few_visible[:8]) + ("…" if len(self.few_visible) > 8 else "")
+            out.append(f"fewer than {FEW_VISIBLE} joints visible on {len(self.few_visible)} frame(s) "
+                       f"({frames}): the result follows the pose poorly there")
+        return out
+
+
+class Run:
+    """A generation (or export) from start to end, advanced by `step()` on the main thread.
+
+    Each step plans frames for at most `budget` seconds (plus the one frame under way),
+    loads renders for frames about to be sent, and handles the worker's events; the scene's
+    current frame is restored at the end of every step.
+    """
+
+    def __init__(self, scene, armature, mapping: BoneMapping, frames: Sequence[int],
+                 paths: Sequence[str | None], batch: Batch, *, keep_outside: bool = False,
+                 unprojectable: str = "SKIP", renders: Sequence[str] | None = None,
+                 occlusion=None, on_result=None, people=None):
+        self.scene, self.armature, self.mapping = scene, armature, mapping
+        # Several people: (armature, mapping, occluder, source, source_size) each; Person framing.
+        self.people = people
+        self.frames, self.paths = list(frames), list(paths)
+        self.batch = batch
+        self.keep_outside = keep_outside
+        self.unprojectable = unprojectable  # "SKIP" | "BLANK"
+        self.renders = list(renders) if renders is not None else None
+        self.occlusion = occlusion
+        self.on_result = on_result  # called with each single-frame Event that carries pixels
+        self.report = Report()
+        self.error: str | None = None
+        self.planned = 0
+        self.ended = False
+        self.step_times: list[float] = []
+        # Frames planned ahead of the worker; bounds the renders held in memory.
+        self.lookahead = 2 * batch.in_flight + 4
+        batch.start()
+
+    @property
+    def total(self) -> int:
+        return len(self.frames)
+
+    @property
+    def done(self) -> int:
+        return self.batch.done
+
+    def progress_text(self) -> str:
+        if self.planned < self.total:
+            return f"posing {self.planned} / {self.total}, generated {self.done}"
+        return f"{self.done} / {self.total - len(self.report.skipped)}"
+
+    def cancel(self) -> None:
+        self.batch.cancel()
+
+    def step(self, budget: float = 0.01, wait: float = 0.0) -> bool:
+        """Do a slice of the work; True once the worker has ended. `wait` > 0 blocks up to that
+        long for the worker's next event when there is nothing to plan (background mode)."""
+        started = time.perf_counter()
+        if self.planned < self.total and not self.batch.cancelled.is_set():
+            self._plan(started, budget)
+        self._drain(wait if self.planned >= self.total else 0.0)
+        self.step_times.append(time.perf_counter() - started)
+        return self.ended
+
+    def _plan(self, started: float, budget: float) -> None:
+        scene = self.scene
+        current = scene.frame_current, scene.frame_subframe
+        moved = False
+        try:
+            # At least one frame per step, then as many as the budget allows.
+            while self.planned < self.total and self.batch.backlog() < self.lookahead \
+                    and (not moved or time.perf_counter() - started < budget):
+                i = self.planned
+                frame, path = self.frames[i], self.paths[i]
+                scene.frame_set(frame)
+                moved = True
+                job = self._job(frame, path, self.renders[i] if self.renders else None)
+                self.planned += 1
+                if job is not None:
+                    self.batch.add(job)
+        except (GenerationError, ProjectionError, RuntimeError) as e:
+            self.error = str(e)
+            self.batch.cancel()
+        finally:
+            if moved:
+                scene.frame_set(current[0], subframe=current[1])
+        if self.planned >= self.total and not self.batch.cancelled.is_set():
+            self.batch.close()
+
+    def _job(self, frame: int, path, render_path) -> FrameJob | None:
+        size = frame_size(self.scene)
+        render = load_render(render_path, size) if render_path else None
+        if self.people:
+            return self._people_job(frame, path, size, render)
+        keypoints = plan_frame(self.scene, self.armature, self.mapping, self.keep_outside, self.occlusion)
+        visible = sum(p is not None for p in keypoints)
+        if visible < 2:
+            if self.unprojectable == "BLANK" and path:
+                self.report.blank.append(frame)
+                return FrameJob(frame, keypoints, size, path, render, blank=True)
+            self.report.skipped.append((frame, f"fewer than two joints of {self.armature.name} are in "
+                                               "front of the camera"))
+            return None
+        if visible < FEW_VISIBLE:
+            self.report.few_visible.append(frame)
+        return FrameJob(frame, keypoints, size, path, render)
+
+    def _people_job(self, frame: int, path, size, render) -> FrameJob | None:
+        camera = self.scene.camera.matrix_world.translation
+        parts = []
+        for armature, mapping, occluder, source, source_size in self.people:
+            keypoints = plan_frame(self.scene, armature, mapping, True, occluder)
+            points = [p for p in keypoints_3d(armature, mapping) if p is not None]
+            if sum(p is not None for p in keypoints) < 2 or not points:
+                continue  # this person is out of view on this frame
+            distance = (sum(points, points[0] * 0) / len(points) - camera).length
+            parts.append((keypoints, source, source_size, distance))
+            if sum(p is not None for p in keypoints) < FEW_VISIBLE:
+                self.report.few_visible.append(frame)
+        if not parts:
+            if self.unprojectable == "BLANK" and path:
+                self.report.blank.append(frame)
+                return FrameJob(frame, [None] * 18, size, path, render, blank=True)
+            self.report.skipped.append((frame, "no chosen armature is in front of the camera"))
+            return None
+        return FrameJob(frame, [], size, path, render, people=parts)
+
+    def _drain(self, wait: float) -> None:
+        while True:
+            try:
+                event = self.batch.events.get(timeout=wait) if wait else self.batch.events.get_nowait()
+            except queue.Empty:
+                return
+            wait = 0.0
+            if event.kind == "frame" and event.pixels is not None and self.on_result is not None:
+                self.on_result(event)
+            elif event.kind == "skip":
+                self.report.skipped.append((event.job.frame, event.message))
+            elif event.kind == "error":
+                self.error = self.error or event.message
+                self.batch.cancel()  # stop planning for a worker that has given up
+            elif event.kind == "end":
+                self.ended = True
+                return
 
 
 def describe_server_error(error) -> str:

@@ -54,28 +54,34 @@ class Preset:
     label: str
     bones: dict[str, tuple[tuple[str, str], ...]]  # keypoint -> ((bone, "head"|"tail"), ...)
     head: tuple[str, ...]  # candidates for the head bone (face synthesis)
-    canonical: Callable[[str], str | None]  # actual bone name -> preset name, None to ignore
+    # Actual bone name -> preset name (None: ignore the bone); None infers the rig's prefix.
+    canonical: Callable[[str], str | None] | None = None
     neck_from_shoulders: bool = True  # COCO's neck is the shoulder midpoint
     # How far this rig's head bone starts below the MPFB head bone that FACE_OFFSETS were
     # fitted on, in shoulder widths; added to the offsets' "up". MPFB's head joint is 0.574
     # widths above the shoulder line; Mixamo's Head 0.207 lower (calibrate_face.py, same
     # Anny body), Rigify meta-rig's spine.006 0.504 (so 0.07 lower).
     head_drop: float = 0.0
+    extra: tuple[str, ...] = ()  # other bones of the rig that help to recognise its prefix
+    # Bones at the eyes and the top of the head (face points from them when present).
+    eyes: tuple[str, str] | None = None  # (right, left)
+    head_top: str | None = None
 
 
-def _table(rows: dict[str, tuple[str, str]], face: dict | None = None, neck=()) -> dict:
-    """Expand `joint: (right_bone, left_bone)` rows into per-keypoint candidate tuples."""
+def _table(rows: dict[str, tuple], face: dict | None = None, neck=()) -> dict:
+    """Expand `joint: (right_bone, left_bone)` rows (or rows of such pairs, first found wins)
+    into per-keypoint candidate tuples."""
     bones: dict[str, tuple[tuple[str, str], ...]] = {}
-    for joint, (right, left) in rows.items():
-        bones[f"right_{joint}"] = ((right, "head"),)
-        bones[f"left_{joint}"] = ((left, "head"),)
+    for joint, pairs in rows.items():
+        pairs = (pairs,) if isinstance(pairs[0], str) else pairs
+        bones[f"right_{joint}"] = tuple((right, "head") for right, _ in pairs)
+        bones[f"left_{joint}"] = tuple((left, "head") for _, left in pairs)
     bones["neck"] = tuple((b, "head") for b in neck)
     bones.update(face or {})
     return bones
 
 
 _RIGIFY_PREFIX = re.compile(r"^(ORG|DEF)-")
-_MIXAMO_PREFIX = re.compile(r"^mixamorig\d*[:_]?")
 
 
 def _rigify_name(name: str) -> str | None:
@@ -84,9 +90,28 @@ def _rigify_name(name: str) -> str | None:
     return _RIGIFY_PREFIX.sub("", name)
 
 
-def _mixamo_name(name: str) -> str | None:
-    stripped = _MIXAMO_PREFIX.sub("", name)
-    return stripped if stripped != name else None
+def _known_names(preset: "Preset") -> set[str]:
+    names = {bone for candidates in preset.bones.values() for bone, _ in candidates}
+    return names | set(preset.head) | set(preset.extra)
+
+
+def rig_prefix(preset: "Preset", bone_names: Sequence[str]) -> str:
+    """The prefix the rig puts before this preset's bone names ("" when none).
+
+    Exporters and retargeting tools prepend a namespace (`mixamorig:`, `mixamorig1:`,
+    `Armature|`, `Character1_`, or nothing); the prefix that turns the most bones into known
+    names wins, the shorter one on a tie.
+    """
+    known = _known_names(preset)
+    counts: dict[str, int] = {}
+    for actual in bone_names:
+        for name in known:
+            if actual.endswith(name):
+                prefix = actual[:len(actual) - len(name)]
+                counts[prefix] = counts.get(prefix, 0) + 1
+    if not counts:
+        return ""
+    return min(counts, key=lambda prefix: (-counts[prefix], len(prefix)))
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
@@ -95,7 +120,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         {name: ((name, "head"),) for name in NAMES},
         # Its `neck` bone starts at the neck, below MPFB's head joint; rig.py places the
         # rig's own face bones with this, so a synthesised face matches them.
-        head=("neck",), canonical=lambda n: n, neck_from_shoulders=False, head_drop=0.313,
+        head=("neck",), neck_from_shoulders=False, head_drop=0.313,
     ),
     Preset(
         "rigify", "Rigify (meta-rig or generated)",
@@ -115,15 +140,18 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                 "hip": ("upperleg01.R", "upperleg01.L"), "knee": ("lowerleg01.R", "lowerleg01.L"),
                 "ankle": ("foot.R", "foot.L")},
                neck=("neck01",)),
-        head=("head",), canonical=lambda n: n,
+        head=("head",),
     ),
     Preset(
-        "game_engine", "Anny / MakeHuman (MPFB) game engine",
+        "game_engine", "Unreal mannequin / MPFB game engine",
         _table({"shoulder": ("upperarm_r", "upperarm_l"), "elbow": ("lowerarm_r", "lowerarm_l"),
                 "wrist": ("hand_r", "hand_l"), "hip": ("thigh_r", "thigh_l"),
                 "knee": ("calf_r", "calf_l"), "ankle": ("foot_r", "foot_l")},
                neck=("neck_01",)),
-        head=("head",), canonical=lambda n: n,
+        # The same names as Unreal's mannequins (UE4, UE5 Manny/Quinn: pelvis, spine_01,
+        # clavicle_l, upperarm_l, lowerarm_l, hand_l, thigh_l, calf_l, foot_l, ball_l).
+        head=("head",), extra=("pelvis", "spine_01", "spine_02", "spine_03", "clavicle_r",
+                               "clavicle_l", "ball_r", "ball_l"),
     ),
     Preset(
         "mixamo", "Mixamo",
@@ -132,7 +160,29 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                 "knee": ("RightLeg", "LeftLeg"), "ankle": ("RightFoot", "LeftFoot")},
                face={"right_eye": (("RightEye", "head"),), "left_eye": (("LeftEye", "head"),)},
                neck=("Neck",)),
-        head=("Head",), canonical=_mixamo_name, head_drop=0.207,
+        head=("Head",), head_drop=0.207,
+        extra=("Hips", "Spine", "Spine1", "Spine2", "HeadTop_End", "RightShoulder", "LeftShoulder",
+               "RightToeBase", "LeftToeBase"),
+        eyes=("RightEye", "LeftEye"), head_top="HeadTop_End",
+    ),
+    Preset(
+        "vrm", "VRoid / VRM",
+        # VRoid Studio's exported names first, then VRM's humanoid bone names (what UniVRM's
+        # normalised rigs and the VRM add-on's humanoid mapping use).
+        _table({"shoulder": (("J_Bip_R_UpperArm", "J_Bip_L_UpperArm"), ("RightUpperArm", "LeftUpperArm")),
+                "elbow": (("J_Bip_R_LowerArm", "J_Bip_L_LowerArm"), ("RightLowerArm", "LeftLowerArm")),
+                "wrist": (("J_Bip_R_Hand", "J_Bip_L_Hand"), ("RightHand", "LeftHand")),
+                "hip": (("J_Bip_R_UpperLeg", "J_Bip_L_UpperLeg"), ("RightUpperLeg", "LeftUpperLeg")),
+                "knee": (("J_Bip_R_LowerLeg", "J_Bip_L_LowerLeg"), ("RightLowerLeg", "LeftLowerLeg")),
+                "ankle": (("J_Bip_R_Foot", "J_Bip_L_Foot"), ("RightFoot", "LeftFoot"))},
+               face={"right_eye": (("J_Adj_R_FaceEye", "head"), ("RightEye", "head")),
+                     "left_eye": (("J_Adj_L_FaceEye", "head"), ("LeftEye", "head"))},
+               neck=("J_Bip_C_Neck", "Neck")),
+        # Head bone at the top of the neck as on Mixamo rigs: Mixamo's drop (not measured on
+        # a VRoid body).
+        head=("J_Bip_C_Head", "Head"), head_drop=0.207,
+        extra=("J_Bip_C_Hips", "J_Bip_C_Spine", "J_Bip_C_Chest", "J_Bip_C_UpperChest",
+               "J_Bip_R_Shoulder", "J_Bip_L_Shoulder", "Hips", "Spine", "Chest", "UpperChest"),
     ),
 )}
 
@@ -173,8 +223,13 @@ def _lookup(preset: Preset, bone_names: Iterable[str]) -> dict[str, str]:
     """Preset bone name -> actual bone name; ORG- wins over the bare name, both over DEF-."""
     rank = {"ORG-": 0, "": 1, "DEF-": 2}
     found: dict[str, tuple[int, str]] = {}
+    bone_names = list(bone_names)
+    canonical = preset.canonical
+    if canonical is None:
+        prefix = rig_prefix(preset, bone_names)
+        canonical = lambda n: n[len(prefix):] if n.startswith(prefix) else None  # noqa: E731
     for actual in bone_names:
-        name = preset.canonical(actual)
+        name = canonical(actual)
         if name is None:
             continue
         score = rank.get(actual[:4], 1) if preset.name == "rigify" else 0
@@ -211,8 +266,8 @@ def resolve(bone_names: Sequence[str], preset: str | None = None,
         if preset is None:
             if not overrides:
                 raise MappingError(
-                    "could not recognise the armature's bones (Rigify, Mixamo, MPFB/Anny or "
-                    "PG2 Pose Rig); pick a preset or map the bones by hand in the PG2 panel")
+                    "could not recognise the armature's bones (Rigify, Mixamo, Unreal, VRoid/VRM, "
+                    "MPFB/Anny or PG2 Pose Rig); pick a preset or map the bones by hand in the PG2 panel")
             preset = "pg2"
     if preset not in PRESETS:
         raise MappingError(f"unknown rig preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -245,6 +300,22 @@ def resolve(bone_names: Sequence[str], preset: str | None = None,
             if sources[INDEX[name]] is None and name not in overridden:
                 sources[INDEX[name]] = Source("face", head_bone)
     return mapping
+
+
+def describe(mapping: BoneMapping) -> list[tuple[str, str]]:
+    """(keypoint, where it comes from) for each of the 18, in words for the panel."""
+    rows = []
+    for name, source in zip(NAMES, mapping.sources):
+        if source is None:
+            text = "missing"
+        elif source.kind == "shoulders":
+            text = "shoulder midpoint"
+        elif source.kind == "face":
+            text = f"from {source.bone}"
+        else:
+            text = source.bone + (" (tail)" if source.end == "tail" else "")
+        rows.append((name, text))
+    return rows
 
 
 def face_frame(head_rest: Matrix, right_shoulder: Vector | None,
@@ -315,9 +386,30 @@ def keypoints_3d(armature, mapping: BoneMapping) -> list[Vector | None]:
     if head is not None and mapping.face_frame is not None:
         scale = mapping.rest_scale
         frame = head.matrix.to_3x3().normalized() @ mapping.face_frame
+        origin = head.head + frame @ (Vector((0.0, mapping.head_drop, 0.0)) * scale)
+        right_eye, left_eye = local[INDEX["right_eye"]], local[INDEX["left_eye"]]
+        eyes = mapping.sources[INDEX["right_eye"]], mapping.sources[INDEX["left_eye"]]
+        if right_eye is not None and left_eye is not None and all(e.kind == "bone" for e in eyes):
+            # The rig's eye bones fix the face's height: the synthesised points hang from
+            # their midpoint rather than from the head joint (whose height varies per rig).
+            # Only the height: eye bones sit inside the eyeballs, behind the surface points
+            # the offsets were fitted on.
+            eye = Vector(FACE_OFFSETS["left_eye"])
+            from_eyes = (right_eye + left_eye) / 2 - frame @ (Vector((0.0, eye.y, eye.z)) * scale)
+            up = frame.col[1].normalized()
+            origin = origin + up * (from_eyes - origin).dot(up)
         for name in FACE:
             i = INDEX[name]
             if mapping.sources[i] is not None and mapping.sources[i].kind == "face":
-                offset = Vector(FACE_OFFSETS[name]) + Vector((0.0, mapping.head_drop, 0.0))
-                local[i] = head.head + frame @ (offset * scale)
+                local[i] = origin + frame @ (Vector(FACE_OFFSETS[name]) * scale)
     return [None if p is None else world @ p for p in local]
+
+
+def face_axes(armature, mapping: BoneMapping):
+    """The face frame's (left, up, forward) unit vectors in world space for the current pose,
+    or None when the mapping has no head bone."""
+    head = armature.pose.bones.get(mapping.head_bone) if mapping.head_bone else None
+    if head is None or mapping.face_frame is None:
+        return None
+    frame = armature.matrix_world.to_3x3() @ head.matrix.to_3x3().normalized() @ mapping.face_frame
+    return tuple(frame.col[i].normalized() for i in range(3))

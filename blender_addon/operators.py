@@ -11,14 +11,15 @@ import queue
 import threading
 
 import bpy
+from bpy.app.handlers import persistent
 
-from . import generation, rig
+from . import generation, occlusion, rig
 from .generation import Batch, Framing, GenerationError
 from .mapping import LIMBS, MappingError
 from .preferences import connection, describe_info, preferences
 
 RESULT_IMAGE = "PG2 Result"
-_RUNS: set = set()  # batches of the modal operators now running
+_RUNS: set = set()  # runs of the modal operators now going
 
 
 def running() -> bool:
@@ -40,13 +41,14 @@ def _framing(settings) -> Framing:
     return Framing(settings.framing, settings.margin, background)
 
 
-def _attach_renders(scene, jobs, render_missing: bool) -> None:
-    """Point each job at its rendered frame file; render the frame first if allowed."""
-    for job in jobs:
-        path = scene.render.frame_path(frame=job.frame)
+def _render_paths(scene, frames, render_missing: bool) -> list[str]:
+    """Each frame's rendered file; renders the frame first if allowed (one frame, blocking)."""
+    paths = []
+    for frame in frames:
+        path = scene.render.frame_path(frame=frame)
         if not os.path.isfile(path) and render_missing:
             current = scene.frame_current
-            scene.frame_set(job.frame)
+            scene.frame_set(frame)
             try:
                 bpy.ops.render.render()
                 # A still render does not expand the path's #, so save the result ourselves.
@@ -54,21 +56,37 @@ def _attach_renders(scene, jobs, render_missing: bool) -> None:
             finally:
                 scene.frame_set(current)
         if not os.path.isfile(path):
-            raise GenerationError(f"no render of frame {job.frame} at {path}: render the animation "
+            raise GenerationError(f"no render of frame {frame} at {path}: render the animation "
                                   "first (Render › Render Animation) or choose another background")
-        job.render = path
+        paths.append(path)
+    return paths
 
 
-def show_result(pixels, camera=None):
-    """Put pixels into the `PG2 Result` image, show it in open Image Editors and optionally
-    behind the camera view."""
-    height, width = pixels.shape[:2]
+def check_output(pattern: str, paths) -> None:
+    """Refuse output that would land somewhere unexpected or cannot be written, before any work."""
+    if pattern.startswith("//") and not bpy.data.filepath:
+        raise GenerationError(f"the output path {pattern} is relative to the .blend file, which is not "
+                              "saved yet: save the file or choose an absolute output folder")
+    for folder in sorted({os.path.dirname(p) for p in paths if p}):
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise GenerationError(f"cannot create the output folder {folder}: {e.strerror}; "
+                                  "choose another output path") from None
+        if not os.access(folder, os.W_OK):
+            raise GenerationError(f"the output folder {folder} is not writable; choose another output path")
+
+
+def show_result(pixels, size, camera=None):
+    """Put flat float RGBA pixels (Blender's bottom-up order, from the worker) of `size` (W, H)
+    into the `PG2 Result` image, show it in open Image Editors and optionally behind the camera."""
+    width, height = size
     image = bpy.data.images.get(RESULT_IMAGE)
     if image is None:
         image = bpy.data.images.new(RESULT_IMAGE, width, height, alpha=True)
     elif tuple(image.size) != (width, height):
         image.scale(width, height)
-    image.pixels.foreach_set(generation.imaging.to_blender_pixels(pixels))
+    image.pixels.foreach_set(pixels)
     image.update()
     for window in getattr(bpy.context.window_manager, "windows", []):
         for area in window.screen.areas:
@@ -84,91 +102,149 @@ def show_result(pixels, camera=None):
     return image
 
 
+STRIP_NAME = "PG2 Frames"
+
+
+def load_strip(scene, paths, frames):
+    """Put the generated frame files into the scene's Video Sequencer as one image strip
+    (replacing the previous PG2 strip), starting at the first frame; files in one folder only."""
+    existing = [p for p in paths if os.path.isfile(p)]
+    if not existing:
+        return None
+    editor = scene.sequence_editor or scene.sequence_editor_create()
+    old = editor.strips.get(STRIP_NAME)
+    channel = old.channel if old is not None else 1 + max((s.channel for s in editor.strips), default=0)
+    if old is not None:
+        editor.strips.remove(old)
+    folder = os.path.dirname(existing[0])
+    strip = editor.strips.new_image(STRIP_NAME, existing[0], channel, frames[paths.index(existing[0])])
+    for path in existing[1:]:
+        if os.path.dirname(path) == folder:
+            strip.elements.append(os.path.basename(path))
+    return strip
+
+
+def cancel_all() -> None:
+    """Stop every run of this session (a new file is being loaded, or the add-on goes)."""
+    for run in list(_RUNS):
+        run.cancel()
+    _RUNS.clear()
+
+
+@persistent
+def _on_load_pre(*_args) -> None:
+    # File › Open drops the modal handlers without calling them again: without this the
+    # workers would run on and "already generating" would stay until Blender restarts.
+    cancel_all()
+
+
+def prepare_run(context, frames, paths, on_result=None, export: bool = False) -> generation.Run:
+    """Validate the scene's settings and start a Run (its worker starts at once); `export`
+    writes pose files instead of asking a server.
+
+    Raises GenerationError / MappingError / ValueError with what to fix.
+    """
+    scene = context.scene
+    settings = scene.pg2
+    armature = _scene_armature(context)
+    if armature is None:
+        raise GenerationError("choose the armature to pose in the PG2 panel (3D Viewport sidebar, PG2 tab)")
+    if scene.camera is None:
+        raise GenerationError("the scene has no active camera; add one and make it active")
+    mapping = settings.bone_mapping(armature)
+    unmapped = [n for n in mapping.missing() if n in LIMBS]
+    if len(unmapped) == len(LIMBS):
+        raise GenerationError(f"no limb of {armature.name} is mapped; pick the rig preset "
+                              "or map the bones by hand in the PG2 panel")
+    if export:
+        check_output(settings.pose_output_path, paths)
+        occluder = occlusion.Occluder(armature, mapping) if settings.occlusion else None
+        run = generation.Run(scene, armature, mapping, frames, paths, generation.PoseExport(),
+                             unprojectable=settings.unprojectable, occlusion=occluder)
+        run.unmapped = unmapped
+        return run
+    conn = connection(context)
+    if paths and paths[0] is not None:
+        check_output(settings.output_path, paths)
+    source, source_size = generation.read_source(settings)
+    people = None
+    if len(settings.people):
+        if settings.framing != "PERSON":
+            raise GenerationError("several people need Person framing (each is generated in its own crop)")
+        people = []
+        for person in [(armature, settings.source_path)] + [(p.armature, p.source_path) for p in settings.people]:
+            body, path = person
+            if body is None:
+                raise GenerationError("a row of the People list has no armature; choose one or remove the row")
+            body_mapping = settings.bone_mapping(body)
+            photo, _ = generation.read_photo(path)
+            people.append((body, body_mapping, occlusion.Occluder(body, body_mapping) if settings.occlusion else None,
+                           photo, None))
+    renders = None
+    if settings.framing == "PERSON" and settings.background == "RENDER":
+        renders = _render_paths(scene, frames, render_missing=len(frames) == 1 and paths[0] is None)
+    occluder = occlusion.Occluder(armature, mapping) if settings.occlusion else None
+    batch = Batch(conn, source, source_size, _framing(settings), settings.in_flight)
+    run = generation.Run(scene, armature, mapping, frames, paths, batch,
+                         keep_outside=settings.framing == "PERSON", unprojectable=settings.unprojectable,
+                         renders=renders, occlusion=occluder, on_result=on_result, people=people)
+    run.unmapped = unmapped
+    return run
+
+
+def _redraw(context) -> None:
+    screen = context.screen
+    for area in (screen.areas if screen else ()):
+        area.tag_redraw()
+
+
 class _GenerationRun:
     """The shared start / poll / finish of both generation operators."""
     _timer = None
-    _batch: Batch | None = None
-    _total = 0
+    _run: generation.Run | None = None
 
     def _start(self, context, frames, paths):
         settings = context.scene.pg2
         if running():
             self.report({"ERROR"}, "PG2 is already generating; wait for it or press Esc")
             return {"CANCELLED"}
+        self._camera = context.scene.camera if settings.set_camera_background else None
         try:
-            armature = _scene_armature(context)
-            if armature is None:
-                raise GenerationError("choose the armature to pose in the PG2 panel (3D Viewport sidebar, PG2 tab)")
-            if context.scene.camera is None:
-                raise GenerationError("the scene has no active camera; add one and make it active")
-            mapping = settings.bone_mapping(armature)
-            unmapped = [n for n in mapping.missing() if n in LIMBS]
-            if len(unmapped) == len(LIMBS):
-                raise GenerationError(f"no limb of {armature.name} is mapped; pick the rig preset "
-                                      "or map the bones by hand in the PG2 panel")
-            if unmapped:
-                self.report({"WARNING"}, "unmapped keypoints (left out): " + ", ".join(unmapped))
-            conn = connection(context)
-            source, source_size = generation.read_source(settings)
-            jobs = generation.plan_frames(context.scene, armature, mapping, frames, paths,
-                                          keep_outside=settings.framing == "PERSON")
-            if settings.framing == "PERSON" and settings.background == "RENDER":
-                _attach_renders(context.scene, jobs, render_missing=len(jobs) == 1 and paths[0] is None)
+            self._run = prepare_run(context, frames, paths, on_result=self._show)
         except (GenerationError, MappingError, ValueError) as e:
             self.report({"ERROR"}, str(e))
             return {"CANCELLED"}
-        self._camera = context.scene.camera if settings.set_camera_background else None
-        self._batch = Batch(conn, source, source_size, jobs, _framing(settings), settings.in_flight)
-        self._total = len(jobs)
-        self._error = None
-        settings.progress, settings.status = 0.0, f"0 / {self._total}"
+        return self._go(context)
+
+    def _go(self, context):
+        """Run the prepared `self._run`: blocking in background mode, else from a modal timer."""
+        settings = context.scene.pg2
+        if self._run.unmapped:
+            self.report({"WARNING"}, "unmapped keypoints (left out): " + ", ".join(self._run.unmapped))
+        settings.progress, settings.status = 0.0, self._run.progress_text()
         if bpy.app.background or context.window is None:
             # Blocking, but the worker still overlaps the network with the main thread's work.
-            self._batch.start()
-            while not self._drain(context, wait=True):
+            while not self._run.step(budget=0.1, wait=0.1):
                 pass
             return self._end(context)
-        _RUNS.add(self._batch)
+        _RUNS.add(self._run)
         wm = context.window_manager
-        wm.progress_begin(0, max(1, self._total))
-        self._batch.start()
+        wm.progress_begin(0, max(1, self._run.total))
         self._timer = wm.event_timer_add(0.05, window=context.window)
         wm.modal_handler_add(self)
         return {"RUNNING_MODAL"}
 
-    def _drain(self, context, wait: bool = False) -> bool:
-        """Handle the worker's events (waiting for the first if `wait`); True once it has ended."""
-        settings = context.scene.pg2
-        ended = False
-        while True:
-            try:
-                event = self._batch.events.get(timeout=None) if wait else self._batch.events.get_nowait()
-            except queue.Empty:
-                break
-            wait = False
-            if event.kind == "frame":
-                pixels = event.pixels
-                if event.crop is not None:  # over a render: Blender reads it, so here
-                    try:
-                        pixels = generation.finish_over_render(event)
-                    except (GenerationError, RuntimeError) as e:
-                        self._error = str(e)
-                        self._batch.cancel()
-                        continue
-                    self._batch.done += 1
-                if pixels is not None:
-                    show_result(pixels, self._camera)
-            elif event.kind == "error":
-                self._error = event.message
-            else:
-                ended = True
-        settings.progress = self._batch.done / max(1, self._total)
-        settings.status = f"{self._batch.done} / {self._total}"
-        return ended
+    def _show(self, event) -> None:
+        show_result(event.pixels, event.size, self._camera)
 
-    def _end(self, context):
+    def _update(self, context) -> None:
         settings = context.scene.pg2
-        _RUNS.discard(self._batch)
+        run = self._run
+        settings.progress = run.done / max(1, run.total)
+        settings.status = run.progress_text()
+
+    def _cleanup(self, context) -> None:
+        _RUNS.discard(self._run)
         if self._timer is not None:
             context.window_manager.event_timer_remove(self._timer)
             context.window_manager.progress_end()
@@ -176,41 +252,54 @@ class _GenerationRun:
                 context.workspace.status_text_set(None)
             self._timer = None
         _redraw(context)
-        if self._error:
-            settings.status = self._error
-            self.report({"ERROR"}, self._error)
+
+    def _end(self, context):
+        settings = context.scene.pg2
+        self._update(context)
+        self._cleanup(context)
+        run = self._run
+        for line in run.report.lines():
+            self.report({"WARNING"}, "PG2: " + line)
+        if run.error:
+            settings.status = run.error
+            self.report({"ERROR"}, run.error)
             return {"CANCELLED"}
-        if self._batch.cancelled.is_set():
-            settings.status = f"cancelled after {self._batch.done} / {self._total}"
+        if run.batch.cancelled.is_set():
+            settings.status = f"cancelled after {run.done} / {run.total}"
             self.report({"WARNING"}, "PG2: " + settings.status)
             return {"CANCELLED"}
-        self.report({"INFO"}, self._summary())
+        self._finished(context)
+        summary = self._summary()
+        settings.status = "; ".join([summary.removeprefix("PG2: ")] + run.report.lines())
+        self.report({"INFO"}, summary)
         return {"FINISHED"}
 
+    def _finished(self, context) -> None:
+        """After a successful run (the range operator loads the Sequencer strip here)."""
+
     def _summary(self) -> str:
-        return f"PG2: generated {self._batch.done} frame(s)"
+        return f"PG2: generated {self._run.done} frame(s)"
 
     def modal(self, context, event):
         if event.type == "ESC" and event.value == "PRESS":
-            self._batch.cancel()
-            self._drain(context)
+            self._run.cancel()
             return self._end(context)
         if event.type == "TIMER":
-            ended = self._drain(context)
-            context.window_manager.progress_update(self._batch.done)
+            ended = self._run.step()
+            self._update(context)
+            context.window_manager.progress_update(self._run.done)
             if context.workspace is not None:
-                context.workspace.status_text_set(
-                    f"PG2: {self._batch.done} / {self._total} frames  (Esc cancels)")
+                context.workspace.status_text_set(f"PG2: {self._run.progress_text()}  (Esc cancels)")
             _redraw(context)
             if ended:
                 return self._end(context)
         return {"PASS_THROUGH"}
 
-
-def _redraw(context) -> None:
-    screen = context.screen
-    for area in (screen.areas if screen else ()):
-        area.tag_redraw()
+    def cancel(self, context):
+        """Blender ends the modal operator (window closed, file loaded): stop the worker."""
+        if self._run is not None:
+            self._run.cancel()
+            self._cleanup(context)
 
 
 class PG2_OT_generate(_GenerationRun, bpy.types.Operator):
@@ -254,6 +343,7 @@ class PG2_OT_generate_frames(_GenerationRun, bpy.types.Operator):
         except GenerationError as e:
             self.report({"ERROR"}, str(e))
             return {"CANCELLED"}
+        self._all_frames, self._all_paths = frames, paths
         todo = [(f, p) for f, p in zip(frames, paths) if settings.overwrite or not os.path.exists(p)]
         self._skipped = len(frames) - len(todo)
         if not todo:
@@ -262,10 +352,55 @@ class PG2_OT_generate_frames(_GenerationRun, bpy.types.Operator):
             return {"FINISHED"}
         return self._start(context, [f for f, _ in todo], [p for _, p in todo])
 
+    def _finished(self, context) -> None:
+        if context.scene.pg2.load_into_sequencer:
+            load_strip(context.scene, self._all_paths, self._all_frames)
+
     def _summary(self) -> str:
         skipped = f", skipped {self._skipped} existing" if self._skipped else ""
-        folder = os.path.dirname(self._batch.jobs[0].path) if self._batch.jobs else ""
-        return f"PG2: wrote {self._batch.done} frame(s){skipped} to {folder}"
+        folder = os.path.dirname(self._run.paths[0]) if self._run.paths else ""
+        return f"PG2: wrote {self._run.done} frame(s){skipped} to {folder}"
+
+
+class PG2_OT_export_poses(_GenerationRun, bpy.types.Operator):
+    """Write the armature's pose as OpenPose JSON and a skeleton image per frame (no server)"""
+    bl_idname = "pg2.export_poses"
+    bl_label = "Export Poses"
+    bl_options = {"REGISTER"}
+
+    frames: bpy.props.EnumProperty(name="Frames", items=[
+        ("CURRENT", "Current Frame", "Only the current frame"),
+        ("RANGE", "Frame Range", "The frame range of the Frames panel")], default="RANGE")
+
+    def execute(self, context):
+        scene, settings = context.scene, context.scene.pg2
+        if self.frames == "CURRENT":
+            frames = [scene.frame_current]
+        elif settings.use_scene_range:
+            frames = list(range(scene.frame_start, scene.frame_end + 1, scene.frame_step))
+        else:
+            frames = list(range(settings.frame_start, settings.frame_end + 1, settings.frame_step))
+        if not frames:
+            self.report({"ERROR"}, "the frame range is empty")
+            return {"CANCELLED"}
+        if not settings.pose_output_path:
+            self.report({"ERROR"}, "choose an output path for the poses in the PG2 panel")
+            return {"CANCELLED"}
+        paths = [os.path.splitext(generation.frame_path(settings.pose_output_path, f))[0] + ".png"
+                 for f in frames]
+        if running():
+            self.report({"ERROR"}, "PG2 is already generating; wait for it or press Esc")
+            return {"CANCELLED"}
+        try:
+            self._run = prepare_run(context, frames, paths, export=True)
+        except (GenerationError, MappingError, ValueError) as e:
+            self.report({"ERROR"}, str(e))
+            return {"CANCELLED"}
+        self._camera = None
+        return self._go(context)
+
+    def _summary(self) -> str:
+        return f"PG2: wrote {self._run.done} pose(s) to {os.path.dirname(self._run.paths[0])}"
 
 
 class PG2_OT_test_connection(bpy.types.Operator):
@@ -372,21 +507,54 @@ class PG2_OT_override_remove(bpy.types.Operator):
         return {"FINISHED"}
 
 
+class PG2_OT_person_add(bpy.types.Operator):
+    """Add a person: another armature with its own photo"""
+    bl_idname = "pg2.person_add"
+    bl_label = "Add Person"
+    bl_options = {"REGISTER", "UNDO"}
+
+    def execute(self, context):
+        settings = context.scene.pg2
+        settings.people.add()
+        settings.person_index = len(settings.people) - 1
+        return {"FINISHED"}
+
+
+class PG2_OT_person_remove(bpy.types.Operator):
+    """Remove the selected person"""
+    bl_idname = "pg2.person_remove"
+    bl_label = "Remove Person"
+    bl_options = {"REGISTER", "UNDO"}
+
+    def execute(self, context):
+        settings = context.scene.pg2
+        if not 0 <= settings.person_index < len(settings.people):
+            self.report({"ERROR"}, "select a person to remove")
+            return {"CANCELLED"}
+        settings.people.remove(settings.person_index)
+        settings.person_index = max(0, settings.person_index - 1)
+        return {"FINISHED"}
+
+
 def add_menu(self, context):
     self.layout.operator(PG2_OT_add_pose_rig.bl_idname, icon="OUTLINER_OB_ARMATURE")
 
 
-CLASSES = (PG2_OT_generate, PG2_OT_generate_frames, PG2_OT_test_connection, PG2_OT_add_pose_rig,
-           PG2_OT_override_add, PG2_OT_override_remove)
+CLASSES = (PG2_OT_generate, PG2_OT_generate_frames, PG2_OT_export_poses, PG2_OT_test_connection, PG2_OT_add_pose_rig,
+           PG2_OT_override_add, PG2_OT_override_remove, PG2_OT_person_add, PG2_OT_person_remove)
 
 
 def register() -> None:
     for cls in CLASSES:
         bpy.utils.register_class(cls)
     bpy.types.VIEW3D_MT_armature_add.append(add_menu)
+    bpy.app.handlers.load_pre.append(_on_load_pre)
 
 
 def unregister() -> None:
+    cancel_all()
+    if _on_load_pre in bpy.app.handlers.load_pre:
+        bpy.app.handlers.load_pre.remove(_on_load_pre)
     bpy.types.VIEW3D_MT_armature_add.remove(add_menu)
     for cls in reversed(CLASSES):
         bpy.utils.unregister_class(cls)

@@ -10,16 +10,8 @@ from gpu_extras.batch import batch_for_shader
 
 from .mapping import MappingError, keypoints_3d
 from .projection import project_points
+from .skeleton import COLORS, SKELETON  # noqa: F401  (the tests pin them to the server's)
 
-# OpenPose's drawing skeleton and colours (pg2_server.keypoints.SKELETON / COLORS; the tests
-# pin these copies to them): 17 limbs from the original 1-indexed pairs.
-SKELETON = tuple((a - 1, b - 1) for a, b in (
-    (2, 3), (2, 6), (3, 4), (4, 5), (6, 7), (7, 8), (2, 9), (9, 10), (10, 11), (2, 12),
-    (12, 13), (13, 14), (2, 1), (1, 15), (15, 17), (1, 16), (16, 18)))
-COLORS = (
-    (255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0),
-    (0, 255, 0), (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255),
-    (0, 0, 255), (85, 0, 255), (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85))
 HIDDEN = (0.4, 0.4, 0.4, 0.8)  # joints the camera does not see: left out of the request
 
 _handle = None
@@ -46,24 +38,37 @@ def skeleton_geometry(points, visible):
     return lines, line_colors, joints, joint_colors
 
 
-def draw() -> None:
-    scene = bpy.context.scene
+def scene_geometry(scene):
+    """What the overlay draws for `scene` (lines, line colours, joints, joint colours), or None.
+
+    Everything but the GPU calls, so it runs (and is tested) headless. Points stay
+    `mathutils.Vector`s for the projection: `world_to_camera_view` multiplies them by a matrix.
+    """
     settings = getattr(scene, "pg2", None)
     if settings is None or not settings.show_overlay:
-        return
+        return None
     armature = settings.armature
     if armature is None or armature.type != "ARMATURE":
-        return
+        return None
     try:
         mapping = settings.bone_mapping()
     except MappingError:
-        return  # the panel says what is wrong; the overlay just stays empty
-    points = [None if p is None else tuple(p) for p in keypoints_3d(armature, mapping)]
+        return None  # the panel says what is wrong; the overlay just stays empty
+    points = keypoints_3d(armature, mapping)
     if scene.camera is not None:
         visible = [p is not None for p in project_points(scene, scene.camera, points)]
     else:
         visible = [False] * len(points)
-    lines, line_colors, joints, joint_colors = skeleton_geometry(points, visible)
+    points = [None if p is None else tuple(p) for p in points]  # the GPU batch wants tuples
+    return skeleton_geometry(points, visible)
+
+
+def draw() -> None:
+    """The POST_VIEW draw handler: the skeleton over the 3D view."""
+    geometry = scene_geometry(bpy.context.scene)
+    if geometry is None:
+        return
+    lines, line_colors, joints, joint_colors = geometry
     gpu.state.depth_test_set("NONE")
     gpu.state.blend_set("ALPHA")
     viewport = gpu.state.viewport_get()[2:]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import bpy
 
-from .mapping import NAMES, MappingError
+from .mapping import NAMES, MappingError, describe
 
 
 class _PG2Panel:
@@ -20,7 +20,9 @@ class PG2_PT_main(_PG2Panel, bpy.types.Panel):
         layout = self.layout
         settings = context.scene.pg2
         layout.prop(settings, "armature")
-        layout.prop(settings, "preset")
+        row = layout.row(align=True)
+        row.prop(settings, "preset")
+        row.prop(settings, "show_mapping", text="", icon="PRESET")
         armature = settings.armature
         if armature is None:
             layout.label(text="Choose an armature (or add Armature › PG2 Pose Rig)", icon="INFO")
@@ -31,7 +33,12 @@ class PG2_PT_main(_PG2Panel, bpy.types.Panel):
                 layout.label(text=f"Rig: {mapping.preset}; {len(NAMES) - len(missing)} of 18 keypoints",
                              icon="CHECKMARK" if not missing else "INFO")
                 if missing:
-                    layout.label(text="Unmapped: " + ", ".join(missing), icon="ERROR")
+                    layout.label(text="Missing: " + ", ".join(missing), icon="ERROR")
+                if settings.show_mapping:
+                    box = layout.box()
+                    for name, text in describe(mapping):
+                        box.label(text=f"{name.replace('_', ' ')}: {text}",
+                                  icon="ERROR" if text == "missing" else "DOT")
             except MappingError as e:
                 layout.label(text=str(e), icon="ERROR")
         if context.scene.camera is None:
@@ -49,6 +56,7 @@ class PG2_PT_main(_PG2Panel, bpy.types.Panel):
             if settings.background == "COLOR":
                 col.prop(settings, "background_color")
         layout.prop(settings, "show_overlay")
+        layout.prop(settings, "occlusion")
         row = layout.row()
         row.scale_y = 1.4
         row.operator("pg2.generate", icon="RENDER_STILL")
@@ -72,10 +80,17 @@ class PG2_PT_frames(_PG2Panel, bpy.types.Panel):
         col.prop(settings, "frame_end")
         col.prop(settings, "frame_step")
         layout.prop(settings, "overwrite")
+        layout.prop(settings, "unprojectable")
+        layout.prop(settings, "load_into_sequencer")
         layout.prop(settings, "in_flight")
         row = layout.row()
         row.scale_y = 1.4
         row.operator("pg2.generate_frames", icon="RENDER_ANIMATION")
+        layout.separator()
+        layout.prop(settings, "pose_output_path")
+        row = layout.row(align=True)
+        row.operator("pg2.export_poses", text="Export Pose", icon="ARMATURE_DATA").frames = "CURRENT"
+        row.operator("pg2.export_poses", text="Export Poses", icon="OUTLINER_OB_ARMATURE").frames = "RANGE"
 
 
 class PG2_UL_overrides(bpy.types.UIList):
@@ -104,7 +119,30 @@ class PG2_PT_overrides(_PG2Panel, bpy.types.Panel):
         col.operator("pg2.override_remove", icon="REMOVE", text="")
 
 
-CLASSES = (PG2_PT_main, PG2_PT_frames, PG2_UL_overrides, PG2_PT_overrides)
+class PG2_UL_people(bpy.types.UIList):
+    def draw_item(self, context, layout, data, item, icon, active_data, active_propname, index):
+        row = layout.row(align=True)
+        row.prop(item, "armature", text="")
+        row.prop(item, "source_path", text="")
+
+
+class PG2_PT_people(_PG2Panel, bpy.types.Panel):
+    bl_label = "More People"
+    bl_parent_id = "PG2_PT_main"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        settings = context.scene.pg2
+        layout = self.layout
+        layout.label(text="Besides the Armature above: each with its own photo (Person framing)")
+        row = layout.row()
+        row.template_list("PG2_UL_people", "", settings, "people", settings, "person_index", rows=2)
+        col = row.column(align=True)
+        col.operator("pg2.person_add", icon="ADD", text="")
+        col.operator("pg2.person_remove", icon="REMOVE", text="")
+
+
+CLASSES = (PG2_PT_main, PG2_PT_frames, PG2_UL_overrides, PG2_PT_overrides, PG2_UL_people, PG2_PT_people)
 
 
 def register() -> None:

@@ -16,13 +16,21 @@ class Connection:
     timeout: float
     curve: object = None  # client.Curve or None
 
-    def open(self):
-        """A new client (one per thread: ZeroMQ sockets are not thread-safe)."""
-        return client.Client(self.endpoint, timeout=self.timeout, retries=1, curve=self.curve)
+    def open(self, context=None, timeout: float | None = None):
+        """A new client (one per thread: ZeroMQ sockets are not thread-safe), in `context`
+        (terminating that context interrupts the client's waits: how a run is cancelled)."""
+        return client.Client(self.endpoint, timeout=timeout or self.timeout, retries=1,
+                             curve=self.curve, context=context)
 
 
 def endpoint_problem(endpoint: str) -> str | None:
     """Why `endpoint` cannot be used, in words; None if it is fine."""
+    scheme, sep, rest = endpoint.strip().partition("://")
+    if scheme == "tcp" and "/" in rest:
+        # Checked here because the protocol's own check reads "5557/" as a missing port.
+        address = rest.split("/")[0]
+        return (f"{endpoint.strip()!r} has a '/' after the address; a ZeroMQ endpoint is just "
+                f"tcp://HOST:PORT, e.g. tcp://{address or '127.0.0.1:5557'}")
     try:
         protocol.check_endpoint(endpoint)
     except ValueError as e:
@@ -37,9 +45,9 @@ class PG2Preferences(bpy.types.AddonPreferences):
                              description="ZeroMQ endpoint of `pg2-server serve`: tcp://HOST:PORT")
     timeout: FloatProperty(name="Timeout (s)", default=30.0, min=0.5, max=3600.0,
                            description="How long to wait for each reply before reporting the server as unreachable")
-    server_key: StringProperty(name="Server Public Key", subtype="FILE_PATH",
+    server_key: StringProperty(name="Server Public Key", subtype="FILE_PATH", options={"PATH_SUPPORTS_BLEND_RELATIVE"},
                                description="CURVE: the server's public certificate (server.key); empty = no encryption")
-    client_key: StringProperty(name="Client Secret Key", subtype="FILE_PATH",
+    client_key: StringProperty(name="Client Secret Key", subtype="FILE_PATH", options={"PATH_SUPPORTS_BLEND_RELATIVE"},
                                description="CURVE: this client's certificate with its secret key (NAME.key_secret)")
     server_info: StringProperty(name="Server", default="")
 

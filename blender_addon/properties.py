@@ -13,6 +13,10 @@ PRESET_ITEMS = [("auto", "Automatic", "Recognise the rig from its bone names")] 
     (p.name, p.label, f"Bone names of the {p.label} rig") for p in PRESETS.values()]
 
 
+# Blender 5 warns on "//" (relative to the .blend) unless a path property says it takes it.
+_RELATIVE = {"PATH_SUPPORTS_BLEND_RELATIVE"}
+
+
 def _is_armature(self, obj) -> bool:
     return obj.type == "ARMATURE"
 
@@ -25,18 +29,30 @@ class PG2BoneOverride(bpy.types.PropertyGroup):
                                          ("tail", "Tail", "The bone's tail")], default="head")
 
 
+class PG2Person(bpy.types.PropertyGroup):
+    """One more person of the shot: an armature and the photo of whom it poses."""
+    armature: PointerProperty(name="Armature", type=bpy.types.Object, poll=_is_armature)
+    source_path: StringProperty(name="Photo", subtype="FILE_PATH", options=_RELATIVE,
+                                description="PNG or JPEG photo of this person")
+
+
 class PG2SceneSettings(bpy.types.PropertyGroup):
     """What to generate: the posed armature, the person's photo, framing and output."""
     armature: PointerProperty(name="Armature", type=bpy.types.Object, poll=_is_armature,
                               description="The posed armature whose joints become the 18 keypoints")
     preset: EnumProperty(name="Rig", items=PRESET_ITEMS, default="auto",
                          description="Which bone names to read the keypoints from")
+    show_mapping: BoolProperty(name="Show Mapping", default=False,
+                               description="List each keypoint's bone (or what it is made from) and the missing ones")
     overrides: CollectionProperty(type=PG2BoneOverride)
+    people: CollectionProperty(type=PG2Person, description="Several people: each armature with its own "
+                               "photo, in Person framing, composited back to front; empty = just the Armature")
+    person_index: IntProperty(default=0)
     override_index: IntProperty(default=0)
     source_kind: EnumProperty(name="Source", items=[
         ("FILE", "File", "A PNG or JPEG photo of the person on disk"),
         ("IMAGE", "Image", "An image datablock of this file")], default="FILE")
-    source_path: StringProperty(name="Source photo", subtype="FILE_PATH",
+    source_path: StringProperty(name="Source photo", subtype="FILE_PATH", options=_RELATIVE,
                                 description="PNG or JPEG photo of the person to pose")
     source_image: PointerProperty(name="Source image", type=bpy.types.Image,
                                   description="Image datablock with the person to pose")
@@ -55,7 +71,12 @@ class PG2SceneSettings(bpy.types.PropertyGroup):
     background_color: FloatVectorProperty(name="Colour", subtype="COLOR", size=3, min=0.0, max=1.0,
                                           default=(1.0, 1.0, 1.0))
     output_path: StringProperty(name="Output", subtype="FILE_PATH", default="//pg2/frame_####.png",
+                                options=_RELATIVE,
                                 description="Frame files; #### becomes the zero-padded frame number")
+    pose_output_path: StringProperty(name="Poses", subtype="FILE_PATH", default="//pg2_poses/pose_####.png",
+                                     options=_RELATIVE,
+                                     description="Export Poses: skeleton images; each gets a NAME_keypoints.json "
+                                                 "(OpenPose) beside it; #### becomes the frame number")
     frame_start: IntProperty(name="Start", default=1, min=0)
     frame_end: IntProperty(name="End", default=250, min=0)
     frame_step: IntProperty(name="Step", default=1, min=1)
@@ -69,6 +90,16 @@ class PG2SceneSettings(bpy.types.PropertyGroup):
                                         description="Also show the single-frame result behind the camera view")
     show_overlay: BoolProperty(name="Show Skeleton", default=True,
                                description="Draw the keypoints the model will get in the viewport")
+    unprojectable: EnumProperty(name="Unposed Frames", items=[
+        ("SKIP", "Skip", "Frames where fewer than two joints are in front of the camera are left out (and counted)"),
+        ("BLANK", "Blank", "Such frames are written with the background only, so the sequence has no gaps")],
+        default="SKIP", description="Frame ranges: what to do with frames whose pose the camera does not see")
+    occlusion: BoolProperty(name="Hide Occluded Joints", default=True,
+                            description="Leave out joints hidden behind the body (a ray from the camera "
+                                        "against the meshes bound to the armature), as in the training data")
+    load_into_sequencer: BoolProperty(name="Load into Sequencer", default=False,
+                                      description="After Generate Frames, add the frames as an image strip "
+                                                  "in this scene's Video Sequencer")
     progress: FloatProperty(name="Progress", default=0.0, min=0.0, max=1.0, subtype="FACTOR")
     status: StringProperty(name="Status", default="")
 
@@ -78,7 +109,7 @@ class PG2SceneSettings(bpy.types.PropertyGroup):
         return armature_mapping(armature if armature is not None else self.armature, self.preset, overrides)
 
 
-CLASSES = (PG2BoneOverride, PG2SceneSettings)
+CLASSES = (PG2BoneOverride, PG2Person, PG2SceneSettings)
 
 
 def register() -> None:

