@@ -87,7 +87,7 @@ def free_port() -> int:
 def server_command(args: argparse.Namespace, bind: str, max_batch: int) -> list[str]:
     """The `pg2-server serve` command line for this bench's model and batching flags."""
     command = [sys.executable, "-m", "pg2_server.cli", "serve", "--bind", bind, "--device", args.device,
-               "--dtype", args.dtype, "--max-batch", str(max_batch), "--max-delay-ms", str(args.max_delay_ms),
+               "--dtype", args.dtype, "--backend", args.backend, "--max-batch", str(max_batch), "--max-delay-ms", str(args.max_delay_ms),
                "--max-queue", str(args.max_queue), "--threads", str(args.threads), "--seed", str(args.seed),
                "--source-cache-mb", str(args.source_cache_mb)]
     if args.fast:

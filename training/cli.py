@@ -183,7 +183,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     perceptual = _perceptual_scores(args)  # first: a wrong weight file fails before any generation
-    pipeline = Pipeline.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype)
+    pipeline = Pipeline.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype, backend=args.backend)
     split = _load_split(args)
     metrics = evaluate(pipeline, split, args.out, batch_size=args.batch_size, save_images=not args.no_images,
                        limit=args.limit, workers=args.workers, perceptual=perceptual)
@@ -230,7 +230,10 @@ def _add_eval(sub) -> None:
     p.add_argument("--no-images", action="store_true", help="score without saving the generated images")
     p.add_argument("--workers", type=int, default=2, help="threads scoring images")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto (default): bfloat16 where the device has bf16 units, else float32")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino"],
+                   help="auto (default): OpenVINO on the CPU when installed, else torch")
     g = p.add_argument_group("perceptual metrics (pip install 'pg2-blender[metrics]'; local weight files, "
                              "nothing is downloaded)")
     g.add_argument("--inception-weights", metavar="FILE",
