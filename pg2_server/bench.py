@@ -317,8 +317,9 @@ def sweep_then_configure(args: argparse.Namespace) -> None:
     print(f"raw model, {args.device}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}", flush=True)
     print(format_peak(peak), flush=True)
     rows = compare(presets, batches, device=args.device, paths=sweep_paths(args.device, compile_mode), peak=peak,
-                   iterations=3)
+                   iterations=2, rounds=args.sweep_rounds)
     print(format_table(rows), flush=True)
+    print(format_peak(measure_peak(args.device)) + " (again, after the sweep)", flush=True)
     best = [r for r in rows if r["preset"] == args.preset]
     if best and args.random_weights:
         top = max(best, key=lambda r: r["images_per_s"])

@@ -524,6 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--batch-sizes, then serve --preset at its best batch size")
     p.add_argument("--presets", default="market,deepfashion", help="presets of --sweep (default market,deepfashion)")
     p.add_argument("--batch-sizes", default="1,8,32,64", help="batch sizes of --sweep (default 1,8,32,64)")
+    p.add_argument("--sweep-rounds", type=int, default=3,
+                   help="--sweep: the paths take turns this many times; each row is the median (default 3)")
     p.set_defaults(func=cmd_bench)
     return parser
 
