@@ -128,8 +128,9 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device = torch.device(
 def resolve_backend(backend: str, device: torch.device, fast: "FastPath | None") -> str:
     """'torch' or 'openvino' for a --backend choice; "auto" is OpenVINO on the CPU when installed.
 
-    OpenVINO measured 1.7–12× faster than torch on this project's CPUs (docs/performance.md);
-    torch.compile (`fast.compile`) is a torch choice, so it keeps torch.
+    OpenVINO bf16 measured 2.7–3.6× fp32 eager torch on a 2-core AVX-512-BF16 CPU, within ±25 %
+    of torch bf16 (docs/performance.md); torch.compile (`fast.compile`) is a torch choice, so it
+    keeps torch.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -169,8 +170,8 @@ class Pipeline:
         self.fast = fast
         self.backend = resolve_backend(backend, self.device, fast)
         # On the CPU, bf16 weights are converted once here: autocast would recast every weight on
-        # every call (a third of the time at batch 1). bf16 convolutions only reach the matrix
-        # units in channels_last (NCHW bf16 runs at 20-40 % of it).
+        # every call, which shows at small batches. bf16 convolutions only reach the matrix
+        # units in channels_last.
         self.native_dtype = self.dtype == torch.bfloat16 and self.device.type == "cpu"
         channels_last = self.device.type == "cuda" or self.native_dtype or (fast is not None and fast.channels_last)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
