@@ -87,7 +87,7 @@ def free_port() -> int:
 def server_command(args: argparse.Namespace, bind: str, max_batch: int) -> list[str]:
     """The `pg2-server serve` command line for this bench's model and batching flags."""
     command = [sys.executable, "-m", "pg2_server.cli", "serve", "--bind", bind, "--device", args.device,
-               "--dtype", args.dtype, "--max-batch", str(max_batch), "--max-delay-ms", str(args.max_delay_ms),
+               "--dtype", args.dtype, "--backend", args.backend, "--max-batch", str(max_batch), "--max-delay-ms", str(args.max_delay_ms),
                "--max-queue", str(args.max_queue), "--threads", str(args.threads), "--seed", str(args.seed),
                "--source-cache-mb", str(args.source_cache_mb)]
     if args.fast:
@@ -305,24 +305,37 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def sweep_then_configure(args: argparse.Namespace) -> None:
-    """Issue 7's table: fp32 eager vs the fast path per preset and batch size; then point the
-    served run at --preset's best batch size (clients = 2 × batch keep every batch full)."""
-    from .cli import fast_path_for
-    from .throughput import compare, format_table
+    """Raw throughput of every path (fp32 eager first) per preset and batch size, beside the
+    machine's peak measured now; then point the served run at --preset's fastest path and batch
+    (clients = 2 × batch keep every batch full)."""
+    from .throughput import compare, format_peak, format_table, measure_peak, sweep_paths
 
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     batches = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
-    dtype = "bfloat16" if args.dtype == "float32" else args.dtype
     compile_mode = getattr(args, "compile", "none")
-    rows = compare(presets, batches, device=args.device, dtype=dtype, fast=fast_path_for(compile_mode))
-    print(f"raw model, {args.device}: fp32 eager (reference) vs {dtype} fast path (compile: {compile_mode})")
+    peak = measure_peak(args.device)
+    print(f"raw model, {args.device}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(format_peak(peak), flush=True)
+    rows = compare(presets, batches, device=args.device, paths=sweep_paths(args.device, compile_mode), peak=peak,
+                   iterations=2, rounds=args.sweep_rounds)
+    after = measure_peak(args.device)
+    print(format_peak(after) + " (again, after the sweep)", flush=True)
+    # Other processes only ever lower a peak: the shares use the higher of the two measurements.
+    best_peak = max(peak["bf16"], after["bf16"])
+    for row in rows:
+        row["share_of_peak"] = row["gflops"] / best_peak
+    print(f"shares of the higher bf16 peak, {best_peak:,.0f} GFLOP/s:", flush=True)
     print(format_table(rows), flush=True)
-    best = [r for r in rows if r["fast"]["preset"] == args.preset]
+    best = [r for r in rows if r["preset"] == args.preset]
     if best and args.random_weights:
-        top = max(best, key=lambda r: r["fast"]["images_per_s"])["fast"]["batch"]
-        args.max_batch, args.clients = top, 2 * top
-        args.dtype, args.fast = dtype, True
-        print(f"served: --preset {args.preset} at its best batch {top}, {2 * top} clients", flush=True)
+        top = max(best, key=lambda r: r["images_per_s"])
+        args.max_batch, args.clients = top["batch"], 2 * top["batch"]
+        args.dtype, args.backend = top["dtype"], top["backend"]
+        args.fast = top["backend"] == "torch" and top["mode"] != "fp32 eager"
+        if not args.fast:
+            args.compile = "none"
+        print(f"served: --preset {args.preset} with {top['mode']} at its best batch {top['batch']}, "
+              f"{2 * top['batch']} clients", flush=True)
 
 
 def format_report(report: dict) -> str:

@@ -42,6 +42,11 @@ class Checkpoint:
     def name(self) -> str:
         return self.path.name if self.path else self.config.preset
 
+    @property
+    def openvino_cache(self) -> Path | None:
+        """Where the OpenVINO backend caches its conversion of these weights: `NAME.openvino/`."""
+        return self.path.with_name(self.path.name + ".openvino") if self.path else None
+
 
 def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
     """(json, safetensors) for `dir/NAME`, `dir/NAME.json` or `dir/NAME.safetensors`."""

@@ -70,12 +70,13 @@ def load_pipeline(args: argparse.Namespace):
         if args.checkpoint:
             raise SystemExit("error: give either --checkpoint or --preset with --random-weights, not both")
         return Pipeline.random(args.preset, seed=args.seed, device=args.device, dtype=args.dtype,
-                               fast=fast_path(args))
+                               fast=fast_path(args), backend=args.backend)
     checkpoint = args.checkpoint or default_checkpoint()
     if checkpoint is None:
         raise SystemExit("error: no --checkpoint given and no bundled default model is installed; "
                          "pass --checkpoint PATH or --preset tiny --random-weights")
-    return Pipeline.from_checkpoint(checkpoint, device=args.device, dtype=args.dtype, fast=fast_path(args))
+    return Pipeline.from_checkpoint(checkpoint, device=args.device, dtype=args.dtype, fast=fast_path(args),
+                                    backend=args.backend)
 
 
 def fast_path(args: argparse.Namespace):
@@ -103,11 +104,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--random-weights", action="store_true", help="random weights of --preset (testing)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="auto (default): bfloat16 where the device has bf16 units (CUDA, AMX or "
+                             "AVX-512-BF16 CPUs), else float32")
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino"],
+                        help="auto (default): OpenVINO on the CPU when installed (the openvino extra), else torch")
     parser.add_argument("--fast", action="store_true",
                         help="fast path: channels_last, cuDNN autotuning, batch-size buckets, pinned buffers")
     parser.add_argument("--compile", default="none", choices=["none", "default", "max-autotune", "reduce-overhead"],
-                        help="with --fast: torch.compile G1+G2 per bucket (reduce-overhead adds CUDA graphs)")
+                        help="with --fast: torch.compile G1+G2 per bucket (reduce-overhead adds CUDA graphs; "
+                             "inductor freezes the weights on the CPU); implies --backend torch")
 
 
 def write_grid(path: Path, source: np.ndarray, size, keypoints, generation) -> None:
@@ -603,6 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--batch-sizes, then serve --preset at its best batch size")
     p.add_argument("--presets", default="market,deepfashion", help="presets of --sweep (default market,deepfashion)")
     p.add_argument("--batch-sizes", default="1,8,32,64", help="batch sizes of --sweep (default 1,8,32,64)")
+    p.add_argument("--sweep-rounds", type=int, default=3,
+                   help="--sweep: the paths take turns this many times; each row is the median (default 3)")
     p.set_defaults(func=cmd_bench)
     return parser
 

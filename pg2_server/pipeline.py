@@ -23,6 +23,37 @@ from .pose import FrameFit, check_image, fit_frame, heatmaps, pose_coordinates, 
     to_uint8, to_unit_range
 
 DTYPES = {**CHECKPOINT_DTYPES, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BACKENDS = ("auto", "torch", "openvino")
+
+
+def cpu_bf16_units() -> str | None:
+    """The CPU's bf16 matrix units ('amx_bf16' or 'avx512_bf16'), detected; None where it has none.
+
+    Asks torch's own CPU capability query (what oneDNN will dispatch to), falling back to the
+    kernel's /proc/cpuinfo flags where torch is too old to answer.
+    """
+    try:
+        if torch.cpu._is_amx_tile_supported():
+            return "amx_bf16"
+        if torch.cpu._is_avx512_bf16_supported():
+            return "avx512_bf16"
+        return None
+    except AttributeError:
+        pass
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return None
+    return next((unit for unit in ("amx_bf16", "avx512_bf16") if unit in flags), None)
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether `device` runs bf16 natively (and so faster than fp32): CUDA with bf16, CPUs with bf16 units."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return cpu_bf16_units() is not None
+    return False
 
 
 @dataclass(frozen=True)
@@ -48,6 +79,8 @@ class FastPath:
 
 # Largest absolute difference from fp32 eager, on images in [-1, 1], that the fast path may
 # introduce: bf16 keeps 8 bits of mantissa, so ~2^-8 relative error per layer accumulates.
+# The bundled model on the bundled samples stays within 0.045 in bf16, torch or OpenVINO
+# (tests/test_pipeline.py); 0.1 leaves room for larger presets' deeper accumulation.
 FAST_PATH_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.05}
 
 
@@ -81,12 +114,34 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return device
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device = torch.device("cpu")) -> torch.dtype:
+    """A torch dtype for a name; "auto" is bf16 where `device` runs it natively, else fp32."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if bf16_native(device) else torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of float32, bfloat16, float16, got {dtype!r}")
+        raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16, got {dtype!r}")
     return DTYPES[dtype]
+
+
+def resolve_backend(backend: str, device: torch.device, fast: "FastPath | None") -> str:
+    """'torch' or 'openvino' for a --backend choice; "auto" is OpenVINO on the CPU when installed.
+
+    OpenVINO bf16 measured 2.7–3.6× fp32 eager torch on a 2-core AVX-512-BF16 CPU, within ±25 %
+    of torch bf16 (docs/performance.md); torch.compile (`fast.compile`) is a torch choice, so it
+    keeps torch.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "openvino" and device.type != "cpu":
+        raise ValueError(f"the OpenVINO backend runs on the CPU, not {device}; use --backend torch")
+    if backend == "auto":
+        from . import openvino_backend
+
+        compiled = fast is not None and fast.compile
+        return "openvino" if device.type == "cpu" and not compiled and openvino_backend.available() else "torch"
+    return backend
 
 
 def _check_size(size, what: str = "size") -> tuple[int, int]:
@@ -104,42 +159,66 @@ class Pipeline:
     def __init__(self, config: ModelConfig, g1: Generator1, g2: Generator2 | None = None, *,
                  device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
                  name: str | None = None, provenance: dict | None = None, metrics: dict | None = None,
-                 fast: FastPath | None = None):
+                 fast: FastPath | None = None, backend: str = "torch", cache_dir: Path | None = None):
+        """Takes ownership of `g1`/`g2`: they are moved, and on a bf16 CPU converted, in place."""
         self.config = config
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype)
+        self.dtype = resolve_dtype(dtype, self.device)
         self.name = name or config.preset
         self.provenance = provenance or {}
         self.metrics = metrics or {}
         self.fast = fast
-        channels_last = self.device.type == "cuda" or (fast is not None and fast.channels_last)
+        self.backend = resolve_backend(backend, self.device, fast)
+        # On the CPU, bf16 weights are converted once here: autocast would recast every weight on
+        # every call, which shows at small batches. bf16 convolutions only reach the matrix
+        # units in channels_last.
+        self.native_dtype = self.dtype == torch.bfloat16 and self.device.type == "cpu"
+        channels_last = self.device.type == "cuda" or self.native_dtype or (fast is not None and fast.channels_last)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.g1 = g1.eval().to(self.device, memory_format=self.memory_format).requires_grad_(False)
-        self.g2 = g2.eval().to(self.device, memory_format=self.memory_format).requires_grad_(False) \
-            if g2 is not None else None
+        self.g1 = g1.eval().requires_grad_(False)
+        self.g2 = g2.eval().requires_grad_(False) if g2 is not None else None
+        self._staging: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._stages_fn = self._stages
+        self.openvino = None
+        if self.backend == "openvino":
+            from .openvino_backend import OpenVinoStages
+
+            self.memory_format = torch.contiguous_format
+            self.openvino = OpenVinoStages(config, self.g1, self.g2, self.dtype, cache_dir)
+            return
+        weights_dtype = self.dtype if self.native_dtype else torch.float32
+        for module in (self.g1, self.g2):
+            if module is not None:
+                module.to(self.device, weights_dtype, memory_format=self.memory_format)
         if fast is not None:
             if self.device.type == "cuda" and fast.cudnn_benchmark:
                 torch.backends.cudnn.benchmark = True   # fixed shapes per bucket: autotune once
             if fast.compile:
                 mode = fast.compile_mode if fast.compile_backend == "inductor" else None
+                if self.device.type == "cpu" and fast.compile_backend == "inductor":
+                    import torch._inductor.config as inductor_config
+
+                    # Weights are constants at inference: freezing folds them into the graph
+                    # and lets oneDNN pre-pack them in its own blocked layout.
+                    inductor_config.freezing = True
                 self._stages_fn = torch.compile(self._stages, mode=mode, backend=fast.compile_backend,
                                                 dynamic=False)
-        self._staging: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu",
-                        dtype: str | torch.dtype = "float32", fast: FastPath | None = None) -> "Pipeline":
-        """Load a `NAME.json` + `NAME.safetensors` checkpoint (no pickle)."""
+                        dtype: str | torch.dtype = "float32", fast: FastPath | None = None,
+                        backend: str = "torch") -> "Pipeline":
+        """Load a `NAME.json` + `NAME.safetensors` checkpoint (no pickle); OpenVINO caches beside it."""
         checkpoint: Checkpoint = load_checkpoint(path)
         return cls(checkpoint.config, checkpoint.g1, checkpoint.g2, device=device, dtype=dtype,
                    name=checkpoint.name, provenance=checkpoint.provenance, metrics=checkpoint.metrics,
-                   fast=fast)
+                   fast=fast, backend=backend, cache_dir=checkpoint.openvino_cache)
 
     @classmethod
     def random(cls, preset_name: str, seed: int = 0, device: str | torch.device = "cpu",
-               dtype: str | torch.dtype = "float32", fast: FastPath | None = None, **overrides) -> "Pipeline":
-        """Random (Glorot) weights of a preset, for tests and benchmarks."""
+               dtype: str | torch.dtype = "float32", fast: FastPath | None = None, backend: str = "torch",
+               **overrides) -> "Pipeline":
+        """Random (Glorot) weights of a preset, for tests and benchmarks (OpenVINO converts uncached)."""
         config = preset(preset_name, **overrides)
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
@@ -147,7 +226,8 @@ class Pipeline:
             g1, g2 = Generator1(config), Generator2(config)
         finally:
             torch.random.set_rng_state(generator_state)
-        return cls(config, g1, g2, device=device, dtype=dtype, name=f"{preset_name}-random", fast=fast)
+        return cls(config, g1, g2, device=device, dtype=dtype, name=f"{preset_name}-random", fast=fast,
+                   backend=backend)
 
     def describe(self) -> dict:
         """What a client needs to know about the model (used by the server's `info`)."""
@@ -155,6 +235,7 @@ class Pipeline:
                 "keypoints": list(self.config.keypoints),
                 "stages": ["g1", "g2"] if self.g2 is not None else ["g1"],
                 "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "backend": self.backend,
                 "provenance": self.provenance, "metrics": self.metrics}
 
     # -- the three steps ----------------------------------------------------------------------
@@ -186,8 +267,18 @@ class Pipeline:
     def forward(self, sources: torch.Tensor, heatmaps_: torch.Tensor,
                 coordinates: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Batched G1 then G2 on device tensors; returns (G1 image, final image), unclipped fp32."""
-        autocast = torch.autocast(self.device.type, dtype=self.dtype) \
-            if self.dtype != torch.float32 else contextlib.nullcontext()
+        if self.openvino is not None:
+            coarse, final = self.openvino(sources.numpy(), heatmaps_.numpy(),
+                                          coordinates.numpy() if coordinates is not None else None)
+            return torch.from_numpy(coarse), torch.from_numpy(final)
+        if self.native_dtype:
+            autocast = contextlib.nullcontext()
+            sources, heatmaps_ = sources.to(self.dtype), heatmaps_.to(self.dtype)
+            coordinates = coordinates.to(self.dtype) if coordinates is not None else None
+        elif self.dtype != torch.float32:
+            autocast = torch.autocast(self.device.type, dtype=self.dtype)
+        else:
+            autocast = contextlib.nullcontext()
         with torch.inference_mode(), autocast:
             coarse, final = self._stages_fn(sources, heatmaps_, coordinates)
         return coarse.float(), final.float()

@@ -183,3 +183,24 @@ def test_bad_runs_are_refused_with_a_reason(tmp_path, dataset, capsys):
                           "--pose-embedding", "hme")) == 0
     state = load_run_state(tmp_path / "other", 1)
     assert state["model_config"]["pose_embedding"] == "hme" and "d" in state
+
+
+@pytest.mark.parametrize("units", ["avx512_bf16", None])
+def test_cpu_trains_in_bf16_channels_last_only_with_bf16_units(tmp_path, split, monkeypatch, units):
+    monkeypatch.setattr("pg2_server.pipeline.cpu_bf16_units", lambda: units)
+    trainer = Trainer(train_config("tiny", 1, workers=0), TINY, tmp_path, split)
+    batch = trainer._to_device(_fixed_batch(split, 2))
+    coarse, _ = trainer.generate(batch)
+    assert coarse.dtype == (torch.bfloat16 if units else torch.float32)
+    expected = torch.channels_last if units else torch.contiguous_format
+    assert trainer.memory_format == expected and batch["source"].is_contiguous(memory_format=expected)
+    assert trainer.g1.encoder.stem.weight.dtype == torch.float32     # autocast: the master weights stay fp32
+    losses = trainer.train_step(_fixed_batch(split, 2))
+    assert torch.isfinite(losses["recon"])
+
+
+def test_width_overrides_the_preset_and_is_saved_with_the_run(tmp_path, dataset):
+    out = tmp_path / "wide"
+    assert main(_fit_args(dataset, out, 1, "--steps", "1", "--width", "4", "--no-bf16")) == 0
+    saved = load_run_state(out, 1)
+    assert saved["model_config"]["base_width"] == 4 and saved["g1"]["encoder.stem.weight"].shape[0] == 4

@@ -1,15 +1,19 @@
 """`pg2-train bench`: training samples/s per stage, MFU on a GPU, and data-loader samples/s.
 
     pg2-train bench --preset market --batch-size 16 --stage 1 2      # fp32 eager next to bf16 (+compile)
+    pg2-train bench --preset demo --width 32 --stage 1 2              # a wider demo model
     pg2-train bench --data --preset market --data-root DIR --annotations CSV --pairs CSV --workers 0 4 8
 
 Training is timed on fixed random batches (the data loader is measured separately), so the
 figure is the networks' speed. FLOPs per step are counted with torch's FlopCounterMode on one
-real step (forward and backward); MFU = FLOP/s over the card's dense bf16 peak.
+real step (forward and backward); MFU = FLOP/s over the card's dense bf16 peak. The machine's
+own peak (large matmul and channels_last conv, fp32 and bf16) is measured in the same run and
+each line gives its share of the bf16 one, and bf16's speed-up over fp32 eager.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 
@@ -17,7 +21,8 @@ import torch
 
 from pg2_server.keypoints import COUNT
 from pg2_server.model import Generator1, preset
-from pg2_server.throughput import peak_tflops
+from pg2_server.pipeline import bf16_native
+from pg2_server.throughput import format_peak, measure_peak, peak_tflops
 
 from .distributed import Distributed
 
@@ -40,7 +45,7 @@ def random_batch(config, batch_size: int, generator: torch.Generator) -> dict:
 
 
 def bench_training(preset_name: str, stage: int, batch_size: int, steps: int, warmup: int, device: torch.device,
-                   bf16: bool, compile: bool, peak: float | None) -> dict:
+                   bf16: bool, compile: bool, peak: float | None, width: int | None = None) -> dict:
     """Time `steps` training steps of one stage; returns samples/s, FLOP per step and MFU."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -48,7 +53,7 @@ def bench_training(preset_name: str, stage: int, batch_size: int, steps: int, wa
 
     config = train_config(preset_name, stage, batch_size=batch_size, bf16=bf16, channels_last=bf16,
                           compile=compile, workers=0)
-    model_config = preset(preset_name)
+    model_config = preset(preset_name, **({"base_width": width} if width else {}))
     g1_state = Generator1(model_config).state_dict() if stage == 2 else None
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(config, model_config, run_dir, None, Distributed(device=device), g1_state=g1_state)
@@ -120,21 +125,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
     batch_size = args.batch_size or TRAINING_DEFAULTS[args.preset]["batch_size"]
     peak = peak_flops(device, args.peak_tflops)
     variants = [("fp32 eager", False, False)]
-    if device.type == "cuda":
-        variants.append(("bf16 + channels_last" + (" + compile" if args.compile else ""), True, args.compile))
-    print(f"training, preset {args.preset}, batch {batch_size}, device "
-          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
-          + (f", peak {peak / 1e12:.0f} TFLOP/s bf16" if peak else ""))
+    if bf16_native(device):
+        variants.append(("bf16 + channels_last", True, False))
+        if args.compile:
+            variants.append(("bf16 + channels_last + compile", True, True))
+    elif args.compile:
+        variants.append(("fp32 + compile", False, True))
+    measured = measure_peak(device)
+    print(f"training, preset {args.preset}{f' width {args.width}' if args.width else ''}, batch {batch_size}, device "
+          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
+          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}"
+          + (f", datasheet peak {peak / 1e12:.0f} TFLOP/s bf16" if peak else ""))
+    print("  " + format_peak(measured))
+    if not bf16_native(device):
+        print("  this device has no bf16 units: fp32 only")
     for stage in args.stage:
+        reference = None
         for label, bf16, compile in variants:
-            r = bench_training(args.preset, stage, batch_size, args.steps, args.warmup, device, bf16, compile, peak)
+            r = bench_training(args.preset, stage, batch_size, args.steps, args.warmup, device, bf16, compile, peak,
+                               args.width)
+            reference = reference or r["samples_per_s"]
             line = (f"  stage {stage} {label:<32} {r['samples_per_s']:9.1f} samples/s  {r['step_ms']:8.1f} ms/step  "
-                    f"{r['flop_per_step'] / 1e9:9.1f} GFLOP/step  {r['tflops']:7.2f} TFLOP/s")
+                    f"{r['flop_per_step'] / 1e9:9.1f} GFLOP/step  {r['tflops'] * 1e3:8.1f} GFLOP/s  "
+                    f"{r['tflops'] * 1e3 / measured['bf16']:6.1%} of bf16 peak  "
+                    f"{r['samples_per_s'] / reference:5.2f}× fp32")
             if "mfu" in r:
                 line += f"  MFU {100 * r['mfu']:5.1f}%"
             if "max_memory_gib" in r:
                 line += f"  {r['max_memory_gib']:.1f} GiB"
-            print(line)
+            print(line, flush=True)
     return 0
 
 
@@ -142,6 +161,7 @@ def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="training samples/s per stage (MFU on GPU) or, with --data, loader samples/s")
     p.add_argument("--preset", default="market", choices=["market", "deepfashion", "demo", "tiny"])
     p.add_argument("--batch-size", type=int, help="default: the preset's official batch (data: 16)")
+    p.add_argument("--width", type=int, help="channels of the first level instead of the preset's")
     p.add_argument("--stage", type=int, nargs="+", default=[1, 2], choices=[1, 2])
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (cuDNN autotuning, compile)")

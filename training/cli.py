@@ -80,13 +80,15 @@ def cmd_fit(args: argparse.Namespace) -> int:
             raise StateError(f"--resume: {existing} does not exist; start without --resume")
         g1_state = None
         model_overrides = {k: v for k, v in (("pose_embedding", args.pose_embedding),
-                                             ("heatmap_kind", args.heatmap_kind)) if v is not None}
+                                             ("heatmap_kind", args.heatmap_kind),
+                                             ("base_width", args.width)) if v is not None}
         model_config = preset(args.preset, **model_overrides)
         if args.stage == 2 and not args.resume:
             g1_config, g1_state = pretrained_g1(args.g1 or run_dir)
             if model_overrides and any(getattr(g1_config, k) != v for k, v in model_overrides.items()):
                 raise ValueError(f"stage 2 takes its model config from the stage-1 G1 ({g1_config.pose_embedding}, "
-                                 f"{g1_config.heatmap_kind}); do not pass different --pose-embedding/--heatmap-kind")
+                                 f"{g1_config.heatmap_kind}, width {g1_config.base_width}); do not pass different "
+                                 "--pose-embedding/--heatmap-kind/--width")
             if g1_config.preset != args.preset:
                 raise ValueError(f"G1 was trained with preset {g1_config.preset!r}, not {args.preset!r}")
             model_config = g1_config
@@ -146,7 +148,11 @@ def _add_fit(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (torchrun: each process its LOCAL_RANK GPU)")
     p.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's choice; on a small shared "
                                                "CPU machine 1 avoids OpenMP threads fighting over cores)")
-    p.add_argument("--no-bf16", action="store_true", help="fp32 on CUDA too (default: bf16 autocast on CUDA)")
+    p.add_argument("--width", type=int, help="channels of the first level instead of the preset's (a larger or "
+                                             "smaller model; saved in the checkpoint's config)")
+    p.add_argument("--no-bf16", action="store_true",
+                   help="fp32 throughout (default: bf16 autocast where the device has bf16 units: CUDA, "
+                        "AMX or AVX-512-BF16 CPUs)")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks")
     p.set_defaults(func=cmd_fit)
 
@@ -188,7 +194,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.pckh:  # also before any generation: a missing extra is said at once
         from pg2_server.detection import PoseDetector
         detector = PoseDetector(visibility=args.visibility, several_people=False)
-    pipeline = Pipeline.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype)
+    pipeline = Pipeline.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype,
+                                        backend=args.backend)
     split = _load_split(args)
     metrics = evaluate(pipeline, split, args.out, batch_size=args.batch_size, save_images=not args.no_images,
                        limit=args.limit, workers=args.workers, perceptual=perceptual, detector=detector)
@@ -235,7 +242,10 @@ def _add_eval(sub) -> None:
     p.add_argument("--no-images", action="store_true", help="score without saving the generated images")
     p.add_argument("--workers", type=int, default=2, help="threads scoring images")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto (default): bfloat16 where the device has bf16 units, else float32")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino"],
+                   help="auto (default): OpenVINO on the CPU when installed, else torch")
     p.add_argument("--pckh", action="store_true",
                    help="also PCKh@0.5, limb PCKh and the detection rate, keypoints detected in every image with "
                         "MediaPipe BlazePose (the pose extra, see docs/pose-detection.md)")

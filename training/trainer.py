@@ -26,6 +26,7 @@ from tqdm import tqdm
 from pg2_server.checkpoint import load_checkpoint
 from pg2_server.drawing import draw_pose, image_grid, write_rgb
 from pg2_server.model import Generator1, Generator2, ModelConfig
+from pg2_server.pipeline import bf16_native
 from pg2_server.pose import to_uint8
 
 from .data import PairDataset, PairSampler, PairSplit, make_loader
@@ -61,8 +62,8 @@ class TrainConfig:
     log_every: int = 10
     sample_every: int = 500
     save_every: int = 1000
-    bf16: bool = True               # autocast on CUDA only; CPU runs stay fp32
-    channels_last: bool = True      # on CUDA only
+    bf16: bool = True               # autocast where the device has bf16 units (CUDA, AMX/AVX-512-BF16 CPUs)
+    channels_last: bool = True      # on CUDA, and on the CPU with bf16
     compile: bool = False
 
     def __post_init__(self) -> None:
@@ -159,7 +160,10 @@ class Trainer:
         self.g2 = Generator2(model_config) if config.stage == 2 else None
         self.d = Discriminator(DiscriminatorConfig(model_config.canvas, config.d_layers, config.d_base_width,
                                                    config.discriminator)) if config.adversarial else None
-        memory_format = torch.channels_last if (self.cuda and config.channels_last) else torch.contiguous_format
+        # bf16 reaches a CPU's matrix units only in channels_last; fp32 CPU runs keep NCHW.
+        self.bf16 = config.bf16 and bf16_native(self.device)
+        channels_last = config.channels_last and (self.cuda or self.bf16)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.memory_format = memory_format
         for module in (self.g1, self.g2, self.d):
             if module is not None:
@@ -184,8 +188,8 @@ class Trainer:
         return torch.compile(module) if self.config.compile else module
 
     def _autocast(self):
-        if self.cuda and self.config.bf16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     # -- one optimisation step ----------------------------------------------------------------

@@ -1,0 +1,147 @@
+"""G1+G2 on OpenVINO's CPU runtime: the `--backend openvino` of `Pipeline` (optional extra `openvino`).
+
+The torch networks are converted once with `openvino.convert_model` (batch left dynamic) and
+the converted model is cached next to the checkpoint as `NAME.openvino/stages.xml` + `.bin`,
+with `key.json` holding a hash of the weights and config: a checkpoint whose weights change
+gets a fresh conversion. Inference precision is bf16 where the CPU has bf16 units, else fp32.
+`Pipeline` keeps the preparation and output code; only `forward` runs here.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .keypoints import COUNT
+
+log = logging.getLogger("pg2_server.openvino")
+
+PRECISIONS = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
+def available() -> bool:
+    """Whether the `openvino` package can be imported here."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _require():
+    try:
+        import openvino
+    except ImportError:
+        raise RuntimeError("--backend openvino needs the openvino package: pip install 'pg2-blender[openvino]'") \
+            from None
+    return openvino
+
+
+class _Stages(torch.nn.Module):
+    """G1 then G2 as one graph with the Pipeline's inputs and outputs (coarse, final)."""
+
+    def __init__(self, g1, g2, with_coordinates: bool):
+        super().__init__()
+        self.g1, self.g2, self.with_coordinates = g1, g2, with_coordinates
+
+    def forward(self, sources, heatmaps, coordinates=None):
+        coarse = self.g1(sources, heatmaps, coordinates if self.with_coordinates else None)
+        final = coarse + self.g2(coarse, sources) if self.g2 is not None else coarse
+        return coarse, final
+
+
+def weights_key(config, g1, g2) -> str:
+    """A hash of the model config and every weight: the cache's validity key."""
+    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
+    for prefix, module in (("g1.", g1), ("g2.", g2)):
+        if module is None:
+            continue
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update((prefix + name).encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class OpenVinoStages:
+    """A compiled OpenVINO model of G1+G2: `(sources, heatmaps, coordinates)` arrays → (coarse, final)."""
+
+    def __init__(self, config, g1, g2, dtype: torch.dtype, cache_dir: Path | None = None,
+                 threads: int | None = None):
+        ov = _require()
+        if dtype not in PRECISIONS:
+            raise ValueError(f"the OpenVINO backend runs float32 or bfloat16, not {dtype}")
+        self.config = config
+        self.with_coordinates = config.pose_embedding == "ce"
+        self.precision = PRECISIONS[dtype]
+        key = weights_key(config, g1, g2)
+        model = self._cached(ov, cache_dir, key) if cache_dir is not None else None
+        if model is None:
+            model = self._convert(ov, g1, g2)
+            if cache_dir is not None:
+                self._store(ov, model, cache_dir, key)
+        properties = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY",
+                      # the server batches requests itself: one stream, all of torch's threads
+                      "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()}
+        self.compiled = ov.Core().compile_model(model, "CPU", properties)
+        self.request = self.compiled.create_infer_request()
+        self._lock = threading.Lock()
+
+    def _convert(self, ov, g1, g2):
+        height, width = self.config.canvas
+        example = [torch.zeros(1, 3, height, width), torch.zeros(1, COUNT, height, width)]
+        shapes = [ov.PartialShape([-1, 3, height, width]), ov.PartialShape([-1, COUNT, height, width])]
+        if self.with_coordinates:
+            example.append(torch.zeros(1, 2 * COUNT))
+            shapes.append(ov.PartialShape([-1, 2 * COUNT]))
+        stages = _Stages(g1, g2, self.with_coordinates).eval()
+        log.info("converting %s to OpenVINO (once per weights)", self.config.preset)
+        with torch.no_grad():
+            return ov.convert_model(stages, example_input=tuple(example), input=shapes)
+
+    @staticmethod
+    def _cached(ov, cache_dir: Path, key: str):
+        try:
+            stored = json.loads((cache_dir / "key.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if stored.get("weights") != key or stored.get("openvino") != ov.get_version():
+            log.info("%s was converted from other weights or another OpenVINO; converting again", cache_dir)
+            return None
+        try:
+            return ov.Core().read_model(str(cache_dir / "stages.xml"))
+        except RuntimeError as e:
+            log.warning("cannot read the cached OpenVINO model in %s (%s); converting again", cache_dir, e)
+            return None
+
+    @staticmethod
+    def _store(ov, model, cache_dir: Path, key: str) -> None:
+        """Write the converted model; a read-only install directory only costs a conversion per start."""
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".tmp-"))
+            ov.save_model(model, str(staging / "stages.xml"), compress_to_fp16=False)
+            (staging / "key.json").write_text(json.dumps({"weights": key, "openvino": ov.get_version()}) + "\n")
+            # key.json last: a reader never pairs a new key with an old model
+            for name in ("stages.xml", "stages.bin", "key.json"):
+                os.chmod(staging / name, 0o644)
+                os.replace(staging / name, cache_dir / name)
+            staging.rmdir()
+        except OSError as e:
+            log.warning("cannot cache the OpenVINO model in %s (%s); it will be converted again next time",
+                        cache_dir, e)
+
+    def __call__(self, sources: np.ndarray, heatmaps: np.ndarray,
+                 coordinates: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Float32 (B, C, H, W) inputs → (G1 image, final image) float32 arrays, unclipped."""
+        inputs = [sources, heatmaps] + ([coordinates] if self.with_coordinates else [])
+        with self._lock:   # one infer request per pipeline; copies leave it free for the next batch
+            self.request.infer(inputs)
+            outputs = [self.request.get_output_tensor(i).data.copy() for i in range(2)]
+        return outputs[0], outputs[1]
