@@ -25,7 +25,7 @@ import zmq
 
 from . import protocol
 from .protocol import ProtocolError
-from .server import Curve, secure_socket
+from .server import Curve, curve_server, start_authenticator
 from .worker import DISCONNECT, HEARTBEAT, READY, REPLY, REQUEST, Counters, package_version
 
 log = logging.getLogger("pg2_server.broker")
@@ -81,8 +81,13 @@ class Broker:
         self.frontend.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes)
         self.frontend.setsockopt(zmq.RCVHWM, 10000)
         self.frontend.setsockopt(zmq.SNDHWM, 10000)
-        self.authenticator = secure_socket(self.context, self.frontend, curve)
+        self.authenticator = start_authenticator(self.context, curve)
+        if curve is not None and curve.clients_dir is not None:
+            curve_server(self.frontend, curve, "clients")
         self.backend = self.context.socket(zmq.ROUTER)
+        if curve is not None and curve.workers_dir is not None:
+            # Workers see every client's image: only the keys in workers_dir may register.
+            curve_server(self.backend, curve, "workers")
         self.backend.setsockopt(zmq.LINGER, 0)
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a dead worker raises instead of dropping
         self.backend.setsockopt(zmq.SNDHWM, 10000)

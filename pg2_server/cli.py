@@ -5,8 +5,8 @@
         --source IMG --pose POSE.json --out OUT.png [--grid]
     pg2-server generate --server tcp://HOST:5557 --source IMG --pose POSE.json|POSE_DIR --out OUT.png|OUT_DIR
     pg2-server serve [--checkpoint CKPT | --preset NAME --random-weights] [--bind tcp://127.0.0.1:5557]
-    pg2-server broker --frontend tcp://*:5557 --backend tcp://*:5558
-    pg2-server worker --connect tcp://BROKER:5558 [--checkpoint CKPT] [--device cuda:0]
+    pg2-server broker --frontend tcp://*:5557 --backend tcp://*:5558 [--curve-secret K --curve-workers DIR]
+    pg2-server worker --connect tcp://BROKER:5558 [--checkpoint CKPT] [--device cuda:0] [--curve-secret K --server-key B]
     pg2-server keys DIR NAME
     pg2-server info|ping --server tcp://HOST:5557
     pg2-server bench [--server ENDPOINT | --preset demo --random-weights] --clients 16 --max-batch 16
@@ -313,15 +313,19 @@ def build_worker(args: argparse.Namespace, role: str):
     return Worker(pipelines, config, role=role)
 
 
-def server_curve(args: argparse.Namespace):
-    """The server side of CURVE from --curve-secret/--curve-clients (both or neither), checked."""
+def server_curve(args: argparse.Namespace, workers: bool = False):
+    """The server side of CURVE from --curve-secret with --curve-clients (and, on a broker,
+    --curve-workers; either folder alone), checked; None without them."""
     from .server import Curve
 
-    if not (args.curve_secret or args.curve_clients):
+    workers_dir = getattr(args, "curve_workers", None) if workers else None
+    folders = "--curve-clients DIR and/or --curve-workers DIR" if workers else "--curve-clients DIR"
+    if not (args.curve_secret or args.curve_clients or workers_dir):
         return None
-    if not (args.curve_secret and args.curve_clients):
-        raise SystemExit("error: CURVE needs both --curve-secret SERVER.key_secret and --curve-clients DIR")
-    curve = Curve(Path(args.curve_secret), Path(args.curve_clients))
+    if not args.curve_secret or not (args.curve_clients or workers_dir):
+        raise SystemExit(f"error: CURVE needs --curve-secret SERVER.key_secret and {folders}")
+    curve = Curve(Path(args.curve_secret), Path(args.curve_clients) if args.curve_clients else None,
+                  Path(workers_dir) if workers_dir else None)
     curve.check()
     return curve
 
@@ -344,11 +348,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from .worker import connect_to_broker
 
     check_endpoint(args.connect)
+    curve = None
+    if args.curve_secret or args.server_key:
+        from .client import Curve
+        if not (args.curve_secret and args.server_key):
+            raise SystemExit("error: CURVE needs both --curve-secret WORKER.key_secret and --server-key BROKER.key")
+        curve = Curve.from_files(args.server_key, args.curve_secret)
     stop = StopSignal()
     worker = build_worker(args, "worker")
     try:
         connect_to_broker(worker, args.connect, stop.event, heartbeat_s=args.heartbeat_ms / 1000,
-                          summary_s=args.summary_s)
+                          summary_s=args.summary_s, curve=curve)
     finally:
         worker.close()
     return 0
@@ -361,7 +371,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
     check_endpoint(args.frontend, bind=True)
     check_endpoint(args.backend, bind=True)
-    curve = server_curve(args)
+    curve = server_curve(args, workers=True)
     config = BrokerConfig(heartbeat_s=args.heartbeat_ms / 1000, max_queue=args.max_queue,
                           max_message_bytes=int(args.max_message_mb * 2 ** 20), summary_s=args.summary_s)
     stop = StopSignal()
@@ -470,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_worker_arguments(p)
     p.add_argument("--connect", required=True, help="the broker's backend, e.g. tcp://BROKER:5558")
     p.add_argument("--heartbeat-ms", type=float, default=1000.0, help="heartbeat interval (default 1000)")
+    p.add_argument("--curve-secret", metavar="FILE", help="this worker's secret key file (WORKER.key_secret)")
+    p.add_argument("--server-key", metavar="FILE", help="the broker's public key file (BROKER.key)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("broker", help="load-balancing broker: clients on --frontend, workers on --backend")
@@ -480,6 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-mb", type=float, default=32.0, help="largest request in MiB (default 32)")
     p.add_argument("--curve-secret", metavar="FILE", help="server secret key file for the frontend")
     p.add_argument("--curve-clients", metavar="DIR", help="folder of authorised client public keys")
+    p.add_argument("--curve-workers", metavar="DIR",
+                   help="folder of authorised worker public keys (CURVE on the backend; needs --curve-secret)")
     p.add_argument("--summary-s", type=float, default=60.0, help="seconds between summary log lines")
     p.set_defaults(func=cmd_broker)
 

@@ -26,33 +26,59 @@ log = logging.getLogger("pg2_server.server")
 
 @dataclass(frozen=True)
 class Curve:
-    """CURVE settings of a server: its certificate (with secret key) and the authorised client keys."""
+    """CURVE settings of a server or broker: its certificate (with secret key) and the folders of
+    authorised public keys, one for clients and, on a broker, one for workers (either may be None)."""
     secret_file: Path
-    clients_dir: Path
+    clients_dir: Path | None = None
+    workers_dir: Path | None = None
 
     def check(self) -> None:
         if not Path(self.secret_file).is_file():
             raise ValueError(f"CURVE secret certificate {self.secret_file} does not exist; create one with "
                              "`pg2-server keys DIR server`")
-        if not Path(self.clients_dir).is_dir():
-            raise ValueError(f"CURVE client key directory {self.clients_dir} does not exist; put the clients' "
-                             "NAME.key files there")
+        for what, folder in (("client", self.clients_dir), ("worker", self.workers_dir)):
+            if folder is not None and not Path(folder).is_dir():
+                raise ValueError(f"CURVE {what} key directory {folder} does not exist; put the {what}s' "
+                                 "NAME.key files there")
+
+    @property
+    def domains(self) -> dict[str, Path]:
+        """ZAP domain → folder of the public keys it accepts."""
+        return {domain: Path(folder) for domain, folder in (("clients", self.clients_dir),
+                                                            ("workers", self.workers_dir)) if folder is not None}
+
+
+def start_authenticator(context: zmq.Context, curve: Curve | None) -> ThreadAuthenticator | None:
+    """One ZAP handler for `context` that accepts, per domain, only the public keys in its folder."""
+    if curve is None or not curve.domains:
+        return None
+    curve.check()
+    authenticator = ThreadAuthenticator(context, log=logging.getLogger("pg2_server.auth"))
+    authenticator.start()
+    for domain, folder in curve.domains.items():
+        authenticator.configure_curve(domain=domain, location=str(folder))
+    return authenticator
+
+
+def curve_server(sock: zmq.Socket, curve: Curve, domain: str) -> None:
+    """Make `sock` (before bind) a CURVE server whose peers are checked against `domain`'s keys."""
+    public, secret = zmq.auth.load_certificate(str(curve.secret_file))
+    if secret is None:
+        raise ValueError(f"{curve.secret_file} holds no secret key; pass the NAME.key_secret file")
+    sock.zap_domain = domain.encode()
+    sock.curve_secretkey = secret
+    sock.curve_publickey = public
+    sock.curve_server = True
 
 
 def secure_socket(context: zmq.Context, sock: zmq.Socket, curve: Curve | None) -> ThreadAuthenticator | None:
     """Make `sock` a CURVE server that accepts only the public keys in `curve.clients_dir`."""
     if curve is None:
         return None
-    curve.check()
-    public, secret = zmq.auth.load_certificate(str(curve.secret_file))
-    if secret is None:
-        raise ValueError(f"{curve.secret_file} holds no secret key; pass the NAME.key_secret file")
-    authenticator = ThreadAuthenticator(context, log=logging.getLogger("pg2_server.auth"))
-    authenticator.start()
-    authenticator.configure_curve(domain="*", location=str(curve.clients_dir))
-    sock.curve_secretkey = secret
-    sock.curve_publickey = public
-    sock.curve_server = True
+    if curve.clients_dir is None:
+        raise ValueError("CURVE on a server needs the folder of authorised client keys")
+    authenticator = start_authenticator(context, curve)
+    curve_server(sock, curve, "clients")
     return authenticator
 
 
@@ -93,6 +119,9 @@ def serve(worker: Worker, bind: str, stop: threading.Event, curve: Curve | None 
         raise RuntimeError(f"cannot bind {bind}: {e}") from None
     loop_thread = threading.get_ident()
 
+    def send(frames: list) -> None:
+        router.send_multipart(frames, copy=False)
+
     def replier(envelope: list):
         def reply(frames: list) -> None:
             if threading.get_ident() == loop_thread:
@@ -115,7 +144,7 @@ def serve(worker: Worker, bind: str, stop: threading.Event, curve: Curve | None 
         while True:
             events = dict(poller.poll(50))
             if outbox.pull in events:
-                outbox.deliver(router)
+                outbox.deliver(send)
             if router in events:
                 while True:
                     try:
@@ -142,16 +171,16 @@ def serve(worker: Worker, bind: str, stop: threading.Event, curve: Curve | None 
         while time.monotonic() < deadline:
             events = dict(poller.poll(20))
             if outbox.pull in events:
-                outbox.deliver(router)
+                outbox.deliver(send)
             if router in events:
                 frames = router.recv_multipart(copy=False)
                 envelope, message = protocol.split_envelope(frames)
                 worker.handle([f.buffer for f in message], replier(envelope))
-        outbox.deliver(router)
+        outbox.deliver(send)
         log.info("stopped: %s", worker.summary())
     finally:
         worker.close()
-        outbox.deliver(router)
+        outbox.deliver(send)
         outbox.close()
         router.close()
         if authenticator:

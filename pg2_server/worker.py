@@ -381,13 +381,14 @@ class Outbox:
                 self._sockets.append(push)
         push.send_multipart(frames, copy=False)
 
-    def deliver(self, out: zmq.Socket) -> None:
-        """Send every queued message on `out` (from the socket's own thread), without waiting for more."""
+    def deliver(self, send: Callable[[list], None]) -> None:
+        """Pass every queued message to `send` (on the socket's own thread), without waiting for more."""
         while True:
             try:
-                out.send_multipart(self.pull.recv_multipart(zmq.NOBLOCK, copy=False), copy=False)
+                frames = self.pull.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            send(frames)
 
     def close(self) -> None:
         with self._lock:
@@ -404,11 +405,13 @@ READY, HEARTBEAT, REQUEST, REPLY, DISCONNECT = b"READY", b"HEARTBEAT", b"REQUEST
 
 
 def connect_to_broker(worker: Worker, endpoint: str, stop: threading.Event, heartbeat_s: float = 1.0,
-                      liveness: int = 3, context: zmq.Context | None = None, summary_s: float = 60.0) -> None:
+                      liveness: int = 3, context: zmq.Context | None = None, summary_s: float = 60.0,
+                      curve=None) -> None:
     """Serve `worker` through a broker's backend until `stop` is set (Paranoid Pirate worker).
 
     Sends READY with its info, a heartbeat every `heartbeat_s`; if the broker is silent for
-    `liveness` heartbeats, reconnects and registers again.
+    `liveness` heartbeats, reconnects and registers again. With `curve` (a client.Curve: the
+    broker's public key and this worker's key pair) the link is encrypted and authenticated.
     """
     context = context or zmq.Context.instance()
     outbox = Outbox(context, "worker")
@@ -418,22 +421,38 @@ def connect_to_broker(worker: Worker, endpoint: str, stop: threading.Event, hear
         sock = context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, worker.config.limits.max_message_bytes + 4096)
+        if curve is not None:
+            sock.curve_serverkey = curve.server_public
+            sock.curve_publickey = curve.client_public
+            sock.curve_secretkey = curve.client_secret
         sock.connect(endpoint)
-        sock.send_multipart([READY, msgpack.packb({"info": worker.info(), "capacity": capacity})])
         return sock
 
+    def to_broker(frames: list) -> None:
+        # Never block: a DEALER whose connection never completed (a broker that refused this
+        # worker's key, or is down) would block on send. The broker re-sends what it misses.
+        try:
+            sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            log.debug("broker %s not connected; a %s message was not sent", endpoint, bytes(frames[0])[:10])
+
+    def register() -> None:
+        to_broker([READY, msgpack.packb({"info": worker.info(), "capacity": capacity})])
+
     sock = open_socket()
+    register()
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     poller.register(outbox.pull, zmq.POLLIN)
     last_heard = last_sent = last_summary = time.monotonic()
-    log.info("worker connected to broker %s (%s), capacity %d", endpoint, worker.summary(), capacity)
+    log.info("worker connected to broker %s (%s), capacity %d%s", endpoint, worker.summary(), capacity,
+             ", CURVE" if curve is not None else "")
     try:
         while not stop.is_set():
             events = dict(poller.poll(100))
             now = time.monotonic()
             if outbox.pull in events:
-                outbox.deliver(sock)
+                outbox.deliver(to_broker)
             if sock in events:
                 while True:
                     try:
@@ -449,13 +468,14 @@ def connect_to_broker(worker: Worker, endpoint: str, stop: threading.Event, hear
                     elif command == DISCONNECT:
                         last_heard = 0.0  # re-register at once
             if now - last_sent >= heartbeat_s:
-                sock.send_multipart([HEARTBEAT, msgpack.packb(worker.info()["counters"])])
+                to_broker([HEARTBEAT, msgpack.packb(worker.info()["counters"])])
                 last_sent = now
             if now - last_heard > heartbeat_s * liveness:
                 log.warning("broker %s silent for %.1f s; reconnecting", endpoint, now - last_heard)
                 poller.unregister(sock)
                 sock.close()
                 sock = open_socket()
+                register()
                 poller.register(sock, zmq.POLLIN)
                 last_heard = last_sent = time.monotonic()
             if now - last_summary >= summary_s:
@@ -463,8 +483,9 @@ def connect_to_broker(worker: Worker, endpoint: str, stop: threading.Event, hear
                 last_summary = now
         # Finish what was admitted, deliver its replies, then say goodbye.
         worker.drain(timeout=60)
-        outbox.deliver(sock)
-        sock.send_multipart([DISCONNECT])
+        outbox.deliver(to_broker)
+        to_broker([DISCONNECT])
+        log.info("worker stopped: %s", worker.summary())
     finally:
         sock.close(linger=500)
         outbox.close()

@@ -137,3 +137,53 @@ def test_broker_answers_like_a_server_and_survives_a_killed_worker(cluster):
     assert broker.wait(timeout=30) == 0
     assert "dropping worker" in broker.stdout.read()
 
+
+
+def test_curve_workers_only_authorised_workers_get_requests(tmp_path):
+    """--curve-workers: a worker whose key is not authorised, or a plaintext one, never registers."""
+    keys, authorised = tmp_path / "keys", tmp_path / "workers"
+    authorised.mkdir()
+    for name in ("broker", "good", "mallory"):
+        subprocess.run([sys.executable, "-m", "pg2_server.cli", "keys", str(keys), name], check=True,
+                       capture_output=True)
+    (authorised / "good.key").write_bytes((keys / "good.key").read_bytes())
+    frontend, backend = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    # A folder alone needs the broker's secret key.
+    refused = subprocess.run([sys.executable, "-m", "pg2_server.cli", "broker", "--frontend", frontend,
+                              "--backend", backend, "--curve-workers", str(authorised)],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "--curve-secret" in refused.stderr
+    broker = cli("broker", "--frontend", frontend, "--backend", backend, "--heartbeat-ms", "200",
+                 "--curve-secret", str(keys / "broker.key_secret"), "--curve-workers", str(authorised))
+    worker_flags = ("worker", "--connect", backend, "--preset", "tiny", "--random-weights", "--heartbeat-ms", "200")
+    good = cli(*worker_flags, "--curve-secret", str(keys / "good.key_secret"), "--server-key", str(keys / "broker.key"))
+    mallory = cli(*worker_flags, "--curve-secret", str(keys / "mallory.key_secret"),
+                  "--server-key", str(keys / "broker.key"))
+    plaintext = cli(*worker_flags)
+    processes = [broker, good, mallory, plaintext]
+    try:
+        info = wait_for_workers(frontend, 1)
+        time.sleep(2.0)  # time enough for the others to try to register (10 heartbeats)
+        with Client(frontend, timeout=30) as client:  # the frontend stays plaintext: no --curve-clients
+            results = list(client.generate_many(
+                [GenerateRequest(SOURCE_PNG, KEYPOINTS, (40 + i, 64), tag=i) for i in range(12)], in_flight=6))
+            info = client.info()
+        assert sorted(r.request.tag for r in results) == list(range(12))
+        assert all(r.image.width == 40 + r.request.tag for r in results)
+        assert [w["pid"] for w in info["workers"]] == [good.pid]
+        assert info["workers"][0]["capacity"] >= 1
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        outputs = {}
+        for name, process in zip(("broker", "good", "mallory", "plaintext"), processes):
+            try:
+                outputs[name] = process.communicate(timeout=30)[0]
+            except subprocess.TimeoutExpired:
+                process.kill()
+                outputs[name] = process.communicate()[0]
+    assert "CURVE" in outputs["good"]
+    # The refused workers never got a request: they only ever waited for the broker.
+    for name in ("mallory", "plaintext"):
+        assert "reconnecting" in outputs[name], outputs[name]
+        assert "worker stopped: 0 requests" in outputs[name], outputs[name]
