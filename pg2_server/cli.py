@@ -292,6 +292,26 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source-cache-mb", type=float, default=64.0,
                         help="decoded source images kept for reuse, by content (default 64; 0 = off)")
     parser.add_argument("--summary-s", type=float, default=60.0, help="seconds between summary log lines")
+    parser.add_argument("--info-details", action="store_true",
+                        help="`info` also tells clients the host name, PID and the model's training provenance")
+
+
+def add_reply_budget_arguments(parser: argparse.ArgumentParser) -> None:
+    """Byte budgets for replies that clients do not read (serve and broker)."""
+    parser.add_argument("--max-unread-mb", type=float, default=64.0,
+                        help="replies held for one client that is not reading, in MiB; past it they are dropped "
+                             "(default 64)")
+    parser.add_argument("--max-unread-total-mb", type=float, default=512.0,
+                        help="replies held for all such clients together, in MiB (default 512)")
+
+
+def reply_budget(args: argparse.Namespace):
+    """The ReplyBudget of --max-unread-mb / --max-unread-total-mb."""
+    from .server import ReplyBudget
+
+    if args.max_unread_mb <= 0 or args.max_unread_total_mb <= 0:
+        raise SystemExit("error: --max-unread-mb and --max-unread-total-mb must be positive")
+    return ReplyBudget(int(args.max_unread_mb * 2 ** 20), int(args.max_unread_total_mb * 2 ** 20))
 
 
 def build_worker(args: argparse.Namespace, role: str):
@@ -310,7 +330,7 @@ def build_worker(args: argparse.Namespace, role: str):
     config = WorkerConfig(max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, max_queue=args.max_queue,
                           threads=args.threads, source_cache_mb=args.source_cache_mb,
                           limits=Limits(int(args.max_message_mb * 2 ** 20), args.max_image_side))
-    return Worker(pipelines, config, role=role)
+    return Worker(pipelines, config, role=role, details=args.info_details)
 
 
 def server_curve(args: argparse.Namespace, workers: bool = False):
@@ -337,8 +357,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_endpoint(args.bind, bind=True)
     curve = server_curve(args)
     stop = StopSignal()
+    budget = reply_budget(args)
     worker = build_worker(args, "serve")
-    serve(worker, args.bind, stop.event, curve=curve, summary_s=args.summary_s, drain_s=args.drain_s)
+    serve(worker, args.bind, stop.event, curve=curve, summary_s=args.summary_s, drain_s=args.drain_s,
+          budget=budget)
     return 0
 
 
@@ -372,8 +394,11 @@ def cmd_broker(args: argparse.Namespace) -> int:
     check_endpoint(args.frontend, bind=True)
     check_endpoint(args.backend, bind=True)
     curve = server_curve(args, workers=True)
+    budget = reply_budget(args)
     config = BrokerConfig(heartbeat_s=args.heartbeat_ms / 1000, max_queue=args.max_queue,
-                          max_message_bytes=int(args.max_message_mb * 2 ** 20), summary_s=args.summary_s)
+                          max_message_bytes=int(args.max_message_mb * 2 ** 20), summary_s=args.summary_s,
+                          info_details=args.info_details, max_unread_bytes=budget.per_client,
+                          max_unread_total_bytes=budget.total)
     stop = StopSignal()
     Broker(args.frontend, args.backend, config, curve=curve).run(stop.event)
     return 0
@@ -425,6 +450,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_ping(args: argparse.Namespace) -> int:
     import time
 
+    if args.ready:  # a readiness probe: exit 0 only when the server takes work
+        with client_from_args(args) as client:
+            ready = client.ready()
+        print(f"{args.server}: {'ready' if ready else 'not ready (loading, draining or no workers)'}")
+        return 0 if ready else 1
     with client_from_args(args) as client:
         for i in range(args.count):
             print(f"pong from {args.server}: {client.ping():.2f} ms")
@@ -474,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curve-secret", metavar="FILE", help="server secret key file (server.key_secret)")
     p.add_argument("--curve-clients", metavar="DIR", help="folder of authorised client public keys (*.key)")
     p.add_argument("--drain-s", type=float, default=60.0, help="on SIGTERM, wait this long for in-flight work")
+    add_reply_budget_arguments(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="serve the model for a broker (scale-out)")
@@ -495,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curve-workers", metavar="DIR",
                    help="folder of authorised worker public keys (CURVE on the backend; needs --curve-secret)")
     p.add_argument("--summary-s", type=float, default=60.0, help="seconds between summary log lines")
+    p.add_argument("--info-details", action="store_true",
+                   help="`info` also tells clients the workers' host names, PIDs and training provenance")
+    add_reply_budget_arguments(p)
     p.set_defaults(func=cmd_broker)
 
     p = sub.add_parser("keys", help="create a CURVE key pair: DIR/NAME.key (public) and DIR/NAME.key_secret")
@@ -512,6 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_client_arguments(p)
     p.add_argument("--count", type=int, default=1)
     p.add_argument("--interval", type=float, default=1.0)
+    p.add_argument("--ready", action="store_true",
+                   help="readiness probe: exit 1 when the server answers but is not ready, 3 when it does not answer")
     p.set_defaults(func=cmd_ping)
 
     p = sub.add_parser("bench", help="served throughput and latency vs the raw pipeline")

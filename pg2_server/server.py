@@ -18,7 +18,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from . import protocol
+from . import peers, protocol
 from .worker import Outbox, Worker
 
 log = logging.getLogger("pg2_server.server")
@@ -82,6 +82,13 @@ def secure_socket(context: zmq.Context, sock: zmq.Socket, curve: Curve | None) -
     return authenticator
 
 
+@dataclass(frozen=True)
+class ReplyBudget:
+    """Bytes of replies held for clients that do not read them: per client, and in all."""
+    per_client: int = 64 * 2 ** 20
+    total: int = 512 * 2 ** 20
+
+
 class StopSignal:
     """SIGINT/SIGTERM → an Event (installed only from the main thread)."""
 
@@ -98,7 +105,7 @@ class StopSignal:
 
 def serve(worker: Worker, bind: str, stop: threading.Event, curve: Curve | None = None,
           context: zmq.Context | None = None, summary_s: float = 60.0, drain_s: float = 60.0,
-          ready: threading.Event | None = None) -> None:
+          ready: threading.Event | None = None, budget: ReplyBudget = ReplyBudget()) -> None:
     """Answer requests on `bind` until `stop` is set, then drain and close."""
     context = context or zmq.Context.instance()
     router = context.socket(zmq.ROUTER)
@@ -106,7 +113,7 @@ def serve(worker: Worker, bind: str, stop: threading.Event, curve: Curve | None 
     # MAXMSGSIZE is per frame; decode_request checks the message as a whole.
     router.setsockopt(zmq.MAXMSGSIZE, worker.config.limits.max_message_bytes)
     router.setsockopt(zmq.RCVHWM, 10000)
-    router.setsockopt(zmq.SNDHWM, 10000)
+    peers.configure(router)
     authenticator = secure_socket(context, router, curve)
     outbox = Outbox(context, "serve")
     try:
@@ -117,18 +124,28 @@ def serve(worker: Worker, bind: str, stop: threading.Event, curve: Curve | None 
         if authenticator:
             authenticator.stop()
         raise RuntimeError(f"cannot bind {bind}: {e}") from None
+    delivery = peers.Delivery(router, budget.per_client, budget.total)
+    tracker = peers.PeerTracker(router)
+    worker.delivery_stats = delivery.stats
     loop_thread = threading.get_ident()
-
-    def send(frames: list) -> None:
-        router.send_multipart(frames, copy=False)
 
     def replier(envelope: list):
         def reply(frames: list) -> None:
             if threading.get_ident() == loop_thread:
-                router.send_multipart(envelope + frames, copy=False)
+                delivery.send(envelope + frames)
             else:
                 outbox.send(envelope + frames)
         return reply
+
+    def gone(peer: bytes) -> None:
+        worker.cancel_peer(peer)
+        delivery.forget(peer)
+
+    def receive(frames: list) -> None:
+        for peer in tracker.seen(frames):
+            gone(peer)
+        envelope, message = protocol.split_envelope(frames)
+        worker.handle([f.buffer for f in message], replier(envelope), peer=frames[0].bytes)
 
     poller = zmq.Poller()
     poller.register(router, zmq.POLLIN)
@@ -142,17 +159,20 @@ def serve(worker: Worker, bind: str, stop: threading.Event, curve: Curve | None 
     draining_until = None
     try:
         while True:
-            events = dict(poller.poll(50))
+            # Held replies are retried soon: ZeroMQ gives no per-peer writable event.
+            events = dict(poller.poll(2 if delivery.holding else 50))
+            for peer in tracker.gone():
+                gone(peer)
             if outbox.pull in events:
-                outbox.deliver(send)
+                outbox.deliver(delivery.send)
+            delivery.flush()
             if router in events:
                 while True:
                     try:
                         frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    envelope, message = protocol.split_envelope(frames)
-                    worker.handle([f.buffer for f in message], replier(envelope))
+                    receive(frames)
             now = time.monotonic()
             if now - last_summary >= summary_s:
                 log.info("summary: %s", worker.summary())
@@ -171,18 +191,19 @@ def serve(worker: Worker, bind: str, stop: threading.Event, curve: Curve | None 
         while time.monotonic() < deadline:
             events = dict(poller.poll(20))
             if outbox.pull in events:
-                outbox.deliver(send)
+                outbox.deliver(delivery.send)
+            delivery.flush()
             if router in events:
-                frames = router.recv_multipart(copy=False)
-                envelope, message = protocol.split_envelope(frames)
-                worker.handle([f.buffer for f in message], replier(envelope))
-        outbox.deliver(send)
+                receive(router.recv_multipart(copy=False))
+        outbox.deliver(delivery.send)
+        delivery.flush()
         log.info("stopped: %s", worker.summary())
     finally:
         worker.close()
-        outbox.deliver(send)
+        outbox.deliver(delivery.send)
+        delivery.flush()
         outbox.close()
+        tracker.close()
         router.close()
         if authenticator:
             authenticator.stop()
-

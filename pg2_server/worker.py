@@ -117,24 +117,33 @@ class Counters:
 
 
 class Job:
-    """One admitted generate request on its way through decode → batch → encode."""
-    __slots__ = ("request", "_reply", "received", "enqueued", "started", "prepared", "pipeline", "done")
+    """One admitted generate request on its way through decode → batch → encode.
 
-    def __init__(self, request: Request, reply: Reply, received: float, pipeline):
+    `claimed` once a batcher took it for the device (too late to cancel); `done` once its one
+    reply is decided (both change under the worker's lock)."""
+    __slots__ = ("request", "_reply", "received", "enqueued", "started", "prepared", "pipeline", "done",
+                 "peer", "deadline", "claimed")
+
+    def __init__(self, request: Request, reply: Reply, received: float, pipeline, peer=None):
         self.request = request
         self._reply = reply
         self.received = received
         self.pipeline = pipeline
+        self.peer = peer
+        # The client's deadline counts from sending; its receipt here is the nearest time known.
+        self.deadline = received + request.deadline_ms / 1000 if request.deadline_ms is not None else None
         self.enqueued = 0.0
         self.started = 0.0
         self.prepared = None
         self.done = False
+        self.claimed = False
 
 
 class Worker:
     """Validates, batches and answers requests for the pipelines of one model (one per device)."""
 
-    def __init__(self, pipelines: Sequence, config: WorkerConfig = WorkerConfig(), role: str = "serve"):
+    def __init__(self, pipelines: Sequence, config: WorkerConfig = WorkerConfig(), role: str = "serve",
+                 details: bool = False):
         if not pipelines:
             raise ValueError("a worker needs at least one pipeline")
         self.pipelines = list(pipelines)
@@ -149,15 +158,20 @@ class Worker:
         self._in_flight_lock = threading.Lock()
         self._idle = threading.Condition(self._in_flight_lock)
         self.accepting = True
+        self.details = details
+        self.delivery_stats: Callable[[], dict] | None = None  # set by the socket loop that owns a Delivery
+        self._by_peer: dict[object, set] = {}  # admitted jobs not yet answered, per peer (for cancel)
         self.batchers = [Batcher(p, self.jobs, config.max_batch, config.max_delay_ms / 1000.0,
-                                 self._batch_done, self._batch_failed) for p in self.pipelines]
+                                 self._batch_done, self._batch_failed, self._claim) for p in self.pipelines]
         for batcher in self.batchers:
             batcher.start()
 
     # -- entry point ---------------------------------------------------------------------------
 
-    def handle(self, frames: list, reply: Reply) -> None:
-        """Answer one request (frames after the envelope); `reply` is called exactly once, from any thread."""
+    def handle(self, frames: list, reply: Reply, peer=None) -> None:
+        """Answer one request (frames after the envelope); `reply` is called exactly once, from any thread.
+
+        `peer` names the connection it came on: `cancel` and `cancel_peer` act on one peer's work."""
         received = time.monotonic()
         try:
             request = protocol.decode_request(frames, self.config.limits)
@@ -168,19 +182,24 @@ class Worker:
         self.counters.request(request.op)
         try:
             if request.op == "ping":
-                self._send(reply, protocol.encode_reply(request.id, {"pong": True, "role": self.role}), None)
+                self._send(reply, protocol.encode_reply(request.id, {"pong": True, "role": self.role,
+                                                                     "ready": self.ready}), None)
                 log.debug("ping id=%r → ok", request.id)
+            elif request.op == "cancel":
+                cancelled = self.cancel(peer, request.target)
+                self._send(reply, protocol.encode_reply(request.id, {"cancelled": cancelled}), None)
+                log.debug("cancel id=%r target=%r → %d cancelled", request.id, request.target, cancelled)
             elif request.op == "info":
                 self._send(reply, protocol.encode_reply(request.id, self.info()), None)
                 log.debug("info id=%r → ok", request.id)
             else:
-                self._admit(request, reply, received)
+                self._admit(request, reply, received, peer)
         except Exception:  # a bug: the client gets a reply, the log gets the trace
             log.error("internal error on request %r:\n%s", request.id, traceback.format_exc())
             self._error(reply, request.id, protocol.INTERNAL, "internal server error; the server log has details",
                         received)
 
-    def _admit(self, request: Request, reply: Reply, received: float) -> None:
+    def _admit(self, request: Request, reply: Reply, received: float, peer) -> None:
         if request.model is not None and request.model != self.model:
             self._error(reply, request.id, protocol.UNKNOWN_MODEL,
                         f"this server has no model {request.model!r}; it serves {self.model!r}", received)
@@ -201,7 +220,9 @@ class Worker:
             self._error(reply, request.id, protocol.OVERLOADED,
                         f"the server's queue is full ({self.config.max_queue} requests); retry later", received)
             return
-        job = Job(request, reply, received, self.pipelines[0])
+        job = Job(request, reply, received, self.pipelines[0], peer)
+        with self._in_flight_lock:
+            self._by_peer.setdefault(peer, set()).add(job)
         try:
             self.pool.submit(self._guard, job, self._prepare, job)
         except RuntimeError:  # the pool is shut down: this worker is closing
@@ -212,6 +233,10 @@ class Worker:
     # -- the stages of a generate request ------------------------------------------------------
 
     def _prepare(self, job: Job) -> None:
+        if job.done:
+            return  # cancelled while it waited for a thread
+        if self._expired(job):
+            return
         request = job.request
         image = self.sources.decode(request.source, request.source_spec, self.config.limits.max_image_side,
                                     request.id)
@@ -279,10 +304,13 @@ class Worker:
                                                         "internal server error; the server log has details"),
                              protocol.INTERNAL)
 
-    def _finish_job(self, job: Job, frames: list, error_code: str | None) -> None:
-        if job.done:
-            return
-        job.done = True
+    def _finish_job(self, job: Job, frames: list, error_code: str | None) -> bool:
+        """Send the job's one reply; False (and nothing sent) if it had one already."""
+        with self._in_flight_lock:
+            if job.done:
+                return False
+            job.done = True
+            self._unlist(job)
         if error_code is not None:
             log.debug("generate id=%r → %s", job.request.id, error_code)
         self._send(job._reply, frames, error_code)
@@ -290,6 +318,57 @@ class Worker:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.notify_all()
+        return True
+
+    def _unlist(self, job: Job) -> None:
+        """Forget an answered job in the per-peer index (under the lock)."""
+        jobs = self._by_peer.get(job.peer)
+        if jobs is not None:
+            jobs.discard(job)
+            if not jobs:
+                del self._by_peer[job.peer]
+
+    def _expired(self, job: Job) -> bool:
+        """Answer `deadline_exceeded` if the job's deadline has passed (it is then never computed)."""
+        if job.deadline is None or time.monotonic() <= job.deadline:
+            return False
+        late_ms = (time.monotonic() - job.received) * 1000
+        self._finish_job(job, protocol.encode_error(
+            job.request.id, protocol.DEADLINE_EXCEEDED,
+            f"the request could not start within its deadline_ms of {job.request.deadline_ms:g} "
+            f"({late_ms:.0f} ms since it arrived); send a longer deadline or retry when the server is less busy"),
+            protocol.DEADLINE_EXCEEDED)
+        return True
+
+    def _claim(self, job: Job) -> bool:
+        """A batcher asks to run `job` on its device: no if it was answered or is past its deadline."""
+        if job.done or self._expired(job):
+            return False
+        with self._in_flight_lock:
+            if job.done:
+                return False
+            job.claimed = True
+        return True
+
+    def cancel(self, peer, request_id=None) -> int:
+        """Answer `cancelled` to `peer`'s queued requests (one id, or all with None) that no device
+        has started; returns how many."""
+        with self._in_flight_lock:
+            jobs = [job for job in self._by_peer.get(peer, ())
+                    if not job.claimed and (request_id is None or job.request.id == request_id)]
+        cancelled = 0
+        for job in jobs:
+            cancelled += self._finish_job(job, protocol.encode_error(
+                job.request.id, protocol.CANCELLED, "the request was cancelled before it started"),
+                protocol.CANCELLED)
+        return cancelled
+
+    def cancel_peer(self, peer) -> int:
+        """A peer went away: its queued work is cancelled (the replies go nowhere) and never computed."""
+        cancelled = self.cancel(peer)
+        if cancelled:
+            log.info("cancelled %d queued requests of a client that went away", cancelled)
+        return cancelled
 
     # -- replies -------------------------------------------------------------------------------
 
@@ -308,20 +387,34 @@ class Worker:
     def in_flight(self) -> int:
         return self._in_flight
 
-    def info(self) -> dict:
-        """The `info` reply body (PROTOCOL.md): models, devices, limits, batching, counters."""
+    @property
+    def ready(self) -> bool:
+        """Taking new work: not draining, and every device's batcher alive."""
+        return self.accepting and all(b.is_alive() for b in self.batchers)
+
+    def info(self, details: bool | None = None) -> dict:
+        """The `info` reply body: models, devices, limits, batching, counters; host, PID and the
+        model's training provenance only with `details` (default: the worker's setting)."""
+        details = self.details if details is None else details
         model = self.pipelines[0].describe()
         model.pop("device", None)
         counters = self.counters.snapshot()
         counters.update(in_flight=self._in_flight, queued=self.jobs.qsize(), rss_mb=round(resident_memory_mb(), 1),
                         cpu_s=round(time.process_time(), 3), source_cache_hits=self.sources.hits,
                         source_cache_misses=self.sources.misses)
+        if self.delivery_stats is not None:
+            counters.update(self.delivery_stats())
         devices = [str(p.device) for p in self.pipelines]
+        worker = {"devices": devices, "models": [self.model]}
+        if details:
+            worker.update(host=socket.gethostname(), pid=os.getpid())
+        else:
+            # Where and what it was trained on is for operators (--info-details), not every client.
+            model.pop("provenance", None)
         return {"protocol_versions": list(protocol.SUPPORTED_VERSIONS),
                 "server": {"name": "pg2-server", "version": package_version(), "role": self.role},
-                "models": [model], "devices": devices,
-                "workers": [{"host": socket.gethostname(), "pid": os.getpid(), "devices": devices,
-                             "models": [self.model]}],
+                "ready": self.ready, "models": [model], "devices": devices,
+                "workers": [worker],
                 "limits": {"max_message_bytes": self.config.limits.max_message_bytes,
                            "max_image_side": self.config.limits.max_image_side,
                            "max_queue": self.config.max_queue},
@@ -402,6 +495,7 @@ class Outbox:
 # Worker ↔ broker: the worker's side of broker.py's protocol.
 
 READY, HEARTBEAT, REQUEST, REPLY, DISCONNECT = b"READY", b"HEARTBEAT", b"REQUEST", b"REPLY", b"DISCONNECT"
+CANCEL = b"CANCEL"
 
 
 def connect_to_broker(worker: Worker, endpoint: str, stop: threading.Event, heartbeat_s: float = 1.0,
@@ -437,7 +531,7 @@ def connect_to_broker(worker: Worker, endpoint: str, stop: threading.Event, hear
             log.debug("broker %s not connected; a %s message was not sent", endpoint, bytes(frames[0])[:10])
 
     def register() -> None:
-        to_broker([READY, msgpack.packb({"info": worker.info(), "capacity": capacity})])
+        to_broker([READY, msgpack.packb({"info": worker.info(details=True), "capacity": capacity})])
 
     sock = open_socket()
     register()
@@ -463,8 +557,11 @@ def connect_to_broker(worker: Worker, endpoint: str, stop: threading.Event, hear
                     command = frames[0].bytes
                     if command == REQUEST and len(frames) >= 3:
                         key = frames[1].bytes
+                        # The broker's key is unique per request: it is the request's "peer" here.
                         worker.handle([f.buffer for f in frames[2:]],
-                                      lambda reply, key=key: outbox.send([REPLY, key, *reply]))
+                                      lambda reply, key=key: outbox.send([REPLY, key, *reply]), peer=key)
+                    elif command == CANCEL and len(frames) >= 2:
+                        worker.cancel(frames[1].bytes)
                     elif command == DISCONNECT:
                         last_heard = 0.0  # re-register at once
             if now - last_sent >= heartbeat_s:

@@ -48,7 +48,7 @@ def wait_for_workers(endpoint, count, timeout=60):
 @pytest.fixture
 def cluster():
     frontend, backend = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    broker = cli("broker", "--frontend", frontend, "--backend", backend, "--heartbeat-ms", "200")
+    broker = cli("broker", "--frontend", frontend, "--backend", backend, "--heartbeat-ms", "200", "--info-details")
     workers = [cli("worker", "--connect", backend, "--preset", "tiny", "--random-weights", "--heartbeat-ms", "200",
                    "--max-batch", "2", "--max-delay-ms", "30") for _ in range(2)]
     processes = [broker, *workers]
@@ -153,7 +153,7 @@ def test_curve_workers_only_authorised_workers_get_requests(tmp_path):
                               "--backend", backend, "--curve-workers", str(authorised)],
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0 and "--curve-secret" in refused.stderr
-    broker = cli("broker", "--frontend", frontend, "--backend", backend, "--heartbeat-ms", "200",
+    broker = cli("broker", "--frontend", frontend, "--backend", backend, "--heartbeat-ms", "200", "--info-details",
                  "--curve-secret", str(keys / "broker.key_secret"), "--curve-workers", str(authorised))
     worker_flags = ("worker", "--connect", backend, "--preset", "tiny", "--random-weights", "--heartbeat-ms", "200")
     good = cli(*worker_flags, "--curve-secret", str(keys / "good.key_secret"), "--server-key", str(keys / "broker.key"))

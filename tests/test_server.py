@@ -185,7 +185,7 @@ def test_req_socket_gets_its_envelope_back(server):
     assert header["ok"] and header["id"] == "req-1" and len(payloads) == 1
     assert decode(payloads[0]).shape == (256, 176, 3)
     header, _ = ask(server, protocol.encode_simple("ping", "p"), socket_type=zmq.REQ)
-    assert header == {"v": 1, "id": "p", "ok": True, "pong": True, "role": "serve"}
+    assert header == {"v": 1, "id": "p", "ok": True, "pong": True, "role": "serve", "ready": True}
 
 
 def test_pipelined_dealer_requests_come_back_matched_by_id(server):
