@@ -124,6 +124,10 @@ def test_broker_answers_like_a_server_and_survives_a_killed_worker(cluster):
         while client.info()["workers"]:
             assert time.monotonic() < deadline, "a stopped worker is still listed"
             time.sleep(0.2)
+        assert client.ready() is False and client.info()["ready"] is False
+    probe = subprocess.run([sys.executable, "-m", "pg2_server.cli", "ping", "--server", frontend, "--ready"],
+                           capture_output=True, text=True, timeout=60)
+    assert probe.returncode == 1 and "not ready" in probe.stdout
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(frontend)
