@@ -191,3 +191,59 @@ def test_curve_workers_only_authorised_workers_get_requests(tmp_path):
     for name in ("mallory", "plaintext"):
         assert "reconnecting" in outputs[name], outputs[name]
         assert "worker stopped: 0 requests" in outputs[name], outputs[name]
+
+
+def test_broker_deadlines_cancel_and_clients_that_go():
+    """Requests waiting in the broker: deadline_exceeded, op cancel, and a gone client's work dropped."""
+    frontend, backend = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    broker = cli("broker", "--frontend", frontend, "--backend", backend, "--heartbeat-ms", "200")
+    # The demo preset one image at a time, capacity 2: the rest waits in the broker.
+    worker = cli("worker", "--connect", backend, "--preset", "demo", "--random-weights", "--heartbeat-ms", "200",
+                 "--max-batch", "1", "--max-delay-ms", "0")
+    try:
+        info = wait_for_workers(frontend, 1)
+        assert info["ready"] is True and "pid" not in info["workers"][0]  # no --info-details
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(frontend)
+        head = {"v": 1, "op": "generate", "keypoints": KEYPOINTS, "size": [176, 256], "source": {"format": "png"}}
+        for i in range(8):
+            sock.send_multipart([msgpack.packb({**head, "id": i}), SOURCE_PNG])
+        sock.send_multipart([msgpack.packb({**head, "id": "hurry", "deadline_ms": 30}), SOURCE_PNG])
+        sock.send_multipart([msgpack.packb({**head, "id": "patient", "deadline_ms": 60_000}), SOURCE_PNG])
+        sock.send_multipart([msgpack.packb({"v": 1, "op": "cancel", "id": "x", "target": 7})])
+        replies = {}
+        while len(replies) < 11:
+            assert sock.poll(60000), f"{len(replies)} of 11 replies"
+            header = msgpack.unpackb(sock.recv_multipart()[0])
+            assert header["id"] not in replies
+            replies[header["id"]] = header
+        sock.close()
+        assert replies["x"]["ok"] and replies["x"]["cancelled"] == 1
+        assert replies[7]["error"]["code"] == "cancelled"
+        assert replies["hurry"]["error"]["code"] == "deadline_exceeded"
+        assert replies["patient"]["ok"] and all(replies[i]["ok"] for i in range(7))
+
+        # A client that sends 30 and goes: what still waits in the broker is dropped, not computed.
+        gone = zmq.Context.instance().socket(zmq.DEALER)
+        gone.setsockopt(zmq.LINGER, 0)
+        gone.connect(frontend)
+        for i in range(30):
+            gone.send_multipart([msgpack.packb({**head, "id": i}), SOURCE_PNG])
+        time.sleep(0.3)
+        gone.close()
+        started = time.monotonic()
+        with Client(frontend, timeout=30) as client:
+            assert client.generate(SOURCE_PNG, KEYPOINTS, (176, 256)).image.width == 176
+            waited = time.monotonic() - started
+            counters = client.info()["counters"]
+        assert counters["cancelled"] >= 20, counters  # never left the broker, so never computed
+        assert waited < 5, waited
+    finally:
+        for process in (broker, worker):
+            process.send_signal(signal.SIGTERM)
+        for process in (broker, worker):
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
