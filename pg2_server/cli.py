@@ -294,6 +294,14 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--summary-s", type=float, default=60.0, help="seconds between summary log lines")
     parser.add_argument("--info-details", action="store_true",
                         help="`info` also tells clients the host name, PID and the model's training provenance")
+    parser.add_argument("--metrics-bind", metavar="HOST:PORT",
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics (needs prometheus_client)")
+    add_log_format_argument(parser)
+
+
+def add_log_format_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-format", choices=["text", "json"], default="text",
+                        help="json: one JSON object per log line, and one line per request with its id")
 
 
 def add_reply_budget_arguments(parser: argparse.ArgumentParser) -> None:
@@ -330,7 +338,15 @@ def build_worker(args: argparse.Namespace, role: str):
     config = WorkerConfig(max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, max_queue=args.max_queue,
                           threads=args.threads, source_cache_mb=args.source_cache_mb,
                           limits=Limits(int(args.max_message_mb * 2 ** 20), args.max_image_side))
-    return Worker(pipelines, config, role=role, details=args.info_details)
+    worker = Worker(pipelines, config, role=role, details=args.info_details)
+    worker.log_requests = args.log_format == "json"
+    if args.metrics_bind:
+        try:
+            worker.enable_metrics(args.metrics_bind)
+        except BaseException:
+            worker.close()
+            raise
+    return worker
 
 
 def server_curve(args: argparse.Namespace, workers: bool = False):
@@ -529,6 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--info-details", action="store_true",
                    help="`info` also tells clients the workers' host names, PIDs and training provenance")
     add_reply_budget_arguments(p)
+    add_log_format_argument(p)
     p.set_defaults(func=cmd_broker)
 
     p = sub.add_parser("keys", help="create a CURVE key pair: DIR/NAME.key (public) and DIR/NAME.key_secret")
@@ -593,6 +610,10 @@ def main(argv: list[str] | None = None) -> int:
         quiet_idle_threads()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if getattr(args, "log_format", "text") == "json":
+        from .metrics import JsonFormatter
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
     try:
         return args.func(args)
     except (KeypointError, PoseFileError, ValueError, TypeError, RuntimeError, OSError) as e:

@@ -8,6 +8,7 @@ connects it to a broker (broker.py) with `connect_to_broker`.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -29,6 +30,7 @@ from .keypoints import KeypointError
 from .protocol import Limits, ProtocolError, Request
 
 log = logging.getLogger("pg2_server.worker")
+request_log = logging.getLogger("pg2_server.requests")  # one line per reply, at INFO when log_requests
 
 Reply = Callable[[list], None]
 
@@ -160,9 +162,12 @@ class Worker:
         self.accepting = True
         self.details = details
         self.delivery_stats: Callable[[], dict] | None = None  # set by the socket loop that owns a Delivery
+        self.metrics = None        # a metrics.WorkerMetrics, from enable_metrics
+        self.log_requests = False  # one INFO line per reply on the pg2_server.requests logger
         self._by_peer: dict[object, set] = {}  # admitted jobs not yet answered, per peer (for cancel)
         self.batchers = [Batcher(p, self.jobs, config.max_batch, config.max_delay_ms / 1000.0,
-                                 self._batch_done, self._batch_failed, self._claim) for p in self.pipelines]
+                                 functools.partial(self._batch_done, device=f"{p.device}#{i}"),
+                                 self._batch_failed, self._claim) for i, p in enumerate(self.pipelines)]
         for batcher in self.batchers:
             batcher.start()
 
@@ -177,27 +182,29 @@ class Worker:
             request = protocol.decode_request(frames, self.config.limits)
         except ProtocolError as e:
             self.counters.request(None)
-            self._error(reply, e.id, e.code, e.message, received)
+            self._error(reply, e.id, e.code, e.message, received, op=None)
             return
         self.counters.request(request.op)
         try:
             if request.op == "ping":
                 self._send(reply, protocol.encode_reply(request.id, {"pong": True, "role": self.role,
-                                                                     "ready": self.ready}), None)
+                                                                     "ready": self.ready}), None,
+                           request.id, "ping", received)
                 log.debug("ping id=%r → ok", request.id)
             elif request.op == "cancel":
                 cancelled = self.cancel(peer, request.target)
-                self._send(reply, protocol.encode_reply(request.id, {"cancelled": cancelled}), None)
+                self._send(reply, protocol.encode_reply(request.id, {"cancelled": cancelled}), None,
+                           request.id, "cancel", received)
                 log.debug("cancel id=%r target=%r → %d cancelled", request.id, request.target, cancelled)
             elif request.op == "info":
-                self._send(reply, protocol.encode_reply(request.id, self.info()), None)
+                self._send(reply, protocol.encode_reply(request.id, self.info()), None, request.id, "info", received)
                 log.debug("info id=%r → ok", request.id)
             else:
                 self._admit(request, reply, received, peer)
         except Exception:  # a bug: the client gets a reply, the log gets the trace
             log.error("internal error on request %r:\n%s", request.id, traceback.format_exc())
             self._error(reply, request.id, protocol.INTERNAL, "internal server error; the server log has details",
-                        received)
+                        received, op=request.op)
 
     def _admit(self, request: Request, reply: Reply, received: float, peer) -> None:
         if request.model is not None and request.model != self.model:
@@ -248,10 +255,12 @@ class Worker:
         job.enqueued = time.monotonic()
         self.jobs.put(job)
 
-    def _batch_done(self, batch: list, coarse, final, started: float, ended: float) -> None:
+    def _batch_done(self, batch: list, coarse, final, started: float, ended: float, device: str = "") -> None:
         compute_ms = (ended - started) * 1000
         queue_ms = sum((started - job.received) * 1000 for job in batch)
         self.counters.batch(len(batch), queue_ms, compute_ms)
+        if self.metrics is not None:
+            self.metrics.batch(device, [job.received for job in batch], started, ended)
         if len(batch) == 1 and self.jobs.empty():
             # Nothing is waiting for this device: finishing here saves a thread hand-off of latency.
             batch[0].started = started
@@ -313,7 +322,8 @@ class Worker:
             self._unlist(job)
         if error_code is not None:
             log.debug("generate id=%r → %s", job.request.id, error_code)
-        self._send(job._reply, frames, error_code)
+        self._send(job._reply, frames, error_code, job.request.id, "generate", job.received,
+                   job.started - job.received if job.started else None)
         with self._in_flight_lock:
             self._in_flight -= 1
             if self._in_flight == 0:
@@ -372,14 +382,26 @@ class Worker:
 
     # -- replies -------------------------------------------------------------------------------
 
-    def _send(self, reply: Reply, frames: list, error_code: str | None) -> None:
+    def _send(self, reply: Reply, frames: list, error_code: str | None, request_id=None, op: str | None = None,
+              received: float | None = None, queued_s: float | None = None) -> None:
         self.counters.reply(error_code)
+        op = op or "invalid"  # rejected before its op was known to be valid
+        if self.metrics is not None:
+            self.metrics.replied(op, error_code, received)
+        if self.log_requests:
+            fields = {"id": request_id, "op": op, "code": error_code or "ok"}
+            if received is not None:
+                fields["total_ms"] = round((time.monotonic() - received) * 1000, 3)
+            if queued_s is not None:
+                fields["queue_ms"] = round(queued_s * 1000, 3)
+            request_log.info("%s id=%r → %s", op, request_id, error_code or "ok", extra={"request": fields})
         reply(frames)
 
-    def _error(self, reply: Reply, request_id, code: str, message: str, received: float) -> None:
+    def _error(self, reply: Reply, request_id, code: str, message: str, received: float,
+               op: str | None = "generate") -> None:
         log.debug("request id=%r → %s: %s (%.1f ms)", request_id, code, message,
                   (time.monotonic() - received) * 1000)
-        self._send(reply, protocol.encode_error(request_id, code, message), code)
+        self._send(reply, protocol.encode_error(request_id, code, message), code, request_id, op, received)
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -420,6 +442,14 @@ class Worker:
                            "max_queue": self.config.max_queue},
                 "batching": {"max_batch": self.config.max_batch, "max_delay_ms": self.config.max_delay_ms},
                 "counters": counters}
+
+    def enable_metrics(self, bind: str) -> None:
+        """Serve Prometheus metrics on HOST:PORT (needs prometheus_client)."""
+        from .metrics import WorkerMetrics
+
+        self.metrics = WorkerMetrics(queue_depth=self.jobs.qsize, in_flight=lambda: self._in_flight)
+        self.metrics.serve(bind)
+        log.info("metrics on http://%s/metrics", bind)
 
     def summary(self) -> str:
         """One log line: totals since start."""

@@ -689,3 +689,40 @@ def test_not_ready_while_draining():
             process.kill()
     assert done.returncode == 1 and "not ready" in done.stdout, (done.stdout, done.stderr)
     assert first["ok"] and len(replies) == 11 and process.returncode == 0
+
+
+def test_prometheus_metrics_and_json_log_lines():
+    import urllib.request
+
+    metrics_port = free_port()
+    process, endpoint = start_server("--metrics-bind", f"127.0.0.1:{metrics_port}", "--log-format", "json",
+                                     "--max-batch", "4", "--max-delay-ms", "20")
+    try:
+        with Client(endpoint, timeout=20) as client:
+            results = list(client.generate_many(
+                [GenerateRequest(SOURCE_PNG, KEYPOINTS, (40, 64), tag=i) for i in range(6)], in_flight=6))
+            assert all(r.ok for r in results)
+        assert ask(endpoint, _frames(generate_header("bad-1", size=[0, 5]), SOURCE_PNG))[0]["error"]["code"] \
+            == "bad_request"
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    finally:
+        code, out = stop_server(process)
+    assert code == 0, out
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    assert values['pg2_requests_total{code="ok",op="generate"}'] == 6
+    assert values['pg2_requests_total{code="bad_request",op="invalid"}'] == 1  # rejected while decoding
+    assert values["pg2_request_latency_seconds_count"] == 6
+    assert values["pg2_queue_time_seconds_count"] == 6
+    assert values['pg2_batch_size_sum{device="cpu#0"}'] == 6
+    assert values['pg2_device_busy_seconds_total{device="cpu#0"}'] > 0
+    assert values["pg2_queue_depth"] == 0 and values["pg2_in_flight"] == 0
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert len(lines) == len(out.strip().splitlines())  # every line is JSON
+    requests = [line for line in lines if line["logger"] == "pg2_server.requests" and line["op"] != "ping"]
+    assert sorted(r["id"] for r in requests if r["code"] == "ok") == list(range(1, 7))
+    assert [r["code"] for r in requests if r["id"] == "bad-1"] == ["bad_request"]
+    assert all(r["total_ms"] >= 0 for r in requests)
