@@ -161,6 +161,9 @@ def serve(worker: Worker, bind: str, stop: threading.Event, curve: Curve | None 
         while True:
             # Held replies are retried soon: ZeroMQ gives no per-peer writable event.
             events = dict(poller.poll(2 if delivery.holding else 50))
+            if stop.is_set() and draining_until is None:  # before reading: a ping now must say not ready
+                worker.accepting = False
+                draining_until = time.monotonic() + drain_s
             for peer in tracker.gone():
                 gone(peer)
             if outbox.pull in events:
@@ -177,12 +180,8 @@ def serve(worker: Worker, bind: str, stop: threading.Event, curve: Curve | None 
             if now - last_summary >= summary_s:
                 log.info("summary: %s", worker.summary())
                 last_summary = now
-            if stop.is_set():
-                if draining_until is None:
-                    worker.accepting = False
-                    draining_until = now + drain_s
-                if worker.in_flight == 0 or now > draining_until:
-                    break
+            if draining_until is not None and (worker.in_flight == 0 or now > draining_until):
+                break
         if worker.in_flight:
             log.warning("%d requests still running after %g s; exiting without their replies",
                         worker.in_flight, drain_s)

@@ -603,7 +603,7 @@ def test_cancel_one_queued_request_then_all(busy_server):
     replies.update({k: "ok" if h["ok"] else h["error"]["code"] for k, h in first.items()})
     assert cancel_s < 1.0, f"cancel took {cancel_s:.2f} s"  # the queue ahead of it took ~1.5 s
     outcomes = [replies[f"c{i}"] for i in range(8)]
-    assert set(outcomes) <= {"ok", "cancelled"} and outcomes[0] == "ok" and outcomes.count("cancelled") >= 3
+    assert set(outcomes) <= {"ok", "cancelled"} and outcomes.count("cancelled") >= 3
     assert replies["x2"] == "ok"
 
 
@@ -675,20 +675,20 @@ def test_not_ready_while_draining():
     process, endpoint = start_server("--preset", "demo", "--max-batch", "1", "--max-delay-ms", "0")
     sock = dealer(endpoint)
     try:
-        send_slow(sock, range(12))
+        send_slow(sock, range(40))
         assert sock.poll(30000)
         first = msgpack.unpackb(sock.recv_multipart()[0])
         process.send_signal(signal.SIGTERM)
-        time.sleep(0.1)
-        done = run_cli("ping", "--server", endpoint, "--ready", "--timeout", "5", "--retries", "1")
-        replies = collect(sock, 11)
+        with Client(endpoint, timeout=5, retries=1) as client:
+            ready = client.ready()
+        replies = collect(sock, 39)
         process.wait(timeout=30)
     finally:
         sock.close()
         if process.poll() is None:
             process.kill()
-    assert done.returncode == 1 and "not ready" in done.stdout, (done.stdout, done.stderr)
-    assert first["ok"] and len(replies) == 11 and process.returncode == 0
+    assert ready is False
+    assert first["ok"] and len(replies) == 39 and process.returncode == 0
 
 
 def test_prometheus_metrics_and_json_log_lines():
