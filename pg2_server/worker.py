@@ -545,6 +545,7 @@ def connect_to_broker(worker: Worker, endpoint: str, stop: threading.Event, hear
         sock = context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, worker.config.limits.max_message_bytes + 4096)
+        sock.setsockopt(zmq.SNDTIMEO, int(heartbeat_s * liveness * 1000))
         if curve is not None:
             sock.curve_serverkey = curve.server_public
             sock.curve_publickey = curve.client_public
@@ -552,13 +553,18 @@ def connect_to_broker(worker: Worker, endpoint: str, stop: threading.Event, hear
         sock.connect(endpoint)
         return sock
 
-    def to_broker(frames: list) -> None:
-        # Never block: a DEALER whose connection never completed (a broker that refused this
-        # worker's key, or is down) would block on send. The broker re-sends what it misses.
+    def to_broker(frames: list, wait: bool = False) -> None:
+        # A DEALER whose connection never completed (a broker that refused this worker's key, or
+        # is down) blocks on send: heartbeats are not waited for, replies for a bounded time
+        # (SNDTIMEO), after which the broker will have written this worker off and re-sent them.
         try:
-            sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            sock.send_multipart(frames, 0 if wait else zmq.NOBLOCK, copy=False)
         except zmq.Again:
-            log.debug("broker %s not connected; a %s message was not sent", endpoint, bytes(frames[0])[:10])
+            (log.warning if wait else log.debug)("broker %s not reachable; a %s message was not sent", endpoint,
+                                                 bytes(frames[0])[:10].decode(errors="replace"))
+
+    def send_reply(frames: list) -> None:
+        to_broker(frames, wait=True)
 
     def register() -> None:
         to_broker([READY, msgpack.packb({"info": worker.info(details=True), "capacity": capacity})])
@@ -576,7 +582,7 @@ def connect_to_broker(worker: Worker, endpoint: str, stop: threading.Event, hear
             events = dict(poller.poll(100))
             now = time.monotonic()
             if outbox.pull in events:
-                outbox.deliver(to_broker)
+                outbox.deliver(send_reply)
             if sock in events:
                 while True:
                     try:
@@ -610,7 +616,7 @@ def connect_to_broker(worker: Worker, endpoint: str, stop: threading.Event, hear
                 last_summary = now
         # Finish what was admitted, deliver its replies, then say goodbye.
         worker.drain(timeout=60)
-        outbox.deliver(to_broker)
+        outbox.deliver(send_reply)
         to_broker([DISCONNECT])
         log.info("worker stopped: %s", worker.summary())
     finally:
