@@ -140,6 +140,11 @@ class Broker:
                     del self.by_peer[entry.peer]
             if entry.worker is not None and entry.worker in self.workers:
                 self.workers[entry.worker].in_flight.discard(key)
+            elif entry.worker is None:
+                try:
+                    self.waiting.remove(key)  # so the queue bound counts only what still waits
+                except ValueError:
+                    pass
         return entry
 
     def cancel(self, peer: bytes, request_id=None, answer: bool = True) -> tuple[int, int]:
@@ -422,7 +427,7 @@ class Broker:
         counters = self.counters.snapshot()
         counters.update(totals, mean_batch=round(totals["batched_requests"] / totals["batches"], 3)
                         if totals["batches"] else 0.0, waiting=len(self.waiting),
-                        in_flight=len(self.pending) - len(self.waiting), resent=self.resent,
+                        in_flight=sum(1 for e in self.pending.values() if e.worker is not None), resent=self.resent,
                         cancelled=self.cancelled, **self.delivery.stats())
         first = next(iter(self.workers.values()), None)
         limits = dict(first.info.get("limits", {})) if first else {}
