@@ -27,6 +27,9 @@ log = logging.getLogger("pg2_server.peers")
 SEND_HWM = 8
 
 
+_SENT, _FULL, _GONE = "sent", "full", "gone"
+
+
 def configure(sock: zmq.Socket) -> None:
     """Settings (before bind) that let Delivery see full and vanished peers."""
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -64,9 +67,14 @@ class Delivery:
     def send(self, frames: list) -> None:
         """Send one reply now, or hold it (in order, behind what already waits for that peer)."""
         peer = _identity(frames[0])
-        if peer not in self._held and self._try(frames):
+        if peer in self._held:
+            self._hold(peer, frames)
             return
-        self._hold(peer, frames)
+        outcome = self._try(frames)
+        if outcome == _FULL:
+            self._hold(peer, frames)
+        elif outcome == _GONE:
+            self.unreachable += 1
 
     def flush(self) -> None:
         """Retry the held replies, oldest first per peer."""
@@ -74,12 +82,14 @@ class Delivery:
             waiting = self._held[peer]
             while waiting:
                 frames, size = waiting[0]
-                if not self._try(frames):
+                outcome = self._try(frames)
+                if outcome == _FULL:
+                    break
+                if outcome == _GONE:
+                    self.forget(peer)  # counts this reply and the rest as unreachable
                     break
                 waiting.popleft()
                 self._release(peer, size)
-                if peer not in self._held:  # the peer was found gone and forgotten
-                    break
 
     def forget(self, peer: bytes) -> None:
         """Free what was held for a peer that went away."""
@@ -97,19 +107,17 @@ class Delivery:
                 "replies_unreachable": self.unreachable,
                 "reply_budget_bytes": {"per_client": self.peer_bytes, "total": self.total_bytes}}
 
-    def _try(self, frames: list) -> bool:
-        """True when the reply left (or its peer is gone), False when the peer's queue is full."""
+    def _try(self, frames: list) -> str:
+        """_SENT, _FULL (the peer's queue in ZeroMQ is full) or _GONE (no such peer any more)."""
         try:
             self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
-            return True
+            return _SENT
         except zmq.Again:
-            return False
+            return _FULL
         except zmq.ZMQError as e:
             if e.errno != zmq.EHOSTUNREACH:
                 raise
-            self.unreachable += 1
-            self.forget(_identity(frames[0]))
-            return True
+            return _GONE
 
     def _hold(self, peer: bytes, frames: list) -> None:
         size = _size(frames)
