@@ -148,6 +148,7 @@ class PeerTracker:
     """Which peers of a ROUTER went away: call `seen` for every message, `gone` every loop."""
 
     def __init__(self, sock: zmq.Socket):
+        self._sock = sock
         self.monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._by_fd: dict[int, bytes] = {}
         # Disconnects already inferred from a reused file descriptor, whose event is still to come.
@@ -182,4 +183,8 @@ class PeerTracker:
                 peers.append(peer)
 
     def close(self) -> None:
+        try:
+            self._sock.disable_monitor()
+        except zmq.ZMQError:
+            pass  # the socket is closed already
         self.monitor.close(linger=0)

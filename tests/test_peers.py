@@ -8,19 +8,23 @@ import zmq
 from pg2_server import peers
 
 
+CONTEXT = {}
+
+
 @pytest.fixture
 def router():
-    context = zmq.Context.instance()
+    context = CONTEXT["context"] = zmq.Context()  # its own: nothing left behind for other tests
     sock = context.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     peers.configure(sock)
     port = sock.bind_to_random_port("tcp://127.0.0.1")
     yield sock, f"tcp://127.0.0.1:{port}"
     sock.close()
+    context.destroy(linger=0)
 
 
 def connect(endpoint):
-    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer = CONTEXT["context"].socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.setsockopt(zmq.RCVHWM, 1)
     dealer.setsockopt(zmq.RCVBUF, 4096)
