@@ -22,7 +22,8 @@ class Batcher(threading.Thread):
 
     def __init__(self, pipeline, jobs: queue.Queue, max_batch: int, max_delay_s: float,
                  on_done: Callable[[Sequence, object, object, float, float], None],
-                 on_error: Callable[[Sequence, BaseException], None]):
+                 on_error: Callable[[Sequence, BaseException], None],
+                 claim: Callable[[object], bool] = lambda job: True):
         super().__init__(name=f"batcher-{pipeline.device}", daemon=True)
         if max_batch < 1:
             raise ValueError(f"max batch must be at least 1, got {max_batch}")
@@ -34,6 +35,7 @@ class Batcher(threading.Thread):
         self.max_delay_s = max_delay_s
         self.on_done = on_done
         self.on_error = on_error
+        self.claim = claim
         self.busy = False
 
     def stop(self) -> None:
@@ -41,10 +43,14 @@ class Batcher(threading.Thread):
         self.jobs.put(_STOP)
 
     def collect(self) -> list | None:
-        """The next batch, or None once stopped."""
-        first = self.jobs.get()
-        if first is _STOP:
-            return None
+        """The next batch, or None once stopped. Each job is claimed as it is taken: one that was
+        cancelled or is past its deadline is left out (its reply is the claim's business)."""
+        while True:
+            first = self.jobs.get()
+            if first is _STOP:
+                return None
+            if self.claim(first):
+                break
         batch = [first]
         deadline = first.enqueued + self.max_delay_s
         while len(batch) < self.max_batch:
@@ -56,7 +62,8 @@ class Batcher(threading.Thread):
             if job is _STOP:
                 self.jobs.put(_STOP)  # run this batch, then stop on the next collect
                 break
-            batch.append(job)
+            if self.claim(job):
+                batch.append(job)
         return batch
 
     def run(self) -> None:

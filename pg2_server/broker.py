@@ -6,6 +6,7 @@ worker`, worker.connect_to_broker) connect a DEALER to the backend and speak:
     worker → broker   [READY, msgpack{info, capacity}]  [HEARTBEAT, msgpack counters]
                       [REPLY, key, reply frames...]      [DISCONNECT]
     broker → worker   [REQUEST, key, request frames...]  [HEARTBEAT]  [DISCONNECT]
+                      [CANCEL, key]  (the client cancelled it or went away: drop it if not started)
 
 A worker silent for `liveness` heartbeats is dropped; the requests it held are sent once more
 to another worker (generation is idempotent), and answered `overloaded` if that fails too.
@@ -13,6 +14,7 @@ Each request is answered once: a late reply for a request already answered is dr
 """
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 import threading
@@ -23,10 +25,10 @@ from dataclasses import dataclass, field
 import msgpack
 import zmq
 
-from . import protocol
+from . import peers, protocol
 from .protocol import ProtocolError
-from .server import Curve, secure_socket
-from .worker import DISCONNECT, HEARTBEAT, READY, REPLY, REQUEST, Counters, package_version
+from .server import Curve, curve_server, start_authenticator
+from .worker import CANCEL, DISCONNECT, HEARTBEAT, READY, REPLY, REQUEST, Counters, package_version
 
 log = logging.getLogger("pg2_server.broker")
 
@@ -42,6 +44,9 @@ class BrokerConfig:
     max_attempts: int = 2          # the first send plus one re-send after a worker died
     summary_s: float = 60.0
     drain_s: float = 60.0
+    info_details: bool = False     # hosts, PIDs and training provenance in `info`
+    max_unread_bytes: int = 64 * 2 ** 20         # replies held for one client that does not read
+    max_unread_total_bytes: int = 512 * 2 ** 20  # ... and for all of them
 
 
 @dataclass
@@ -67,6 +72,12 @@ class Pending:
     received: float
     attempts: int = 0
     worker: bytes | None = None
+    header: dict | None = None
+    deadline: float | None = None  # monotonic; from the header's deadline_ms
+
+    @property
+    def peer(self) -> bytes:
+        return self.envelope[0].bytes if isinstance(self.envelope[0], zmq.Frame) else bytes(self.envelope[0])
 
 
 class Broker:
@@ -80,9 +91,14 @@ class Broker:
         self.frontend.setsockopt(zmq.LINGER, 2000)
         self.frontend.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes)
         self.frontend.setsockopt(zmq.RCVHWM, 10000)
-        self.frontend.setsockopt(zmq.SNDHWM, 10000)
-        self.authenticator = secure_socket(self.context, self.frontend, curve)
+        peers.configure(self.frontend)
+        self.authenticator = start_authenticator(self.context, curve)
+        if curve is not None and curve.clients_dir is not None:
+            curve_server(self.frontend, curve, "clients")
         self.backend = self.context.socket(zmq.ROUTER)
+        if curve is not None and curve.workers_dir is not None:
+            # Workers see every client's image: only the keys in workers_dir may register.
+            curve_server(self.backend, curve, "workers")
         self.backend.setsockopt(zmq.LINGER, 0)
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a dead worker raises instead of dropping
         self.backend.setsockopt(zmq.SNDHWM, 10000)
@@ -94,6 +110,11 @@ class Broker:
             self.close()
             raise RuntimeError(f"cannot bind {frontend} / {backend}: {e}") from None
         self.endpoints = (frontend, backend)
+        self.delivery = peers.Delivery(self.frontend, config.max_unread_bytes, config.max_unread_total_bytes)
+        self.tracker = peers.PeerTracker(self.frontend)
+        self.by_peer: dict[bytes, set[bytes]] = {}  # client → keys of its pending requests
+        self.deadlines: list[tuple[float, bytes]] = []  # heap of (deadline, key)
+        self.cancelled = 0
         self.workers: dict[bytes, WorkerState] = {}
         self.pending: dict[bytes, Pending] = {}
         self.waiting: deque[bytes] = deque()
@@ -106,12 +127,78 @@ class Broker:
 
     def _reply(self, envelope: list, frames: list, error_code: str | None) -> None:
         self.counters.reply(error_code)
-        self.frontend.send_multipart(envelope + frames, copy=False)
+        self.delivery.send(envelope + frames)
+
+    def _take(self, key: bytes) -> Pending | None:
+        """Remove a pending request (answered, cancelled or expired) from every index."""
+        entry = self.pending.pop(key, None)
+        if entry is not None:
+            keys = self.by_peer.get(entry.peer)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self.by_peer[entry.peer]
+            if entry.worker is not None and entry.worker in self.workers:
+                self.workers[entry.worker].in_flight.discard(key)
+            elif entry.worker is None:
+                try:
+                    self.waiting.remove(key)  # so the queue bound counts only what still waits
+                except ValueError:
+                    pass
+        return entry
+
+    def cancel(self, peer: bytes, request_id=None, answer: bool = True) -> tuple[int, int]:
+        """Cancel `peer`'s requests (one id, or all): those waiting here are answered `cancelled`;
+        for those a worker holds, the worker is asked to cancel them if not started.
+        Returns (cancelled here, forwarded to workers)."""
+        here = forwarded = 0
+        for key in list(self.by_peer.get(peer, ())):
+            entry = self.pending[key]
+            if request_id is not None and entry.request_id != request_id:
+                continue
+            if entry.worker is None:
+                self._take(key)
+                here += 1
+                self.cancelled += 1
+                if answer:
+                    self._error(entry.envelope, entry.request_id, protocol.CANCELLED,
+                                "the request was cancelled before it started")
+            else:
+                forwarded += 1
+                try:
+                    self.backend.send_multipart([entry.worker, CANCEL, key], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass  # the worker is gone or full: its reply, if any, still comes back once
+        return here, forwarded
+
+    def peer_gone(self, peer: bytes) -> None:
+        """A client went away: its waiting requests are dropped, its workers' ones cancelled."""
+        here, forwarded = self.cancel(peer, answer=False)
+        self.delivery.forget(peer)
+        if here or forwarded:
+            log.info("a client went away: %d waiting requests dropped, %d cancelled on workers", here, forwarded)
+
+    def expire(self, now: float) -> None:
+        """Answer `deadline_exceeded` to waiting requests whose deadline has passed."""
+        while self.deadlines and self.deadlines[0][0] < now:
+            _, key = heapq.heappop(self.deadlines)
+            entry = self.pending.get(key)
+            if entry is None or entry.worker is not None:
+                continue  # answered, or a worker has it (with the time that was left)
+            self._expired(key, entry)
+
+    def _expired(self, key: bytes, entry: Pending) -> None:
+        self._take(key)
+        self._error(entry.envelope, entry.request_id, protocol.DEADLINE_EXCEEDED,
+                    f"no worker could start the request within its deadline_ms of "
+                    f"{entry.header['deadline_ms']:g}; send a longer deadline or retry later")
 
     def _error(self, envelope: list, request_id, code: str, message: str) -> None:
         self._reply(envelope, protocol.encode_error(request_id, code, message), code)
 
     def on_client(self, frames: list) -> None:
+        for peer in self.tracker.seen(frames):
+            self.peer_gone(peer)
         envelope, message = protocol.split_envelope(frames)
         try:
             if not message:
@@ -132,7 +219,18 @@ class Broker:
             if len(message) > 1:
                 self._error(envelope, request_id, protocol.BAD_REQUEST, "op ping takes no payload frames")
             else:
-                self._reply(envelope, protocol.encode_reply(request_id, {"pong": True, "role": "broker"}), None)
+                self._reply(envelope, protocol.encode_reply(request_id, {"pong": True, "role": "broker",
+                                                                         "ready": self.ready}), None)
+            return
+        if op == "cancel":
+            target = header.get("target")
+            if target is not None and (isinstance(target, bool) or not isinstance(target, (str, int))):
+                self._error(envelope, request_id, protocol.BAD_REQUEST,
+                            "cancel's target must be the id of a request sent on this connection")
+                return
+            here, forwarded = self.cancel(frames[0].bytes, target)
+            self._reply(envelope, protocol.encode_reply(request_id, {"cancelled": here, "forwarded": forwarded}),
+                        None)
             return
         if op == "info":
             self._reply(envelope, protocol.encode_reply(request_id, self.info()), None)
@@ -150,8 +248,20 @@ class Broker:
             self._error(envelope, request_id, protocol.OVERLOADED,
                         f"{len(self.waiting)} requests are waiting for a worker; retry later")
             return
+        deadline_ms = header.get("deadline_ms")
+        if deadline_ms is not None and (isinstance(deadline_ms, bool) or not isinstance(deadline_ms, (int, float))
+                                        or not 0 < deadline_ms <= protocol.MAX_DEADLINE_MS):
+            self._error(envelope, request_id, protocol.BAD_REQUEST, f"deadline_ms must be a number of milliseconds "
+                                                                   f"in (0, {protocol.MAX_DEADLINE_MS}]")
+            return
         key = next(self.keys)
-        self.pending[key] = Pending(envelope, message, request_id, model, time.monotonic())
+        now = time.monotonic()
+        entry = Pending(envelope, message, request_id, model, now, header=header)
+        if deadline_ms is not None:
+            entry.deadline = now + deadline_ms / 1000
+            heapq.heappush(self.deadlines, (entry.deadline, key))
+        self.pending[key] = entry
+        self.by_peer.setdefault(entry.peer, set()).add(key)
         self.waiting.append(key)
 
     # -- workers -------------------------------------------------------------------------------
@@ -183,8 +293,16 @@ class Broker:
                 if not any(len(w.in_flight) < w.capacity for w in self.workers.values()):
                     break
                 continue
+            frames = entry.frames
+            if entry.deadline is not None:
+                # The worker counts the deadline from its own receipt: send the time that is left.
+                remaining_ms = (entry.deadline - time.monotonic()) * 1000
+                if remaining_ms <= 0:
+                    self._expired(key, entry)
+                    continue
+                frames = [msgpack.packb({**entry.header, "deadline_ms": remaining_ms}), *entry.frames[1:]]
             try:
-                self.backend.send_multipart([worker.identity, REQUEST, key, *entry.frames], copy=False)
+                self.backend.send_multipart([worker.identity, REQUEST, key, *frames], copy=False)
             except zmq.ZMQError:  # EHOSTUNREACH: the worker's connection is gone
                 held.append(key)
                 self.drop(worker.identity, "its connection is gone")
@@ -232,7 +350,7 @@ class Broker:
         elif command == REPLY and len(frames) >= 4:
             key = frames[2].bytes
             worker.in_flight.discard(key)
-            entry = self.pending.pop(key, None)
+            entry = self._take(key)
             if entry is None:
                 return  # answered already (after a re-send); exactly one reply per request
             reply = frames[3:]
@@ -253,9 +371,10 @@ class Broker:
                 continue
             if entry.attempts < self.config.max_attempts:
                 self.resent += 1
+                entry.worker = None
                 self.waiting.appendleft(key)  # oldest first, ahead of newer requests
             else:
-                del self.pending[key]
+                self._take(key)
                 self._error(entry.envelope, entry.request_id, protocol.OVERLOADED,
                             f"the workers handling this request stopped {entry.attempts} times; retry later")
 
@@ -275,11 +394,16 @@ class Broker:
                 break
             key = self.waiting.popleft()
             if entry is not None:
-                del self.pending[key]
+                self._take(key)
                 self._error(entry.envelope, entry.request_id, protocol.OVERLOADED,
                             f"no worker took this request within {self.config.max_wait_s:g} s; retry later")
 
     # -- info ------------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """Taking new work: not draining, and at least one worker registered."""
+        return self.accepting and bool(self.workers)
 
     def info(self) -> dict:
         """The `info` body: the workers' models and devices, the broker's limits, summed counters."""
@@ -292,20 +416,27 @@ class Broker:
                     models.append(model)
             devices.extend(worker.info.get("devices", []))
             for description in worker.info.get("workers", []):
-                workers.append({**description, "in_flight": len(worker.in_flight), "capacity": worker.capacity})
+                description = {**description, "in_flight": len(worker.in_flight), "capacity": worker.capacity}
+                if not self.config.info_details:
+                    description.pop("host", None)
+                    description.pop("pid", None)
+                workers.append(description)
             for key in totals:
                 value = worker.counters.get(key, 0)
                 totals[key] += value if isinstance(value, int) else 0
         counters = self.counters.snapshot()
         counters.update(totals, mean_batch=round(totals["batched_requests"] / totals["batches"], 3)
                         if totals["batches"] else 0.0, waiting=len(self.waiting),
-                        in_flight=len(self.pending) - len(self.waiting), resent=self.resent)
+                        in_flight=sum(1 for e in self.pending.values() if e.worker is not None), resent=self.resent,
+                        cancelled=self.cancelled, **self.delivery.stats())
         first = next(iter(self.workers.values()), None)
         limits = dict(first.info.get("limits", {})) if first else {}
         limits.update(max_message_bytes=self.config.max_message_bytes, max_queue=self.config.max_queue)
+        if not self.config.info_details:
+            models = [{k: v for k, v in m.items() if k != "provenance"} for m in models]
         return {"protocol_versions": list(protocol.SUPPORTED_VERSIONS),
                 "server": {"name": "pg2-server", "version": package_version(), "role": "broker"},
-                "models": models, "devices": devices, "workers": workers, "limits": limits,
+                "ready": self.ready, "models": models, "devices": devices, "workers": workers, "limits": limits,
                 "batching": first.info.get("batching", {}) if first else {}, "counters": counters}
 
     # -- loop ------------------------------------------------------------------------------------
@@ -323,7 +454,11 @@ class Broker:
         try:
             while True:
                 timeout = max(0.0, next_beat - time.monotonic())
-                events = dict(poller.poll(min(timeout, 0.1) * 1000))
+                # Held replies are retried soon: ZeroMQ gives no per-peer writable event.
+                events = dict(poller.poll(min(timeout, 0.002 if self.delivery.holding else 0.1) * 1000))
+                for peer in self.tracker.gone():
+                    self.peer_gone(peer)
+                self.delivery.flush()
                 if self.backend in events:
                     while True:
                         try:
@@ -336,8 +471,9 @@ class Broker:
                             self.on_client(self.frontend.recv_multipart(zmq.NOBLOCK, copy=False))
                         except zmq.Again:
                             break
-                self.dispatch()
                 now = time.monotonic()
+                self.expire(now)
+                self.dispatch()
                 if now >= next_beat:
                     self.housekeeping(now)
                     next_beat = now + self.config.heartbeat_s
@@ -357,10 +493,13 @@ class Broker:
                 self._error(entry.envelope, entry.request_id, protocol.OVERLOADED,
                             "the broker is shutting down; retry later")
             self.pending.clear()
+            self.delivery.flush()
         finally:
             self.close()
 
     def close(self) -> None:
+        if getattr(self, "tracker", None) is not None:
+            self.tracker.close()
         self.frontend.close()
         self.backend.close(linger=0)
         if self.authenticator:

@@ -7,8 +7,8 @@
     pg2-server generate --local|--server ... --source IMG --pose-from REFERENCE_PHOTO --out OUT.png
     pg2-server pose PHOTO... --out POSE.json|DIR [--openpose] [--overlay]     # needs the pose extra
     pg2-server serve [--checkpoint CKPT | --preset NAME --random-weights] [--bind tcp://127.0.0.1:5557]
-    pg2-server broker --frontend tcp://*:5557 --backend tcp://*:5558
-    pg2-server worker --connect tcp://BROKER:5558 [--checkpoint CKPT] [--device cuda:0]
+    pg2-server broker --frontend tcp://*:5557 --backend tcp://*:5558 [--curve-secret K --curve-workers DIR]
+    pg2-server worker --connect tcp://BROKER:5558 [--checkpoint CKPT] [--device cuda:0] [--curve-secret K --server-key B]
     pg2-server keys DIR NAME
     pg2-server info|ping --server tcp://HOST:5557
     pg2-server bench [--server ENDPOINT | --preset demo --random-weights] --clients 16 --max-batch 16
@@ -368,6 +368,34 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source-cache-mb", type=float, default=64.0,
                         help="decoded source images kept for reuse, by content (default 64; 0 = off)")
     parser.add_argument("--summary-s", type=float, default=60.0, help="seconds between summary log lines")
+    parser.add_argument("--info-details", action="store_true",
+                        help="`info` also tells clients the host name, PID and the model's training provenance")
+    parser.add_argument("--metrics-bind", metavar="HOST:PORT",
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics (needs prometheus_client)")
+    add_log_format_argument(parser)
+
+
+def add_log_format_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-format", choices=["text", "json"], default="text",
+                        help="json: one JSON object per log line, and one line per request with its id")
+
+
+def add_reply_budget_arguments(parser: argparse.ArgumentParser) -> None:
+    """Byte budgets for replies that clients do not read (serve and broker)."""
+    parser.add_argument("--max-unread-mb", type=float, default=64.0,
+                        help="replies held for one client that is not reading, in MiB; past it they are dropped "
+                             "(default 64)")
+    parser.add_argument("--max-unread-total-mb", type=float, default=512.0,
+                        help="replies held for all such clients together, in MiB (default 512)")
+
+
+def reply_budget(args: argparse.Namespace):
+    """The ReplyBudget of --max-unread-mb / --max-unread-total-mb."""
+    from .server import ReplyBudget
+
+    if args.max_unread_mb <= 0 or args.max_unread_total_mb <= 0:
+        raise SystemExit("error: --max-unread-mb and --max-unread-total-mb must be positive")
+    return ReplyBudget(int(args.max_unread_mb * 2 ** 20), int(args.max_unread_total_mb * 2 ** 20))
 
 
 def build_worker(args: argparse.Namespace, role: str):
@@ -386,18 +414,30 @@ def build_worker(args: argparse.Namespace, role: str):
     config = WorkerConfig(max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, max_queue=args.max_queue,
                           threads=args.threads, source_cache_mb=args.source_cache_mb,
                           limits=Limits(int(args.max_message_mb * 2 ** 20), args.max_image_side))
-    return Worker(pipelines, config, role=role)
+    worker = Worker(pipelines, config, role=role, details=args.info_details)
+    worker.log_requests = args.log_format == "json"
+    if args.metrics_bind:
+        try:
+            worker.enable_metrics(args.metrics_bind)
+        except BaseException:
+            worker.close()
+            raise
+    return worker
 
 
-def server_curve(args: argparse.Namespace):
-    """The server side of CURVE from --curve-secret/--curve-clients (both or neither), checked."""
+def server_curve(args: argparse.Namespace, workers: bool = False):
+    """The server side of CURVE from --curve-secret with --curve-clients (and, on a broker,
+    --curve-workers; either folder alone), checked; None without them."""
     from .server import Curve
 
-    if not (args.curve_secret or args.curve_clients):
+    workers_dir = getattr(args, "curve_workers", None) if workers else None
+    folders = "--curve-clients DIR and/or --curve-workers DIR" if workers else "--curve-clients DIR"
+    if not (args.curve_secret or args.curve_clients or workers_dir):
         return None
-    if not (args.curve_secret and args.curve_clients):
-        raise SystemExit("error: CURVE needs both --curve-secret SERVER.key_secret and --curve-clients DIR")
-    curve = Curve(Path(args.curve_secret), Path(args.curve_clients))
+    if not args.curve_secret or not (args.curve_clients or workers_dir):
+        raise SystemExit(f"error: CURVE needs --curve-secret SERVER.key_secret and {folders}")
+    curve = Curve(Path(args.curve_secret), Path(args.curve_clients) if args.curve_clients else None,
+                  Path(workers_dir) if workers_dir else None)
     curve.check()
     return curve
 
@@ -409,8 +449,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_endpoint(args.bind, bind=True)
     curve = server_curve(args)
     stop = StopSignal()
+    budget = reply_budget(args)
     worker = build_worker(args, "serve")
-    serve(worker, args.bind, stop.event, curve=curve, summary_s=args.summary_s, drain_s=args.drain_s)
+    serve(worker, args.bind, stop.event, curve=curve, summary_s=args.summary_s, drain_s=args.drain_s,
+          budget=budget)
     return 0
 
 
@@ -420,11 +462,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from .worker import connect_to_broker
 
     check_endpoint(args.connect)
+    curve = None
+    if args.curve_secret or args.server_key:
+        from .client import Curve
+        if not (args.curve_secret and args.server_key):
+            raise SystemExit("error: CURVE needs both --curve-secret WORKER.key_secret and --server-key BROKER.key")
+        curve = Curve.from_files(args.server_key, args.curve_secret)
     stop = StopSignal()
     worker = build_worker(args, "worker")
     try:
         connect_to_broker(worker, args.connect, stop.event, heartbeat_s=args.heartbeat_ms / 1000,
-                          summary_s=args.summary_s)
+                          summary_s=args.summary_s, curve=curve)
     finally:
         worker.close()
     return 0
@@ -437,9 +485,12 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
     check_endpoint(args.frontend, bind=True)
     check_endpoint(args.backend, bind=True)
-    curve = server_curve(args)
+    curve = server_curve(args, workers=True)
+    budget = reply_budget(args)
     config = BrokerConfig(heartbeat_s=args.heartbeat_ms / 1000, max_queue=args.max_queue,
-                          max_message_bytes=int(args.max_message_mb * 2 ** 20), summary_s=args.summary_s)
+                          max_message_bytes=int(args.max_message_mb * 2 ** 20), summary_s=args.summary_s,
+                          info_details=args.info_details, max_unread_bytes=budget.per_client,
+                          max_unread_total_bytes=budget.total)
     stop = StopSignal()
     Broker(args.frontend, args.backend, config, curve=curve).run(stop.event)
     return 0
@@ -491,6 +542,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_ping(args: argparse.Namespace) -> int:
     import time
 
+    if args.ready:  # a readiness probe: exit 0 only when the server takes work
+        with client_from_args(args) as client:
+            ready = client.ready()
+        print(f"{args.server}: {'ready' if ready else 'not ready (loading, draining or no workers)'}")
+        return 0 if ready else 1
     with client_from_args(args) as client:
         for i in range(args.count):
             print(f"pong from {args.server}: {client.ping():.2f} ms")
@@ -555,12 +611,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curve-secret", metavar="FILE", help="server secret key file (server.key_secret)")
     p.add_argument("--curve-clients", metavar="DIR", help="folder of authorised client public keys (*.key)")
     p.add_argument("--drain-s", type=float, default=60.0, help="on SIGTERM, wait this long for in-flight work")
+    add_reply_budget_arguments(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="serve the model for a broker (scale-out)")
     add_worker_arguments(p)
     p.add_argument("--connect", required=True, help="the broker's backend, e.g. tcp://BROKER:5558")
     p.add_argument("--heartbeat-ms", type=float, default=1000.0, help="heartbeat interval (default 1000)")
+    p.add_argument("--curve-secret", metavar="FILE", help="this worker's secret key file (WORKER.key_secret)")
+    p.add_argument("--server-key", metavar="FILE", help="the broker's public key file (BROKER.key)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("broker", help="load-balancing broker: clients on --frontend, workers on --backend")
@@ -571,7 +630,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-mb", type=float, default=32.0, help="largest request in MiB (default 32)")
     p.add_argument("--curve-secret", metavar="FILE", help="server secret key file for the frontend")
     p.add_argument("--curve-clients", metavar="DIR", help="folder of authorised client public keys")
+    p.add_argument("--curve-workers", metavar="DIR",
+                   help="folder of authorised worker public keys (CURVE on the backend; needs --curve-secret)")
     p.add_argument("--summary-s", type=float, default=60.0, help="seconds between summary log lines")
+    p.add_argument("--info-details", action="store_true",
+                   help="`info` also tells clients the workers' host names, PIDs and training provenance")
+    add_reply_budget_arguments(p)
+    add_log_format_argument(p)
     p.set_defaults(func=cmd_broker)
 
     p = sub.add_parser("keys", help="create a CURVE key pair: DIR/NAME.key (public) and DIR/NAME.key_secret")
@@ -589,6 +654,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_client_arguments(p)
     p.add_argument("--count", type=int, default=1)
     p.add_argument("--interval", type=float, default=1.0)
+    p.add_argument("--ready", action="store_true",
+                   help="readiness probe: exit 1 when the server answers but is not ready, 3 when it does not answer")
     p.set_defaults(func=cmd_ping)
 
     p = sub.add_parser("bench", help="served throughput and latency vs the raw pipeline")
@@ -636,6 +703,10 @@ def main(argv: list[str] | None = None) -> int:
         quiet_idle_threads()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if getattr(args, "log_format", "text") == "json":
+        from .metrics import JsonFormatter
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
     try:
         return args.func(args)
     except (KeypointError, PoseFileError, ValueError, TypeError, RuntimeError, OSError) as e:

@@ -85,13 +85,14 @@ class GenerateRequest:
     stages: Sequence[str] = ("g2",)
     model: str | None = None
     tag: object = None  # anything the caller wants back with the result (a frame number, a path)
+    deadline_ms: float | None = None  # the server answers `deadline_exceeded` rather than start it later
 
     def frames(self, request_id) -> list[bytes]:
         fmt = source_format(self.source, self.source_size)
         width, height = self.source_size if self.source_size is not None else (None, None)
         output = OutputSpec(self.output_format, self.alpha, tuple(self.stages))
         return protocol.encode_generate(request_id, self.source, ImageSpec(fmt, width, height), self.keypoints,
-                                        self.size, output, self.model)
+                                        self.size, output, self.model, self.deadline_ms)
 
 
 @dataclass
@@ -212,6 +213,17 @@ class Client:
         self._check(self._call(lambda i: protocol.encode_simple("ping", i)))
         return (time.perf_counter() - started) * 1000
 
+    def ready(self) -> bool:
+        """Whether the server is ready for work (not loading or draining; a broker: has workers)."""
+        reply = self._check(self._call(lambda i: protocol.encode_simple("ping", i)))
+        return reply.header.get("ready", True) is True
+
+    def cancel(self, target=None) -> int:
+        """Cancel queued requests sent on this client's connection (`target`: one id; None: all);
+        returns how many the server cancelled (each is answered `cancelled`)."""
+        reply = self._check(self._call(lambda i: protocol.encode_cancel(i, target)))
+        return int(reply.header.get("cancelled", 0))
+
     def info(self) -> dict:
         """The server's description: models, devices, limits, batching, counters."""
         header = dict(self._check(self._call(lambda i: protocol.encode_simple("info", i))).header)
@@ -221,9 +233,11 @@ class Client:
 
     def generate(self, source: bytes, keypoints: Sequence, size: Sequence[int], *,
                  source_size: Sequence[int] | None = None, output_format: str = "png", alpha: bool = False,
-                 stages: Sequence[str] = ("g2",), model: str | None = None) -> Result:
+                 stages: Sequence[str] = ("g2",), model: str | None = None,
+                 deadline_ms: float | None = None) -> Result:
         """One image of the person in `source` (PNG/JPEG bytes) in the pose `keypoints` on a W×H frame."""
-        request = GenerateRequest(source, keypoints, size, source_size, output_format, alpha, stages, model)
+        request = GenerateRequest(source, keypoints, size, source_size, output_format, alpha, stages, model,
+                                  deadline_ms=deadline_ms)
         result = self._result(request, self._call(request.frames))
         if result.error is not None:
             raise result.error

@@ -75,6 +75,27 @@ def heatmaps(keypoints, height: int, width: int, radius: int = 4, kind: str = "d
     raise ValueError(f"unknown heat-map kind {kind!r}; use 'disk' or 'gaussian'")
 
 
+def _near_canvas(a: np.ndarray, b: np.ndarray, height: int, width: int,
+                 margin: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per segment a→b (N, 2): the interval [lo, hi] of t in [0, 1] where a + t(b - a) lies
+    within `margin` pixels of the canvas (Liang–Barsky clipping); lo > hi when it never does."""
+    lo, hi = np.zeros(len(a)), np.ones(len(a))
+    d = b - a
+    for axis, size in ((0, width), (1, height)):
+        start, delta = a[:, axis], d[:, axis]
+        low, high = -margin, size - 1 + margin
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t_low, t_high = (low - start) / delta, (high - start) / delta
+        moving = delta != 0
+        enter = np.where(moving, np.minimum(t_low, t_high), -np.inf)
+        leave = np.where(moving, np.maximum(t_low, t_high), np.inf)
+        # A segment parallel to this axis is near the canvas everywhere or nowhere.
+        outside = ~moving & ((start < low) | (start > high))
+        lo = np.maximum(lo, enter)
+        hi = np.where(outside, -1.0, np.minimum(hi, leave))
+    return lo, hi
+
+
 _CLOSING_KERNEL = np.ones((5, 5), np.uint8)
 _LIMB_ENDS = np.array(MASK_LIMBS)
 
@@ -90,11 +111,16 @@ def pose_mask(keypoints, height: int, width: int, radius: int = 4) -> np.ndarray
     a, b = points[_LIMB_ENDS[:, 0]], points[_LIMB_ENDS[:, 1]]
     both = ~np.isnan(a[:, 0]) & ~np.isnan(b[:, 0])
     a, b = a[both], b[both]
-    # Interior samples i/n, i = 1..n-1, with n = int(length / radius), per limb.
+    # Interior samples i/n, i = 1..n-1, with n = int(length / radius), per limb. Only the samples
+    # whose disk can touch the canvas are made: a limb to a keypoint far off the frame would
+    # otherwise cost memory and time in proportion to its length, not to the canvas.
     samples = (np.hypot(b[:, 0] - a[:, 0], b[:, 1] - a[:, 1]) / radius).astype(np.int64)
-    interior = np.maximum(samples - 1, 0)
+    near_lo, near_hi = _near_canvas(a, b, height, width, radius + 2)
+    first = np.maximum(1, np.ceil(near_lo * samples)).astype(np.int64)
+    last = np.minimum(samples - 1, np.floor(near_hi * samples)).astype(np.int64)
+    interior = np.maximum(last - first + 1, 0)
     limb = np.repeat(np.arange(len(a)), interior)
-    step = np.arange(len(limb)) - np.repeat(np.cumsum(interior) - interior, interior) + 1
+    step = np.arange(len(limb)) - np.repeat(np.cumsum(interior) - interior, interior) + first[limb]
     t = step / samples[limb]
     between = a[limb] + (b[limb] - a[limb]) * t[:, None]
     _stamp(mask, np.concatenate([a, b, between]), radius, 1)

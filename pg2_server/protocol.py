@@ -24,20 +24,24 @@ UNKNOWN_MODEL = "unknown_model"
 TOO_LARGE = "too_large"
 OVERLOADED = "overloaded"
 INTERNAL = "internal"
-ERROR_CODES = (BAD_REQUEST, UNSUPPORTED_VERSION, UNKNOWN_OP, UNKNOWN_MODEL, TOO_LARGE, OVERLOADED, INTERNAL)
+DEADLINE_EXCEEDED = "deadline_exceeded"
+CANCELLED = "cancelled"
+ERROR_CODES = (BAD_REQUEST, UNSUPPORTED_VERSION, UNKNOWN_OP, UNKNOWN_MODEL, TOO_LARGE, OVERLOADED, INTERNAL,
+               DEADLINE_EXCEEDED, CANCELLED)
 
-OPS = ("generate", "info", "ping")
+OPS = ("generate", "info", "ping", "cancel")
 IMAGE_FORMATS = ("png", "jpeg", "raw")
 STAGES = ("g1", "g2")
 KEYPOINT_COUNT = 18
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"
 
-_REQUEST_KEYS = {"v", "op", "id", "keypoints", "size", "source", "output", "model"}
+_REQUEST_KEYS = {"v", "op", "id", "keypoints", "size", "source", "output", "model", "deadline_ms"}
 _SOURCE_KEYS = {"format", "width", "height"}
 _OUTPUT_KEYS = {"format", "alpha", "stages", "quality"}
 # Deeper nesting than any valid header needs; bounds msgpack's recursion on hostile input.
 _MAX_DEPTH = 8
 _MAX_ID_LENGTH = 256
+MAX_DEADLINE_MS = 86_400_000  # a day
 
 
 class ProtocolError(Exception):
@@ -97,6 +101,8 @@ class Request:
     source: bytes | memoryview | None = None
     output: OutputSpec = field(default_factory=OutputSpec)
     model: str | None = None
+    deadline_ms: float | None = None       # generate: how long the client waits, from sending
+    target: str | int | None = None        # cancel: the id of the request to cancel (None: all of this peer's)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +288,13 @@ def decode_request(frames, limits: Limits = Limits()) -> Request:
     if op != "generate":
         if payloads:
             raise ProtocolError(BAD_REQUEST, f"op {op} takes no payload frames, got {len(payloads)}", request_id)
-        return Request(op, request_id, header["v"])
+        target = None
+        if op == "cancel" and header.get("target") is not None:
+            target = _readable_id({"id": header["target"]})
+            if target is None:
+                raise ProtocolError(BAD_REQUEST, "cancel's target must be the id (string or integer) of a request "
+                                                 "sent on this connection, or absent for all of them", request_id)
+        return Request(op, request_id, header["v"], target=target)
     _unknown_keys(header, _REQUEST_KEYS, "the generate header", request_id)
     for key in ("keypoints", "size", "source"):
         if key not in header:
@@ -294,6 +306,13 @@ def decode_request(frames, limits: Limits = Limits()) -> Request:
     model = header.get("model")
     if model is not None and not isinstance(model, str):
         raise ProtocolError(BAD_REQUEST, f"model must be a string, got {_show(model)}", request_id)
+    deadline_ms = header.get("deadline_ms")
+    if deadline_ms is not None:
+        if (isinstance(deadline_ms, bool) or not isinstance(deadline_ms, (int, float))
+                or not math.isfinite(deadline_ms) or not 0 < deadline_ms <= MAX_DEADLINE_MS):
+            raise ProtocolError(BAD_REQUEST, f"deadline_ms must be a number of milliseconds in (0, "
+                                             f"{MAX_DEADLINE_MS}], got {_show(deadline_ms)}", request_id)
+        deadline_ms = float(deadline_ms)
     if len(payloads) != 1:
         raise ProtocolError(BAD_REQUEST, f"generate takes exactly one payload frame (the source image), "
                                          f"got {len(payloads)}", request_id)
@@ -304,7 +323,7 @@ def decode_request(frames, limits: Limits = Limits()) -> Request:
                             request_id)
     if not len(source):
         raise ProtocolError(BAD_REQUEST, "the source image frame is empty", request_id)
-    return Request(op, request_id, header["v"], keypoints, size, spec, source, output, model)
+    return Request(op, request_id, header["v"], keypoints, size, spec, source, output, model, deadline_ms)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,7 +334,8 @@ def _pack(header: dict) -> bytes:
 
 
 def encode_generate(id, source: bytes, source_spec: ImageSpec, keypoints, size,
-                    output: OutputSpec | None = None, model: str | None = None) -> list[bytes]:
+                    output: OutputSpec | None = None, model: str | None = None,
+                    deadline_ms: float | None = None) -> list[bytes]:
     """Frames of a generate request; keypoints are 18 × (x, y) or None."""
     header = {"v": VERSION, "op": "generate", "id": id,
               "keypoints": [None if p is None else [float(p[0]), float(p[1])] for p in keypoints],
@@ -327,12 +347,22 @@ def encode_generate(id, source: bytes, source_spec: ImageSpec, keypoints, size,
                             "quality": output.quality}
     if model is not None:
         header["model"] = model
+    if deadline_ms is not None:
+        header["deadline_ms"] = deadline_ms
     return [_pack(header), source]
 
 
 def encode_simple(op: str, id) -> list[bytes]:
     """Frames of an `info` or `ping` request."""
     return [_pack({"v": VERSION, "op": op, "id": id})]
+
+
+def encode_cancel(id, target=None) -> list[bytes]:
+    """Frames of a `cancel` request: the queued request `target` (None: all sent on this connection)."""
+    header = {"v": VERSION, "op": "cancel", "id": id}
+    if target is not None:
+        header["target"] = target
+    return [_pack(header)]
 
 
 def encode_error(id, code: str, message: str) -> list[bytes]:

@@ -18,7 +18,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from . import protocol
+from . import peers, protocol
 from .worker import Outbox, Worker
 
 log = logging.getLogger("pg2_server.server")
@@ -26,34 +26,67 @@ log = logging.getLogger("pg2_server.server")
 
 @dataclass(frozen=True)
 class Curve:
-    """CURVE settings of a server: its certificate (with secret key) and the authorised client keys."""
+    """CURVE settings of a server or broker: its certificate (with secret key) and the folders of
+    authorised public keys, one for clients and, on a broker, one for workers (either may be None)."""
     secret_file: Path
-    clients_dir: Path
+    clients_dir: Path | None = None
+    workers_dir: Path | None = None
 
     def check(self) -> None:
         if not Path(self.secret_file).is_file():
             raise ValueError(f"CURVE secret certificate {self.secret_file} does not exist; create one with "
                              "`pg2-server keys DIR server`")
-        if not Path(self.clients_dir).is_dir():
-            raise ValueError(f"CURVE client key directory {self.clients_dir} does not exist; put the clients' "
-                             "NAME.key files there")
+        for what, folder in (("client", self.clients_dir), ("worker", self.workers_dir)):
+            if folder is not None and not Path(folder).is_dir():
+                raise ValueError(f"CURVE {what} key directory {folder} does not exist; put the {what}s' "
+                                 "NAME.key files there")
+
+    @property
+    def domains(self) -> dict[str, Path]:
+        """ZAP domain → folder of the public keys it accepts."""
+        return {domain: Path(folder) for domain, folder in (("clients", self.clients_dir),
+                                                            ("workers", self.workers_dir)) if folder is not None}
+
+
+def start_authenticator(context: zmq.Context, curve: Curve | None) -> ThreadAuthenticator | None:
+    """One ZAP handler for `context` that accepts, per domain, only the public keys in its folder."""
+    if curve is None or not curve.domains:
+        return None
+    curve.check()
+    authenticator = ThreadAuthenticator(context, log=logging.getLogger("pg2_server.auth"))
+    authenticator.start()
+    for domain, folder in curve.domains.items():
+        authenticator.configure_curve(domain=domain, location=str(folder))
+    return authenticator
+
+
+def curve_server(sock: zmq.Socket, curve: Curve, domain: str) -> None:
+    """Make `sock` (before bind) a CURVE server whose peers are checked against `domain`'s keys."""
+    public, secret = zmq.auth.load_certificate(str(curve.secret_file))
+    if secret is None:
+        raise ValueError(f"{curve.secret_file} holds no secret key; pass the NAME.key_secret file")
+    sock.zap_domain = domain.encode()
+    sock.curve_secretkey = secret
+    sock.curve_publickey = public
+    sock.curve_server = True
 
 
 def secure_socket(context: zmq.Context, sock: zmq.Socket, curve: Curve | None) -> ThreadAuthenticator | None:
     """Make `sock` a CURVE server that accepts only the public keys in `curve.clients_dir`."""
     if curve is None:
         return None
-    curve.check()
-    public, secret = zmq.auth.load_certificate(str(curve.secret_file))
-    if secret is None:
-        raise ValueError(f"{curve.secret_file} holds no secret key; pass the NAME.key_secret file")
-    authenticator = ThreadAuthenticator(context, log=logging.getLogger("pg2_server.auth"))
-    authenticator.start()
-    authenticator.configure_curve(domain="*", location=str(curve.clients_dir))
-    sock.curve_secretkey = secret
-    sock.curve_publickey = public
-    sock.curve_server = True
+    if curve.clients_dir is None:
+        raise ValueError("CURVE on a server needs the folder of authorised client keys")
+    authenticator = start_authenticator(context, curve)
+    curve_server(sock, curve, "clients")
     return authenticator
+
+
+@dataclass(frozen=True)
+class ReplyBudget:
+    """Bytes of replies held for clients that do not read them: per client, and in all."""
+    per_client: int = 64 * 2 ** 20
+    total: int = 512 * 2 ** 20
 
 
 class StopSignal:
@@ -72,7 +105,7 @@ class StopSignal:
 
 def serve(worker: Worker, bind: str, stop: threading.Event, curve: Curve | None = None,
           context: zmq.Context | None = None, summary_s: float = 60.0, drain_s: float = 60.0,
-          ready: threading.Event | None = None) -> None:
+          ready: threading.Event | None = None, budget: ReplyBudget = ReplyBudget()) -> None:
     """Answer requests on `bind` until `stop` is set, then drain and close."""
     context = context or zmq.Context.instance()
     router = context.socket(zmq.ROUTER)
@@ -80,7 +113,7 @@ def serve(worker: Worker, bind: str, stop: threading.Event, curve: Curve | None 
     # MAXMSGSIZE is per frame; decode_request checks the message as a whole.
     router.setsockopt(zmq.MAXMSGSIZE, worker.config.limits.max_message_bytes)
     router.setsockopt(zmq.RCVHWM, 10000)
-    router.setsockopt(zmq.SNDHWM, 10000)
+    peers.configure(router)
     authenticator = secure_socket(context, router, curve)
     outbox = Outbox(context, "serve")
     try:
@@ -91,15 +124,28 @@ def serve(worker: Worker, bind: str, stop: threading.Event, curve: Curve | None 
         if authenticator:
             authenticator.stop()
         raise RuntimeError(f"cannot bind {bind}: {e}") from None
+    delivery = peers.Delivery(router, budget.per_client, budget.total)
+    tracker = peers.PeerTracker(router)
+    worker.delivery_stats = delivery.stats
     loop_thread = threading.get_ident()
 
     def replier(envelope: list):
         def reply(frames: list) -> None:
             if threading.get_ident() == loop_thread:
-                router.send_multipart(envelope + frames, copy=False)
+                delivery.send(envelope + frames)
             else:
                 outbox.send(envelope + frames)
         return reply
+
+    def gone(peer: bytes) -> None:
+        worker.cancel_peer(peer)
+        delivery.forget(peer)
+
+    def receive(frames: list) -> None:
+        for peer in tracker.seen(frames):
+            gone(peer)
+        envelope, message = protocol.split_envelope(frames)
+        worker.handle([f.buffer for f in message], replier(envelope), peer=frames[0].bytes)
 
     poller = zmq.Poller()
     poller.register(router, zmq.POLLIN)
@@ -113,27 +159,29 @@ def serve(worker: Worker, bind: str, stop: threading.Event, curve: Curve | None 
     draining_until = None
     try:
         while True:
-            events = dict(poller.poll(50))
+            # Held replies are retried soon: ZeroMQ gives no per-peer writable event.
+            events = dict(poller.poll(2 if delivery.holding else 50))
+            if stop.is_set() and draining_until is None:  # before reading: a ping now must say not ready
+                worker.accepting = False
+                draining_until = time.monotonic() + drain_s
+            for peer in tracker.gone():
+                gone(peer)
             if outbox.pull in events:
-                outbox.deliver(router)
+                outbox.deliver(delivery.send)
+            delivery.flush()
             if router in events:
                 while True:
                     try:
                         frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    envelope, message = protocol.split_envelope(frames)
-                    worker.handle([f.buffer for f in message], replier(envelope))
+                    receive(frames)
             now = time.monotonic()
             if now - last_summary >= summary_s:
                 log.info("summary: %s", worker.summary())
                 last_summary = now
-            if stop.is_set():
-                if draining_until is None:
-                    worker.accepting = False
-                    draining_until = now + drain_s
-                if worker.in_flight == 0 or now > draining_until:
-                    break
+            if draining_until is not None and (worker.in_flight == 0 or now > draining_until):
+                break
         if worker.in_flight:
             log.warning("%d requests still running after %g s; exiting without their replies",
                         worker.in_flight, drain_s)
@@ -142,18 +190,19 @@ def serve(worker: Worker, bind: str, stop: threading.Event, curve: Curve | None 
         while time.monotonic() < deadline:
             events = dict(poller.poll(20))
             if outbox.pull in events:
-                outbox.deliver(router)
+                outbox.deliver(delivery.send)
+            delivery.flush()
             if router in events:
-                frames = router.recv_multipart(copy=False)
-                envelope, message = protocol.split_envelope(frames)
-                worker.handle([f.buffer for f in message], replier(envelope))
-        outbox.deliver(router)
+                receive(router.recv_multipart(copy=False))
+        outbox.deliver(delivery.send)
+        delivery.flush()
         log.info("stopped: %s", worker.summary())
     finally:
         worker.close()
-        outbox.deliver(router)
+        outbox.deliver(delivery.send)
+        delivery.flush()
         outbox.close()
+        tracker.close()
         router.close()
         if authenticator:
             authenticator.stop()
-

@@ -8,6 +8,7 @@ connects it to a broker (broker.py) with `connect_to_broker`.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -29,6 +30,7 @@ from .keypoints import KeypointError
 from .protocol import Limits, ProtocolError, Request
 
 log = logging.getLogger("pg2_server.worker")
+request_log = logging.getLogger("pg2_server.requests")  # one line per reply, at INFO when log_requests
 
 Reply = Callable[[list], None]
 
@@ -117,24 +119,33 @@ class Counters:
 
 
 class Job:
-    """One admitted generate request on its way through decode → batch → encode."""
-    __slots__ = ("request", "_reply", "received", "enqueued", "started", "prepared", "pipeline", "done")
+    """One admitted generate request on its way through decode → batch → encode.
 
-    def __init__(self, request: Request, reply: Reply, received: float, pipeline):
+    `claimed` once a batcher took it for the device (too late to cancel); `done` once its one
+    reply is decided (both change under the worker's lock)."""
+    __slots__ = ("request", "_reply", "received", "enqueued", "started", "prepared", "pipeline", "done",
+                 "peer", "deadline", "claimed")
+
+    def __init__(self, request: Request, reply: Reply, received: float, pipeline, peer=None):
         self.request = request
         self._reply = reply
         self.received = received
         self.pipeline = pipeline
+        self.peer = peer
+        # The client's deadline counts from sending; its receipt here is the nearest time known.
+        self.deadline = received + request.deadline_ms / 1000 if request.deadline_ms is not None else None
         self.enqueued = 0.0
         self.started = 0.0
         self.prepared = None
         self.done = False
+        self.claimed = False
 
 
 class Worker:
     """Validates, batches and answers requests for the pipelines of one model (one per device)."""
 
-    def __init__(self, pipelines: Sequence, config: WorkerConfig = WorkerConfig(), role: str = "serve"):
+    def __init__(self, pipelines: Sequence, config: WorkerConfig = WorkerConfig(), role: str = "serve",
+                 details: bool = False):
         if not pipelines:
             raise ValueError("a worker needs at least one pipeline")
         self.pipelines = list(pipelines)
@@ -149,38 +160,53 @@ class Worker:
         self._in_flight_lock = threading.Lock()
         self._idle = threading.Condition(self._in_flight_lock)
         self.accepting = True
+        self.details = details
+        self.delivery_stats: Callable[[], dict] | None = None  # set by the socket loop that owns a Delivery
+        self.metrics = None        # a metrics.WorkerMetrics, from enable_metrics
+        self.log_requests = False  # one INFO line per reply on the pg2_server.requests logger
+        self._by_peer: dict[object, set] = {}  # admitted jobs not yet answered, per peer (for cancel)
         self.batchers = [Batcher(p, self.jobs, config.max_batch, config.max_delay_ms / 1000.0,
-                                 self._batch_done, self._batch_failed) for p in self.pipelines]
+                                 functools.partial(self._batch_done, device=f"{p.device}#{i}"),
+                                 self._batch_failed, self._claim) for i, p in enumerate(self.pipelines)]
         for batcher in self.batchers:
             batcher.start()
 
     # -- entry point ---------------------------------------------------------------------------
 
-    def handle(self, frames: list, reply: Reply) -> None:
-        """Answer one request (frames after the envelope); `reply` is called exactly once, from any thread."""
+    def handle(self, frames: list, reply: Reply, peer=None) -> None:
+        """Answer one request (frames after the envelope); `reply` is called exactly once, from any thread.
+
+        `peer` names the connection it came on: `cancel` and `cancel_peer` act on one peer's work."""
         received = time.monotonic()
         try:
             request = protocol.decode_request(frames, self.config.limits)
         except ProtocolError as e:
             self.counters.request(None)
-            self._error(reply, e.id, e.code, e.message, received)
+            self._error(reply, e.id, e.code, e.message, received, op=None)
             return
         self.counters.request(request.op)
         try:
             if request.op == "ping":
-                self._send(reply, protocol.encode_reply(request.id, {"pong": True, "role": self.role}), None)
+                self._send(reply, protocol.encode_reply(request.id, {"pong": True, "role": self.role,
+                                                                     "ready": self.ready}), None,
+                           request.id, "ping", received)
                 log.debug("ping id=%r → ok", request.id)
+            elif request.op == "cancel":
+                cancelled = self.cancel(peer, request.target)
+                self._send(reply, protocol.encode_reply(request.id, {"cancelled": cancelled}), None,
+                           request.id, "cancel", received)
+                log.debug("cancel id=%r target=%r → %d cancelled", request.id, request.target, cancelled)
             elif request.op == "info":
-                self._send(reply, protocol.encode_reply(request.id, self.info()), None)
+                self._send(reply, protocol.encode_reply(request.id, self.info()), None, request.id, "info", received)
                 log.debug("info id=%r → ok", request.id)
             else:
-                self._admit(request, reply, received)
+                self._admit(request, reply, received, peer)
         except Exception:  # a bug: the client gets a reply, the log gets the trace
             log.error("internal error on request %r:\n%s", request.id, traceback.format_exc())
             self._error(reply, request.id, protocol.INTERNAL, "internal server error; the server log has details",
-                        received)
+                        received, op=request.op)
 
-    def _admit(self, request: Request, reply: Reply, received: float) -> None:
+    def _admit(self, request: Request, reply: Reply, received: float, peer) -> None:
         if request.model is not None and request.model != self.model:
             self._error(reply, request.id, protocol.UNKNOWN_MODEL,
                         f"this server has no model {request.model!r}; it serves {self.model!r}", received)
@@ -201,7 +227,9 @@ class Worker:
             self._error(reply, request.id, protocol.OVERLOADED,
                         f"the server's queue is full ({self.config.max_queue} requests); retry later", received)
             return
-        job = Job(request, reply, received, self.pipelines[0])
+        job = Job(request, reply, received, self.pipelines[0], peer)
+        with self._in_flight_lock:
+            self._by_peer.setdefault(peer, set()).add(job)
         try:
             self.pool.submit(self._guard, job, self._prepare, job)
         except RuntimeError:  # the pool is shut down: this worker is closing
@@ -212,6 +240,10 @@ class Worker:
     # -- the stages of a generate request ------------------------------------------------------
 
     def _prepare(self, job: Job) -> None:
+        if job.done:
+            return  # cancelled while it waited for a thread
+        if self._expired(job):
+            return
         request = job.request
         image = self.sources.decode(request.source, request.source_spec, self.config.limits.max_image_side,
                                     request.id)
@@ -223,10 +255,12 @@ class Worker:
         job.enqueued = time.monotonic()
         self.jobs.put(job)
 
-    def _batch_done(self, batch: list, coarse, final, started: float, ended: float) -> None:
+    def _batch_done(self, batch: list, coarse, final, started: float, ended: float, device: str = "") -> None:
         compute_ms = (ended - started) * 1000
         queue_ms = sum((started - job.received) * 1000 for job in batch)
         self.counters.batch(len(batch), queue_ms, compute_ms)
+        if self.metrics is not None:
+            self.metrics.batch(device, [job.received for job in batch], started, ended)
         if len(batch) == 1 and self.jobs.empty():
             # Nothing is waiting for this device: finishing here saves a thread hand-off of latency.
             batch[0].started = started
@@ -279,28 +313,95 @@ class Worker:
                                                         "internal server error; the server log has details"),
                              protocol.INTERNAL)
 
-    def _finish_job(self, job: Job, frames: list, error_code: str | None) -> None:
-        if job.done:
-            return
-        job.done = True
+    def _finish_job(self, job: Job, frames: list, error_code: str | None) -> bool:
+        """Send the job's one reply; False (and nothing sent) if it had one already."""
+        with self._in_flight_lock:
+            if job.done:
+                return False
+            job.done = True
+            self._unlist(job)
         if error_code is not None:
             log.debug("generate id=%r → %s", job.request.id, error_code)
-        self._send(job._reply, frames, error_code)
+        self._send(job._reply, frames, error_code, job.request.id, "generate", job.received,
+                   job.started - job.received if job.started else None)
         with self._in_flight_lock:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.notify_all()
+        return True
+
+    def _unlist(self, job: Job) -> None:
+        """Forget an answered job in the per-peer index (under the lock)."""
+        jobs = self._by_peer.get(job.peer)
+        if jobs is not None:
+            jobs.discard(job)
+            if not jobs:
+                del self._by_peer[job.peer]
+
+    def _expired(self, job: Job) -> bool:
+        """Answer `deadline_exceeded` if the job's deadline has passed (it is then never computed)."""
+        if job.deadline is None or time.monotonic() <= job.deadline:
+            return False
+        late_ms = (time.monotonic() - job.received) * 1000
+        self._finish_job(job, protocol.encode_error(
+            job.request.id, protocol.DEADLINE_EXCEEDED,
+            f"the request could not start within its deadline_ms of {job.request.deadline_ms:g} "
+            f"({late_ms:.0f} ms since it arrived); send a longer deadline or retry when the server is less busy"),
+            protocol.DEADLINE_EXCEEDED)
+        return True
+
+    def _claim(self, job: Job) -> bool:
+        """A batcher asks to run `job` on its device: no if it was answered or is past its deadline."""
+        if job.done or self._expired(job):
+            return False
+        with self._in_flight_lock:
+            if job.done:
+                return False
+            job.claimed = True
+        return True
+
+    def cancel(self, peer, request_id=None) -> int:
+        """Answer `cancelled` to `peer`'s queued requests (one id, or all with None) that no device
+        has started; returns how many."""
+        with self._in_flight_lock:
+            jobs = [job for job in self._by_peer.get(peer, ())
+                    if not job.claimed and (request_id is None or job.request.id == request_id)]
+        cancelled = 0
+        for job in jobs:
+            cancelled += self._finish_job(job, protocol.encode_error(
+                job.request.id, protocol.CANCELLED, "the request was cancelled before it started"),
+                protocol.CANCELLED)
+        return cancelled
+
+    def cancel_peer(self, peer) -> int:
+        """A peer went away: its queued work is cancelled (the replies go nowhere) and never computed."""
+        cancelled = self.cancel(peer)
+        if cancelled:
+            log.info("cancelled %d queued requests of a client that went away", cancelled)
+        return cancelled
 
     # -- replies -------------------------------------------------------------------------------
 
-    def _send(self, reply: Reply, frames: list, error_code: str | None) -> None:
+    def _send(self, reply: Reply, frames: list, error_code: str | None, request_id=None, op: str | None = None,
+              received: float | None = None, queued_s: float | None = None) -> None:
         self.counters.reply(error_code)
+        op = op or "invalid"  # rejected before its op was known to be valid
+        if self.metrics is not None:
+            self.metrics.replied(op, error_code, received)
+        if self.log_requests:
+            fields = {"id": request_id, "op": op, "code": error_code or "ok"}
+            if received is not None:
+                fields["total_ms"] = round((time.monotonic() - received) * 1000, 3)
+            if queued_s is not None:
+                fields["queue_ms"] = round(queued_s * 1000, 3)
+            request_log.info("%s id=%r → %s", op, request_id, error_code or "ok", extra={"request": fields})
         reply(frames)
 
-    def _error(self, reply: Reply, request_id, code: str, message: str, received: float) -> None:
+    def _error(self, reply: Reply, request_id, code: str, message: str, received: float,
+               op: str | None = "generate") -> None:
         log.debug("request id=%r → %s: %s (%.1f ms)", request_id, code, message,
                   (time.monotonic() - received) * 1000)
-        self._send(reply, protocol.encode_error(request_id, code, message), code)
+        self._send(reply, protocol.encode_error(request_id, code, message), code, request_id, op, received)
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -308,25 +409,47 @@ class Worker:
     def in_flight(self) -> int:
         return self._in_flight
 
-    def info(self) -> dict:
-        """The `info` reply body (PROTOCOL.md): models, devices, limits, batching, counters."""
+    @property
+    def ready(self) -> bool:
+        """Taking new work: not draining, and every device's batcher alive."""
+        return self.accepting and all(b.is_alive() for b in self.batchers)
+
+    def info(self, details: bool | None = None) -> dict:
+        """The `info` reply body: models, devices, limits, batching, counters; host, PID and the
+        model's training provenance only with `details` (default: the worker's setting)."""
+        details = self.details if details is None else details
         model = self.pipelines[0].describe()
         model.pop("device", None)
         counters = self.counters.snapshot()
         counters.update(in_flight=self._in_flight, queued=self.jobs.qsize(), rss_mb=round(resident_memory_mb(), 1),
                         cpu_s=round(time.process_time(), 3), source_cache_hits=self.sources.hits,
                         source_cache_misses=self.sources.misses)
+        if self.delivery_stats is not None:
+            counters.update(self.delivery_stats())
         devices = [str(p.device) for p in self.pipelines]
+        worker = {"devices": devices, "models": [self.model]}
+        if details:
+            worker.update(host=socket.gethostname(), pid=os.getpid())
+        else:
+            # Where and what it was trained on is for operators (--info-details), not every client.
+            model.pop("provenance", None)
         return {"protocol_versions": list(protocol.SUPPORTED_VERSIONS),
                 "server": {"name": "pg2-server", "version": package_version(), "role": self.role},
-                "models": [model], "devices": devices,
-                "workers": [{"host": socket.gethostname(), "pid": os.getpid(), "devices": devices,
-                             "models": [self.model]}],
+                "ready": self.ready, "models": [model], "devices": devices,
+                "workers": [worker],
                 "limits": {"max_message_bytes": self.config.limits.max_message_bytes,
                            "max_image_side": self.config.limits.max_image_side,
                            "max_queue": self.config.max_queue},
                 "batching": {"max_batch": self.config.max_batch, "max_delay_ms": self.config.max_delay_ms},
                 "counters": counters}
+
+    def enable_metrics(self, bind: str) -> None:
+        """Serve Prometheus metrics on HOST:PORT (needs prometheus_client)."""
+        from .metrics import WorkerMetrics
+
+        self.metrics = WorkerMetrics(queue_depth=self.jobs.qsize, in_flight=lambda: self._in_flight)
+        self.metrics.serve(bind)
+        log.info("metrics on http://%s/metrics", bind)
 
     def summary(self) -> str:
         """One log line: totals since start."""
@@ -381,13 +504,14 @@ class Outbox:
                 self._sockets.append(push)
         push.send_multipart(frames, copy=False)
 
-    def deliver(self, out: zmq.Socket) -> None:
-        """Send every queued message on `out` (from the socket's own thread), without waiting for more."""
+    def deliver(self, send: Callable[[list], None]) -> None:
+        """Pass every queued message to `send` (on the socket's own thread), without waiting for more."""
         while True:
             try:
-                out.send_multipart(self.pull.recv_multipart(zmq.NOBLOCK, copy=False), copy=False)
+                frames = self.pull.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            send(frames)
 
     def close(self) -> None:
         with self._lock:
@@ -401,14 +525,17 @@ class Outbox:
 # Worker ↔ broker: the worker's side of broker.py's protocol.
 
 READY, HEARTBEAT, REQUEST, REPLY, DISCONNECT = b"READY", b"HEARTBEAT", b"REQUEST", b"REPLY", b"DISCONNECT"
+CANCEL = b"CANCEL"
 
 
 def connect_to_broker(worker: Worker, endpoint: str, stop: threading.Event, heartbeat_s: float = 1.0,
-                      liveness: int = 3, context: zmq.Context | None = None, summary_s: float = 60.0) -> None:
+                      liveness: int = 3, context: zmq.Context | None = None, summary_s: float = 60.0,
+                      curve=None) -> None:
     """Serve `worker` through a broker's backend until `stop` is set (Paranoid Pirate worker).
 
     Sends READY with its info, a heartbeat every `heartbeat_s`; if the broker is silent for
-    `liveness` heartbeats, reconnects and registers again.
+    `liveness` heartbeats, reconnects and registers again. With `curve` (a client.Curve: the
+    broker's public key and this worker's key pair) the link is encrypted and authenticated.
     """
     context = context or zmq.Context.instance()
     outbox = Outbox(context, "worker")
@@ -418,22 +545,44 @@ def connect_to_broker(worker: Worker, endpoint: str, stop: threading.Event, hear
         sock = context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, worker.config.limits.max_message_bytes + 4096)
+        sock.setsockopt(zmq.SNDTIMEO, int(heartbeat_s * liveness * 1000))
+        if curve is not None:
+            sock.curve_serverkey = curve.server_public
+            sock.curve_publickey = curve.client_public
+            sock.curve_secretkey = curve.client_secret
         sock.connect(endpoint)
-        sock.send_multipart([READY, msgpack.packb({"info": worker.info(), "capacity": capacity})])
         return sock
 
+    def to_broker(frames: list, wait: bool = False) -> None:
+        # A DEALER whose connection never completed (a broker that refused this worker's key, or
+        # is down) blocks on send: heartbeats are not waited for, replies for a bounded time
+        # (SNDTIMEO), after which the broker will have written this worker off and re-sent them.
+        try:
+            sock.send_multipart(frames, 0 if wait else zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            (log.warning if wait else log.debug)("broker %s not reachable; a %s message was not sent", endpoint,
+                                                 bytes(frames[0])[:10].decode(errors="replace"))
+
+    def send_reply(frames: list) -> None:
+        to_broker(frames, wait=True)
+
+    def register() -> None:
+        to_broker([READY, msgpack.packb({"info": worker.info(details=True), "capacity": capacity})])
+
     sock = open_socket()
+    register()
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     poller.register(outbox.pull, zmq.POLLIN)
     last_heard = last_sent = last_summary = time.monotonic()
-    log.info("worker connected to broker %s (%s), capacity %d", endpoint, worker.summary(), capacity)
+    log.info("worker connected to broker %s (%s), capacity %d%s", endpoint, worker.summary(), capacity,
+             ", CURVE" if curve is not None else "")
     try:
         while not stop.is_set():
             events = dict(poller.poll(100))
             now = time.monotonic()
             if outbox.pull in events:
-                outbox.deliver(sock)
+                outbox.deliver(send_reply)
             if sock in events:
                 while True:
                     try:
@@ -444,18 +593,22 @@ def connect_to_broker(worker: Worker, endpoint: str, stop: threading.Event, hear
                     command = frames[0].bytes
                     if command == REQUEST and len(frames) >= 3:
                         key = frames[1].bytes
+                        # The broker's key is unique per request: it is the request's "peer" here.
                         worker.handle([f.buffer for f in frames[2:]],
-                                      lambda reply, key=key: outbox.send([REPLY, key, *reply]))
+                                      lambda reply, key=key: outbox.send([REPLY, key, *reply]), peer=key)
+                    elif command == CANCEL and len(frames) >= 2:
+                        worker.cancel(frames[1].bytes)
                     elif command == DISCONNECT:
                         last_heard = 0.0  # re-register at once
             if now - last_sent >= heartbeat_s:
-                sock.send_multipart([HEARTBEAT, msgpack.packb(worker.info()["counters"])])
+                to_broker([HEARTBEAT, msgpack.packb(worker.info()["counters"])])
                 last_sent = now
             if now - last_heard > heartbeat_s * liveness:
                 log.warning("broker %s silent for %.1f s; reconnecting", endpoint, now - last_heard)
                 poller.unregister(sock)
                 sock.close()
                 sock = open_socket()
+                register()
                 poller.register(sock, zmq.POLLIN)
                 last_heard = last_sent = time.monotonic()
             if now - last_summary >= summary_s:
@@ -463,8 +616,9 @@ def connect_to_broker(worker: Worker, endpoint: str, stop: threading.Event, hear
                 last_summary = now
         # Finish what was admitted, deliver its replies, then say goodbye.
         worker.drain(timeout=60)
-        outbox.deliver(sock)
-        sock.send_multipart([DISCONNECT])
+        outbox.deliver(send_reply)
+        to_broker([DISCONNECT])
+        log.info("worker stopped: %s", worker.summary())
     finally:
         sock.close(linger=500)
         outbox.close()

@@ -48,7 +48,7 @@ def wait_for_workers(endpoint, count, timeout=60):
 @pytest.fixture
 def cluster():
     frontend, backend = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    broker = cli("broker", "--frontend", frontend, "--backend", backend, "--heartbeat-ms", "200")
+    broker = cli("broker", "--frontend", frontend, "--backend", backend, "--heartbeat-ms", "200", "--info-details")
     workers = [cli("worker", "--connect", backend, "--preset", "tiny", "--random-weights", "--heartbeat-ms", "200",
                    "--max-batch", "2", "--max-delay-ms", "30") for _ in range(2)]
     processes = [broker, *workers]
@@ -124,6 +124,10 @@ def test_broker_answers_like_a_server_and_survives_a_killed_worker(cluster):
         while client.info()["workers"]:
             assert time.monotonic() < deadline, "a stopped worker is still listed"
             time.sleep(0.2)
+        assert client.ready() is False and client.info()["ready"] is False
+    probe = subprocess.run([sys.executable, "-m", "pg2_server.cli", "ping", "--server", frontend, "--ready"],
+                           capture_output=True, text=True, timeout=60)
+    assert probe.returncode == 1 and "not ready" in probe.stdout
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(frontend)
@@ -137,3 +141,109 @@ def test_broker_answers_like_a_server_and_survives_a_killed_worker(cluster):
     assert broker.wait(timeout=30) == 0
     assert "dropping worker" in broker.stdout.read()
 
+
+
+def test_curve_workers_only_authorised_workers_get_requests(tmp_path):
+    """--curve-workers: a worker whose key is not authorised, or a plaintext one, never registers."""
+    keys, authorised = tmp_path / "keys", tmp_path / "workers"
+    authorised.mkdir()
+    for name in ("broker", "good", "mallory"):
+        subprocess.run([sys.executable, "-m", "pg2_server.cli", "keys", str(keys), name], check=True,
+                       capture_output=True)
+    (authorised / "good.key").write_bytes((keys / "good.key").read_bytes())
+    frontend, backend = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    # A folder alone needs the broker's secret key.
+    refused = subprocess.run([sys.executable, "-m", "pg2_server.cli", "broker", "--frontend", frontend,
+                              "--backend", backend, "--curve-workers", str(authorised)],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "--curve-secret" in refused.stderr
+    broker = cli("broker", "--frontend", frontend, "--backend", backend, "--heartbeat-ms", "200", "--info-details",
+                 "--curve-secret", str(keys / "broker.key_secret"), "--curve-workers", str(authorised))
+    worker_flags = ("worker", "--connect", backend, "--preset", "tiny", "--random-weights", "--heartbeat-ms", "200")
+    good = cli(*worker_flags, "--curve-secret", str(keys / "good.key_secret"), "--server-key", str(keys / "broker.key"))
+    mallory = cli(*worker_flags, "--curve-secret", str(keys / "mallory.key_secret"),
+                  "--server-key", str(keys / "broker.key"))
+    plaintext = cli(*worker_flags)
+    processes = [broker, good, mallory, plaintext]
+    try:
+        info = wait_for_workers(frontend, 1)
+        time.sleep(2.0)  # time enough for the others to try to register (10 heartbeats)
+        with Client(frontend, timeout=30) as client:  # the frontend stays plaintext: no --curve-clients
+            results = list(client.generate_many(
+                [GenerateRequest(SOURCE_PNG, KEYPOINTS, (40 + i, 64), tag=i) for i in range(12)], in_flight=6))
+            info = client.info()
+        assert sorted(r.request.tag for r in results) == list(range(12))
+        assert all(r.image.width == 40 + r.request.tag for r in results)
+        assert [w["pid"] for w in info["workers"]] == [good.pid]
+        assert info["workers"][0]["capacity"] >= 1
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        outputs = {}
+        for name, process in zip(("broker", "good", "mallory", "plaintext"), processes):
+            try:
+                outputs[name] = process.communicate(timeout=30)[0]
+            except subprocess.TimeoutExpired:
+                process.kill()
+                outputs[name] = process.communicate()[0]
+    assert "CURVE" in outputs["good"]
+    # The refused workers never got a request: they only ever waited for the broker.
+    for name in ("mallory", "plaintext"):
+        assert "reconnecting" in outputs[name], outputs[name]
+        assert "worker stopped: 0 requests" in outputs[name], outputs[name]
+
+
+def test_broker_deadlines_cancel_and_clients_that_go():
+    """Requests waiting in the broker: deadline_exceeded, op cancel, and a gone client's work dropped."""
+    frontend, backend = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    broker = cli("broker", "--frontend", frontend, "--backend", backend, "--heartbeat-ms", "200")
+    # The demo preset one image at a time, capacity 2: the rest waits in the broker.
+    worker = cli("worker", "--connect", backend, "--preset", "demo", "--random-weights", "--heartbeat-ms", "200",
+                 "--max-batch", "1", "--max-delay-ms", "0")
+    try:
+        info = wait_for_workers(frontend, 1)
+        assert info["ready"] is True and "pid" not in info["workers"][0]  # no --info-details
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(frontend)
+        head = {"v": 1, "op": "generate", "keypoints": KEYPOINTS, "size": [176, 256], "source": {"format": "png"}}
+        for i in range(8):
+            sock.send_multipart([msgpack.packb({**head, "id": i}), SOURCE_PNG])
+        sock.send_multipart([msgpack.packb({**head, "id": "hurry", "deadline_ms": 30}), SOURCE_PNG])
+        sock.send_multipart([msgpack.packb({**head, "id": "patient", "deadline_ms": 60_000}), SOURCE_PNG])
+        sock.send_multipart([msgpack.packb({"v": 1, "op": "cancel", "id": "x", "target": 7})])
+        replies = {}
+        while len(replies) < 11:
+            assert sock.poll(60000), f"{len(replies)} of 11 replies"
+            header = msgpack.unpackb(sock.recv_multipart()[0])
+            assert header["id"] not in replies
+            replies[header["id"]] = header
+        sock.close()
+        assert replies["x"]["ok"] and replies["x"]["cancelled"] == 1
+        assert replies[7]["error"]["code"] == "cancelled"
+        assert replies["hurry"]["error"]["code"] == "deadline_exceeded"
+        assert replies["patient"]["ok"] and all(replies[i]["ok"] for i in range(7))
+
+        # A client that sends 30 and goes: what still waits in the broker is dropped, not computed.
+        gone = zmq.Context.instance().socket(zmq.DEALER)
+        gone.setsockopt(zmq.LINGER, 0)
+        gone.connect(frontend)
+        for i in range(30):
+            gone.send_multipart([msgpack.packb({**head, "id": i}), SOURCE_PNG])
+        time.sleep(0.3)
+        gone.close()
+        started = time.monotonic()
+        with Client(frontend, timeout=30) as client:
+            assert client.generate(SOURCE_PNG, KEYPOINTS, (176, 256)).image.width == 176
+            waited = time.monotonic() - started
+            counters = client.info()["counters"]
+        assert counters["cancelled"] >= 20, counters  # never left the broker, so never computed
+        assert waited < 5, waited
+    finally:
+        for process in (broker, worker):
+            process.send_signal(signal.SIGTERM)
+        for process in (broker, worker):
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()

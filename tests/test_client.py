@@ -198,3 +198,24 @@ def test_client_rejects_bad_settings_and_missing_keys(tmp_path):
         Curve.from_files(public, public)
     curve = Curve.from_files(public, secret)
     assert len(curve.server_public) == 40 and len(curve.client_secret) == 40
+
+
+def test_ready_cancel_and_deadline_on_the_wire():
+    def respond(number, header, frames):
+        if header["op"] == "ping":
+            body = {"pong": True} if number == 1 else {"pong": True, "ready": number == 2}
+            return [protocol.encode_reply(header["id"], body)]
+        if header["op"] == "cancel":
+            return [protocol.encode_reply(header["id"], {"cancelled": 3 if "target" not in header else 1})]
+        return [protocol.encode_error(header["id"], "deadline_exceeded", "too late")]
+
+    with StandIn(respond) as server, Client(server.endpoint, timeout=5) as client:
+        assert client.ready() is True   # a server from before `ready`: it answered, so take it as ready
+        assert client.ready() is True
+        assert client.ready() is False
+        assert client.cancel("frame-7") == 1 and client.cancel() == 3
+        with pytest.raises(ServerError) as caught:
+            client.generate(PNG, KEYPOINTS, (4, 4), deadline_ms=20)
+        assert caught.value.code == "deadline_exceeded"
+    assert server.received[3] == {"v": 1, "op": "cancel", "id": server.received[3]["id"], "target": "frame-7"}
+    assert "target" not in server.received[4] and server.received[5]["deadline_ms"] == 20

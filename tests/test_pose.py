@@ -189,3 +189,39 @@ def test_value_conversions_round_trip():
     unit = pose.to_unit_range(image)
     assert unit.shape == (3, 16, 16) and unit.min() == -1 and unit.max() == 1
     assert np.array_equal(pose.to_uint8(unit), image)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mask_of_limbs_reaching_far_off_the_canvas_equals_independent_loops(seed):
+    # Drawing only the part of a limb near the canvas must give exactly the original's pixels.
+    rng = np.random.default_rng(100 + seed)
+    height, width, radius = 40, 24, 4
+    points = [(float(rng.uniform(-3000, 3000)), float(rng.uniform(-3000, 3000))) if rng.random() < 0.4 else
+              (float(rng.uniform(0, width)), float(rng.uniform(0, height))) for _ in range(18)]
+    assert np.array_equal(pose.pose_mask(points, height, width, radius),
+                          _independent_mask(points, height, width, radius))
+
+
+def test_keypoints_at_plus_minus_1e8_cost_memory_of_the_canvas_only():
+    import time
+    import tracemalloc
+
+    points = [(12.0, 20.0)] * 18
+    points[0], points[1], points[2], points[5], points[8] = (1e8, 1e8), (-1e8, -1e8), (1e8, -1e8), (5.0, -1e8), \
+        (-1e8, 30.0)
+    tracemalloc.start()
+    try:
+        started = time.perf_counter()
+        mask = pose.pose_mask(points, 128, 64)
+        maps = pose.heatmaps(points, 128, 64)
+        coordinates = pose.pose_coordinates(points, 128, 64)
+        elapsed = time.perf_counter() - started
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 2 ** 20, f"peak {peak / 2 ** 20:.1f} MiB"
+    assert elapsed < 0.5, f"{elapsed:.2f} s"
+    # The limbs still cross the canvas from the on-canvas joints towards the far ones.
+    assert mask[20, 12] == 1 and mask[0, 5] == 1 and mask[20, 0] == 1
+    assert (maps[[0, 1, 2, 5, 8]] == -1).all() and (maps[3] == 1).sum() > 0
+    assert (coordinates.reshape(18, 2)[[0, 1, 2, 5, 8]] == -1).all()

@@ -223,3 +223,24 @@ def test_fuzz_truncated_and_mutated_valid_headers(noise):
     cut = len(noise) % len(valid)
     _decode_or_protocol_error([valid[:cut] + noise, PNG_MAGIC])
     _decode_or_protocol_error([noise + valid[cut:], PNG_MAGIC])
+
+
+def test_deadline_ms_is_optional_and_checked():
+    request = protocol.decode_request(frames(header(deadline_ms=250), PNG_MAGIC))
+    assert request.deadline_ms == 250.0
+    assert protocol.decode_request(frames(header(), PNG_MAGIC)).deadline_ms is None
+    for bad in (0, -1, float("inf"), float("nan"), "soon", True, 10 ** 9):
+        error = error_of(frames(header(deadline_ms=bad), PNG_MAGIC))
+        assert error.code == "bad_request" and "deadline_ms" in error.message and error.id == "r1"
+    encoded = protocol.encode_generate("d", PNG_MAGIC, ImageSpec("png"), [None] * 18, (8, 8), deadline_ms=1500)
+    assert msgpack.unpackb(encoded[0])["deadline_ms"] == 1500
+    assert protocol.decode_request(encoded).deadline_ms == 1500.0
+
+
+def test_cancel_has_an_optional_target_and_no_payload():
+    request = protocol.decode_request(protocol.encode_cancel(5, "frame-0001"))
+    assert (request.op, request.id, request.target) == ("cancel", 5, "frame-0001")
+    assert protocol.decode_request(protocol.encode_cancel(6)).target is None
+    assert error_of(frames({"v": 1, "op": "cancel", "id": 7, "target": [1]})).code == "bad_request"
+    assert error_of(frames({"v": 1, "op": "cancel", "id": 8}, b"x")).code == "bad_request"
+    assert {"deadline_exceeded", "cancelled"} <= set(protocol.ERROR_CODES) and "cancel" in protocol.OPS

@@ -185,7 +185,7 @@ def test_req_socket_gets_its_envelope_back(server):
     assert header["ok"] and header["id"] == "req-1" and len(payloads) == 1
     assert decode(payloads[0]).shape == (256, 176, 3)
     header, _ = ask(server, protocol.encode_simple("ping", "p"), socket_type=zmq.REQ)
-    assert header == {"v": 1, "id": "p", "ok": True, "pong": True, "role": "serve"}
+    assert header == {"v": 1, "id": "p", "ok": True, "pong": True, "role": "serve", "ready": True}
 
 
 def test_pipelined_dealer_requests_come_back_matched_by_id(server):
@@ -491,3 +491,238 @@ def test_curve_authorised_key_is_served_unknown_key_is_not(tmp_path):
     finally:
         code, out = stop_server(process)
     assert code == 0, out
+
+
+# ---------------------------------------------------------------------------------------------
+# Under abuse: far keypoints, clients that never read or go away, deadlines, cancel, readiness
+
+FAR_KEYPOINTS = [[1e8, 1e8], [-1e8, -1e8], [1e8, -1e8], [-1e8, 1e8]] + KEYPOINTS[4:]
+
+
+def test_keypoints_at_plus_minus_1e8_are_answered_at_once_with_flat_memory(server):
+    with Client(server, timeout=20) as client:
+        before = client.info()["counters"]["rss_mb"]
+        started = time.monotonic()
+        results = list(client.generate_many(
+            [GenerateRequest(SOURCE_PNG, FAR_KEYPOINTS, (64, 128), tag=i) for i in range(8)], in_flight=4))
+        elapsed = time.monotonic() - started
+        after = client.info()["counters"]["rss_mb"]
+    assert all(r.ok and r.image.width == 64 for r in results)
+    assert elapsed < 5, f"{elapsed:.1f} s for 8 requests"  # was: minutes and gigabytes per request
+    assert after - before < 50, f"RSS {before} → {after} MiB"
+
+
+def test_info_hides_host_pid_and_provenance_without_info_details(server, busy_server):
+    with Client(server, timeout=10) as client:
+        info = client.info()
+    assert info["ready"] is True
+    assert info["workers"] == [{"devices": ["cpu"], "models": ["tiny-random"]}]
+    assert "provenance" not in info["models"][0]
+    with Client(busy_server, timeout=10) as client:  # started with --info-details
+        info = client.info()
+    assert info["workers"][0]["pid"] > 0 and isinstance(info["workers"][0]["host"], str)
+    assert "provenance" in info["models"][0]
+
+
+@pytest.fixture(scope="module")
+def busy_server():
+    """The demo preset one image at a time (~0.1-0.3 s each here): requests queue for the model."""
+    process, endpoint = start_server("--preset", "demo", "--max-batch", "1", "--max-delay-ms", "0", "--info-details")
+    yield endpoint
+    code, out = stop_server(process)
+    assert code == 0, out
+
+
+def send_slow(sock, ids, **changes):
+    for request_id in ids:
+        sock.send_multipart([msgpack.packb(generate_header(request_id, **changes)), SOURCE_PNG])
+
+
+def collect(sock, count, timeout=60):
+    replies = {}
+    while len(replies) < count:
+        assert sock.poll(timeout * 1000), f"{len(replies)} of {count} replies"
+        header = msgpack.unpackb(sock.recv_multipart()[0])
+        assert header["id"] not in replies, f"{header['id']} answered twice"
+        replies[header["id"]] = "ok" if header["ok"] else header["error"]["code"]
+    return replies
+
+
+def dealer(endpoint, **options):
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    for option, value in options.items():
+        sock.setsockopt(getattr(zmq, option), value)
+    sock.connect(endpoint)
+    return sock
+
+
+def counters(endpoint):
+    with Client(endpoint, timeout=20) as client:
+        return client.info()["counters"]
+
+
+def test_deadline_exceeded_is_never_computed(busy_server):
+    before = counters(busy_server)
+    sock = dealer(busy_server)
+    try:
+        send_slow(sock, [f"slow{i}" for i in range(6)])
+        sock.send_multipart([msgpack.packb(generate_header("hurry", deadline_ms=50)), SOURCE_PNG])
+        sock.send_multipart([msgpack.packb(generate_header("patient", deadline_ms=60_000)), SOURCE_PNG])
+        replies = collect(sock, 8)
+    finally:
+        sock.close()
+    assert replies.pop("hurry") == "deadline_exceeded"
+    assert set(replies.values()) == {"ok"}
+    after = counters(busy_server)
+    assert after["batched_requests"] - before["batched_requests"] == 7  # the late one never reached the model
+    assert after["errors"].get("deadline_exceeded", 0) - before["errors"].get("deadline_exceeded", 0) == 1
+    bad = ask(busy_server, _frames(generate_header("neg", deadline_ms=-5), SOURCE_PNG))[0]
+    assert bad["error"]["code"] == "bad_request" and "deadline_ms" in bad["error"]["message"]
+
+
+def test_cancel_one_queued_request_then_all(busy_server):
+    sock = dealer(busy_server)
+    try:
+        send_slow(sock, [f"c{i}" for i in range(8)])
+        time.sleep(0.1)
+        started = time.monotonic()
+        sock.send_multipart(protocol.encode_cancel("x1", "c7"))
+        first = {}
+        while "x1" not in first or "c7" not in first:
+            assert sock.poll(20000)
+            header = msgpack.unpackb(sock.recv_multipart()[0])
+            first[header["id"]] = header
+        cancel_s = time.monotonic() - started
+        assert first["x1"]["ok"] and first["x1"]["cancelled"] == 1
+        assert first["c7"]["error"]["code"] == "cancelled"
+        sock.send_multipart(protocol.encode_cancel("x2"))  # no target: everything still queued
+        replies = collect(sock, 10 - len(first))
+    finally:
+        sock.close()
+    replies.update({k: "ok" if h["ok"] else h["error"]["code"] for k, h in first.items()})
+    assert cancel_s < 1.0, f"cancel took {cancel_s:.2f} s"  # the queue ahead of it took ~1.5 s
+    outcomes = [replies[f"c{i}"] for i in range(8)]
+    assert set(outcomes) <= {"ok", "cancelled"} and outcomes.count("cancelled") >= 3
+    assert replies["x2"] == "ok"
+
+
+def test_work_of_a_client_that_went_away_is_cancelled(busy_server):
+    before = counters(busy_server)
+    gone = dealer(busy_server)
+    send_slow(gone, [f"g{i}" for i in range(40)])
+    time.sleep(0.2)
+    gone.close()
+    time.sleep(0.2)
+    started = time.monotonic()
+    with Client(busy_server, timeout=20) as client:
+        assert client.generate(SOURCE_PNG, KEYPOINTS, FRAME).image.width == 176
+    waited = time.monotonic() - started
+    after = counters(busy_server)
+    cancelled = after["errors"].get("cancelled", 0) - before["errors"].get("cancelled", 0)
+    computed = after["batched_requests"] - before["batched_requests"] - 1
+    assert cancelled >= 20 and computed + cancelled == 40, (cancelled, computed)
+    # Had they been computed, the next client would have waited for all of them.
+    assert waited * 1000 < cancelled * after["mean_compute_ms"] / 2, (waited, cancelled, after["mean_compute_ms"])
+
+
+def test_replies_to_a_client_that_never_reads_stay_within_the_budget():
+    process, endpoint = start_server("--max-unread-mb", "1", "--max-unread-total-mb", "8")
+    try:
+        replies_to_a_client_that_never_reads(endpoint)
+    finally:
+        code, out = stop_server(process)
+    assert code == 0, out
+    assert "dropping a 3145" in out  # the log says which reply went and why
+
+
+def replies_to_a_client_that_never_reads(busy_server):
+    before = counters(busy_server)
+    rss_before = before["rss_mb"]
+    reader = dealer(busy_server, RCVHWM=1, RCVBUF=4096)
+    count = 40  # 40 raw replies of 3 MiB: 120 MiB if all were kept
+    for i in range(count):
+        reader.send_multipart([msgpack.packb(generate_header(f"u{i}", size=[1024, 1024],
+                                                             output={"format": "raw"})), SOURCE_PNG])
+    deadline = time.monotonic() + 60
+    while True:
+        now = counters(busy_server)
+        if now["ok"] - before["ok"] >= count:  # every reply was made (sent, held or dropped)
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    time.sleep(0.3)
+    now = counters(busy_server)
+    assert now["reply_bytes_held"] <= 2 ** 20
+    assert now["replies_dropped"] - before["replies_dropped"] >= count - 20
+    assert now["rss_mb"] - rss_before < 80, f"RSS {rss_before} → {now['rss_mb']} MiB"
+    reader.close()
+    time.sleep(0.5)
+    after = counters(busy_server)
+    assert after["reply_bytes_held"] == 0 and after["replies_held"] == 0
+    with Client(busy_server, timeout=20) as client:  # others are served as before
+        assert client.generate(SOURCE_PNG, KEYPOINTS, FRAME).image.width == 176
+
+
+def test_ping_ready_probe(server, busy_server):
+    done = run_cli("ping", "--server", server, "--ready")
+    assert done.returncode == 0 and "ready" in done.stdout
+    with Client(server, timeout=10) as client:
+        assert client.ready() is True
+
+
+def test_not_ready_while_draining():
+    process, endpoint = start_server("--preset", "demo", "--max-batch", "1", "--max-delay-ms", "0")
+    sock = dealer(endpoint)
+    try:
+        send_slow(sock, range(40))
+        assert sock.poll(30000)
+        first = msgpack.unpackb(sock.recv_multipart()[0])
+        process.send_signal(signal.SIGTERM)
+        with Client(endpoint, timeout=5, retries=1) as client:
+            ready = client.ready()
+        replies = collect(sock, 39)
+        process.wait(timeout=30)
+    finally:
+        sock.close()
+        if process.poll() is None:
+            process.kill()
+    assert ready is False
+    assert first["ok"] and len(replies) == 39 and process.returncode == 0
+
+
+def test_prometheus_metrics_and_json_log_lines():
+    import urllib.request
+
+    metrics_port = free_port()
+    process, endpoint = start_server("--metrics-bind", f"127.0.0.1:{metrics_port}", "--log-format", "json",
+                                     "--max-batch", "4", "--max-delay-ms", "20")
+    try:
+        with Client(endpoint, timeout=20) as client:
+            results = list(client.generate_many(
+                [GenerateRequest(SOURCE_PNG, KEYPOINTS, (40, 64), tag=i) for i in range(6)], in_flight=6))
+            assert all(r.ok for r in results)
+        assert ask(endpoint, _frames(generate_header("bad-1", size=[0, 5]), SOURCE_PNG))[0]["error"]["code"] \
+            == "bad_request"
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    finally:
+        code, out = stop_server(process)
+    assert code == 0, out
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    assert values['pg2_requests_total{code="ok",op="generate"}'] == 6
+    assert values['pg2_requests_total{code="bad_request",op="invalid"}'] == 1  # rejected while decoding
+    assert values["pg2_request_latency_seconds_count"] == 6
+    assert values["pg2_queue_time_seconds_count"] == 6
+    assert values['pg2_batch_size_sum{device="cpu#0"}'] == 6
+    assert values['pg2_device_busy_seconds_total{device="cpu#0"}'] > 0
+    assert values["pg2_queue_depth"] == 0 and values["pg2_in_flight"] == 0
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert len(lines) == len(out.strip().splitlines())  # every line is JSON
+    requests = [line for line in lines if line["logger"] == "pg2_server.requests" and line["op"] != "ping"]
+    assert sorted(r["id"] for r in requests if r["code"] == "ok") == list(range(1, 7))
+    assert [r["code"] for r in requests if r["id"] == "bad-1"] == ["bad_request"]
+    assert all(r["total_ms"] >= 0 for r in requests)
