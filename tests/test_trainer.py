@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixture_datasets import one_torch_thread, write_dataset  # noqa: F401 (autouse fixture)
+from fixture_datasets import break_after_header, one_torch_thread, write_dataset  # noqa: F401 (autouse fixture)
 from pg2_server.model import preset
 from training.cli import main
 from training.data import PairDataset, load_split
@@ -183,3 +183,89 @@ def test_bad_runs_are_refused_with_a_reason(tmp_path, dataset, capsys):
                           "--pose-embedding", "hme")) == 0
     state = load_run_state(tmp_path / "other", 1)
     assert state["model_config"]["pose_embedding"] == "hme" and "d" in state
+
+
+def _logged(out: Path, stage: int = 1) -> list[dict]:
+    return [json.loads(line) for line in (out / f"stage{stage}-log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.timeout(180)
+def test_an_undecodable_image_with_workers_is_skipped_and_counted(tmp_path):
+    data = write_dataset(tmp_path / "data")
+    break_after_header(data["images"] / data["names"][3][3])   # its header reads, its pixels do not
+    out = tmp_path / "run"
+    process = _start(data, out, 30, 1000, "--workers", "2")
+    _, stderr = process.communicate(timeout=120)                # it used to wait forever for its workers
+    assert process.returncode == 0, stderr
+    curve = _logged(out)
+    assert curve[-1]["step"] == 30 and curve[-1]["skipped_images"] > 0
+    assert "skipping pair" in stderr and data["names"][3][3] in stderr
+    assert load_run_state(out, 1)["skipped_images"] == curve[-1]["skipped_images"]
+
+
+@pytest.mark.timeout(180)
+def test_strict_stops_at_an_undecodable_image_and_saves_first(tmp_path):
+    data = write_dataset(tmp_path / "data")
+    break_after_header(data["images"] / data["names"][3][3])
+    out = tmp_path / "run"
+    process = _start(data, out, 100_000, 100_000, "--workers", "2", "--strict")
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 2, stderr
+    assert "cannot read image" in stderr and data["names"][3][3] in stderr
+    state = load_run_state(out, 1)     # saved on the way out, although --save-every was never reached
+    curve = _logged(out)
+    assert state["step"] == (curve[-1]["step"] if curve else 0) < 100_000
+    assert "state saved" in stderr and "--resume" in stderr
+
+
+def test_an_error_inside_an_update_keeps_the_last_whole_state(tmp_path, split, monkeypatch):
+    trainer = Trainer(train_config("tiny", 1, steps=50, workers=0, save_every=3), TINY, tmp_path, split)
+    calls = {"n": 0}
+    step = torch.optim.Adam.step
+
+    def failing_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("out of memory (simulated)")
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", failing_step)
+    with pytest.raises(RuntimeError, match="simulated"):
+        trainer.fit()
+    assert load_run_state(tmp_path, 1)["step"] == 3      # the periodic save, not half of step 5
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    other = Trainer(train_config("tiny", 1, steps=50, workers=0, sample_every=1), TINY, tmp_path / "b", split)
+    monkeypatch.setattr(other, "sample_grid", lambda samples: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        other.fit()
+    assert load_run_state(tmp_path / "b", 1)["step"] == 1   # failed after a whole step: saved
+
+
+def test_a_run_removes_what_a_killed_save_left(tmp_path, dataset):
+    out = tmp_path / "run"
+    out.mkdir()
+    leftover = out / ".stage1.safetensors.k2x9a1.tmp"
+    leftover.write_bytes(b"\0" * 1000)
+    unrelated = out / "notes.tmp"
+    unrelated.write_text("mine")
+    assert main(_fit_args(dataset, out, 1, "--steps", "1")) == 0
+    assert not leftover.exists() and unrelated.exists()
+
+
+def test_resume_with_other_pairs_is_refused(tmp_path, dataset, capsys):
+    out = tmp_path / "run"
+    assert main(_fit_args(dataset, out, 1, "--steps", "2")) == 0
+    fewer = tmp_path / "fewer-pairs.csv"
+    fewer.write_text("".join(dataset["pairs"].read_text().splitlines(keepends=True)[:30]))
+    args = _fit_args(dataset, out, 1, "--steps", "4", "--resume")
+    args[args.index("--pairs") + 1] = str(fewer)
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "--resume with other pairs" in capsys.readouterr().err
+    assert main(_fit_args(dataset, out, 1, "--steps", "4", "--resume")) == 0
+
+
+def test_a_batch_larger_than_the_pairs_is_refused(tmp_path, dataset, capsys):
+    assert main(_fit_args(dataset, tmp_path / "run", 1, "--steps", "2", "--batch-size", "64")) == 2
+    assert "batch 64 is larger than the 48 pairs" in capsys.readouterr().err

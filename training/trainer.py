@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -28,12 +29,12 @@ from pg2_server.drawing import draw_pose, image_grid, write_rgb
 from pg2_server.model import Generator1, Generator2, ModelConfig
 from pg2_server.pose import to_uint8
 
-from .data import PairDataset, PairSampler, PairSplit, make_loader
+from .data import BatchStream, PairDataset, PairSampler, PairSplit, make_loader
 from .discriminator import Discriminator, DiscriminatorConfig, D_KINDS
-from .distributed import Distributed, any_rank, barrier
+from .distributed import Distributed, any_rank, barrier, mean_over_ranks, synchronize_batch_norm
 from .losses import RECONSTRUCTION_LOSSES, discriminator_logits, discriminator_loss, \
     generator_adversarial_loss, reconstruction_loss
-from .state import StateError, load_state, rng_state, save_state, set_rng_state
+from .state import StateError, load_state, remove_partial_saves, rng_state, save_state, set_rng_state
 
 STATE_KIND = "pg2-train-state"
 STATE_VERSION = 1
@@ -146,9 +147,16 @@ class Trainer:
         self.split = split
         self.device = job.device
         self.cuda = self.device.type == "cuda"
-        self.data_provenance = data_provenance or {}
+        self.data_provenance = dict(data_provenance or {})
+        if split is not None:
+            self.data_provenance["pairs_sha256"] = split.pairs_digest
         self.step = 0
+        self.skipped_images = 0     # pairs passed over because an image could not be decoded, all ranks
         self.stop_requested = False
+        self._updating = False      # between a step's first optimiser update and its end
+        if job.is_main:
+            for path in remove_partial_saves(self.run_dir):
+                print(f"removed {path}, left by a save that was killed", file=sys.stderr)
 
         torch.manual_seed(config.seed)  # same initial weights on every rank
         self.g1 = Generator1(model_config)
@@ -159,6 +167,8 @@ class Trainer:
         self.g2 = Generator2(model_config) if config.stage == 2 else None
         self.d = Discriminator(DiscriminatorConfig(model_config.canvas, config.d_layers, config.d_base_width,
                                                    config.discriminator)) if config.adversarial else None
+        if self.d is not None and job.enabled:  # batch statistics over all ranks, as one process
+            synchronize_batch_norm(self.d)
         memory_format = torch.channels_last if (self.cuda and config.channels_last) else torch.contiguous_format
         self.memory_format = memory_format
         for module in (self.g1, self.g2, self.d):
@@ -220,7 +230,9 @@ class Trainer:
         if not c.adversarial:
             self.opt_g.zero_grad(set_to_none=True)
             recon.backward()
+            self._updating = True
             self.opt_g.step()
+            self._updating = False
             return losses
         # Generator update: D's plain module (not its DDP wrapper) with frozen weights, fed the
         # same one-batch mix of real target, real source and generated images as D's update.
@@ -231,6 +243,7 @@ class Trainer:
         g_loss = adversarial + c.lambda_l1 * recon
         self.opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
+        self._updating = True   # from here until the D update the networks are half a step on
         self.opt_g.step()
         self.d.requires_grad_(True)
         # Discriminator update on the same generated images.
@@ -241,6 +254,7 @@ class Trainer:
         self.opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         self.opt_d.step()
+        self._updating = False
         losses.update(g_adv=adversarial.detach(), g_total=g_loss.detach(), d=d_loss.detach(),
                       d_real=torch.sigmoid(real.float()).mean().detach(),
                       d_fake=torch.sigmoid(generated.float()).mean().detach())
@@ -254,7 +268,7 @@ class Trainer:
             "kind": STATE_KIND, "version": STATE_VERSION,
             "stage": self.config.stage, "step": self.step,
             "samples_per_rank": self.step * self.config.batch_size,
-            "world_size": self.job.world_size,
+            "world_size": self.job.world_size, "skipped_images": self.skipped_images,
             "train_config": self.config.to_dict(), "model_config": self.model_config.to_dict(),
             "data": self.data_provenance,
             "g1": self.g1.state_dict(), "opt_g": self.opt_g.state_dict(),
@@ -288,6 +302,11 @@ class Trainer:
             changed = sorted(k for k in new if old.get(k) != new[k])
             raise StateError(f"--resume with different hyper-parameters {changed}: "
                              f"saved {[old.get(k) for k in changed]}, given {[new[k] for k in changed]}")
+        saved_data = state.get("data", {})
+        if self.split is not None and saved_data.get("pairs_sha256") not in (None, self.split.pairs_digest):
+            raise StateError(f"--resume with other pairs: the run was trained on {saved_data.get('pairs_used')} pairs "
+                             f"from {saved_data.get('pairs')}, now {len(self.split.pairs)} pairs differ (file, order "
+                             f"or skipped rows); resume with the same --pairs, --annotations and images")
         self.g1.load_state_dict(state["g1"])
         self.opt_g.load_state_dict(state["opt_g"])
         if self.g2 is not None:
@@ -297,7 +316,8 @@ class Trainer:
             self.opt_d.load_state_dict(state["opt_d"])
         set_rng_state(state["rng"])
         self.step = int(state["step"])
-        self.data_provenance = state.get("data", self.data_provenance)
+        self.skipped_images = int(state.get("skipped_images", 0))
+        self.data_provenance = {**self.data_provenance, **saved_data}
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -305,9 +325,11 @@ class Trainer:
         self.stop_requested = True
 
     def fit(self) -> dict[str, float]:
-        """Train to `config.steps`, saving every `save_every` steps and on SIGTERM/SIGINT.
+        """Train to `config.steps`, saving every `save_every` steps, on SIGTERM/SIGINT and on failure.
 
-        Returns the last logged losses, and `interrupted: 1.0` if a signal stopped the run.
+        Returns the last logged losses, and `interrupted: 1.0` if a signal stopped the run. An
+        exception (a data error with `--strict`, out of memory, ...) saves the state of the last
+        whole step before it propagates.
         """
         c = self.config
         if self.split is None:
@@ -321,26 +343,29 @@ class Trainer:
         catch = threading.current_thread() is threading.main_thread()
         previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGTERM, signal.SIGINT)} if catch else {}
         log = _LossLog(self.run_dir, c.stage, self.step, self.job.is_main)
-        samples = self._sample_batch(dataset) if self.job.is_main else None
         bar = tqdm(total=c.steps, initial=self.step, desc=f"stage {c.stage}", unit="step",
                    disable=not self.job.is_main, dynamic_ncols=True)
         last: dict[str, float] = {}
-        window_start, window_steps = time.perf_counter(), 0
+        window_start, window_steps, window_skipped = time.perf_counter(), 0, 0
+        batches = None
         try:
-            batches = iter(loader)
+            samples = self._sample_batch(dataset) if self.job.is_main else None
+            batches = BatchStream(loader)
             while self.step < c.steps:
-                losses = self.train_step(next(batches))
+                batch = next(batches)
+                window_skipped += int(batch.pop("skipped").sum())
+                losses = self.train_step(batch)
                 self.step += 1
                 window_steps += 1
                 bar.update(1)
                 if self.step % c.log_every == 0 or self.step == c.steps:
                     elapsed = time.perf_counter() - window_start
                     rate = window_steps * c.batch_size * self.job.world_size / max(elapsed, 1e-9)
-                    last = {k: float(v) for k, v in losses.items()}
+                    last = self._logged(losses, window_skipped)
                     log.write(self.step, last, rate)
                     bar.set_postfix({**{k: f"{v:.4f}" for k, v in last.items() if k in ("recon", "g_adv", "d")},
                                      "samples/s": f"{rate:.1f}"})
-                    window_start, window_steps = time.perf_counter(), 0
+                    window_start, window_steps, window_skipped = time.perf_counter(), 0, 0
                 if samples is not None and (self.step % c.sample_every == 0 or self.step == c.steps):
                     log.image(self.step, self.sample_grid(samples))
                 if self.step % c.save_every == 0 and self.step < c.steps:
@@ -353,18 +378,46 @@ class Trainer:
                     break
             self.save()
             barrier(self.job)
+        except Exception:
+            self._save_after_failure()
+            raise
         finally:
+            if batches is not None:
+                batches.close()
             bar.close()
             log.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
         return last
 
+    def _logged(self, losses: dict[str, torch.Tensor], skipped: int) -> dict[str, float]:
+        """The step's losses averaged over the ranks, and the images skipped so far by all ranks."""
+        names = list(losses)
+        values = torch.stack([losses[k].float() for k in names] + [torch.tensor(float(skipped), device=self.device)])
+        values = mean_over_ranks(values, self.job).tolist()
+        self.skipped_images += round(values[-1] * self.job.world_size)
+        return {**dict(zip(names, values[:-1])), "skipped_images": self.skipped_images}
+
+    def _save_after_failure(self) -> None:
+        if not self.job.is_main:
+            return
+        if self._updating:  # the networks are between two updates: the last save is the good one
+            print(f"training failed inside step {self.step + 1}; the state was not saved (it would be half a "
+                  f"step); {state_path(self.run_dir, self.config.stage)} holds the last save", file=sys.stderr)
+            return
+        try:
+            where = self.save()
+        except Exception as e:  # the original error matters more; say why nothing was saved
+            print(f"training failed at step {self.step} and the state could not be saved: {e}", file=sys.stderr)
+            return
+        print(f"training failed after step {self.step}; state saved to {where}: fix the cause and continue "
+              f"with --resume", file=sys.stderr)
+
     # -- pictures ------------------------------------------------------------------------------
 
     def _sample_batch(self, dataset: PairDataset, count: int = 4) -> dict:
         items = [dataset[(i, False)] for i in range(min(count, len(dataset)))]
-        return {k: torch.stack([item[k] for item in items]) for k in items[0]}
+        return {k: torch.stack([item[k] for item in items]) for k in items[0] if k != "skipped"}
 
     @torch.no_grad()
     def sample_grid(self, samples: dict) -> np.ndarray:
