@@ -269,3 +269,111 @@ def test_resume_with_other_pairs_is_refused(tmp_path, dataset, capsys):
 def test_a_batch_larger_than_the_pairs_is_refused(tmp_path, dataset, capsys):
     assert main(_fit_args(dataset, tmp_path / "run", 1, "--steps", "2", "--batch-size", "64")) == 2
     assert "batch 64 is larger than the 48 pairs" in capsys.readouterr().err
+
+
+def test_accumulated_micro_batches_make_the_step_of_the_whole_batch(tmp_path, split):
+    batch = _fixed_batch(split)
+    halves = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
+    whole = Trainer(train_config("tiny", 1, lr=1e-4), TINY, tmp_path / "a", split)
+    accumulated = Trainer(train_config("tiny", 1, lr=1e-4, accumulate=2), TINY, tmp_path / "b", split)
+    for _ in range(3):
+        expected = whole.train_step(batch)
+        got = accumulated.train_step(halves)
+        assert float(got["recon"]) == pytest.approx(float(expected["recon"]), rel=1e-5)
+    for key, value in whole.g1.state_dict().items():
+        torch.testing.assert_close(accumulated.g1.state_dict()[key], value, rtol=0, atol=1e-6)
+    out = tmp_path / "run"   # the data stream advances by accumulate × batch per step
+    Trainer(train_config("tiny", 1, steps=2, batch_size=2, accumulate=3, workers=0), TINY, out, split).fit()
+    assert load_run_state(out, 1)["samples_per_rank"] == 12
+
+
+def test_ema_is_kept_resumed_and_exported(tmp_path, dataset, split):
+    from pg2_server.checkpoint import load_checkpoint
+    from training.export import export_run
+
+    trainer = Trainer(train_config("tiny", 1, lr=1e-3, ema=0.5), TINY, tmp_path, split)
+    before = {k: v.clone() for k, v in trainer.g1.state_dict().items()}
+    trainer.train_step(_fixed_batch(split))
+    for key, value in trainer.g1.state_dict().items():   # one step: halfway between old and new weights
+        torch.testing.assert_close(trainer.ema.state_dict()[key], 0.5 * before[key] + 0.5 * value)
+    out = tmp_path / "run"
+    assert main(_fit_args(dataset, out, 1, "--steps", "3", "--ema", "0.9")) == 0
+    state = load_run_state(out, 1)
+    assert not all(torch.equal(state["ema"][k], state["g1"][k]) for k in state["g1"])
+    export_run(out, tmp_path / "model")
+    exported = load_checkpoint(tmp_path / "model.json")
+    assert exported.provenance["ema"] is True
+    assert all(torch.equal(exported.g1.state_dict()[k], state["ema"][k]) for k in state["ema"])
+    assert main(["export", str(out), "--out", str(tmp_path / "raw"), "--no-ema"]) == 0
+    raw = load_checkpoint(tmp_path / "raw.json")
+    assert all(torch.equal(raw.g1.state_dict()[k], state["g1"][k]) for k in state["g1"])
+    assert main(_fit_args(dataset, out, 1, "--steps", "5", "--ema", "0.9", "--resume")) == 0
+    assert main(_fit_args(dataset, out, 1, "--steps", "6", "--resume")) == 2      # EMA is part of the run
+
+
+def test_validation_scores_the_held_out_split_and_keeps_the_best(tmp_path, dataset, capsys):
+    from pg2_server.pipeline import Pipeline
+
+    held_out = write_dataset(tmp_path / "val", split="test", identities=2, seed=1)
+    out = tmp_path / "run"
+    validation = ["--val-every", "2", "--val-data-root", str(held_out["images"]), "--val-annotations",
+                  str(held_out["annotations"]), "--val-pairs", str(held_out["pairs"]), "--val-limit", "6"]
+    assert main(_fit_args(dataset, out, 1, "--steps", "4", "--lr", "1e-3", *validation)) == 0
+    records = [json.loads(line) for line in (out / "stage1-validation.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    assert {"ssim_pg2", "ssim_patn", "mask_ssim", "psnr", "l1"} <= set(records[0])
+    best = max(records, key=lambda r: r["ssim_pg2"])
+    state = load_run_state(out, 1)
+    assert state["best"] == {"step": best["step"], "metric": "ssim_pg2", "value": best["ssim_pg2"]}
+    pipeline = Pipeline.from_checkpoint(out / "best-stage1.json")
+    assert pipeline.provenance["step"] == best["step"]
+    assert pipeline.metrics["rows"]["g1"]["ssim_pg2"] == pytest.approx(best["ssim_pg2"])
+    assert "best ssim_pg2" in capsys.readouterr().err
+    assert main(_fit_args(dataset, tmp_path / "other", 1, "--steps", "2", "--val-every", "2")) == 2
+    assert "held-out split" in capsys.readouterr().err
+
+
+def test_log_line_has_peak_memory_and_flops(tmp_path, dataset):
+    out = tmp_path / "run"
+    assert main(_fit_args(dataset, out, 1, "--steps", "2")) == 0
+    line = _logged(out)[-1]
+    assert 0.05 < line["peak_rss_gib"] < 64 and line["tflops"] > 0
+    assert "mfu" not in line     # no known peak for a CPU
+
+
+def test_config_file_with_flags_overriding_it_and_saved_in_the_run(tmp_path, dataset, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text(f'preset = "tiny"\nstage = 1\ndata-root = "{dataset["images"]}"\n'
+                      f'annotations = "{dataset["annotations"]}"\npairs = "{dataset["pairs"]}"\n'
+                      f'steps = 3\nbatch_size = 2\nworkers = 0\nlr = 1e-3\nno-flip = true\n')
+    out = tmp_path / "run"
+    assert main(["fit", "--config", str(config), "--out", str(out), "--steps", "2"]) == 0
+    state = load_run_state(out, 1)
+    assert state["step"] == 2                                    # the flag won
+    assert (state["train_config"]["batch_size"], state["train_config"]["lr"]) == (2, 1e-3)
+    assert state["train_config"]["flip"] is False
+    saved = out / "stage1-config.toml"
+    assert main(["fit", "--config", str(saved), "--steps", "4", "--resume"]) == 0   # the run's own file
+    assert load_run_state(out, 1)["step"] == 4
+    config.write_text(config.read_text() + "batch = 3\n")
+    assert main(["fit", "--config", str(config), "--out", str(tmp_path / "x")]) == 2
+    assert "unknown setting 'batch'" in capsys.readouterr().err
+    config.write_text('preset = "tiny"\nstage = "one"\n')
+    assert main(["fit", "--config", str(config), "--out", str(tmp_path / "x")]) == 2
+    assert "stage must be int" in capsys.readouterr().err
+    assert main(["fit", "--preset", "tiny", "--out", str(tmp_path / "x")]) == 2
+    assert "fit needs --stage, --data-root, --annotations, --pairs" in capsys.readouterr().err
+
+
+def test_help_states_each_presets_learning_rate():
+    from training.cli import build_parser
+    from training.trainer import TRAINING_DEFAULTS
+
+    fit = build_parser()._subparsers._group_actions[0].choices["fit"]
+    helps = {a.dest: a.help or "" for a in fit._actions}
+    assert "G1 alone" in helps["stage"] and "deepfashion" in helps["preset"]
+    stated = {}   # "(default: the preset's: 2e-5 market, deepfashion, tiny; 2e-4 demo)"
+    for part in helps["lr"].split("the preset's:")[1].rstrip(")").split(";"):
+        value, names = part.split(maxsplit=1)
+        stated.update({name.strip(): float(value) for name in names.split(",")})
+    assert stated == {name: train_config(name, 1).lr for name in TRAINING_DEFAULTS}
