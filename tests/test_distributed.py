@@ -103,3 +103,17 @@ def test_two_gloo_processes_keep_parameters_identical(tmp_path):
                 conv is not None and f"{conv[1]}.{int(conv[2]) + 1}.running_mean" in reference[net])
             if value.is_floating_point() and not ignored:
                 torch.testing.assert_close(rank0[f"{net}.{key}"], value, rtol=0, atol=1e-5, msg=f"{net}.{key}")
+
+
+def test_synchronised_batch_norm_is_plain_batch_norm_in_one_process():
+    from training.discriminator import Discriminator, DiscriminatorConfig
+    from training.distributed import SynchronizedBatchNorm2d, synchronize_batch_norm
+
+    torch.manual_seed(0)
+    plain = Discriminator(DiscriminatorConfig((32, 16), 4, 8))
+    synced = synchronize_batch_norm(Discriminator(DiscriminatorConfig((32, 16), 4, 8)))
+    synced.load_state_dict(plain.state_dict())
+    assert sum(isinstance(m, SynchronizedBatchNorm2d) for m in synced.modules()) == 3
+    x = torch.randn(6, 3, 32, 16)
+    torch.testing.assert_close(synced(x), plain(x))
+    assert synced.state_dict().keys() == plain.state_dict().keys()

@@ -472,7 +472,8 @@ class Trainer:
         if self.cuda:
             figures["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
         else:
-            figures["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB
+            unit = 1 if sys.platform == "darwin" else 1024   # ru_maxrss: bytes on macOS, KiB on Linux
+            figures["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 2 ** 30
         if self.flop_per_step:
             achieved = self.flop_per_step * steps_per_second
             figures["tflops"] = achieved / 1e12
