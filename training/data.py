@@ -19,7 +19,6 @@ from typing import Iterator
 import cv2
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pg2_server.drawing import read_rgb
@@ -145,6 +144,8 @@ def read_annotation_file(path: str | Path, report: DataReport, strict: bool = Fa
 
 def image_size(path: str | Path) -> tuple[int, int] | None:
     """(W, H) of an image from its header alone (no decoding); None if it is not a readable image."""
+    from PIL import Image, UnidentifiedImageError  # the `train` extra's; OpenCV cannot read a header alone
+
     try:
         with Image.open(path) as image:
             return image.size
