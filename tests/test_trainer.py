@@ -309,6 +309,9 @@ def test_ema_is_kept_resumed_and_exported(tmp_path, dataset, split):
     assert all(torch.equal(raw.g1.state_dict()[k], state["g1"][k]) for k in state["g1"])
     assert main(_fit_args(dataset, out, 1, "--steps", "5", "--ema", "0.9", "--resume")) == 0
     assert main(_fit_args(dataset, out, 1, "--steps", "6", "--resume")) == 2      # EMA is part of the run
+    assert main(_fit_args(dataset, out, 2, "--steps", "1")) == 0   # stage 2 starts from stage 1's average
+    ema = load_run_state(out, 1)["ema"]
+    assert all(torch.equal(load_run_state(out, 2)["g1"][k], ema[k]) for k in ema)
 
 
 def test_validation_scores_the_held_out_split_and_keeps_the_best(tmp_path, dataset, capsys):
