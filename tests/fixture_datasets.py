@@ -86,3 +86,10 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def break_after_header(path: Path) -> None:
+    """Overwrite an image with a PNG cut short after its header, as a broken download leaves it:
+    its size can be read, its pixels cannot be decoded."""
+    ok, encoded = cv2.imencode(".png", np.full((64, 32, 3), 128, np.uint8))
+    path.write_bytes(encoded.tobytes()[:100])

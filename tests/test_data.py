@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from fixture_datasets import one_torch_thread, write_dataset  # noqa: F401 (autouse fixture)
-from pg2_server.keypoints import INDEX
+from fixture_datasets import break_after_header, one_torch_thread, write_dataset  # noqa: F401 (autouse fixture)
+from pg2_server.keypoints import INDEX, format_annotation_row
 from pg2_server.model import preset
 from pg2_server.pose import pose_mask
-from training.data import DataError, PairDataset, PairSampler, load_split, make_loader
+from training.data import DataError, DataReport, PairDataset, PairSampler, load_split, make_loader, \
+    read_annotation_file, read_pairs
 
 TINY = preset("tiny")  # canvas 32 × 16 (H × W); fixture frames are 32 × 64 (W × H): scale ½
 
@@ -129,3 +130,89 @@ def test_loader_batches_full_and_identical_with_workers(tmp_path):
     assert plain["mask"].shape == (5, 1, 32, 16)
     for key in plain:
         assert torch.equal(plain[key].nan_to_num(-7), parallel[key].nan_to_num(-7)), key
+
+
+def test_annotation_header_says_which_list_is_x(tmp_path):
+    data = write_dataset(tmp_path)
+    reference = read_annotation_file(data["annotations"], DataReport())
+    swapped = tmp_path / "x-first.csv"   # the same keypoints, written x list first
+    swapped.write_text("name: keypoints_x: keypoints_y\n" + "".join(
+        format_annotation_row(name, points[:, ::-1]) + "\n" for name, points in reference.items()))
+    rows = read_annotation_file(swapped, DataReport())
+    assert rows.keys() == reference.keys()
+    for name in rows:
+        np.testing.assert_array_equal(rows[name], reference[name])
+    headerless = tmp_path / "no-header.csv"   # PATN's order
+    headerless.write_text("".join(line + "\n" for line in data["annotations"].read_text().splitlines()[1:]))
+    np.testing.assert_array_equal(read_annotation_file(headerless, DataReport())[name], reference[name])
+    unknown = tmp_path / "unknown.csv"
+    unknown.write_text("name:x:y\n" + data["annotations"].read_text().split("\n", 1)[1])
+    with pytest.raises(DataError, match="not an annotation header.*name:keypoints_y:keypoints_x"):
+        read_annotation_file(unknown, DataReport())
+
+
+def test_pairs_header_says_which_column_is_the_source(tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text("to,from\nb.jpg,a.jpg\nd.jpg,c.jpg\n")
+    assert read_pairs(path, DataReport()) == [("a.jpg", "b.jpg"), ("c.jpg", "d.jpg")]
+    path.write_text("from,to\na.jpg,b.jpg\n")
+    assert read_pairs(path, DataReport()) == [("a.jpg", "b.jpg")]
+    path.write_text("a.jpg,b.jpg\n")          # no header
+    assert read_pairs(path, DataReport()) == [("a.jpg", "b.jpg")]
+    path.write_text("source,target\na.jpg,b.jpg\n")
+    with pytest.raises(DataError, match="not a pairs header.*from,to"):
+        read_pairs(path, DataReport())
+
+
+def test_keypoints_outside_the_image_are_dropped_and_counted(tmp_path):
+    data = write_dataset(tmp_path)
+    name = data["names"][0][1]
+    text = data["annotations"].read_text().splitlines()
+    rows = {line.split(":", 1)[0]: line for line in text[1:]}
+    points = read_annotation_file(data["annotations"], DataReport())[name]
+    points[INDEX["right_wrist"]] = (40, 20)     # the frames are 32 px wide
+    points[INDEX["left_wrist"]] = (10, -3)
+    rows[name] = format_annotation_row(name, points).replace(": ", ":").replace(", ", ",")
+    data["annotations"].write_text("\n".join([text[0], *rows.values()]) + "\n")
+    split = load_split(data["images"], data["annotations"], data["pairs"])
+    assert split.report.count("keypoints outside the image") == 1
+    assert np.isnan(split.keypoints[name][[INDEX["right_wrist"], INDEX["left_wrist"]]]).all()
+    assert not np.isnan(split.keypoints[name][INDEX["right_elbow"]]).any()
+    assert len(split.pairs) == 48                     # the joints go, not the image
+    with pytest.raises(DataError, match="outside the 32×64 image"):
+        load_split(data["images"], data["annotations"], data["pairs"], strict=True)
+
+
+def test_an_image_that_cannot_be_read_is_skipped_at_load(tmp_path):
+    data = write_dataset(tmp_path)
+    (data["images"] / data["names"][1][2]).write_bytes(b"not an image")
+    split = load_split(data["images"], data["annotations"], data["pairs"])
+    assert split.report.count("unreadable images") == 6 and len(split.pairs) == 42
+    with pytest.raises(DataError, match="unreadable images"):
+        load_split(data["images"], data["annotations"], data["pairs"], strict=True)
+
+
+def test_an_image_broken_after_loading_is_replaced_and_counted(tmp_path):
+    data = write_dataset(tmp_path)
+    split = load_split(data["images"], data["annotations"], data["pairs"])
+    dataset = PairDataset(split, TINY)
+    index = next(i for i, (_, target) in enumerate(split.pairs) if target == data["names"][2][0])
+    expected_next = dataset[(index + 1, False)]
+    break_after_header(data["images"] / data["names"][2][0])
+    item = dataset[(index, False)]
+    assert int(item["skipped"]) == 1
+    assert torch.equal(item["target"], expected_next["target"])    # the next pair, deterministically
+    assert int(dataset[(0, False)]["skipped"]) == 0
+    split.strict = True
+    with pytest.raises(DataError, match="cannot read image"):
+        dataset[(index, False)]
+
+
+def test_a_batch_larger_than_the_split_is_refused(tmp_path):
+    data = write_dataset(tmp_path)
+    dataset = PairDataset(load_split(data["images"], data["annotations"], data["pairs"]), TINY)
+    with pytest.raises(DataError, match="batch 49 is larger than the 48 pairs of the split"):
+        make_loader(dataset, 49, PairSampler(len(dataset)), workers=0)
+    with pytest.raises(DataError, match="24 pairs each of 2 processes"):
+        make_loader(dataset, 25, PairSampler(len(dataset), world_size=2), workers=0)
+    assert len(next(iter(make_loader(dataset, 48, PairSampler(len(dataset)), workers=0)))["source"]) == 48

@@ -1,18 +1,25 @@
 """training/distributed.py: two gloo processes under torchrun keep identical parameters."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from fixture_datasets import write_dataset
 from pg2_server.model import Generator1, preset
+from training.data import load_split
 from training.distributed import Distributed, any_rank, init_distributed
+from training.trainer import Trainer, load_run_state, train_config
+
+STEPS = 4
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,19 +32,20 @@ WORKER = textwrap.dedent('''
     from training.data import load_split
     from training.distributed import init_distributed, shutdown
     from training.trainer import Trainer, train_config, load_run_state
+    SETTINGS = dict(steps=STEPS, batch_size=2, workers=0, lr=1e-4, log_every=1)
 
     images, annotations, pairs, out = sys.argv[1:5]
     job = init_distributed("cpu")
     split = load_split(images, annotations, pairs)
     config = preset("tiny")
-    stage1 = Trainer(train_config("tiny", 1, steps=3, workers=0, lr=1e-3), config, out, split, job)
+    stage1 = Trainer(train_config("tiny", 1, **SETTINGS), config, out, split, job)
     stage1.fit()
-    stage2 = Trainer(train_config("tiny", 2, steps=3, workers=0, lr=1e-3), config, out, split, job,
+    stage2 = Trainer(train_config("tiny", 2, **SETTINGS), config, out, split, job,
                      g1_state=stage1.g1.state_dict())
     stage2.fit()
     tensors = {f"g1.{k}": v for k, v in stage1.g1.state_dict().items()}
     tensors.update({f"g2.{k}": v for k, v in stage2.g2.state_dict().items()})
-    tensors.update({f"d.{k}": v.detach() for k, v in stage2.d.named_parameters()})
+    tensors.update({f"d.{k}": v.detach() for k, v in stage2.d.state_dict().items()})
     save_file({k: v.contiguous() for k, v in tensors.items()}, f"{out}/rank{job.rank}.safetensors")
     shutdown(job)
 ''')
@@ -52,7 +60,7 @@ def test_one_process_needs_no_process_group():
 def test_two_gloo_processes_keep_parameters_identical(tmp_path):
     data = write_dataset(tmp_path)
     script = tmp_path / "worker.py"
-    script.write_text(WORKER)
+    script.write_text(WORKER.replace("STEPS", str(STEPS)))
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
@@ -64,10 +72,48 @@ def test_two_gloo_processes_keep_parameters_identical(tmp_path):
     assert rank0.keys() == rank1.keys()
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
-    # (D's batch-norm running statistics are rank-local between DDP's broadcasts; training never
-    # uses them, and rank 0's are the ones saved.) Only rank 0 wrote the run's files.
+    # D's batch norm is synchronised, so its running statistics agree too. Only rank 0 wrote files.
+    assert any(k.endswith("running_var") for k in rank0)
     torch.manual_seed(0)   # the trainer's initial G1 (seed 0): training moved it
     initial = Generator1(preset("tiny")).state_dict()
     assert not all(torch.equal(initial[k], rank0[f"g1.{k}"]) for k in initial)
     assert (out / "stage1.safetensors").is_file() and (out / "stage2.safetensors").is_file()
-    assert len((out / "stage1-log.jsonl").read_text().splitlines()) == 1   # log_every 10 > 3 steps: the last
+    assert len((out / "stage1-log.jsonl").read_text().splitlines()) == STEPS
+
+    # Two processes of batch 2 take the step of one process of batch 4: the same pairs and flips,
+    # gradients averaged, D's batch statistics over all 4 samples, losses averaged for the log.
+    split = load_split(data["images"], data["annotations"], data["pairs"])
+    single = tmp_path / "single"
+    settings = dict(steps=STEPS, batch_size=4, workers=0, lr=1e-4, log_every=1)
+    stage1 = Trainer(train_config("tiny", 1, **settings), preset("tiny"), single, split)
+    stage1.fit()
+    Trainer(train_config("tiny", 2, **settings), preset("tiny"), single, split, g1_state=stage1.g1.state_dict()).fit()
+    for stage, names in ((1, ["recon"]), (2, ["recon", "g_adv", "d", "d_real", "d_fake"])):
+        ddp = [json.loads(line) for line in (out / f"stage{stage}-log.jsonl").read_text().splitlines()]
+        one = [json.loads(line) for line in (single / f"stage{stage}-log.jsonl").read_text().splitlines()]
+        for name in names:
+            assert [r[name] for r in ddp] == pytest.approx([r[name] for r in one], rel=2e-4, abs=1e-5), (stage, name)
+    reference = load_run_state(single, 2)
+    for net in ("g2", "d"):
+        for key, value in reference[net].items():
+            # A conv bias before batch norm changes nothing (the norm subtracts it): its gradient is
+            # rounding noise, which Adam scales up to lr-sized steps; the running mean carries it.
+            conv = re.fullmatch(r"(\w+)\.(\d+)\.bias", key)
+            ignored = key.endswith("running_mean") or (
+                conv is not None and f"{conv[1]}.{int(conv[2]) + 1}.running_mean" in reference[net])
+            if value.is_floating_point() and not ignored:
+                torch.testing.assert_close(rank0[f"{net}.{key}"], value, rtol=0, atol=1e-5, msg=f"{net}.{key}")
+
+
+def test_synchronised_batch_norm_is_plain_batch_norm_in_one_process():
+    from training.discriminator import Discriminator, DiscriminatorConfig
+    from training.distributed import SynchronizedBatchNorm2d, synchronize_batch_norm
+
+    torch.manual_seed(0)
+    plain = Discriminator(DiscriminatorConfig((32, 16), 4, 8))
+    synced = synchronize_batch_norm(Discriminator(DiscriminatorConfig((32, 16), 4, 8)))
+    synced.load_state_dict(plain.state_dict())
+    assert sum(isinstance(m, SynchronizedBatchNorm2d) for m in synced.modules()) == 3
+    x = torch.randn(6, 3, 32, 16)
+    torch.testing.assert_close(synced(x), plain(x))
+    assert synced.state_dict().keys() == plain.state_dict().keys()

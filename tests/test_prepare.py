@@ -118,3 +118,45 @@ def test_market_drops_junk_and_distractors(tmp_path, capsys):
     assert counts["train images"] == 2
     assert main(["prepare", "market", "--raw", str(tmp_path), "--out", str(out)]) == 2
     assert "bounding_box_train" in capsys.readouterr().err
+
+
+def test_without_csvs_the_release_partition_decides_the_split(tmp_path):
+    raw = tmp_path / "raw"
+    _raw_deepfashion(raw)
+    (raw / "Eval").mkdir()
+    (raw / "Eval" / "list_eval_partition.txt").write_text(
+        "4\nimage_name item_id evaluation_status\n"
+        "img/WOMEN/Tees_Tanks/id_00005085/45_1_front.jpg   id_00005085 train\n"
+        "img/WOMEN/Tees_Tanks/id_00005085/45_2_side.jpg    id_00005085 train\n"
+        "img/MEN/Denim/id_00000080/01_1_front.jpg          id_00000080 query\n")
+    counts, _ = prepare_deepfashion(raw, tmp_path / "out")
+    out = tmp_path / "out"
+    assert sorted(p.name for p in (out / "train").iterdir()) == sorted(n for n, s in RAW_DF.values() if s == "train")
+    assert [p.name for p in (out / "test").iterdir()] == ["fashionMENDenimid0000008001_1front.jpg"]
+    assert counts["images not in the partition file"] == 1       # 01_7_additional is not listed
+    (raw / "Eval" / "list_eval_partition.txt").write_text("4\nimage_name item_id evaluation_status\nnonsense\n")
+    with pytest.raises(DataError, match="list_eval_partition.txt:3"):
+        prepare_deepfashion(raw, tmp_path / "again")
+
+
+def test_a_non_square_image_keeps_its_aspect_ratio(tmp_path):
+    path = tmp_path / "raw" / "img" / "WOMEN/Dresses/id_00000002/02_1_front.jpg"
+    path.parent.mkdir(parents=True)
+    image = np.full((1100, 550, 3), 120, np.uint8)            # H × W: a high-resolution portrait
+    cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, 100])
+    for size, white in (("256x176", 24), ("256x256", 64)):     # 550 wide → 128 at 256 high, padded white
+        prepare_deepfashion(tmp_path / "raw", tmp_path / size, size)
+        result = read_rgb(tmp_path / size / "train" / "fashionWOMENDressesid0000000202_1front.jpg")
+        assert result.shape == (256, int(size[4:]), 3)
+        assert (result[:, :white - 2] > 245).all() and (result[:, -(white - 2):] > 245).all()
+        assert (np.abs(result[:, white + 2:-(white + 2)].astype(int) - 120) < 6).all()
+
+
+def test_a_square_image_kept_square_is_copied_unchanged(tmp_path):
+    raw = tmp_path / "raw"
+    _raw_deepfashion(raw)
+    counts, _ = prepare_deepfashion(raw, tmp_path / "out", "256x256")
+    for relative, (name, _) in RAW_DF.items():
+        written = next((tmp_path / "out").glob(f"*/{name}"))
+        assert written.read_bytes() == (raw / "img" / relative).read_bytes()
+    assert counts["images copied unchanged"] == 4

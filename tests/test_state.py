@@ -49,3 +49,16 @@ def test_bad_files_are_named(tmp_path):
         load_state(broken)
     with pytest.raises(TypeError, match="cannot store"):
         save_state(tmp_path / "x.safetensors", {"bad": object()})
+
+
+def test_partial_saves_are_removed_and_nothing_else(tmp_path):
+    from training.state import remove_partial_saves
+
+    save_state(tmp_path / "stage1.safetensors", {"step": 1})
+    partial = tmp_path / ".stage1.safetensors.abc123.tmp"     # the name save_state's temporary file has
+    partial.write_bytes(b"\0" * 100)
+    others = [tmp_path / "notes.tmp", tmp_path / ".hidden.tmp", tmp_path / "stage1.safetensors"]
+    others[0].write_text("x"), others[1].write_text("x")
+    assert remove_partial_saves(tmp_path) == [partial]
+    assert all(p.exists() for p in others) and not partial.exists()
+    assert remove_partial_saves(tmp_path / "absent") == []

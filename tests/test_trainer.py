@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixture_datasets import one_torch_thread, write_dataset  # noqa: F401 (autouse fixture)
+from fixture_datasets import break_after_header, one_torch_thread, write_dataset  # noqa: F401 (autouse fixture)
 from pg2_server.model import preset
 from training.cli import main
 from training.data import PairDataset, load_split
@@ -204,3 +204,200 @@ def test_width_overrides_the_preset_and_is_saved_with_the_run(tmp_path, dataset)
     assert main(_fit_args(dataset, out, 1, "--steps", "1", "--width", "4", "--no-bf16")) == 0
     saved = load_run_state(out, 1)
     assert saved["model_config"]["base_width"] == 4 and saved["g1"]["encoder.stem.weight"].shape[0] == 4
+
+
+def _logged(out: Path, stage: int = 1) -> list[dict]:
+    return [json.loads(line) for line in (out / f"stage{stage}-log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.timeout(180)
+def test_an_undecodable_image_with_workers_is_skipped_and_counted(tmp_path):
+    data = write_dataset(tmp_path / "data")
+    break_after_header(data["images"] / data["names"][3][3])   # its header reads, its pixels do not
+    out = tmp_path / "run"
+    process = _start(data, out, 30, 1000, "--workers", "2")
+    _, stderr = process.communicate(timeout=120)                # it used to wait forever for its workers
+    assert process.returncode == 0, stderr
+    curve = _logged(out)
+    assert curve[-1]["step"] == 30 and curve[-1]["skipped_images"] > 0
+    assert "skipping pair" in stderr and data["names"][3][3] in stderr
+    assert load_run_state(out, 1)["skipped_images"] == curve[-1]["skipped_images"]
+
+
+@pytest.mark.timeout(180)
+def test_strict_stops_at_an_undecodable_image_and_saves_first(tmp_path):
+    data = write_dataset(tmp_path / "data")
+    break_after_header(data["images"] / data["names"][3][3])
+    out = tmp_path / "run"
+    process = _start(data, out, 100_000, 100_000, "--workers", "2", "--strict")
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 2, stderr
+    assert "cannot read image" in stderr and data["names"][3][3] in stderr
+    state = load_run_state(out, 1)     # saved on the way out, although --save-every was never reached
+    curve = _logged(out)
+    assert state["step"] == (curve[-1]["step"] if curve else 0) < 100_000
+    assert "state saved" in stderr and "--resume" in stderr
+
+
+def test_an_error_inside_an_update_keeps_the_last_whole_state(tmp_path, split, monkeypatch):
+    trainer = Trainer(train_config("tiny", 1, steps=50, workers=0, save_every=3), TINY, tmp_path, split)
+    calls = {"n": 0}
+    step = torch.optim.Adam.step
+
+    def failing_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("out of memory (simulated)")
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", failing_step)
+    with pytest.raises(RuntimeError, match="simulated"):
+        trainer.fit()
+    assert load_run_state(tmp_path, 1)["step"] == 3      # the periodic save, not half of step 5
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    other = Trainer(train_config("tiny", 1, steps=50, workers=0, sample_every=1), TINY, tmp_path / "b", split)
+    monkeypatch.setattr(other, "sample_grid", lambda samples: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        other.fit()
+    assert load_run_state(tmp_path / "b", 1)["step"] == 1   # failed after a whole step: saved
+
+
+def test_a_run_removes_what_a_killed_save_left(tmp_path, dataset):
+    out = tmp_path / "run"
+    out.mkdir()
+    leftover = out / ".stage1.safetensors.k2x9a1.tmp"
+    leftover.write_bytes(b"\0" * 1000)
+    unrelated = out / "notes.tmp"
+    unrelated.write_text("mine")
+    assert main(_fit_args(dataset, out, 1, "--steps", "1")) == 0
+    assert not leftover.exists() and unrelated.exists()
+
+
+def test_resume_with_other_pairs_is_refused(tmp_path, dataset, capsys):
+    out = tmp_path / "run"
+    assert main(_fit_args(dataset, out, 1, "--steps", "2")) == 0
+    fewer = tmp_path / "fewer-pairs.csv"
+    fewer.write_text("".join(dataset["pairs"].read_text().splitlines(keepends=True)[:30]))
+    args = _fit_args(dataset, out, 1, "--steps", "4", "--resume")
+    args[args.index("--pairs") + 1] = str(fewer)
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "--resume with other pairs" in capsys.readouterr().err
+    assert main(_fit_args(dataset, out, 1, "--steps", "4", "--resume")) == 0
+
+
+def test_a_batch_larger_than_the_pairs_is_refused(tmp_path, dataset, capsys):
+    assert main(_fit_args(dataset, tmp_path / "run", 1, "--steps", "2", "--batch-size", "64")) == 2
+    assert "batch 64 is larger than the 48 pairs" in capsys.readouterr().err
+
+
+def test_accumulated_micro_batches_make_the_step_of_the_whole_batch(tmp_path, split):
+    batch = _fixed_batch(split)
+    halves = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
+    whole = Trainer(train_config("tiny", 1, lr=1e-4), TINY, tmp_path / "a", split)
+    accumulated = Trainer(train_config("tiny", 1, lr=1e-4, accumulate=2), TINY, tmp_path / "b", split)
+    for _ in range(3):
+        expected = whole.train_step(batch)
+        got = accumulated.train_step(halves)
+        assert float(got["recon"]) == pytest.approx(float(expected["recon"]), rel=1e-5)
+    for key, value in whole.g1.state_dict().items():
+        torch.testing.assert_close(accumulated.g1.state_dict()[key], value, rtol=0, atol=1e-6)
+    out = tmp_path / "run"   # the data stream advances by accumulate × batch per step
+    Trainer(train_config("tiny", 1, steps=2, batch_size=2, accumulate=3, workers=0), TINY, out, split).fit()
+    assert load_run_state(out, 1)["samples_per_rank"] == 12
+
+
+def test_ema_is_kept_resumed_and_exported(tmp_path, dataset, split):
+    from pg2_server.checkpoint import load_checkpoint
+    from training.export import export_run
+
+    trainer = Trainer(train_config("tiny", 1, lr=1e-3, ema=0.5), TINY, tmp_path, split)
+    before = {k: v.clone() for k, v in trainer.g1.state_dict().items()}
+    trainer.train_step(_fixed_batch(split))
+    for key, value in trainer.g1.state_dict().items():   # one step: halfway between old and new weights
+        torch.testing.assert_close(trainer.ema.state_dict()[key], 0.5 * before[key] + 0.5 * value)
+    out = tmp_path / "run"
+    assert main(_fit_args(dataset, out, 1, "--steps", "3", "--ema", "0.9")) == 0
+    state = load_run_state(out, 1)
+    assert not all(torch.equal(state["ema"][k], state["g1"][k]) for k in state["g1"])
+    export_run(out, tmp_path / "model")
+    exported = load_checkpoint(tmp_path / "model.json")
+    assert exported.provenance["ema"] is True
+    assert all(torch.equal(exported.g1.state_dict()[k], state["ema"][k]) for k in state["ema"])
+    assert main(["export", str(out), "--out", str(tmp_path / "raw"), "--no-ema"]) == 0
+    raw = load_checkpoint(tmp_path / "raw.json")
+    assert all(torch.equal(raw.g1.state_dict()[k], state["g1"][k]) for k in state["g1"])
+    assert main(_fit_args(dataset, out, 1, "--steps", "5", "--ema", "0.9", "--resume")) == 0
+    assert main(_fit_args(dataset, out, 1, "--steps", "6", "--resume")) == 2      # EMA is part of the run
+    assert main(_fit_args(dataset, out, 2, "--steps", "1")) == 0   # stage 2 starts from stage 1's average
+    ema = load_run_state(out, 1)["ema"]
+    assert all(torch.equal(load_run_state(out, 2)["g1"][k], ema[k]) for k in ema)
+
+
+def test_validation_scores_the_held_out_split_and_keeps_the_best(tmp_path, dataset, capsys):
+    from pg2_server.pipeline import Pipeline
+
+    held_out = write_dataset(tmp_path / "val", split="test", identities=2, seed=1)
+    out = tmp_path / "run"
+    validation = ["--val-every", "2", "--val-data-root", str(held_out["images"]), "--val-annotations",
+                  str(held_out["annotations"]), "--val-pairs", str(held_out["pairs"]), "--val-limit", "6"]
+    assert main(_fit_args(dataset, out, 1, "--steps", "4", "--lr", "1e-3", *validation)) == 0
+    records = [json.loads(line) for line in (out / "stage1-validation.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    assert {"ssim_pg2", "ssim_patn", "mask_ssim", "psnr", "l1"} <= set(records[0])
+    best = max(records, key=lambda r: r["ssim_pg2"])
+    state = load_run_state(out, 1)
+    assert state["best"] == {"step": best["step"], "metric": "ssim_pg2", "value": best["ssim_pg2"]}
+    pipeline = Pipeline.from_checkpoint(out / "best-stage1.json")
+    assert pipeline.provenance["step"] == best["step"]
+    assert pipeline.metrics["rows"]["g1"]["ssim_pg2"] == pytest.approx(best["ssim_pg2"])
+    assert "best ssim_pg2" in capsys.readouterr().err
+    assert main(_fit_args(dataset, tmp_path / "other", 1, "--steps", "2", "--val-every", "2")) == 2
+    assert "held-out split" in capsys.readouterr().err
+
+
+def test_log_line_has_peak_memory_and_flops(tmp_path, dataset):
+    out = tmp_path / "run"
+    assert main(_fit_args(dataset, out, 1, "--steps", "2")) == 0
+    line = _logged(out)[-1]
+    assert 0.05 < line["peak_rss_gib"] < 64 and line["tflops"] > 0
+    assert "mfu" not in line     # no known peak for a CPU
+
+
+def test_config_file_with_flags_overriding_it_and_saved_in_the_run(tmp_path, dataset, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text(f'preset = "tiny"\nstage = 1\ndata-root = "{dataset["images"]}"\n'
+                      f'annotations = "{dataset["annotations"]}"\npairs = "{dataset["pairs"]}"\n'
+                      f'steps = 3\nbatch_size = 2\nworkers = 0\nlr = 1e-3\nno-flip = true\n')
+    out = tmp_path / "run"
+    assert main(["fit", "--config", str(config), "--out", str(out), "--steps", "2"]) == 0
+    state = load_run_state(out, 1)
+    assert state["step"] == 2                                    # the flag won
+    assert (state["train_config"]["batch_size"], state["train_config"]["lr"]) == (2, 1e-3)
+    assert state["train_config"]["flip"] is False
+    saved = out / "stage1-config.toml"
+    assert main(["fit", "--config", str(saved), "--steps", "4", "--resume"]) == 0   # the run's own file
+    assert load_run_state(out, 1)["step"] == 4
+    config.write_text(config.read_text() + "batch = 3\n")
+    assert main(["fit", "--config", str(config), "--out", str(tmp_path / "x")]) == 2
+    assert "unknown setting 'batch'" in capsys.readouterr().err
+    config.write_text('preset = "tiny"\nstage = "one"\n')
+    assert main(["fit", "--config", str(config), "--out", str(tmp_path / "x")]) == 2
+    assert "stage must be int" in capsys.readouterr().err
+    assert main(["fit", "--preset", "tiny", "--out", str(tmp_path / "x")]) == 2
+    assert "fit needs --stage, --data-root, --annotations, --pairs" in capsys.readouterr().err
+
+
+def test_help_states_each_presets_learning_rate():
+    from training.cli import build_parser
+    from training.trainer import TRAINING_DEFAULTS
+
+    fit = build_parser()._subparsers._group_actions[0].choices["fit"]
+    helps = {a.dest: a.help or "" for a in fit._actions}
+    assert "G1 alone" in helps["stage"] and "deepfashion" in helps["preset"]
+    stated = {}   # "(default: the preset's: 2e-5 market, deepfashion, tiny; 2e-4 demo)"
+    for part in helps["lr"].split("the preset's:")[1].rstrip(")").split(";"):
+        value, names = part.split(maxsplit=1)
+        stated.update({name.strip(): float(value) for name in names.split(",")})
+    assert stated == {name: train_config(name, 1).lr for name in TRAINING_DEFAULTS}

@@ -33,12 +33,13 @@ log = logging.getLogger("training")
 EXIT_INTERRUPTED = 143  # 128 + SIGTERM: the state was saved; run again with --resume
 
 
-def _add_data_arguments(parser: argparse.ArgumentParser, images_help: str) -> None:
-    parser.add_argument("--data-root", required=True, help=images_help)
-    parser.add_argument("--annotations", required=True, help="annotation CSV (name:keypoints_y:keypoints_x)")
-    parser.add_argument("--pairs", required=True, help="pairs CSV (from,to)")
-    parser.add_argument("--strict", action="store_true",
-                        help="stop at the first malformed row, missing image or annotation (default: skip and count)")
+def _add_data_arguments(parser: argparse.ArgumentParser, images_help: str, required: bool = True) -> None:
+    parser.add_argument("--data-root", required=required, help=images_help)
+    parser.add_argument("--annotations", required=required, help="annotation CSV (name:keypoints_y:keypoints_x)")
+    parser.add_argument("--pairs", required=required, help="pairs CSV (from,to)")
+    parser.add_argument("--strict", action="store_true", default=None if not required else False,
+                        help="stop at the first malformed row, missing or undecodable image or annotation "
+                             "(default: skip and count)")
 
 
 def _load_split(args: argparse.Namespace, quiet: bool = False):
@@ -61,6 +62,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from .distributed import init_distributed, shutdown
     from .trainer import Trainer, load_run_state, pretrained_g1, state_path, train_config
 
+    settings = fit_settings(args)
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
@@ -71,7 +73,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
             lambda_l1=args.lambda_l1, reconstruction=args.loss, one_stage=args.one_stage,
             discriminator=args.discriminator, flip=not args.no_flip, seed=args.seed, workers=args.workers,
             log_every=args.log_every, sample_every=args.sample_every, save_every=args.save_every,
-            bf16=not args.no_bf16, compile=args.compile)
+            bf16=not args.no_bf16, compile=args.compile, accumulate=args.accumulate, ema=args.ema,
+            val_every=args.val_every, val_limit=args.val_limit, val_metric=args.val_metric)
         run_dir = Path(args.out)
         existing = state_path(run_dir, args.stage)
         if existing.is_file() and not args.resume:
@@ -102,9 +105,19 @@ def cmd_fit(args: argparse.Namespace) -> int:
                       "skipped": {k: len(v) for k, v in split.report.problems.items()}}
         if g1_state is not None:
             provenance["g1_from"] = str(Path(args.g1 or run_dir).resolve())
+        validation = None
+        if args.val_data_root:
+            from .data import load_split
+            validation = load_split(args.val_data_root, args.val_annotations, args.val_pairs, strict=args.strict)
+            if job.is_main:
+                print(f"validation: {len(validation.pairs)} pairs from {args.val_data_root}, first "
+                      f"{config.val_limit} scored every {config.val_every or '—'} steps; {validation.report.summary()}",
+                      file=sys.stderr)
         trainer = Trainer(config, model_config, run_dir, split, job, g1_state=g1_state,
-                          resume=args.resume, data_provenance=provenance)
+                          resume=args.resume, data_provenance=provenance, validation=validation)
         if job.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / f"stage{config.stage}-config.toml").write_text(settings_toml(settings))
             print(f"stage {config.stage}: preset {config.preset}, {config.steps} steps, batch {config.batch_size} × "
                   f"{job.world_size} process(es) on {job.device}, from step {trainer.step}", file=sys.stderr)
         losses = trainer.fit()
@@ -114,47 +127,141 @@ def cmd_fit(args: argparse.Namespace) -> int:
                 print(f"interrupted at step {trainer.step}; state saved to {where}; continue with --resume",
                       file=sys.stderr)
                 return EXIT_INTERRUPTED
+            best = f"; best {trainer.best['metric']} {trainer.best['value']:.4f} at step {trainer.best['step']} " \
+                   f"in {run_dir / f'best-stage{config.stage}.json'}" if trainer.best else ""
             print(f"stage {config.stage} done at step {trainer.step}: "
-                  + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()) + f"; state {where}", file=sys.stderr)
+                  + ", ".join(f"{k} {v:.4f}" if k != "skipped_images" else f"{k} {v:.0f}" for k, v in losses.items())
+                  + f"; state {where}{best}", file=sys.stderr)
         return 0
     finally:
         shutdown(job)
 
 
+FIT_REQUIRED = ("preset", "stage", "data_root", "annotations", "pairs", "out")
+FIT_UNSAVED = ("config", "resume", "func", "command", "verbose", "fit_parser")  # not part of a run's settings
+
+
+def fit_settings(args: argparse.Namespace) -> dict:
+    """Merge `--config FILE.toml` into `args` (flags given on the command line win) and check it.
+
+    TOML keys are the flag names without dashes (`batch-size = 8` or `batch_size = 8`); returns
+    the run's settings, as written to RUN/stageN-config.toml.
+    """
+    import tomllib
+
+    actions = {a.dest: a for a in args.fit_parser._actions if a.dest not in FIT_UNSAVED + ("help",)}
+    if args.config:
+        try:
+            with open(args.config, "rb") as f:
+                values = tomllib.load(f)
+        except FileNotFoundError:
+            raise ValueError(f"--config {args.config} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"--config {args.config} is not valid TOML: {e}") from None
+        for key, value in values.items():
+            dest = key.replace("-", "_")
+            action = actions.get(dest)
+            if action is None:
+                raise ValueError(f"--config {args.config}: unknown setting {key!r}; settings are the fit flags: "
+                                 + ", ".join(sorted(a.replace("_", "-") for a in actions)))
+            wanted = action.type or (bool if action.nargs == 0 else str)
+            if wanted is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, wanted) or (wanted is int and isinstance(value, bool)):
+                raise ValueError(f"--config {args.config}: {key} must be {wanted.__name__}, got {value!r}")
+            if action.choices is not None and value not in action.choices:
+                raise ValueError(f"--config {args.config}: {key} must be one of {list(action.choices)}, got {value!r}")
+            if getattr(args, dest) is None:
+                setattr(args, dest, value)
+    for dest, action in actions.items():
+        if action.nargs == 0 and getattr(args, dest) is None:   # a switch given nowhere
+            setattr(args, dest, False)
+    if args.device is None:
+        args.device = "auto"
+    missing = [f"--{d.replace('_', '-')}" for d in FIT_REQUIRED if getattr(args, d) is None]
+    if missing:
+        raise ValueError(f"fit needs {', '.join(missing)} (as flags or in --config)")
+    validation = [args.val_data_root, args.val_annotations, args.val_pairs]
+    if any(validation) and not all(validation):
+        raise ValueError("validation needs all of --val-data-root, --val-annotations and --val-pairs")
+    if args.val_every and not all(validation):
+        raise ValueError("--val-every needs a held-out split: --val-data-root, --val-annotations, --val-pairs")
+    if all(validation) and not args.val_every:
+        raise ValueError("a held-out split was given without --val-every N (steps between validations)")
+    return {dest: getattr(args, dest) for dest in actions if getattr(args, dest) is not None}
+
+
+def settings_toml(settings: dict) -> str:
+    """The settings as a TOML file that `--config` reads back."""
+    lines = ["# pg2-train fit settings of this run; rerun with --config THIS_FILE (flags override it)"]
+    for dest, value in settings.items():
+        key = dest.replace("_", "-")
+        if isinstance(value, bool):
+            lines.append(f"{key} = {'true' if value else 'false'}")
+        elif isinstance(value, (int, float)):
+            lines.append(f"{key} = {value!r}")
+        else:
+            lines.append(f"{key} = {json.dumps(str(value))}")   # a JSON string is a TOML basic string
+    return "\n".join(lines) + "\n"
+
+
 def _add_fit(sub) -> None:
-    p = sub.add_parser("fit", help="train stage 1 (G1) or stage 2 (G2 + D) of PG2")
-    p.add_argument("--preset", required=True, choices=["market", "deepfashion", "demo", "tiny"])
-    p.add_argument("--stage", type=int, required=True, choices=[1, 2])
-    _add_data_arguments(p, "image folder of the training split")
-    p.add_argument("--out", required=True, help="run directory (state, logs, samples)")
+    p = sub.add_parser("fit", help="train stage 1 (G1) or stage 2 (G2 + D) of PG2",
+                       description="Train one stage of PG2. Every flag can also come from --config FILE.toml "
+                                   "(keys are the flag names, e.g. batch-size = 8); flags override the file. "
+                                   "The run directory keeps the settings used as stageN-config.toml.")
+    p.add_argument("--config", metavar="TOML", help="settings file (keys: flag names); command-line flags override it")
+    p.add_argument("--preset", choices=["market", "deepfashion", "demo", "tiny"],
+                   help="model and official schedule: market (128×64, batch 16), deepfashion (256×256, batch 1, "
+                        "D of 5 layers, λ 50), demo (128×88, for a CPU, lr 2e-4), tiny (32×16, tests); required")
+    p.add_argument("--stage", type=int, choices=[1, 2],
+                   help="1: G1 alone with the pose-mask L1; 2: G2 + D with G1 frozen (from --out's stage 1 or "
+                        "--g1); required")
+    _add_data_arguments(p, "image folder of the training split (required)", required=False)
+    p.add_argument("--out", help="run directory (state, logs, samples); required")
     p.add_argument("--resume", action="store_true", help="continue the stage from the run directory's state")
     p.add_argument("--g1", help="stage 2: G1 from this run directory or checkpoint (default: --out's stage 1)")
     p.add_argument("--steps", type=int, help="total steps of this stage (default: the preset's official count)")
-    p.add_argument("--batch-size", type=int, help="per process (default: the preset's official batch)")
-    p.add_argument("--lr", type=float, help="Adam learning rate (default 2e-5, betas 0.5/0.999)")
+    p.add_argument("--batch-size", type=int, help="per process and micro-batch (default: the preset's official batch)")
+    p.add_argument("--accumulate", type=int, help="micro-batches per optimiser step: a step sees "
+                                                  "accumulate × batch-size × processes pairs (default 1)")
+    p.add_argument("--lr", type=float, help="Adam learning rate, betas 0.5/0.999 (default: the preset's: "
+                                            "2e-5 market, deepfashion, tiny; 2e-4 demo)")
     p.add_argument("--lambda-l1", type=float, help="weight of the L1 term in stage 2 (market 10, deepfashion 50)")
     p.add_argument("--loss", choices=["pose-mask", "l1"], help="reconstruction loss (ablation: plain l1)")
-    p.add_argument("--one-stage", action="store_true", help="ablation: stage 1 with the adversarial loss (G1 + D)")
+    p.add_argument("--one-stage", action="store_true", default=None,
+                   help="ablation: stage 1 with the adversarial loss (G1 + D)")
     p.add_argument("--discriminator", choices=["source-negative", "pair"],
                    help="code's D with the source as extra negative (default) or the paper's pair-conditioned D")
     p.add_argument("--pose-embedding", choices=["heatmaps", "ce", "hme"], help="ablation (stage 1)")
     p.add_argument("--heatmap-kind", choices=["disk", "gaussian"], help="PG2 disks (default) or PATN Gaussians")
-    p.add_argument("--no-flip", action="store_true", help="no left-right flip augmentation")
+    p.add_argument("--no-flip", action="store_true", default=None, help="no left-right flip augmentation")
+    p.add_argument("--ema", type=float, metavar="DECAY", help="keep an exponential moving average of the trained "
+                                                              "generator (e.g. 0.999); validated and exported")
     p.add_argument("--seed", type=int, help="seed of weights, data order and flips (default 0)")
     p.add_argument("--workers", type=int, help="data-loader processes per training process (default 4)")
     p.add_argument("--log-every", type=int, help="steps between loss records (default 10)")
     p.add_argument("--sample-every", type=int, help="steps between sample grids (default 500)")
     p.add_argument("--save-every", type=int, help="steps between state saves (default 1000)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda (torchrun: each process its LOCAL_RANK GPU)")
+    v = p.add_argument_group("validation on a held-out split (pg2-train eval's metrics; the best is kept as "
+                             "RUN/best-stageN.json)")
+    v.add_argument("--val-every", type=int, metavar="N", help="steps between validations")
+    v.add_argument("--val-data-root", metavar="DIR", help="image folder of the held-out split")
+    v.add_argument("--val-annotations", metavar="CSV", help="its annotation CSV")
+    v.add_argument("--val-pairs", metavar="CSV", help="its pairs CSV")
+    v.add_argument("--val-limit", type=int, metavar="N", help="score the first N pairs (default 64)")
+    v.add_argument("--val-metric", choices=["ssim_pg2", "ssim_patn", "mask_ssim", "psnr", "l1"],
+                   help="the metric that picks the best checkpoint (default ssim_pg2; l1: lower is better)")
+    p.add_argument("--device", help="auto (default), cpu, cuda (torchrun: each process its LOCAL_RANK GPU)")
     p.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's choice; on a small shared "
                                                "CPU machine 1 avoids OpenMP threads fighting over cores)")
     p.add_argument("--width", type=int, help="channels of the first level instead of the preset's (a larger or "
                                              "smaller model; saved in the checkpoint's config)")
-    p.add_argument("--no-bf16", action="store_true",
+    p.add_argument("--no-bf16", action="store_true", default=None,
                    help="fp32 throughout (default: bf16 autocast where the device has bf16 units: CUDA, "
                         "AMX or AVX-512-BF16 CPUs)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the networks")
-    p.set_defaults(func=cmd_fit)
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the networks")
+    p.set_defaults(func=cmd_fit, fit_parser=p)
 
 
 # -- export -----------------------------------------------------------------------------------
@@ -165,7 +272,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     metrics = {}
     if args.metrics:
         metrics = json.loads(Path(args.metrics).read_text())
-    json_path, weights_path = export_run(args.run_dir, args.out, dtype=args.dtype, metrics=metrics)
+    json_path, weights_path = export_run(args.run_dir, args.out, dtype=args.dtype, metrics=metrics,
+                                         ema=not args.no_ema)
     print(f"wrote {json_path} and {weights_path}")
     return 0
 
@@ -176,6 +284,8 @@ def _add_export(sub) -> None:
     p.add_argument("--out", required=True, help="checkpoint path without extension, e.g. models/market")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--metrics", help="metrics.json of pg2-train eval to record in the checkpoint")
+    p.add_argument("--no-ema", action="store_true", help="a run trained with --ema: export the last weights, "
+                                                         "not the moving average")
     p.set_defaults(func=cmd_export)
 
 

@@ -8,6 +8,8 @@ any position, so a resumed run sees exactly the batches an uninterrupted run wou
 from __future__ import annotations
 
 import csv
+import hashlib
+import logging
 import os
 import signal
 from dataclasses import dataclass, field
@@ -24,6 +26,14 @@ from pg2_server.keypoints import AnnotationError, read_annotations
 from pg2_server.model import ModelConfig
 from pg2_server.pose import fit_frame, flip_horizontal, heatmaps, pose_coordinates, pose_mask, \
     to_unit_range
+
+
+log = logging.getLogger("training")
+
+# PATN reads its CSVs with pandas and picks the columns by these names, so the header decides
+# which list holds x and which y.
+ANNOTATION_COLUMNS = {("keypoints_y", "keypoints_x"): False, ("keypoints_x", "keypoints_y"): True}
+PAIR_COLUMNS = {("from", "to"): False, ("to", "from"): True}
 
 
 class DataError(ValueError):
@@ -60,40 +70,87 @@ class DataReport:
         return "\n".join(lines)
 
 
+def _looks_like_header(cells: list[str]) -> bool:
+    """A first row none of whose cells names a file (no `.`) is a header, not a pair."""
+    return bool(cells) and not any("." in cell for cell in cells)
+
+
 def read_pairs(path: str | Path, report: DataReport, strict: bool = False) -> list[tuple[str, str]]:
-    """Read a `from,to` pairs CSV; malformed rows go to `report` (or raise with `strict`)."""
+    """Read a pairs CSV as (source, target); its header `from,to` or `to,from` says the order.
+
+    Malformed rows go to `report` (or raise with `strict`); an unknown header is an error.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"pairs file {path} does not exist")
     pairs = []
+    swapped = False
     with open(path, newline="", encoding="utf-8") as f:
         for number, row in enumerate(csv.reader(f), start=1):
-            if number == 1 and [c.strip() for c in row] == ["from", "to"]:
+            cells = [c.strip() for c in row]
+            if number == 1 and _looks_like_header(cells):
+                if tuple(c.lower() for c in cells) not in PAIR_COLUMNS:
+                    raise DataError(f"{path}:1: header {','.join(row)!r} is not a pairs header: write "
+                                    f"`from,to` (PATN's) or `to,from` above the rows")
+                swapped = PAIR_COLUMNS[tuple(c.lower() for c in cells)]
                 continue
-            if not row or not any(c.strip() for c in row):
+            if not row or not any(cells):
                 continue
-            if len(row) != 2 or not row[0].strip() or not row[1].strip():
+            if len(row) != 2 or not cells[0] or not cells[1]:
                 message = f"{path}:{number}: expected `from,to`, got {','.join(row)!r}"
                 if strict:
                     raise DataError(message)
                 report.add("malformed pair rows", message)
                 continue
-            pairs.append((row[0].strip(), row[1].strip()))
+            pairs.append((cells[1], cells[0]) if swapped else (cells[0], cells[1]))
     return pairs
 
 
+def annotation_order(path: str | Path) -> bool:
+    """True if the annotation CSV's header puts x before y (`name:keypoints_x:keypoints_y`).
+
+    No header means PATN's order (y, then x); a header with other column names is an error.
+    """
+    with open(path, encoding="utf-8") as f:
+        first = f.readline()
+    if "[" in first or not first.strip():   # a data row (or an empty file): no header
+        return False
+    columns = tuple(c.strip().lower() for c in first.strip().split(":"))
+    if columns[:1] != ("name",) or columns[1:] not in ANNOTATION_COLUMNS:
+        raise DataError(f"{path}:1: header {first.strip()!r} is not an annotation header: write "
+                        f"`name:keypoints_y:keypoints_x` (PATN's) or `name:keypoints_x:keypoints_y`")
+    return ANNOTATION_COLUMNS[columns[1:]]
+
+
 def read_annotation_file(path: str | Path, report: DataReport, strict: bool = False) -> dict[str, np.ndarray]:
-    """Read a `name:[y...]:[x...]` annotation CSV; malformed rows go to `report`."""
+    """Read an annotation CSV into {name: (18, 2) x, y}; its header says which list is x.
+
+    Malformed rows go to `report` (or raise with `strict`).
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"annotation file {path} does not exist")
+    x_first = annotation_order(path)
     try:
         rows, problems = read_annotations(path, strict=strict)
     except AnnotationError as e:
         raise DataError(str(e)) from None
     for message in problems:
         report.add("malformed annotation rows", message)
+    if x_first:  # the rows were parsed as `name:[y...]:[x...]`
+        rows = {name: np.ascontiguousarray(points[:, ::-1]) for name, points in rows.items()}
     return rows
+
+
+def image_size(path: str | Path) -> tuple[int, int] | None:
+    """(W, H) of an image from its header alone (no decoding); None if it is not a readable image."""
+    from PIL import Image, UnidentifiedImageError  # the `train` extra's; OpenCV cannot read a header alone
+
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (UnidentifiedImageError, OSError):
+        return None
 
 
 def drop_outside(name: str, keypoints: np.ndarray, size: tuple[int, int], report: DataReport,
@@ -116,20 +173,33 @@ def drop_outside(name: str, keypoints: np.ndarray, size: tuple[int, int], report
 
 @dataclass
 class PairSplit:
-    """One split ready to load: image folder, keypoints by name, and (source, target) pairs."""
+    """One split ready to load: image folder, keypoints by name, and (source, target) pairs.
+
+    `strict`: an image that cannot be decoded during training stops it instead of being skipped.
+    """
     image_dir: Path
     keypoints: dict[str, np.ndarray]
     pairs: list[tuple[str, str]]
     report: DataReport
+    strict: bool = False
 
     @property
     def names(self) -> list[str]:
         return sorted({name for pair in self.pairs for name in pair})
 
+    @property
+    def pairs_digest(self) -> str:
+        """sha256 of the pairs in order: a resumed run must draw from the same list."""
+        return hashlib.sha256("".join(f"{a},{b}\n" for a, b in self.pairs).encode()).hexdigest()
+
 
 def load_split(image_dir: str | Path, annotations: str | Path, pairs: str | Path,
                strict: bool = False) -> PairSplit:
-    """Read and cross-check a split; pairs with a missing image or annotation are skipped."""
+    """Read and cross-check a split; returns it with what was skipped in `report`.
+
+    Pairs with a missing or unreadable image or without an annotation are skipped; keypoints
+    outside their image are marked missing. With `strict` the first problem raises DataError.
+    """
     image_dir = Path(image_dir)
     if not image_dir.is_dir():
         raise DataError(f"image folder {image_dir} does not exist")
@@ -137,6 +207,7 @@ def load_split(image_dir: str | Path, annotations: str | Path, pairs: str | Path
     keypoints = read_annotation_file(annotations, report, strict)
     rows = read_pairs(pairs, report, strict)
     files = {entry.name for entry in os.scandir(image_dir) if entry.is_file()}
+    sizes: dict[str, tuple[int, int] | None] = {}
     kept = []
     for source, target in rows:
         problem = None
@@ -147,6 +218,13 @@ def load_split(image_dir: str | Path, annotations: str | Path, pairs: str | Path
             if name not in keypoints:
                 problem = ("pairs without annotation", f"{name} is not in {annotations}")
                 break
+            if name not in sizes:
+                sizes[name] = image_size(image_dir / name)
+                if sizes[name] is not None:
+                    keypoints[name] = drop_outside(name, keypoints[name], sizes[name], report, strict)
+            if sizes[name] is None:
+                problem = ("unreadable images", f"{image_dir / name} is not an image (pair {source},{target})")
+                break
         if problem:
             if strict:
                 raise DataError(f"{problem[0]}: {problem[1]}")
@@ -156,11 +234,16 @@ def load_split(image_dir: str | Path, annotations: str | Path, pairs: str | Path
     if not kept:
         raise DataError(f"no usable pairs in {pairs} (images in {image_dir}, annotations {annotations}); "
                         f"{report.summary()}")
-    return PairSplit(image_dir, keypoints, kept, report)
+    return PairSplit(image_dir, keypoints, kept, report, strict)
 
 
 class PairDataset(Dataset):
-    """Items `dataset[(index, flip)]`: pair `index`, mirrored left-right if `flip`."""
+    """Items `dataset[(index, flip)]`: pair `index`, mirrored left-right if `flip`.
+
+    A pair whose image cannot be decoded is replaced by the next readable pair (so batches keep
+    their size and a resumed run sees the same data), and the item's `skipped` counts the pairs
+    passed over; with a strict split it raises DataError instead.
+    """
 
     def __init__(self, split: PairSplit, config: ModelConfig):
         self.split = split
@@ -171,6 +254,21 @@ class PairDataset(Dataset):
 
     def __getitem__(self, key) -> dict[str, torch.Tensor]:
         index, flip = key if isinstance(key, tuple) else (key, False)
+        for skipped in range(len(self)):
+            position = (index + skipped) % len(self)
+            try:
+                item = self.pair(position, flip)
+            except ValueError as e:   # read_rgb's error names the file
+                if self.split.strict:
+                    raise DataError(f"{e} (pair {position}: {','.join(self.split.pairs[position])})") from None
+                log.warning("skipping pair %d: %s", position, e)
+                continue
+            item["skipped"] = torch.tensor(skipped)
+            return item
+        raise DataError(f"no image of the {len(self)} pairs in {self.split.image_dir} can be read")
+
+    def pair(self, index: int, flip: bool) -> dict[str, torch.Tensor]:
+        """Pair `index` read and encoded; ValueError if an image cannot be read."""
         source_name, target_name = self.split.pairs[index]
         source = read_rgb(self.split.image_dir / source_name)
         target = read_rgb(self.split.image_dir / target_name)
@@ -240,7 +338,12 @@ def _worker_init(_: int) -> None:
 
 def make_loader(dataset: PairDataset, batch_size: int, sampler: PairSampler, workers: int,
                 pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over the endless sampler, full batches only."""
+    """A DataLoader over the endless sampler, full batches only, each pair at most once per batch."""
+    if batch_size > len(sampler):
+        share = f"the {len(sampler)} pairs" + (f" each of {sampler.world_size} processes gets"
+                                               if sampler.world_size > 1 else f" of the split")
+        raise DataError(f"batch {batch_size} is larger than {share}, so a batch would repeat images; "
+                        f"lower --batch-size to at most {len(sampler)} or use more pairs")
     if workers:
         # Forked workers inherit OpenCV's thread pool without its threads: a child that touches the
         # pool (setNumThreads, a parallel resize) waits forever for them. With one thread in the
@@ -249,3 +352,21 @@ def make_loader(dataset: PairDataset, batch_size: int, sampler: PairSampler, wor
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=pin_memory, drop_last=True, worker_init_fn=_worker_init,
                       persistent_workers=False, prefetch_factor=4 if workers else None)
+
+
+class BatchStream:
+    """The endless batches of a loader; `close()` stops its worker processes at once."""
+
+    def __init__(self, loader: DataLoader):
+        self.iterator = iter(loader)
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        return next(self.iterator)
+
+    def close(self) -> None:
+        # An error (a worker's included) reaches the trainer with a traceback that keeps the
+        # iterator alive, so the DataLoader never shuts its workers down by itself; they ignore
+        # SIGTERM (see _worker_init), and the exiting process would wait for them forever.
+        shutdown = getattr(self.iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()

@@ -1,7 +1,9 @@
 """Weights to serve from a run directory: the server's checkpoint format with provenance.
 
 The newest stage wins: a run with a stage-2 state exports G1 + G2, a stage-1-only run
-exports G1 alone (the pipeline then serves G1's image). Optimisers and D are left behind.
+exports G1 alone (the pipeline then serves G1's image). Optimisers and D are left behind. A
+run trained with `--ema` exports the moving average of the stage's generator (`ema=False`: the
+last weights).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ def _last_logged(run_dir: Path, stage: int) -> dict:
 
 
 def export_run(run_dir: str | Path, out: str | Path, dtype: str = "float32",
-               metrics: dict | None = None) -> tuple[Path, Path]:
+               metrics: dict | None = None, ema: bool = True) -> tuple[Path, Path]:
     """Write `out`.json + `out`.safetensors from the run's newest stage; returns both paths."""
     run_dir = Path(run_dir)
     stages = [s for s in (1, 2) if state_path(run_dir, s).is_file()]
@@ -34,12 +36,13 @@ def export_run(run_dir: str | Path, out: str | Path, dtype: str = "float32",
                          "is it the --out of a `pg2-train fit` run?")
     newest = load_run_state(run_dir, stages[-1])
     config = ModelConfig.from_dict(newest["model_config"])
+    average = newest.get("ema") if ema else None
     g1 = Generator1(config)
-    g1.load_state_dict(newest["g1"])
+    g1.load_state_dict(average if average is not None and "g2" not in newest else newest["g1"])
     g2 = None
     if "g2" in newest:
         g2 = Generator2(config)
-        g2.load_state_dict(newest["g2"])
+        g2.load_state_dict(average if average is not None else newest["g2"])
     history = {}
     for stage in stages:
         state = newest if stage == stages[-1] else load_run_state(run_dir, stage)
@@ -53,6 +56,7 @@ def export_run(run_dir: str | Path, out: str | Path, dtype: str = "float32",
         "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "data": newest.get("data", {}),
         "steps": sum(h["steps"] for h in history.values()),
+        "ema": average is not None,
         "stages": history,
     }
     return save_checkpoint(out, config, g1, g2, provenance=provenance, metrics=metrics or {}, dtype=dtype)

@@ -18,12 +18,11 @@ import re
 import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from pg2_server.keypoints import INDEX
 
-from .data import DataError, DataReport, drop_outside, read_annotation_file
+from .data import DataError, DataReport, drop_outside, image_size, read_annotation_file
 
 _DEEPFASHION = re.compile(r"^(.*?id_?\d{8})")
 _MARKET = re.compile(r"^(-1|\d{4})_c\d")
@@ -62,14 +61,14 @@ def build_pairs(image_dir: str | Path, annotations: str | Path, seed: int = 0, p
         if person is None:
             counts["no identity"] += 1
             continue
-        image = cv2.imread(str(image_dir / name), cv2.IMREAD_UNCHANGED)
-        if image is None:
+        size = image_size(image_dir / name)   # from the header: nothing decoded
+        if size is None:
             message = f"{image_dir / name} is missing or not an image"
             if strict:
                 raise DataError(message)
             report.add("missing images", message)
             continue
-        keypoints = drop_outside(name, keypoints, (image.shape[1], image.shape[0]), report, strict)
+        keypoints = drop_outside(name, keypoints, size, report, strict)
         if not has_torso(keypoints):
             counts["no shoulders and hips"] += 1
             continue

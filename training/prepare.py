@@ -3,9 +3,13 @@
     OUT/train/*.jpg, OUT/test/*.jpg, OUT/<the given annotation and pairs CSVs, checked>
 
 DeepFashion: `img/WOMEN/Tees_Tanks/id_00005085/45_1_front.jpg` becomes
-`fashionWOMENTees_Tanksid0000508545_1front.jpg` (PATN's flattening), resized to 256×256 and,
-by default, cropped 40 px each side to PATN's 256×176. The published annotations are in
-256×176 coordinates; for `--size 256x256` their x is shifted by 40.
+`fashionWOMENTees_Tanksid0000508545_1front.jpg` (PATN's flattening), fitted into 256×256 (a
+non-square image, e.g. from `img_highres/`, is scaled to 256 high and padded with white at the
+sides, as the low-resolution release is) and, by default, cropped 40 px each side to PATN's
+256×176. A 256×256 image kept at 256×256 is copied byte for byte. The published annotations are
+in 256×176 coordinates; for `--size 256x256` their x is shifted by 40. Without annotation CSVs the
+split comes from the release's `Eval/list_eval_partition.txt` (train → train/, query and gallery
+→ test/, as PATN's split); without that file every image goes to train/.
 Market-1501: `bounding_box_train/` → train, `bounding_box_test/` → test, dropping junk (`-1_…`)
 and distractor (`0000_…`) images.
 The split of each annotation/pairs file is read from its name (`…-train.csv`, `…-test.csv`).
@@ -30,6 +34,9 @@ from .pairs import write_pairs
 DEEPFASHION_SIZES = {"256x176": (256, 176), "256x256": (256, 256)}  # (H, W)
 PATN_CROP = 40  # px cut from each side of the 256×256 image for 256×176
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+PARTITION_FILES = ("Eval/list_eval_partition.txt", "list_eval_partition.txt")
+PARTITION_SPLITS = {"train": "train", "query": "test", "gallery": "test"}
+WHITE = (255, 255, 255)
 
 
 def flatten_deepfashion_name(relative: Path) -> str:
@@ -49,6 +56,42 @@ def split_of(path: str | Path) -> str:
         if stem.endswith(split) or f"-{split}" in stem or f"_{split}" in stem:
             return split
     raise DataError(f"cannot tell the split of {path}: its name should end in -train or -test")
+
+
+def read_partition(path: str | Path) -> dict[str, str]:
+    """In-shop's `list_eval_partition.txt` as {flattened name: 'train' | 'test'}.
+
+    Rows are `img/GENDER/CATEGORY/id_X/FILE item_id status` after a count and a header line;
+    status train → train, query and gallery → test (PATN's split).
+    """
+    path = Path(path)
+    split: dict[str, str] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        fields = line.split()
+        if len(fields) != 3 or fields[2] not in PARTITION_SPLITS:
+            if number > 2 and line.strip():
+                raise DataError(f"{path}:{number}: expected `img/…/FILE.jpg item_id train|query|gallery`, "
+                                f"got {line.strip()!r}")
+            continue
+        relative = Path(fields[0])
+        if relative.parts and relative.parts[0] in ("img", "img_highres"):
+            relative = Path(*relative.parts[1:])
+        split[flatten_deepfashion_name(relative)] = PARTITION_SPLITS[fields[2]]
+    if not split:
+        raise DataError(f"{path} lists no image; is it In-shop's Eval/list_eval_partition.txt?")
+    return split
+
+
+def fit_square(image: np.ndarray, side: int = 256) -> np.ndarray:
+    """Scale an image (H, W, 3) to fit side×side keeping its aspect ratio; pad the rest white, centred."""
+    height, width = image.shape[:2]
+    scale = side / max(height, width)
+    scaled = (min(side, max(1, round(width * scale))), min(side, max(1, round(height * scale))))
+    if scaled != (width, height):
+        image = cv2.resize(image, scaled, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
+    left, top = (side - scaled[0]) // 2, (side - scaled[1]) // 2
+    return cv2.copyMakeBorder(image, top, side - scaled[1] - top, left, side - scaled[0] - left,
+                              cv2.BORDER_CONSTANT, value=WHITE)
 
 
 def _check(report: DataReport, strict: bool, kind: str, message: str) -> None:
@@ -85,8 +128,11 @@ def _write_pairs_for(out: Path, csv_path: Path, names: set[str], report: DataRep
 
 
 def prepare_deepfashion(raw: str | Path, out: str | Path, size: str = "256x176", annotations=(), pairs=(),
-                        strict: bool = False) -> tuple[dict, DataReport]:
-    """Flatten, resize and crop the In-shop `img/` tree; returns (counts, problems)."""
+                        strict: bool = False, partition: str | Path | None = None) -> tuple[dict, DataReport]:
+    """Flatten, fit and crop the In-shop `img/` tree; returns (counts, problems).
+
+    The split comes from the annotation CSVs, else from `partition` (default: the release's
+    list_eval_partition.txt when present), else everything is train."""
     raw, out = Path(raw), Path(out)
     root = raw / "img" if (raw / "img").is_dir() else raw
     if not root.is_dir():
@@ -99,16 +145,22 @@ def prepare_deepfashion(raw: str | Path, out: str | Path, size: str = "256x176",
     for csv_path in annotations:
         names = set(read_annotation_file(csv_path, DataReport(), False))
         split_names.setdefault(split_of(csv_path), set()).update(names)
+    if partition is None and not annotations:
+        partition = next((raw / f for f in PARTITION_FILES if (raw / f).is_file()), None)
+    split_by_name = read_partition(partition) if partition is not None and not annotations else None
     sizes: dict[str, tuple[int, int]] = {}
     written = {"train": 0, "test": 0}
-    skipped_unlisted = 0
+    skipped_unlisted = copied = 0
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
         try:
             name = flatten_deepfashion_name(path.relative_to(root))
         except DataError as e:
             _check(report, strict, "unexpected paths", str(e))
             continue
-        split = next((s for s, names in split_names.items() if name in names), None) if split_names else "train"
+        if split_names:
+            split = next((s for s, names in split_names.items() if name in names), None)
+        else:
+            split = split_by_name.get(name) if split_by_name is not None else "train"
         if split is None:
             skipped_unlisted += 1
             continue
@@ -116,17 +168,22 @@ def prepare_deepfashion(raw: str | Path, out: str | Path, size: str = "256x176",
         if image is None:
             _check(report, strict, "unreadable images", str(path))
             continue
-        if image.shape[:2] != (256, 256):
-            image = cv2.resize(image, (256, 256), interpolation=cv2.INTER_AREA)
-        if width == 176:
-            image = image[:, PATN_CROP:256 - PATN_CROP]
         target = out / split / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(target), image, [cv2.IMWRITE_JPEG_QUALITY, 95])
+        if image.shape[:2] == (256, 256) and width == 256:   # nothing to change: keep the original bytes
+            shutil.copyfile(path, target)
+            copied += 1
+        else:
+            image = fit_square(image)
+            if width == 176:
+                image = image[:, PATN_CROP:256 - PATN_CROP]
+            cv2.imwrite(str(target), image, [cv2.IMWRITE_JPEG_QUALITY, 95])
         sizes[name] = (width, height)
         written[split] += 1
     counts = {"train images": written["train"], "test images": written["test"],
-              "images in no annotation file": skipped_unlisted}
+              "images copied unchanged": copied,
+              ("images in no annotation file" if annotations else "images not in the partition file"
+               if split_by_name is not None else "images in no split"): skipped_unlisted}
     x_shift = PATN_CROP if width == 256 else 0  # published keypoints are in 256×176 coordinates
     for csv_path in annotations:
         counts[f"rows in {Path(csv_path).name}"] = _write_annotations_for(out, Path(csv_path), sizes, report,
@@ -170,7 +227,8 @@ def prepare_market(raw: str | Path, out: str | Path, annotations=(), pairs=(),
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     if args.dataset == "deepfashion":
-        counts, report = prepare_deepfashion(args.raw, args.out, args.size, args.annotations, args.pairs, args.strict)
+        counts, report = prepare_deepfashion(args.raw, args.out, args.size, args.annotations, args.pairs, args.strict,
+                                             args.partition)
     else:
         counts, report = prepare_market(args.raw, args.out, args.annotations, args.pairs, args.strict)
     print(f"prepared {args.dataset} in {args.out}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
@@ -217,4 +275,6 @@ def add_prepare_parser(sub) -> None:
     p.add_argument("--size", default="256x176", choices=list(DEEPFASHION_SIZES),
                    help="DeepFashion only: PATN's 256x176 crop (default) or PG2's 256x256")
     p.add_argument("--strict", action="store_true", help="stop at the first problem instead of skipping it")
+    p.add_argument("--partition", help="DeepFashion without annotation CSVs: In-shop's list_eval_partition.txt "
+                                       "(default: RAW/Eval/list_eval_partition.txt if present)")
     p.set_defaults(func=cmd_prepare)

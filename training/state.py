@@ -74,6 +74,21 @@ def save_state(path: str | Path, state: dict) -> Path:
     return path
 
 
+def remove_partial_saves(folder: str | Path) -> list[Path]:
+    """Delete temporary files that a save killed mid-write left in `folder`; returns them.
+
+    Only names `save_state` makes (`.NAME.safetensors.XXXX.tmp`) are touched.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in folder.glob(".*.safetensors.*.tmp"):
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
 def load_state(path: str | Path) -> dict:
     """Read a state written by `save_state`."""
     path = Path(path)

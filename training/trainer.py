@@ -9,10 +9,13 @@ with the adversarial loss. A run directory holds, per stage, the resumable state
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
+import resource
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -23,19 +26,22 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from pg2_server.checkpoint import load_checkpoint
+from pg2_server.checkpoint import load_checkpoint, save_checkpoint
 from pg2_server.drawing import draw_pose, image_grid, write_rgb
 from pg2_server.model import Generator1, Generator2, ModelConfig
 from pg2_server.pipeline import bf16_native
 from pg2_server.pose import to_uint8
+from pg2_server.throughput import peak_tflops
 
-from .data import PairDataset, PairSampler, PairSplit, make_loader
+from .data import BatchStream, PairDataset, PairSampler, PairSplit, make_loader
 from .discriminator import Discriminator, DiscriminatorConfig, D_KINDS
-from .distributed import Distributed, any_rank, barrier
+from .distributed import Distributed, any_rank, barrier, mean_over_ranks, synchronize_batch_norm
 from .losses import RECONSTRUCTION_LOSSES, discriminator_logits, discriminator_loss, \
     generator_adversarial_loss, reconstruction_loss
-from .state import StateError, load_state, rng_state, save_state, set_rng_state
+from .state import StateError, load_state, remove_partial_saves, rng_state, save_state, set_rng_state
 
+# Validation metrics (training/evaluate.py's) and whether larger is better.
+VALIDATION_METRICS = {"ssim_pg2": True, "ssim_patn": True, "mask_ssim": True, "psnr": True, "l1": False}
 STATE_KIND = "pg2-train-state"
 STATE_VERSION = 1
 
@@ -62,6 +68,11 @@ class TrainConfig:
     log_every: int = 10
     sample_every: int = 500
     save_every: int = 1000
+    accumulate: int = 1             # micro-batches of batch_size per optimiser step
+    ema: float = 0.0                # decay of an exponential moving average of the trained generator (0: none)
+    val_every: int = 0              # steps between validations on the held-out split (0: none)
+    val_limit: int = 64             # pairs of the held-out split scored per validation
+    val_metric: str = "ssim_pg2"    # the metric that picks the best checkpoint
     bf16: bool = True               # autocast where the device has bf16 units (CUDA, AMX/AVX-512-BF16 CPUs)
     channels_last: bool = True      # on CUDA, and on the CPU with bf16
     compile: bool = False
@@ -75,7 +86,13 @@ class TrainConfig:
             raise ValueError(f"reconstruction must be one of {RECONSTRUCTION_LOSSES}, got {self.reconstruction!r}")
         if self.discriminator not in D_KINDS:
             raise ValueError(f"discriminator must be one of {D_KINDS}, got {self.discriminator!r}")
-        for name in ("steps", "batch_size", "log_every", "sample_every", "save_every"):
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema is a decay in [0, 1) (0: off), got {self.ema}")
+        if self.val_metric not in VALIDATION_METRICS:
+            raise ValueError(f"val_metric must be one of {list(VALIDATION_METRICS)}, got {self.val_metric!r}")
+        if self.val_every < 0:
+            raise ValueError(f"val_every must be ≥ 0 (0: no validation), got {self.val_every}")
+        for name in ("steps", "batch_size", "accumulate", "val_limit", "log_every", "sample_every", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.workers < 0:
@@ -130,8 +147,8 @@ def pretrained_g1(source: str | Path) -> tuple[ModelConfig, dict]:
         if not state_path(source, 1).is_file():
             raise StateError(f"{source} has no stage-1 state ({state_path(source, 1).name}); "
                              "train stage 1 into it first, or pass --g1 CHECKPOINT.json")
-        state = load_run_state(source, 1)
-        return ModelConfig.from_dict(state["model_config"]), state["g1"]
+        state = load_run_state(source, 1)   # the average when stage 1 kept one, as export serves it
+        return ModelConfig.from_dict(state["model_config"]), state.get("ema", state["g1"])
     checkpoint = load_checkpoint(source)
     return checkpoint.config, checkpoint.g1.state_dict()
 
@@ -141,15 +158,28 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, model_config: ModelConfig, run_dir: str | Path,
                  split: PairSplit | None, job: Distributed = Distributed(), *,
-                 g1_state: dict | None = None, resume: bool = False, data_provenance: dict | None = None):
+                 g1_state: dict | None = None, resume: bool = False, data_provenance: dict | None = None,
+                 validation: PairSplit | None = None):
         self.config, self.model_config, self.job = config, model_config, job
         self.run_dir = Path(run_dir)
         self.split = split
+        self.validation = validation
+        if config.val_every and validation is None:
+            raise ValueError("val_every needs a held-out split (--val-data-root, --val-annotations, --val-pairs)")
+        self.best: dict | None = None   # {"step", "metric", "value"} of the best validation so far
+        self.flop_per_step: float | None = None
         self.device = job.device
         self.cuda = self.device.type == "cuda"
-        self.data_provenance = data_provenance or {}
+        self.data_provenance = dict(data_provenance or {})
+        if split is not None:
+            self.data_provenance["pairs_sha256"] = split.pairs_digest
         self.step = 0
+        self.skipped_images = 0     # pairs passed over because an image could not be decoded, all ranks
         self.stop_requested = False
+        self._updating = False      # between a step's first optimiser update and its end
+        if job.is_main:
+            for path in remove_partial_saves(self.run_dir):
+                print(f"removed {path}, left by a save that was killed", file=sys.stderr)
 
         torch.manual_seed(config.seed)  # same initial weights on every rank
         self.g1 = Generator1(model_config)
@@ -164,6 +194,8 @@ class Trainer:
         self.bf16 = config.bf16 and bf16_native(self.device)
         channels_last = config.channels_last and (self.cuda or self.bf16)
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if self.d is not None and job.enabled:  # batch statistics over all ranks, as one process
+            synchronize_batch_norm(self.d)
         self.memory_format = memory_format
         for module in (self.g1, self.g2, self.d):
             if module is not None:
@@ -174,6 +206,8 @@ class Trainer:
         betas = (config.beta1, config.beta2)
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=config.lr, betas=betas)
         self.opt_d = torch.optim.Adam(self.d.parameters(), lr=config.lr, betas=betas) if self.d else None
+        # The average of the trained generator's weights; what validation scores and export serves.
+        self.ema = copy.deepcopy(self.generator).requires_grad_(False) if config.ema else None
         if resume:
             self._restore(load_run_state(self.run_dir, config.stage))
 
@@ -214,41 +248,72 @@ class Trainer:
                 coarse = self.frozen_g1(batch["source"], batch["heatmaps"], batch["coordinates"])
             return coarse, coarse + g(coarse, batch["source"])
 
-    def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
-        """One generator update (and one D update when adversarial); returns detached losses."""
+    def _no_sync(self, module: torch.nn.Module, skip: bool):
+        """DDP's no_sync while gradients of a step's earlier micro-batches accumulate."""
+        no_sync = getattr(module, "no_sync", None) if skip else None
+        return no_sync() if no_sync is not None else contextlib.nullcontext()
+
+    def train_step(self, batch: dict | list[dict]) -> dict[str, torch.Tensor]:
+        """One generator update (and one D update when adversarial) over one batch or a list of
+        micro-batches whose gradients accumulate; returns the detached losses, averaged."""
         c = self.config
-        batch = self._to_device(batch)
-        _, fake = self.generate(batch)
-        recon = reconstruction_loss(fake, batch["target"], batch["mask"], c.reconstruction)
-        losses = {"recon": recon.detach()}
-        if not c.adversarial:
-            self.opt_g.zero_grad(set_to_none=True)
-            recon.backward()
-            self.opt_g.step()
-            return losses
-        # Generator update: D's plain module (not its DDP wrapper) with frozen weights, fed the
-        # same one-batch mix of real target, real source and generated images as D's update.
-        self.d.requires_grad_(False)
-        with self._autocast():
-            _, _, fake_logits = discriminator_logits(self.d, batch["target"], batch["source"], fake, c.discriminator)
-        adversarial = generator_adversarial_loss(fake_logits)
-        g_loss = adversarial + c.lambda_l1 * recon
+        micro = [self._to_device(b) for b in (batch if isinstance(batch, list) else [batch])]
+        count = len(micro)
+        losses: dict[str, torch.Tensor] = {}
+
+        def record(name: str, value: torch.Tensor) -> None:
+            losses[name] = losses.get(name, 0) + value.detach().float() / count
+
+        # Generator update. With D: its plain module (not its DDP wrapper) with frozen weights, fed
+        # the same one-batch mix of real target, real source and generated images as D's update.
         self.opt_g.zero_grad(set_to_none=True)
-        g_loss.backward()
+        if c.adversarial:
+            self.d.requires_grad_(False)
+        generated_images = []
+        for i, b in enumerate(micro):
+            with self._no_sync(self.train_g, i < count - 1):
+                _, fake = self.generate(b)
+                recon = reconstruction_loss(fake, b["target"], b["mask"], c.reconstruction)
+                record("recon", recon)
+                g_loss = recon
+                if c.adversarial:
+                    with self._autocast():
+                        _, _, fake_logits = discriminator_logits(self.d, b["target"], b["source"], fake,
+                                                                 c.discriminator)
+                    adversarial = generator_adversarial_loss(fake_logits)
+                    g_loss = adversarial + c.lambda_l1 * recon
+                    record("g_adv", adversarial)
+                    record("g_total", g_loss)
+                    generated_images.append(fake.detach())
+                (g_loss / count).backward()
+        self._updating = True   # from here until the D update the networks are half a step on
         self.opt_g.step()
-        self.d.requires_grad_(True)
-        # Discriminator update on the same generated images.
-        with self._autocast():
-            real, source, generated = discriminator_logits(
-                self.train_d, batch["target"], batch["source"], fake.detach(), c.discriminator)
-        d_loss = discriminator_loss(real, source, generated)
-        self.opt_d.zero_grad(set_to_none=True)
-        d_loss.backward()
-        self.opt_d.step()
-        losses.update(g_adv=adversarial.detach(), g_total=g_loss.detach(), d=d_loss.detach(),
-                      d_real=torch.sigmoid(real.float()).mean().detach(),
-                      d_fake=torch.sigmoid(generated.float()).mean().detach())
+        if c.adversarial:
+            # Discriminator update on the same generated images.
+            self.d.requires_grad_(True)
+            self.opt_d.zero_grad(set_to_none=True)
+            for i, (b, fake) in enumerate(zip(micro, generated_images)):
+                with self._no_sync(self.train_d, i < count - 1):
+                    with self._autocast():
+                        real, source, generated = discriminator_logits(
+                            self.train_d, b["target"], b["source"], fake, c.discriminator)
+                    d_loss = discriminator_loss(real, source, generated)
+                    (d_loss / count).backward()
+                record("d", d_loss)
+                record("d_real", torch.sigmoid(real.float()).mean())
+                record("d_fake", torch.sigmoid(generated.float()).mean())
+            self.opt_d.step()
+        if self.ema is not None:
+            self._update_ema()
+        self._updating = False
         return losses
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        for average, current in zip(self.ema.parameters(), self.generator.parameters()):
+            average.lerp_(current, 1.0 - self.config.ema)
+        for average, current in zip(self.ema.buffers(), self.generator.buffers()):
+            average.copy_(current)
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -257,8 +322,8 @@ class Trainer:
         state = {
             "kind": STATE_KIND, "version": STATE_VERSION,
             "stage": self.config.stage, "step": self.step,
-            "samples_per_rank": self.step * self.config.batch_size,
-            "world_size": self.job.world_size,
+            "samples_per_rank": self.step * self.config.batch_size * self.config.accumulate,
+            "world_size": self.job.world_size, "skipped_images": self.skipped_images,
             "train_config": self.config.to_dict(), "model_config": self.model_config.to_dict(),
             "data": self.data_provenance,
             "g1": self.g1.state_dict(), "opt_g": self.opt_g.state_dict(),
@@ -269,6 +334,10 @@ class Trainer:
         if self.d is not None:
             state["d"] = self.d.state_dict()
             state["opt_d"] = self.opt_d.state_dict()
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        if self.best is not None:
+            state["best"] = self.best
         return state
 
     def save(self) -> Path | None:
@@ -285,13 +354,19 @@ class Trainer:
         if state["world_size"] != self.job.world_size:
             raise StateError(f"the run state was written by {state['world_size']} processes; resume with "
                              f"the same number (now {self.job.world_size}) so the data order continues")
-        ignored = {"steps", "workers", "log_every", "sample_every", "save_every", "compile"}
+        ignored = {"steps", "workers", "log_every", "sample_every", "save_every", "compile",
+                   "val_every", "val_limit", "val_metric"}
         old = {k: v for k, v in state["train_config"].items() if k not in ignored}
         new = {k: v for k, v in self.config.to_dict().items() if k not in ignored}
         if old != new:
             changed = sorted(k for k in new if old.get(k) != new[k])
             raise StateError(f"--resume with different hyper-parameters {changed}: "
                              f"saved {[old.get(k) for k in changed]}, given {[new[k] for k in changed]}")
+        saved_data = state.get("data", {})
+        if self.split is not None and saved_data.get("pairs_sha256") not in (None, self.split.pairs_digest):
+            raise StateError(f"--resume with other pairs: the run was trained on {saved_data.get('pairs_used')} pairs "
+                             f"from {saved_data.get('pairs')}, now {len(self.split.pairs)} pairs differ (file, order "
+                             f"or skipped rows); resume with the same --pairs, --annotations and images")
         self.g1.load_state_dict(state["g1"])
         self.opt_g.load_state_dict(state["opt_g"])
         if self.g2 is not None:
@@ -299,9 +374,14 @@ class Trainer:
         if self.d is not None:
             self.d.load_state_dict(state["d"])
             self.opt_d.load_state_dict(state["opt_d"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        if state.get("best", {}).get("metric") == self.config.val_metric:
+            self.best = state["best"]
         set_rng_state(state["rng"])
         self.step = int(state["step"])
-        self.data_provenance = state.get("data", self.data_provenance)
+        self.skipped_images = int(state.get("skipped_images", 0))
+        self.data_provenance = {**self.data_provenance, **saved_data}
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -309,44 +389,56 @@ class Trainer:
         self.stop_requested = True
 
     def fit(self) -> dict[str, float]:
-        """Train to `config.steps`, saving every `save_every` steps and on SIGTERM/SIGINT.
+        """Train to `config.steps`, saving every `save_every` steps, on SIGTERM/SIGINT and on failure.
 
-        Returns the last logged losses, and `interrupted: 1.0` if a signal stopped the run.
+        Returns the last logged losses, and `interrupted: 1.0` if a signal stopped the run. An
+        exception (a data error with `--strict`, out of memory, ...) saves the state of the last
+        whole step before it propagates.
         """
         c = self.config
         if self.split is None:
             raise ValueError("fit() needs a data split")
         dataset = PairDataset(self.split, self.model_config)
         sampler = PairSampler(len(dataset), c.seed, c.flip, self.job.rank, self.job.world_size,
-                              start=self.step * c.batch_size)
+                              start=self.step * c.batch_size * c.accumulate)
         loader = make_loader(dataset, c.batch_size, sampler, c.workers, pin_memory=self.cuda)
         # Signals can only be caught on the main thread; elsewhere (a notebook's worker thread)
         # the caller owns interruption.
         catch = threading.current_thread() is threading.main_thread()
         previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGTERM, signal.SIGINT)} if catch else {}
         log = _LossLog(self.run_dir, c.stage, self.step, self.job.is_main)
-        samples = self._sample_batch(dataset) if self.job.is_main else None
         bar = tqdm(total=c.steps, initial=self.step, desc=f"stage {c.stage}", unit="step",
                    disable=not self.job.is_main, dynamic_ncols=True)
         last: dict[str, float] = {}
-        window_start, window_steps = time.perf_counter(), 0
+        window_start, window_steps, window_skipped = time.perf_counter(), 0, 0
+        batches = None
         try:
-            batches = iter(loader)
+            samples = self._sample_batch(dataset) if self.job.is_main else None
+            batches = BatchStream(loader)
             while self.step < c.steps:
-                losses = self.train_step(next(batches))
+                micro = [next(batches) for _ in range(c.accumulate)]
+                window_skipped += sum(int(b.pop("skipped").sum()) for b in micro)
+                if self.flop_per_step is None and not c.compile:
+                    losses = self._counted_step(micro)
+                else:
+                    losses = self.train_step(micro)
                 self.step += 1
                 window_steps += 1
                 bar.update(1)
                 if self.step % c.log_every == 0 or self.step == c.steps:
                     elapsed = time.perf_counter() - window_start
-                    rate = window_steps * c.batch_size * self.job.world_size / max(elapsed, 1e-9)
-                    last = {k: float(v) for k, v in losses.items()}
-                    log.write(self.step, last, rate)
+                    rate = window_steps * c.batch_size * c.accumulate * self.job.world_size / max(elapsed, 1e-9)
+                    last = self._logged(losses, window_skipped)
+                    log.write(self.step, last, rate, self._machine_figures(window_steps / max(elapsed, 1e-9)))
                     bar.set_postfix({**{k: f"{v:.4f}" for k, v in last.items() if k in ("recon", "g_adv", "d")},
                                      "samples/s": f"{rate:.1f}"})
-                    window_start, window_steps = time.perf_counter(), 0
+                    window_start, window_steps, window_skipped = time.perf_counter(), 0, 0
                 if samples is not None and (self.step % c.sample_every == 0 or self.step == c.steps):
                     log.image(self.step, self.sample_grid(samples))
+                if c.val_every and (self.step % c.val_every == 0 or self.step == c.steps):
+                    began = time.perf_counter()
+                    self.validate(log)
+                    window_start += time.perf_counter() - began   # samples/s counts training only
                 if self.step % c.save_every == 0 and self.step < c.steps:
                     self.save()
                 stop = self.stop_requested
@@ -357,18 +449,108 @@ class Trainer:
                     break
             self.save()
             barrier(self.job)
+        except Exception:
+            self._save_after_failure()
+            raise
         finally:
+            if batches is not None:
+                batches.close()
             bar.close()
             log.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
         return last
 
+    def _counted_step(self, micro: list[dict]) -> dict[str, torch.Tensor]:
+        """A training step whose FLOPs are counted (once per run, for the log's MFU)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            losses = self.train_step(micro)
+        self.flop_per_step = float(counter.get_total_flops())
+        return losses
+
+    def _machine_figures(self, steps_per_second: float) -> dict[str, float]:
+        """Peak memory (GPU: allocated by torch; CPU: the process's peak RSS) and TFLOP/s, MFU on known GPUs."""
+        figures = {}
+        if self.cuda:
+            figures["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+        else:
+            unit = 1 if sys.platform == "darwin" else 1024   # ru_maxrss: bytes on macOS, KiB on Linux
+            figures["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 2 ** 30
+        if self.flop_per_step:
+            achieved = self.flop_per_step * steps_per_second
+            figures["tflops"] = achieved / 1e12
+            peak = peak_tflops(self.device)
+            if peak:
+                figures["mfu"] = achieved / (peak * 1e12)
+        return {k: round(v, 4) for k, v in figures.items()}
+
+    # -- validation ----------------------------------------------------------------------------
+
+    def serving_networks(self) -> tuple[Generator1, Generator2 | None]:
+        """Copies of the generators as they would be served: the average when EMA is on."""
+        trained = self.ema if self.ema is not None else self.generator
+        if self.config.stage == 1:
+            return copy.deepcopy(trained).cpu(), None
+        return copy.deepcopy(self.g1).cpu(), copy.deepcopy(trained).cpu()
+
+    def validate(self, log: "_LossLog") -> dict | None:
+        """Score the held-out split with `pg2-train eval`'s metrics (rank 0); keep the best checkpoint."""
+        if self.job.is_main:
+            from pg2_server.pipeline import Pipeline
+
+            from .evaluate import evaluate
+
+            g1, g2 = self.serving_networks()
+            pipeline = Pipeline(self.model_config, g1, g2, device=self.device,
+                                name=f"stage{self.config.stage}-step{self.step}")
+            folder = self.run_dir / "validation" / f"stage{self.config.stage}-step{self.step:07d}"
+            metrics = evaluate(pipeline, self.validation, folder, save_images=False, limit=self.config.val_limit,
+                               workers=1, progress=False)
+            row = metrics["rows"]["g1+g2" if self.config.stage == 2 else "g1"]
+            log.validation(self.step, row)
+            value, metric = row[self.config.val_metric], self.config.val_metric
+            larger = VALIDATION_METRICS[metric]
+            if value is not None and (self.best is None or (value > self.best["value"] if larger
+                                                            else value < self.best["value"])):
+                self.best = {"step": self.step, "metric": metric, "value": value}
+                save_checkpoint(self.run_dir / f"best-stage{self.config.stage}", self.model_config, g1, g2,
+                                provenance={"trained_by": "pg2-train", "stage": self.config.stage, "step": self.step,
+                                            "ema": self.ema is not None, "data": self.data_provenance,
+                                            "train_config": self.config.to_dict()},
+                                metrics=metrics)
+        barrier(self.job)
+        return self.best
+
+    def _logged(self, losses: dict[str, torch.Tensor], skipped: int) -> dict[str, float]:
+        """The step's losses averaged over the ranks, and the images skipped so far by all ranks."""
+        names = list(losses)
+        values = torch.stack([losses[k].float() for k in names] + [torch.tensor(float(skipped), device=self.device)])
+        values = mean_over_ranks(values, self.job).tolist()
+        self.skipped_images += round(values[-1] * self.job.world_size)
+        return {**dict(zip(names, values[:-1])), "skipped_images": self.skipped_images}
+
+    def _save_after_failure(self) -> None:
+        if not self.job.is_main:
+            return
+        if self._updating:  # the networks are between two updates: the last save is the good one
+            print(f"training failed inside step {self.step + 1}; the state was not saved (it would be half a "
+                  f"step); {state_path(self.run_dir, self.config.stage)} holds the last save", file=sys.stderr)
+            return
+        try:
+            where = self.save()
+        except Exception as e:  # the original error matters more; say why nothing was saved
+            print(f"training failed at step {self.step} and the state could not be saved: {e}", file=sys.stderr)
+            return
+        print(f"training failed after step {self.step}; state saved to {where}: fix the cause and continue "
+              f"with --resume", file=sys.stderr)
+
     # -- pictures ------------------------------------------------------------------------------
 
     def _sample_batch(self, dataset: PairDataset, count: int = 4) -> dict:
         items = [dataset[(i, False)] for i in range(min(count, len(dataset)))]
-        return {k: torch.stack([item[k] for item in items]) for k in items[0]}
+        return {k: torch.stack([item[k] for item in items]) for k in items[0] if k != "skipped"}
 
     @torch.no_grad()
     def sample_grid(self, samples: dict) -> np.ndarray:
@@ -404,10 +586,12 @@ class _LossLog:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.samples_dir = run_dir / "samples"
         self.path = run_dir / f"stage{stage}-log.jsonl"
-        if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= start_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        self.validation_path = run_dir / f"stage{stage}-validation.jsonl"
+        for path in (self.path, self.validation_path):
+            if path.exists():
+                kept = [line for line in path.read_text().splitlines()
+                        if line.strip() and json.loads(line)["step"] <= start_step]
+                path.write_text("".join(line + "\n" for line in kept))
         self.file = open(self.path, "a", encoding="utf-8")
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -415,16 +599,29 @@ class _LossLog:
         except ImportError:  # TensorBoard is an optional extra; the JSONL log is always written
             self.writer = None
 
-    def write(self, step: int, losses: dict[str, float], samples_per_second: float) -> None:
+    def write(self, step: int, losses: dict[str, float], samples_per_second: float,
+              figures: dict[str, float] | None = None) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps({"step": step, **losses, "samples_per_s": round(samples_per_second, 3)}) + "\n")
+        self.file.write(json.dumps({"step": step, **losses, "samples_per_s": round(samples_per_second, 3),
+                                    **(figures or {})}) + "\n")
         self.file.flush()
         if self.writer:
             for name, value in losses.items():
                 if math.isfinite(value):
                     self.writer.add_scalar(f"stage{self.stage}/{name}", value, step)
             self.writer.add_scalar(f"stage{self.stage}/samples_per_s", samples_per_second, step)
+
+    def validation(self, step: int, metrics: dict[str, float | None]) -> None:
+        """One line of `stageN-validation.jsonl` (and TensorBoard scalars `stageN/val_*`)."""
+        if not self.enabled:
+            return
+        with open(self.validation_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.writer:
+            for name, value in metrics.items():
+                if value is not None and math.isfinite(value):
+                    self.writer.add_scalar(f"stage{self.stage}/val_{name}", value, step)
 
     def image(self, step: int, grid: np.ndarray) -> None:
         if not self.enabled:
