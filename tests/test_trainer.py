@@ -295,8 +295,8 @@ def test_a_batch_larger_than_the_pairs_is_refused(tmp_path, dataset, capsys):
 def test_accumulated_micro_batches_make_the_step_of_the_whole_batch(tmp_path, split):
     batch = _fixed_batch(split)
     halves = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
-    whole = Trainer(train_config("tiny", 1, lr=1e-4), TINY, tmp_path / "a", split)
-    accumulated = Trainer(train_config("tiny", 1, lr=1e-4, accumulate=2), TINY, tmp_path / "b", split)
+    whole = Trainer(train_config("tiny", 1, lr=1e-4, bf16=False), TINY, tmp_path / "a", split)
+    accumulated = Trainer(train_config("tiny", 1, lr=1e-4, accumulate=2, bf16=False), TINY, tmp_path / "b", split)
     for _ in range(3):
         expected = whole.train_step(batch)
         got = accumulated.train_step(halves)
