@@ -89,3 +89,15 @@ def test_config_dict_round_trip_and_unknown_keys():
         ModelConfig.from_dict({**config.to_dict(), "colour": 1})
     with pytest.raises(ValueError, match="unknown preset"):
         preset("huge")
+
+
+def test_fashion_preset_is_the_deepfashion_frame_in_a_bundleable_size():
+    config = preset("fashion")
+    assert config.canvas == (256, 176)  # (height, width): DeepFashion's 176 × 256 frame, no padding
+    with torch.device("meta"):
+        params = parameter_count(Generator1(config)) + parameter_count(Generator2(config))
+    assert params == 7_299_206
+    assert 2 * params < 16 * 2 ** 20  # fp16: fits what a GPU machine returns and the 25 MB bundle
+    wider = preset("fashion", base_width=40)
+    with torch.device("meta"):
+        assert parameter_count(Generator1(wider)) > parameter_count(Generator1(config))

@@ -24,6 +24,8 @@ from pg2_server.model import Generator1, preset
 from pg2_server.pipeline import bf16_native
 from pg2_server.throughput import format_peak, measure_peak, peak_tflops
 
+from .trainer import TRAINING_DEFAULTS
+
 from .distributed import Distributed
 
 def peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
@@ -121,7 +123,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    from .trainer import TRAINING_DEFAULTS
     batch_size = args.batch_size or TRAINING_DEFAULTS[args.preset]["batch_size"]
     peak = peak_flops(device, args.peak_tflops)
     variants = [("fp32 eager", False, False)]
@@ -159,7 +160,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="training samples/s per stage (MFU on GPU) or, with --data, loader samples/s")
-    p.add_argument("--preset", default="market", choices=["market", "deepfashion", "demo", "tiny"])
+    p.add_argument("--preset", default="market", choices=list(TRAINING_DEFAULTS))
     p.add_argument("--batch-size", type=int, help="default: the preset's official batch (data: 16)")
     p.add_argument("--width", type=int, help="channels of the first level instead of the preset's")
     p.add_argument("--stage", type=int, nargs="+", default=[1, 2], choices=[1, 2])

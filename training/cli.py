@@ -206,14 +206,17 @@ def settings_toml(settings: dict) -> str:
 
 
 def _add_fit(sub) -> None:
+    from .trainer import TRAINING_DEFAULTS
+
     p = sub.add_parser("fit", help="train stage 1 (G1) or stage 2 (G2 + D) of PG2",
                        description="Train one stage of PG2. Every flag can also come from --config FILE.toml "
                                    "(keys are the flag names, e.g. batch-size = 8); flags override the file. "
                                    "The run directory keeps the settings used as stageN-config.toml.")
     p.add_argument("--config", metavar="TOML", help="settings file (keys: flag names); command-line flags override it")
-    p.add_argument("--preset", choices=["market", "deepfashion", "demo", "tiny"],
+    p.add_argument("--preset", choices=list(TRAINING_DEFAULTS),
                    help="model and official schedule: market (128×64, batch 16), deepfashion (256×256, batch 1, "
-                        "D of 5 layers, λ 50), demo (128×88, for a CPU, lr 2e-4), tiny (32×16, tests); required")
+                        "D of 5 layers, λ 50), fashion (256×176, batch 16, D of 5 layers, λ 50, lr 2e-4), "
+                        "demo (128×88, for a CPU, lr 2e-4), tiny (32×16, tests); required")
     p.add_argument("--stage", type=int, choices=[1, 2],
                    help="1: G1 alone with the pose-mask L1; 2: G2 + D with G1 frozen (from --out's stage 1 or "
                         "--g1); required")
@@ -226,7 +229,7 @@ def _add_fit(sub) -> None:
     p.add_argument("--accumulate", type=int, help="micro-batches per optimiser step: a step sees "
                                                   "accumulate × batch-size × processes pairs (default 1)")
     p.add_argument("--lr", type=float, help="Adam learning rate, betas 0.5/0.999 (default: the preset's: "
-                                            "2e-5 market, deepfashion, tiny; 2e-4 demo)")
+                                            "2e-5 market, deepfashion, tiny; 2e-4 fashion, demo)")
     p.add_argument("--lambda-l1", type=float, help="weight of the L1 term in stage 2 (market 10, deepfashion 50)")
     p.add_argument("--loss", choices=["pose-mask", "l1"], help="reconstruction loss (ablation: plain l1)")
     p.add_argument("--one-stage", action="store_true", default=None,

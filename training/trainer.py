@@ -113,6 +113,8 @@ class TrainConfig:
 TRAINING_DEFAULTS: dict[str, dict] = {
     "market": dict(batch_size=16, steps={1: 22_000, 2: 38_000}, lambda_l1=10.0, d_layers=4, d_base_width=64),
     "deepfashion": dict(batch_size=1, steps={1: 22_000, 2: 58_000}, lambda_l1=50.0, d_layers=5, d_base_width=64),
+    "fashion": dict(batch_size=16, steps={1: 22_000, 2: 38_000}, lambda_l1=50.0, d_layers=5, d_base_width=64,
+                    lr=2e-4),
     "demo": dict(batch_size=16, steps={1: 20_000, 2: 10_000}, lambda_l1=10.0, d_layers=4, d_base_width=32, lr=2e-4),
     "tiny": dict(batch_size=4, steps={1: 200, 2: 100}, lambda_l1=10.0, d_layers=4, d_base_width=8),
 }
