@@ -168,6 +168,17 @@ class SynthReport:
         return 60 * self.rendered / self.seconds if self.seconds > 0 else 0.0
 
 
+FLUSH_EVERY = 25  # people between rewrites of a split's CSVs during a run
+
+
+def _write_split(out: Path, style: Style, split: str, rows: list, pairs: list) -> None:
+    """A split's annotation and pairs CSVs for the images so far (each replaced atomically)."""
+    tmp = out / (style.annotations.format(split) + ".part")
+    write_annotations(tmp, rows)
+    os.replace(tmp, out / style.annotations.format(split))
+    _write_pairs(out / style.pairs.format(split), pairs)
+
+
 def _check_folder(out: Path, config: SynthConfig) -> None:
     meta = out / "synth.json"
     wanted = asdict(config)
@@ -268,8 +279,9 @@ def render_dataset(out: str | Path, config: SynthConfig, progress: bool = True,
     body = body or BodyModel()
     renderer = Renderer(body.faces, body.vertex_count, (w, h), engine=config.engine, uvs=body.uvs)
     photo = config.engine == "cycles"
-    splits = {"train": range(config.identities),
-              "test": range(config.identities, config.identities + config.test_identities)}
+    # the (small) test split first, so that a long run has its evaluation set early
+    splits = {"test": range(config.identities, config.identities + config.test_identities),
+              "train": range(config.identities)}
     report = SynthReport(pairs={})
     total = (config.identities + config.test_identities) * config.poses_per_identity
     bar = tqdm(total=total, unit="img", desc="synth", disable=not progress, dynamic_ncols=True)
@@ -324,10 +336,9 @@ def render_dataset(out: str | Path, config: SynthConfig, progress: bool = True,
                     report.rendered += 1
                 bar.update(1)
             pairs += [(a, b) for a in with_torso for b in with_torso if a != b]
-        tmp = out / (style.annotations.format(split) + ".part")
-        write_annotations(tmp, rows)
-        os.replace(tmp, out / style.annotations.format(split))
-        _write_pairs(out / style.pairs.format(split), pairs)
+            if (identity - identities.start) % FLUSH_EVERY == FLUSH_EVERY - 1:
+                _write_split(out, style, split, rows, pairs)  # a long run's CSVs cover what is rendered
+        _write_split(out, style, split, rows, pairs)
         report.pairs[split] = len(pairs)
     bar.close()
     report.seconds = time.perf_counter() - start

@@ -127,7 +127,7 @@ def sample_look(rng: np.random.Generator, female: bool) -> Look:
         sleeve = float(rng.choice([0.05, 0.4, 0.75, 0.98], p=[0.1, 0.4, 0.15, 0.35]))
     flare = 0.0
     if sleeve > 0.5 and top_kind in ("shirt", "tee") and rng.random() < 0.35:
-        flare = float(rng.uniform(0.05, 0.4))  # wide to bell sleeves
+        flare = float(rng.uniform(0.03, 0.14))  # wide to bell sleeves (radius gained per arm length)
     if lower_kind in ("skirt", "dress"):
         leg_length = float(rng.choice([0.3, 0.5, 0.72, 0.92], p=[0.3, 0.3, 0.25, 0.15]))  # mini..maxi
         skirt_flare = float(rng.choice([0.0, rng.uniform(0.05, 0.2), rng.uniform(0.2, 0.6)], p=[0.3, 0.4, 0.3]))

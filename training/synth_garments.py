@@ -266,7 +266,7 @@ def _skirt(look: Look, rest, posed, parts, rest_joints, joints) -> Layer:
 
 def _hair_fall(look: Look, rest, posed, parts, joints) -> Layer:
     """Hair from above the ears down to the chin (bob), the shoulders or the back, open at the face."""
-    length = {"bob": 0.11, "shoulder": 0.25, "long": 0.45}[look.hair_style]
+    length = {"bob": 0.11, "shoulder": 0.24, "long": 0.4}[look.hair_style]
     rings, around = 14, 25
     opening = np.radians(125)  # the face's sector, centred on the forward direction
     thetas = np.linspace(-np.pi + opening / 2, np.pi - opening / 2, around)  # 0 = backwards
@@ -283,7 +283,7 @@ def _hair_fall(look: Look, rest, posed, parts, joints) -> Layer:
         e2 = np.tile(lateral, (rings, 1))
         rel = posed[k] - centre
         across = np.abs(rel @ lateral)
-        pts_mask = near_body & (across < 0.105) & (posed[k][:, 2] > centre[2] - length - 0.05)
+        pts_mask = near_body & (across < 0.09) & (posed[k][:, 2] > centre[2] - length - 0.05)
         pts = posed[k][pts_mask]
         band = 0.6 * abs(zs[1] - zs[0]) + 0.015
         floor = np.full(rings, 0.0)
