@@ -204,7 +204,9 @@ class Renderer:
         c.transmission_bounces, c.volume_bounces, c.transparent_max_bounces = 0, 0, 2
         c.caustics_reflective = c.caustics_refractive = False
         c.blur_glossy = 1.0
-        scene.render.use_persistent_data = True
+        # no persistent data: a render must not depend on what the process rendered before (a kept
+        # Cycles session made the same image differ in the last bits between runs)
+        scene.render.use_persistent_data = False
         world = bpy.data.worlds.new("world")
         world.use_nodes = True
         world.node_tree.nodes["Background"].inputs["Color"].default_value = (0.8, 0.8, 0.8, 1.0)
