@@ -14,6 +14,7 @@ from pg2_server.keypoints import INDEX, read_annotations
 from training import synth
 from training.synth_body import ARM, FOOT, HEAD, LEG, TORSO, BodyModel, Pose, VIEWS, sample_phenotype, sample_pose
 from training.synth_clothing import PATTERNS, Garment, Look, sample_look, vertex_colours
+from training.synth_garments import dress
 from training.synth_render import Renderer, visible_keypoints
 
 pytestmark = pytest.mark.timeout(300)
@@ -134,6 +135,77 @@ def test_keypoints_land_on_the_rendered_body(body):
     assert checked > 100
 
 
+def test_photo_renders_show_the_person_where_the_keypoints_are(body):
+    """Cycles with garments, hair and the studio: keypoints on the person's rendered mask (body and
+    garment meshes), a light seamless backdrop around them, the cut framings cut the legs."""
+    config = synth.SynthConfig(identities=1, test_identities=1, poses_per_identity=4, seed=5,
+                               size=(128, 88), style="deepfashion")
+    h, w = config.size
+    renderer = Renderer(body.faces, body.vertex_count, (w, h), engine="cycles", uvs=body.uvs, samples=2)
+    framings = set()
+    for identity in (0, 1):
+        person = synth.sample_person(config.seed, identity, config.poses_per_identity)
+        bodies = body.pose(person.phenotype, person.poses)
+        renderer.set_colours(vertex_colours(person.look, bodies.rest_vertices, body.parts, bodies.rest_joints))
+        renderer.set_person(person.look, dress(person.look, bodies.rest_vertices, bodies.vertices, body.faces,
+                                               body.parts, bodies.rest_joints, bodies.joints))
+        for k in range(config.poses_per_identity):
+            shot = synth.shot_generator(config, identity, k)
+            framing = synth.shot_framing(config, shot)
+            framings.add(framing)
+            camera = synth.shot_camera(config, bodies.vertices[k], shot, bodies.joints[k], framing)
+            kps = visible_keypoints(camera, bodies.vertices[k], body.faces, bodies.joints[k])
+            studio = synth.shot_studio(shot, bodies.vertices[k])
+            image = renderer.render(bodies.vertices[k], camera, pose=k, studio=studio)
+            mask = renderer.mask(bodies.vertices[k], camera, pose=k) > 127
+            assert image.shape == (h, w, 4) and (image[..., 3] == 255).all()
+            assert mask[0].sum() == 0  # the head is in frame
+            if framing == "full":
+                assert mask[-1].sum() == 0
+            else:  # cut at the thigh or below the knee: the head near the top, the feet out of the frame
+                # (unless arms held wide make the frame wider, and so taller, than the cut needs)
+                assert np.nonzero(mask.any(1))[0].min() < 0.12 * h
+                assert mask[-1].sum() > 0 or np.nonzero(mask.any(0))[0].ptp() > 0.6 * w
+            for x, y in kps[~np.isnan(kps[:, 0])]:
+                assert mask[int(y), int(x)], (identity, k, x, y)
+            backdrop = image[..., :3][~mask].astype(float)
+            assert np.median(backdrop) > 150  # white or light grey paper, not a dark studio
+            # the person stands out of the paper
+            assert np.abs(image[..., :3][mask].astype(float).mean(0) - np.median(backdrop, 0)).max() > 10
+    assert framings >= {"full"}
+
+
+def test_garment_meshes_enclose_the_body_and_follow_it(body):
+    plain = lambda c, p="plain": Garment(c, c, p, 0.05, 0.0)  # noqa: E731
+    look = Look(skin=(0.8, 0.6, 0.5), hair=(0.1, 0.1, 0.1), hair_style="long", upper=plain((1.0, 1.0, 1.0)),
+                lower=plain((0.2, 0.2, 0.6), "floral"), shoes=plain((0.1, 0.1, 0.1)), sleeve=0.98,
+                leg_length=0.72, lower_kind="skirt", skirt_flare=0.3, sleeve_flare=0.3,
+                accessories=("bag", "sunglasses", "necklace", "beanie"))
+    person = synth.sample_person(0, 0, 3)
+    bodies = body.pose(person.phenotype, person.poses)
+    layers = {layer.name: layer for layer in dress(look, bodies.rest_vertices, bodies.vertices, body.faces,
+                                                   body.parts, bodies.rest_joints, bodies.joints)}
+    assert {"skirt", "briefs", "top", "sleeve2", "sleeve5", "shoes", "hair-cap", "hair-fall", "strap", "bag",
+            "sunglasses", "necklace", "beanie"} <= set(layers)
+    for layer in layers.values():
+        assert layer.vertices.shape == (3, len(layer.rest), 3) and layer.faces.max() < len(layer.rest)
+        assert np.isfinite(layer.vertices).all()
+    skirt = layers["skirt"].vertices.reshape(3, 14, 40, 3)
+    for k in range(3):
+        hips = (bodies.joints[k, INDEX["right_hip"]] + bodies.joints[k, INDEX["left_hip"]]) / 2
+        radius = np.linalg.norm((skirt[k] - hips)[..., :2], axis=-1)
+        assert radius[-1].mean() > radius[0].mean() + 0.05  # flared: wider at the hem than at the waist
+        legs = bodies.vertices[k][np.isin(body.parts, (LEG,))]
+        for ring, r in zip(skirt[k], radius):
+            near = legs[np.abs(legs[:, 2] - ring[0, 2]) < 0.01]
+            if len(near):  # the legs stay inside the skirt: no point further out than the ring
+                assert np.linalg.norm((near - hips)[:, :2], axis=1).max() <= r.max() + 1e-6
+    # the shells move with the body: a top vertex keeps its distance to the body vertex it came from
+    top = layers["top"].vertices
+    assert not np.allclose(top[0], top[1])
+    assert (np.abs(np.linalg.norm(top[1] - top[0], axis=1)) > 0).any()
+
+
 def test_projection_matches_blender(body):
     renderer = Renderer(body.faces, body.vertex_count, (88, 128))
     person = synth.sample_person(0, 0, 2)
@@ -185,7 +257,7 @@ def test_looks_and_poses_vary_across_identities():
     assert len({lk.upper.colour for lk in looks}) == 60
     assert len({lk.skin for lk in looks}) > 30 and len({lk.hair_style for lk in looks}) >= 2
     assert len({lk.sleeve for lk in looks}) >= 3 and len({lk.leg_length for lk in looks}) >= 2
-    for view, (lo, hi) in (("front", (-0.6, 0.6)), ("back", (np.pi - 0.6, np.pi + 0.6))):
+    for view, (lo, hi) in (("front", (-0.8, 0.8)), ("back", (np.pi - 0.72, np.pi + 0.72))):
         yaws = [sample_pose(rng, view).yaw for _ in range(50)]
         assert lo <= min(yaws) and max(yaws) <= hi
     sides = [abs(sample_pose(rng, "side").yaw) for _ in range(50)]
@@ -225,6 +297,7 @@ def run_main(argv, capsys):
     (["--identities", "2", "--poses-per-identity", "1"], "at least 2 to make pairs"),
     (["--identities", "2", "--size", "20x10"], "too small"),
     (["--identities", "10000", "--style", "market"], "Market names hold at most 9998"),
+    (["--identities", "2", "--size", "20x10", "--engine", "workbench"], "too small"),
 ])
 def test_bad_arguments_say_what_to_fix(argv, message, tmp_path, capsys):
     code, err = run_main(["--out", str(tmp_path / "x")] + argv, capsys)

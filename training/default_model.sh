@@ -27,7 +27,7 @@ CSV="$DATA/fasion-resize"
 resume() { [ -f "$RUN/stage$1.safetensors" ] && echo --resume || true; }   # rerun = continue
 
 pg2-train synth --out "$DATA" --identities "$IDENTITIES" --test-identities "$TEST_IDENTITIES" \
-    --poses-per-identity "$POSES" --seed "$SEED" --size 256x176 --style deepfashion
+    --poses-per-identity "$POSES" --seed "$SEED" --size 256x176 --style deepfashion --engine workbench  # the flat look this model was trained on
 pg2-train fit --preset "$PRESET" --stage 1 --data-root "$DATA/train" --annotations "$CSV-annotation-train.csv" \
     --pairs "$CSV-pairs-train.csv" --out "$RUN" --steps "$STEPS1" --batch-size "$BATCH" --lr "$LR" \
     --seed "$SEED" --workers "$WORKERS" --threads "$THREADS" --device "$DEVICE" $(resume 1)

@@ -28,7 +28,8 @@ from pg2_server.keypoints import INDEX, write_annotations
 
 from .synth_body import BodyModel, Phenotype, Pose, sample_phenotype, sample_pose
 from .synth_clothing import Look, sample_look, vertex_colours
-from .synth_render import Camera, Renderer, frame_camera, visible_keypoints
+from .synth_garments import dress
+from .synth_render import ENGINES, Camera, Renderer, Studio, frame_camera, visible_keypoints
 
 
 @dataclass(frozen=True)
@@ -61,10 +62,13 @@ class SynthConfig:
     seed: int
     size: tuple[int, int]  # (H, W)
     style: str
+    engine: str = "cycles"
 
     def check(self) -> None:
         if self.style not in STYLES:
             raise SynthError(f"--style {self.style!r} is unknown; use one of {', '.join(STYLES)}")
+        if self.engine not in ENGINES:
+            raise SynthError(f"--engine {self.engine!r} is unknown; use one of {', '.join(ENGINES)}")
         if self.identities < 1:
             raise SynthError(f"--identities must be at least 1 (got {self.identities})")
         if self.test_identities < 1:
@@ -164,6 +168,17 @@ class SynthReport:
         return 60 * self.rendered / self.seconds if self.seconds > 0 else 0.0
 
 
+FLUSH_EVERY = 25  # people between rewrites of a split's CSVs during a run
+
+
+def _write_split(out: Path, style: Style, split: str, rows: list, pairs: list) -> None:
+    """A split's annotation and pairs CSVs for the images so far (each replaced atomically)."""
+    tmp = out / (style.annotations.format(split) + ".part")
+    write_annotations(tmp, rows)
+    os.replace(tmp, out / style.annotations.format(split))
+    _write_pairs(out / style.pairs.format(split), pairs)
+
+
 def _check_folder(out: Path, config: SynthConfig) -> None:
     meta = out / "synth.json"
     wanted = asdict(config)
@@ -199,11 +214,49 @@ def sample_person(seed: int, identity: int, poses_per_identity: int) -> Person:
     return Person(phenotype, look, poses)
 
 
-def shot_camera(config: SynthConfig, vertices: np.ndarray, shot: np.random.Generator) -> Camera:
+FRAMINGS = ("full", "three-quarter", "thigh")
+
+
+def shot_framing(config: SynthConfig, shot: np.random.Generator) -> str:
+    """How much of the person an image shows: DeepFashion's photo-like sets mix in shots cut
+    below the knee and at mid-thigh; the flat look and Market style always show all of it."""
+    if config.style != "deepfashion" or config.engine != "cycles":
+        return "full"
+    return str(shot.choice(FRAMINGS, p=(0.7, 0.15, 0.15)))
+
+
+def shot_camera(config: SynthConfig, vertices: np.ndarray, shot: np.random.Generator,
+                joints: np.ndarray | None = None, framing: str = "full") -> Camera:
     """The camera of one image: framing drawn from the shot's own generator."""
     h, w = config.size
     fill = shot.uniform(*STYLES[config.style].fill)
-    return frame_camera(vertices, (w, h), fill, (shot.uniform(-0.03, 0.03), shot.uniform(-0.02, 0.02)))
+    offset = (shot.uniform(-0.03, 0.03), shot.uniform(-0.02, 0.02))
+    cut = None
+    if framing != "full" and joints is not None:
+        hip = (joints[INDEX["right_hip"], 2] + joints[INDEX["left_hip"], 2]) / 2
+        knee = (joints[INDEX["right_knee"], 2] + joints[INDEX["left_knee"], 2]) / 2
+        ankle = (joints[INDEX["right_ankle"], 2] + joints[INDEX["left_ankle"], 2]) / 2
+        cut = hip - 0.5 * (hip - knee) if framing == "thigh" else knee - 0.45 * (knee - ankle)
+        fill = shot.uniform(0.86, 0.92)
+    return frame_camera(vertices, (w, h), fill, offset, cut=cut)
+
+
+def shot_studio(shot: np.random.Generator, vertices: np.ndarray) -> Studio:
+    """A DeepFashion-like studio: white (most often) or light grey seamless paper, soft key light
+    from one side, the floor under the lowest point of the body."""
+    white = shot.random() < 0.6
+    level = shot.uniform(0.93, 1.0) if white else shot.uniform(0.72, 0.9)
+    paper = tuple(float(c) for c in np.clip(level + shot.normal(0, 0.01, 3), 0, 1))
+    glow = shot.uniform(0.55, 0.85) if white else shot.uniform(0.2, 0.4)
+    return Studio(paper, float(glow), float(shot.choice((-1.0, 1.0))), float(shot.uniform(0.75, 1.25)),
+                  float(vertices[:, 2].min()), float(vertices[:, 1].max() + shot.uniform(1.5, 3.0)))
+
+
+def _graphic_panel(rest_joints: np.ndarray) -> tuple[float, float, float, float, float]:
+    """Where a graphic print sits on a top (rest coordinates): a chest panel, front side."""
+    neck = rest_joints[INDEX["neck"]]
+    return (float(neck[0] - 0.085), float(neck[0] + 0.085), float(neck[2] - 0.3), float(neck[2] - 0.1),
+            float(neck[1]))
 
 
 def shot_generator(config: SynthConfig, identity: int, pose: int) -> np.random.Generator:
@@ -224,9 +277,11 @@ def render_dataset(out: str | Path, config: SynthConfig, progress: bool = True,
     style = STYLES[config.style]
     h, w = config.size
     body = body or BodyModel()
-    renderer = Renderer(body.faces, body.vertex_count, (w, h))
-    splits = {"train": range(config.identities),
-              "test": range(config.identities, config.identities + config.test_identities)}
+    renderer = Renderer(body.faces, body.vertex_count, (w, h), engine=config.engine, uvs=body.uvs)
+    photo = config.engine == "cycles"
+    # the (small) test split first, so that a long run has its evaluation set early
+    splits = {"test": range(config.identities, config.identities + config.test_identities),
+              "train": range(config.identities)}
     report = SynthReport(pairs={})
     total = (config.identities + config.test_identities) * config.poses_per_identity
     bar = tqdm(total=total, unit="img", desc="synth", disable=not progress, dynamic_ncols=True)
@@ -243,7 +298,8 @@ def render_dataset(out: str | Path, config: SynthConfig, progress: bool = True,
             for k, pose in enumerate(person.poses):
                 name = image_name(config, identity, k, pose.view, person.phenotype.female)
                 shot = shot_generator(config, identity, k)
-                camera = shot_camera(config, bodies.vertices[k], shot)
+                framing = shot_framing(config, shot)
+                camera = shot_camera(config, bodies.vertices[k], shot, bodies.joints[k], framing)
                 keypoints = visible_keypoints(camera, bodies.vertices[k], body.faces, bodies.joints[k])
                 rows.append((name, keypoints))
                 if not np.isnan(keypoints[list(TORSO)]).any():
@@ -255,21 +311,34 @@ def render_dataset(out: str | Path, config: SynthConfig, progress: bool = True,
                     if not coloured:
                         renderer.set_colours(vertex_colours(person.look, bodies.rest_vertices, body.parts,
                                                             bodies.rest_joints))
+                        if photo:
+                            renderer.graphic_panel = _graphic_panel(bodies.rest_joints)
+                            renderer.set_person(person.look, dress(person.look, bodies.rest_vertices,
+                                                                   bodies.vertices, body.faces, body.parts,
+                                                                   bodies.rest_joints, bodies.joints))
                         coloured = True
-                    rgba = renderer.render(bodies.vertices[k], camera)
-                    image = composite(rgba, background(shot, config.style, (h, w)), config.style, shot)
+                    studio = shot_studio(shot, bodies.vertices[k]) if photo and config.style == "deepfashion" else None
+                    rgba = renderer.render(bodies.vertices[k], camera, pose=k, studio=studio)
+                    if studio is None:
+                        image = composite(rgba, background(shot, config.style, (h, w)), config.style, shot)
+                    else:
+                        image = rgba[..., :3]
+                    quality = 95
+                    if photo:  # a camera's sensor noise and a shop's JPEG compression
+                        image = np.clip(image + shot.normal(0, shot.uniform(0.8, 2.5), image.shape), 0, 255)
+                        image = np.round(image).astype(np.uint8)
+                        quality = int(shot.integers(82, 96))
                     ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
-                                            [cv2.IMWRITE_JPEG_QUALITY, 95])
+                                            [cv2.IMWRITE_JPEG_QUALITY, quality])
                     if not ok:
                         raise RuntimeError(f"OpenCV could not encode {name} as JPEG")
                     _write_atomic(path, jpeg.tobytes())
                     report.rendered += 1
                 bar.update(1)
             pairs += [(a, b) for a in with_torso for b in with_torso if a != b]
-        tmp = out / (style.annotations.format(split) + ".part")
-        write_annotations(tmp, rows)
-        os.replace(tmp, out / style.annotations.format(split))
-        _write_pairs(out / style.pairs.format(split), pairs)
+            if (identity - identities.start) % FLUSH_EVERY == FLUSH_EVERY - 1:
+                _write_split(out, style, split, rows, pairs)  # a long run's CSVs cover what is rendered
+        _write_split(out, style, split, rows, pairs)
         report.pairs[split] = len(pairs)
     bar.close()
     report.seconds = time.perf_counter() - start
@@ -289,6 +358,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="HEIGHTxWIDTH (default 256x176 for deepfashion, 128x64 for market)")
     parser.add_argument("--style", choices=sorted(STYLES), default="deepfashion",
                         help="file names, size and backgrounds of which dataset (default deepfashion)")
+    parser.add_argument("--engine", choices=ENGINES, default="cycles",
+                        help="cycles: photo-like (path traced, denoised; default); workbench: the flat, fast look")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -302,7 +373,8 @@ def config_from_args(args: argparse.Namespace) -> SynthConfig:
         test = max(1, round(0.15 * args.identities))
     size = tuple(args.size) if args.size else STYLES[style].size
     return SynthConfig(identities=args.identities, test_identities=test,
-                       poses_per_identity=args.poses_per_identity, seed=args.seed, size=size, style=style)
+                       poses_per_identity=args.poses_per_identity, seed=args.seed, size=size, style=style,
+                       engine=getattr(args, "engine", "cycles"))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -317,7 +389,7 @@ def main(args: argparse.Namespace) -> int:
     h, w = config.size
     cpu = f", {report.cpu_seconds / report.rendered:.2f} CPU s each" if report.rendered else ""
     print(f"{args.out}: {report.rendered} images rendered in {report.seconds:.0f} s "
-          f"({report.images_per_minute:.0f} images/min{cpu}, {w}x{h} {config.style}), "
+          f"({report.images_per_minute:.1f} images/min{cpu}, {w}x{h} {config.style}, {config.engine}), "
           f"{report.skipped} already there; "
           f"pairs: {report.pairs['train']} train, {report.pairs['test']} test")
     return 0

@@ -111,29 +111,57 @@ def sample_pose(rng: np.random.Generator, view: str) -> Pose:
         swing = d(rng.uniform(10, 30))
         arm_l, arm_r = swing * s, -swing * s
     else:
+        legs = rng.choice(("stance", "weight", "crossed"), p=(0.45, 0.4, 0.15))
         spread = [d(rng.uniform(-2, 12)) for _ in range(2)]
         rot["upperleg01.L"] = _angles(x=d(rng.uniform(-12, 8)), y=-spread[0], z=d(rng.uniform(-10, 15)))
         rot["upperleg01.R"] = _angles(x=d(rng.uniform(-12, 8)), y=spread[1], z=d(rng.uniform(-15, 10)))
         rot["lowerleg01.L"] = _angles(x=d(rng.uniform(0, 20)))
         rot["lowerleg01.R"] = _angles(x=d(rng.uniform(0, 20)))
+        free = "L" if rng.random() < 0.5 else "R"
+        sign = 1.0 if free == "L" else -1.0
+        if legs == "weight":  # weight on one straight leg, the other knee bent and the foot out
+            rot[f"upperleg01.{free}"] = _angles(x=d(rng.uniform(-18, -4)), y=-sign * d(rng.uniform(2, 12)),
+                                                z=sign * d(rng.uniform(0, 20)))
+            rot[f"lowerleg01.{free}"] = _angles(x=d(rng.uniform(12, 35)))
+            other = "R" if free == "L" else "L"
+            rot[f"upperleg01.{other}"] = _angles(x=d(rng.uniform(-3, 3)), y=sign * d(rng.uniform(0, 5)))
+            rot[f"lowerleg01.{other}"] = _angles(x=d(rng.uniform(0, 4)))
+        elif legs == "crossed":  # one leg crossed in front of the other (+Y brings the left leg inwards)
+            rot[f"upperleg01.{free}"] = _angles(x=d(rng.uniform(-12, -4)), y=sign * d(rng.uniform(8, 14)),
+                                                z=sign * d(rng.uniform(-5, 10)))
+            rot[f"lowerleg01.{free}"] = _angles(x=d(rng.uniform(5, 15)))
         arm_l, arm_r = d(rng.uniform(-25, 15)), d(rng.uniform(-25, 15))
-        if rng.random() < 0.2:  # one arm raised or reaching forward
+        if rng.random() < 0.12:  # one arm raised or reaching forward
             side = "L" if rng.random() < 0.5 else "R"
             lift = d(rng.uniform(40, 100))
             if side == "L":
                 arm_l = -lift
             else:
                 arm_r = -lift
+    arms = "free"
+    if not walking:
+        arms = str(rng.choice(("free", "hip", "hips", "folded", "pockets"), p=(0.45, 0.2, 0.1, 0.1, 0.15)))
+    hip_side = "L" if rng.random() < 0.5 else "R"
     # Rest is an A-pose (arms ~42° from the body): +Y brings the left arm down, −Y the right.
     for side, flex, sign in (("L", arm_l, 1.0), ("R", arm_r, -1.0)):
         towards_body = d(rng.uniform(15, 38)) if rng.random() < 0.7 else d(rng.uniform(-30, 15))
         rot[f"upperarm01.{side}"] = _angles(x=flex, y=sign * towards_body, z=sign * d(rng.uniform(-20, 20)))
         elbow = d(rng.uniform(0, 25)) if rng.random() < 0.7 else d(rng.uniform(25, 110))
         rot[f"lowerarm01.{side}"] = _angles(x=-elbow)
+        if arms in ("hip", "hips") and (arms == "hips" or side == hip_side):
+            # hand on the hip: elbow out, the forearm bent back in (about Y, in the arm's plane)
+            rot[f"upperarm01.{side}"] = _angles(x=d(rng.uniform(0, 15)), y=sign * d(rng.uniform(-5, 8)))
+            rot[f"lowerarm01.{side}"] = _angles(y=sign * d(rng.uniform(95, 110)))
+        elif arms == "folded":  # forearms across the chest
+            rot[f"upperarm01.{side}"] = _angles(x=d(rng.uniform(-30, -18)), y=sign * d(rng.uniform(32, 40)))
+            rot[f"lowerarm01.{side}"] = _angles(x=-d(rng.uniform(85, 100)), z=-sign * d(rng.uniform(60, 75)))
+        elif arms == "pockets":  # hands at the front hips, elbows a little back
+            rot[f"upperarm01.{side}"] = _angles(x=d(rng.uniform(5, 15)), y=sign * d(rng.uniform(30, 38)))
+            rot[f"lowerarm01.{side}"] = _angles(x=-d(rng.uniform(25, 40)), y=sign * d(rng.uniform(10, 25)))
     rot["spine03"] = _angles(x=d(rng.uniform(-6, 6)), y=d(rng.uniform(-5, 5)), z=d(rng.uniform(-12, 12)))
     rot["neck01"] = _angles(x=d(rng.uniform(-12, 12)), y=d(rng.uniform(-8, 8)), z=d(rng.uniform(-25, 25)))
     centre = {"front": 0.0, "side": (np.pi / 2) * (1 if rng.random() < 0.5 else -1), "back": np.pi}[view]
-    spread = {"front": 30, "side": 20, "back": 30}[view]
+    spread = {"front": 45, "side": 20, "back": 40}[view]  # front and back include three-quarter views
     yaw = centre + d(rng.uniform(-spread, spread))
     rot["root"] = _angles(z=yaw)
     return Pose(rot, view, float(yaw))
@@ -153,6 +181,9 @@ class BodyModel:
         self.model.eval()
         self.regressor = anny.KeypointsRegressor.coco(self.model, labels=_REGRESSOR_LABELS)
         self.faces = self.model.get_triangular_faces().cpu().numpy().astype(np.int32)
+        # per-corner UVs of those triangles (MPFB2's layout, which the face/lip masks are painted in)
+        uv_index = self.model.face_texture_coordinate_indices.cpu().numpy()
+        self.uvs = self.model.texture_coordinates.cpu().numpy()[uv_index].reshape(-1, 2).astype(np.float32)
         bones = list(self.model.bone_labels)
         self.bone_labels = bones
         weights = self.model.vertex_bone_weights.cpu().numpy()
