@@ -49,7 +49,7 @@ def test_gpu_data_refuses_a_budget_too_small_for_one_person(tmp_path, capsys):
 
 
 def run_script(*args: str, env: dict) -> subprocess.CompletedProcess:
-    full = {**os.environ, "PYTHON": sys.executable, "DEVICE": "cpu",
+    full = {**os.environ, "PYTHON": sys.executable, "DEVICE": "cpu", "WHEELS": "no-wheels-here",
             "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **env}
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=full, capture_output=True, text=True,
                           timeout=300)

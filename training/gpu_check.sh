@@ -22,6 +22,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 DATA=${DATA:-data/gpu}                          # what `prepare` wrote
+WHEELS=${WHEELS:-.whl}                          # wheels for the GPU machine (prepare writes them)
 # bench
 SWEEP_PRESETS=${SWEEP_PRESETS:-market,deepfashion}
 SWEEP_BATCHES=${SWEEP_BATCHES:-1,8,32,64}
@@ -59,8 +60,8 @@ setup_device() {
     OUT=${OUT:?set OUT to the folder whose files come back}
     mkdir -p "$OUT"
     local site=/tmp/site
-    if compgen -G ".whl/*.whl" >/dev/null; then
-        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
+    if compgen -G "$WHEELS/*.whl" >/dev/null; then
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$WHEELS"/*.whl
         export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
     else
         export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
