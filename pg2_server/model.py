@@ -3,7 +3,7 @@
 G1 (pose integration): residual U-Net with a fully connected bottleneck, input source image
 (3) + target pose heat-maps (18), output a coarse image. G2 (refinement): U-Net without FC,
 input G1's output + source image (6), output a difference map added to G1's output.
-See ../shared/reference/pg2-original.md for the layer-by-layer description.
+Layer by layer it follows the official TensorFlow release of PG2.
 """
 from __future__ import annotations
 

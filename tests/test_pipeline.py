@@ -113,7 +113,7 @@ def test_describe(tiny):
     assert info["keypoints"][2] == "right_shoulder"
 
 
-# -- fast path (issue 7): the parts a CPU can check -----------------------------------------
+# -- fast path: the parts a CPU can check -----------------------------------------
 
 
 def test_buckets_pad_up_to_the_next_size():

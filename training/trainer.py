@@ -106,7 +106,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-# Official schedules (see ../shared/reference/pg2-original.md): the code trains G1 alone for
+# Official schedules (the released code): the code trains G1 alone for
 # 22k steps, then G2 + D to 60k (Market, batch 16) or 80k (DeepFashion, batch 1) in all.
 # demo and tiny are this project's: demo trains on a CPU in hours, with DCGAN's lr 2e-4 (on
 # synthetic data its stage-1 loss after 150 steps is 0.19 against 0.36 with 2e-5); tiny is for tests.
