@@ -526,8 +526,10 @@ def test_info_hides_host_pid_and_provenance_without_info_details(server, busy_se
 
 @pytest.fixture(scope="module")
 def busy_server():
-    """The demo preset one image at a time (~0.1-0.3 s each here): requests queue for the model."""
-    process, endpoint = start_server("--preset", "demo", "--max-batch", "1", "--max-delay-ms", "0", "--info-details")
+    """The fashion preset in fp32 eager torch, one image at a time (~0.2 s each on two cores; the demo
+    preset in bf16 takes ~13 ms, too fast for a queue to form): requests queue for the model."""
+    process, endpoint = start_server("--preset", "fashion", "--dtype", "float32", "--backend", "torch",
+                                     "--max-batch", "1", "--max-delay-ms", "0", "--info-details")
     yield endpoint
     code, out = stop_server(process)
     assert code == 0, out
