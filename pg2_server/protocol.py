@@ -1,4 +1,4 @@
-"""Wire protocol v1 (PROTOCOL.md): message schema, validation, encode/decode, error codes.
+"""Wire protocol v1 (docs/protocol.md): message schema, validation, encode/decode, error codes.
 
 A message is multipart: frame 0 a MessagePack map (the header), frames 1.. the binary payloads
 the header describes. This module imports only msgpack and the standard library, because the
@@ -16,7 +16,7 @@ import msgpack
 VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 
-# Error codes (PROTOCOL.md "Replies").
+# Error codes (docs/protocol.md, "Replies").
 BAD_REQUEST = "bad_request"
 UNSUPPORTED_VERSION = "unsupported_version"
 UNKNOWN_OP = "unknown_op"

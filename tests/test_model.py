@@ -5,7 +5,7 @@ from pg2_server.model import PRESETS, Generator1, Generator2, ModelConfig, count
 
 
 @pytest.mark.parametrize("name, g1_params, g2_params", [
-    # The analytic counts of the official TensorFlow code (reference/pg2-original.md).
+    # The analytic counts of the official TensorFlow release of PG2, layer by layer.
     ("market", 70_795_075, 6_058_883),
     ("deepfashion", 122_103_235, 12_696_067),
 ])

@@ -1,8 +1,8 @@
 """Pair datasets in PATN's format: an image folder, an annotation CSV and a pairs CSV.
 
 Each item is (source, target, target heat-maps, target pose mask, target coordinates) on the
-model's canvas, computed on the fly with the foundation's pose encoding and framing. The
-order of items and the flips come from `PairSampler`, a seeded stream that can restart at
+model's canvas, computed on the fly with the pose encoding and framing of `pg2_server.pose`,
+as the server does. The order of items and the flips come from `PairSampler`, a seeded stream that can restart at
 any position, so a resumed run sees exactly the batches an uninterrupted run would.
 """
 from __future__ import annotations
