@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import socket
 import struct
 import subprocess
 import sys
@@ -18,15 +17,10 @@ from mathutils import Euler  # noqa: E402
 
 from blender_addon import imaging, rig  # noqa: E402
 from pg2_server.client import Client, ServerError  # noqa: E402
+from conftest import free_port
 
 ADDON = "blender_addon"
 WIDTH, HEIGHT = 120, 160
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png_size(path) -> tuple[int, int]:

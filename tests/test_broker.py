@@ -1,7 +1,6 @@
 """Broker + workers as real subprocesses: load balancing, a worker killed mid-stream, shutdown."""
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,17 +12,10 @@ import pytest
 import zmq
 
 from pg2_server.client import Client, GenerateRequest
+from pg2_server.bench import BENCH_KEYPOINTS as KEYPOINTS
+from conftest import free_port
 
-KEYPOINTS = [[88, 40], [88, 62], [66, 64], [58, 100], [54, 134], [110, 64], [118, 100], [122, 134],
-             [74, 130], [72, 180], [70, 228], [102, 130], [104, 180], [106, 228], [82, 34], [94, 34],
-             [76, 38], [100, 38]]
 SOURCE_PNG = cv2.imencode(".png", np.full((256, 176, 3), 120, np.uint8))[1].tobytes()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli(*args):

@@ -1,6 +1,5 @@
 """The client against stand-in servers on real loopback sockets: Lazy Pirate retries,
 pipelining, late and duplicate replies, error codes, endpoint and key checks."""
-import socket
 import threading
 import time
 
@@ -10,15 +9,10 @@ import zmq
 
 from pg2_server import protocol
 from pg2_server.client import Client, Curve, GenerateRequest, ServerError, ServerTimeout, source_format
+from conftest import free_port
 
 KEYPOINTS = [[float(i), float(2 * i)] for i in range(18)]
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 40
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class StandIn(threading.Thread):

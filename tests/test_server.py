@@ -3,7 +3,6 @@ limits, overload, CURVE, SIGTERM, and the CLI clients."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,17 +16,11 @@ import zmq
 
 from pg2_server import protocol
 from pg2_server.client import Client, Curve, GenerateRequest, ServerError, ServerTimeout
+from pg2_server.bench import BENCH_KEYPOINTS
+from conftest import free_port
 
-KEYPOINTS = [[88, 40], [88, 62], [66, 64], [58, 100], [54, 134], [110, 64], [118, 100], [122, 134],
-             [74, 130], [72, 180], [70, 228], [102, 130], [104, 180], [106, 228], [82, 34], [94, 34],
-             None, [100, 38]]
+KEYPOINTS = [*BENCH_KEYPOINTS[:16], None, BENCH_KEYPOINTS[17]]  # the standing person, one ear missing
 FRAME = (176, 256)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def source_image(width=176, height=256):
