@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 
 from .client import Client, ServerError
+from .errors import SetupError
 
 # A standing person in a 176×256 frame (DeepFashion's size), COCO-18 order.
 BENCH_FRAME = (176, 256)
@@ -108,13 +109,13 @@ def started_server(command: list[str], endpoint: str, timeout: float = 120.0):
         with Client(endpoint, timeout=1.0, retries=1) as client:
             while True:
                 if process.poll() is not None:
-                    raise RuntimeError("the bench server exited: " + process.stderr.read().decode()[-2000:])
+                    raise SetupError("the bench server exited: " + process.stderr.read().decode()[-2000:])
                 try:
                     client.ping()
                     break
                 except ServerError:
                     if time.monotonic() > deadline:
-                        raise RuntimeError(f"the bench server did not answer within {timeout:g} s") from None
+                        raise SetupError(f"the bench server did not answer within {timeout:g} s") from None
         yield process
     finally:
         process.terminate()

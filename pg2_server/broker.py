@@ -29,6 +29,7 @@ from . import peers, protocol
 from .protocol import ProtocolError
 from .server import Curve, curve_server, start_authenticator
 from .worker import CANCEL, DISCONNECT, HEARTBEAT, READY, REPLY, REQUEST, Counters, package_version
+from .errors import SetupError
 
 log = logging.getLogger("pg2_server.broker")
 
@@ -108,7 +109,7 @@ class Broker:
             self.backend.bind(backend)
         except zmq.ZMQError as e:
             self.close()
-            raise RuntimeError(f"cannot bind {frontend} / {backend}: {e}") from None
+            raise SetupError(f"cannot bind {frontend} / {backend}: {e}") from None
         self.endpoints = (frontend, backend)
         self.delivery = peers.Delivery(self.frontend, config.max_unread_bytes, config.max_unread_total_bytes)
         self.tracker = peers.PeerTracker(self.frontend)

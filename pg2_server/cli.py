@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import SetupError
 from .keypoints import KeypointError, PoseFileError, load_pose_file
 
 log = logging.getLogger("pg2_server")
@@ -709,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
             handler.setFormatter(JsonFormatter())
     try:
         return args.func(args)
-    except (KeypointError, PoseFileError, ValueError, TypeError, RuntimeError, OSError) as e:
+    except (KeypointError, PoseFileError, ValueError, SetupError, OSError) as e:  # a bug keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

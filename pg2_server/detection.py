@@ -29,6 +29,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .errors import SetupError
 from .keypoints import COUNT, INDEX, NAMES, pose_to_json
 
 # BlazePose landmark index per COCO-18 keypoint, in NAMES order; None = derived (the neck).
@@ -52,7 +53,7 @@ class DetectionError(ValueError):
     """One image in which no pose could be detected; the message says why and what to do."""
 
 
-class DetectorUnavailable(RuntimeError):
+class DetectorUnavailable(SetupError):
     """MediaPipe is not installed (or not the version that ships its models)."""
 
 

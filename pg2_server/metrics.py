@@ -9,6 +9,8 @@ import json
 import logging
 import time
 
+from .errors import SetupError
+
 # Seconds: from a tiny model's few milliseconds to a busy server's seconds.
 _TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -22,7 +24,7 @@ class WorkerMetrics:
         try:
             from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
         except ImportError:
-            raise RuntimeError("--metrics-bind needs the prometheus_client package: "
+            raise SetupError("--metrics-bind needs the prometheus_client package: "
                                "pip install 'pg2-blender[monitoring]'") from None
         self.registry = CollectorRegistry()
         r = self.registry

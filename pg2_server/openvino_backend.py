@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import SetupError
 from .keypoints import COUNT
 
 log = logging.getLogger("pg2_server.openvino")
@@ -39,7 +40,7 @@ def _require():
     try:
         import openvino
     except ImportError:
-        raise RuntimeError("--backend openvino needs the openvino package: pip install 'pg2-blender[openvino]'") \
+        raise SetupError("--backend openvino needs the openvino package: pip install 'pg2-blender[openvino]'") \
             from None
     return openvino
 

@@ -18,6 +18,7 @@ import torch
 
 from .checkpoint import DTYPES as CHECKPOINT_DTYPES, Checkpoint, load_checkpoint
 from .keypoints import as_array
+from .errors import SetupError
 from .model import Generator1, Generator2, ModelConfig, preset
 from .pose import FrameFit, check_image, fit_frame, heatmaps, pose_coordinates, pose_mask, \
     to_uint8, to_unit_range
@@ -106,11 +107,11 @@ def resolve_device(device: str | torch.device) -> torch.device:
     """A torch.device for 'cpu', 'cuda', 'cuda:N' or 'mps', with a clear error if unavailable."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device} requested but CUDA is not available on this machine; use --device cpu")
+        raise SetupError(f"device {device} requested but CUDA is not available on this machine; use --device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise RuntimeError(f"device {device} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+        raise SetupError(f"device {device} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError("device mps requested but Metal is not available; use --device cpu")
+        raise SetupError("device mps requested but Metal is not available; use --device cpu")
     return device
 
 

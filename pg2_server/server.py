@@ -20,6 +20,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from . import peers, protocol
 from .worker import Outbox, Worker
+from .errors import SetupError
 
 log = logging.getLogger("pg2_server.server")
 
@@ -123,7 +124,7 @@ def serve(worker: Worker, bind: str, stop: threading.Event, curve: Curve | None 
         router.close(linger=0)
         if authenticator:
             authenticator.stop()
-        raise RuntimeError(f"cannot bind {bind}: {e}") from None
+        raise SetupError(f"cannot bind {bind}: {e}") from None
     delivery = peers.Delivery(router, budget.per_client, budget.total)
     tracker = peers.PeerTracker(router)
     worker.delivery_stats = delivery.stats

@@ -93,3 +93,21 @@ def test_demo_writes_the_sample_grid(tmp_path):
     assert "wrote" in result.stdout
     grid = cv2.imread(str(out))
     assert grid is not None and grid.shape[1] > 4 * 176     # at least source | pose | G1 | G2 columns
+
+
+def test_a_bug_keeps_its_traceback_and_a_setup_error_is_one_line(monkeypatch, capsys):
+    from pg2_server import cli
+    from pg2_server.errors import SetupError
+
+    def broken(args):
+        raise TypeError("a bug")
+
+    def no_device(args):
+        raise SetupError("device cuda requested but CUDA is not available; use --device cpu")
+
+    monkeypatch.setattr(cli, "cmd_presets", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        cli.main(["presets"])
+    monkeypatch.setattr(cli, "cmd_presets", no_device)
+    assert cli.main(["presets"]) == 2
+    assert capsys.readouterr().err == "error: device cuda requested but CUDA is not available; use --device cpu\n"

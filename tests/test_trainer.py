@@ -401,3 +401,14 @@ def test_help_states_each_presets_learning_rate():
         value, names = part.split(maxsplit=1)
         stated.update({name.strip(): float(value) for name in names.split(",")})
     assert stated == {name: train_config(name, 1).lr for name in TRAINING_DEFAULTS}
+
+
+def test_pg2_train_keeps_a_bugs_traceback(monkeypatch):
+    import training.cli
+
+    def broken(args):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(training.cli, "cmd_export", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        main(["export", "run", "--out", "ckpt"])

@@ -158,7 +158,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_bench_parser(sub) -> None:
+def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="training samples/s per stage (MFU on GPU) or, with --data, loader samples/s")
     p.add_argument("--preset", default="market", choices=list(TRAINING_DEFAULTS))
     p.add_argument("--batch-size", type=int, help="default: the preset's official batch (data: 16)")

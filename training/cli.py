@@ -10,21 +10,22 @@
     pg2-train annotate --images DIR --out ANNOTATIONS.csv [--truth CSV]   # keypoints from photos (pose extra)
     pg2-train bench --preset P [--batch-size B] [--stage 1|2] | bench --data --data-root ...
 
-Each subcommand lives in a function `cmd_NAME(args)`; `build_parser` wires them.
+Each subcommand is a function `cmd_NAME(args)`, here or in its own module (prepare, pairs, bench,
+synth), which also registers its flags with `add_parser`; `build_parser` wires them.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import logging
 import sys
 from pathlib import Path
 
 from pg2_server.checkpoint import CheckpointError
+from pg2_server.errors import SetupError
 from pg2_server.keypoints import KeypointError
 
+from . import bench, pairs, prepare, synth
 from .data import DataError
 from .state import StateError
 
@@ -406,37 +407,19 @@ def _add_annotate(sub) -> None:
 
 # -- wiring -----------------------------------------------------------------------------------
 
-def _add_optional(sub, module: str, adder: str) -> None:
-    """Register a subcommand whose module may not exist yet in this checkout."""
-    if importlib.util.find_spec(f"training.{module}") is None:
-        return
-    getattr(importlib.import_module(f"training.{module}"), adder)(sub)
-
-
-def _add_synth(sub) -> None:
-    """`pg2-train synth`, owned by training/synth.py (add_arguments / main)."""
-    if importlib.util.find_spec("training.synth") is None:
-        return
-    from . import synth
-
-    p = sub.add_parser("synth", help="render a synthetic training set (see docs/synthetic.md)")
-    synth.add_arguments(p)
-    p.set_defaults(func=synth.main)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pg2-train", description="PG2 training: data, two-stage training, "
                                                                    "export, evaluation, benchmarks")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_optional(sub, "prepare", "add_prepare_parser")
-    _add_optional(sub, "pairs", "add_pairs_parser")
+    prepare.add_parser(sub)
+    pairs.add_parser(sub)
     _add_fit(sub)
     _add_export(sub)
     _add_eval(sub)
     _add_annotate(sub)
-    _add_optional(sub, "bench", "add_bench_parser")
-    _add_synth(sub)
+    bench.add_parser(sub)
+    synth.add_parser(sub)
     return parser
 
 
@@ -447,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (DataError, StateError, CheckpointError, KeypointError, ValueError, OSError, RuntimeError) as e:
+    except (DataError, StateError, CheckpointError, KeypointError, ValueError, OSError, SetupError) as e:
+        # What the user can fix; anything else is a bug and keeps its traceback.
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -20,6 +20,8 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_functional
 from torch import nn
 
+from pg2_server.errors import SetupError
+
 
 @dataclass(frozen=True)
 class Distributed:
@@ -52,7 +54,7 @@ def init_distributed(device: str = "auto") -> Distributed:
     target = torch.device(device)
     if target.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {device} requested but CUDA is not available; use --device cpu")
+            raise SetupError(f"--device {device} requested but CUDA is not available; use --device cpu")
         if world_size > 1:
             target = torch.device("cuda", local_rank)
         elif target.index is None:

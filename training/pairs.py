@@ -109,7 +109,7 @@ def cmd_pairs(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_pairs_parser(sub) -> None:
+def add_parser(sub) -> None:
     p = sub.add_parser("pairs", help="build a pairs CSV (same person, shoulders and hips visible)")
     p.add_argument("--images", required=True, help="image folder")
     p.add_argument("--annotations", required=True, help="annotation CSV of that folder")

@@ -264,7 +264,7 @@ def annotate_splits(out: Path, prefix: str) -> list[Path]:
     return written
 
 
-def add_prepare_parser(sub) -> None:
+def add_parser(sub) -> None:
     p = sub.add_parser("prepare", help="turn a raw DeepFashion In-shop or Market-1501 download into PATN's layout")
     p.add_argument("dataset", choices=["deepfashion", "market"])
     p.add_argument("--raw", required=True, help="the unpacked download (In-shop: holds img/; Market: "

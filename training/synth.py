@@ -363,6 +363,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def add_parser(sub) -> None:
+    """Register `pg2-train synth`."""
+    p = sub.add_parser("synth", help="render a synthetic training set (see docs/synthetic.md)")
+    add_arguments(p)
+    p.set_defaults(func=main)
+
+
 def config_from_args(args: argparse.Namespace) -> SynthConfig:
     """Map the flags onto a SynthConfig, filling the style's defaults."""
     style = args.style
