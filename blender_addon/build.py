@@ -1,7 +1,7 @@
 """Build the installable extension zip: `python -m blender_addon.build [--split-platforms]`.
 
-Stages the add-on in `build/blender_addon/pg2_pose/` with the protocol/client modules copied from
-`pg2_server` into `pg2_wire/`, the pyzmq and msgpack wheels that pip downloads for each
+Stages the add-on in `build/blender_addon/pg2_pose/` with the package `pg2_server/wire/` copied
+whole into `pg2_wire/`, the pyzmq and msgpack wheels that pip downloads for each
 Python and platform Blender ships (or wheels from `--wheels-from DIR`, offline), and a
 manifest listing exactly the wheels saved; then zips it with Blender's own extension
 builder (`bl_pkg/cli/blender_ext.py`, found in the installed `bpy` package) and
@@ -26,7 +26,7 @@ except ModuleNotFoundError:  # Python 3.10: the build needs 3.11+ (as Blender's 
 
 ADDON = Path(__file__).resolve().parent
 ROOT = ADDON.parent
-WIRE_MODULES = ("protocol.py", "client.py")  # from pg2_server; they import only each other
+WIRE = ROOT / "pg2_server" / "wire"  # copied whole; its modules import only each other, pyzmq and msgpack
 REQUIREMENTS = ("pyzmq", "msgpack")
 PYTHONS = ("3.11", "3.13")  # Blender 4.2–5.0 embed CPython 3.11, 5.1+ 3.13
 # Blender platform -> pip platform tags (pip also accepts the older tags each one implies).
@@ -88,19 +88,14 @@ def download_wheels(dest: Path, platforms=tuple(PLATFORMS), pythons=PYTHONS) -> 
 
 
 def stage(staging: Path, wheels: list[Path]) -> Path:
-    """Copy the add-on, the wire modules and the wheels into `staging`; write its manifest."""
+    """Copy the add-on, the wire package and the wheels into `staging`; write its manifest."""
     if staging.exists():
         shutil.rmtree(staging)
     shutil.copytree(ADDON, staging, ignore=lambda folder, names: [
         n for n in names if n in _EXCLUDE or n.endswith((".pyc", ".zip"))])
-    wire = staging / "pg2_wire"
-    wire.mkdir()
-    (wire / "__init__.py").write_text('"""Copied from pg2_server by build.py; edit the originals."""\n')
-    for name in WIRE_MODULES:
-        source = ROOT / "pg2_server" / name
-        if not source.is_file():
-            raise BuildError(f"{source} is missing; the add-on carries it from pg2_server")
-        shutil.copy2(source, wire / name)
+    if not (WIRE / "__init__.py").is_file():
+        raise BuildError(f"{WIRE} is missing; the add-on carries that package")
+    shutil.copytree(WIRE, staging / "pg2_wire", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     (staging / "wheels").mkdir()
     for wheel in wheels:
         shutil.copy2(wheel, staging / "wheels" / wheel.name)
@@ -165,7 +160,8 @@ def check_manifest(folder_or_zip: Path) -> dict:
     for wheel in generated.get("wheels", manifest.get("wheels", [])):
         if wheel.removeprefix("./") not in names:
             raise BuildError(f"manifest lists {wheel} but the package does not hold it")
-    for name in ("__init__.py", "pg2_wire/protocol.py", "pg2_wire/client.py"):
+    wire = [f"pg2_wire/{p.name}" for p in sorted(WIRE.glob("*.py"))]
+    for name in ("__init__.py", *wire):
         if name not in names:
             raise BuildError(f"the package lacks {name}")
     return manifest

@@ -23,7 +23,7 @@ import zmq
 from . import imaging, openpose
 from .mapping import BoneMapping, keypoints_3d
 from .projection import Crop, Point, ProjectionError, frame_size, person_crop, project_points
-from .wire import client
+from .wire import client, images
 
 _HASHES = re.compile(r"#+")
 
@@ -75,7 +75,7 @@ def read_source(settings) -> tuple[bytes, tuple[int, int] | None]:
                 data = file.read()
         else:
             data = None
-        if data is not None and data[:8].startswith((b"\x89PNG", b"\xff\xd8\xff")):
+        if data is not None and images.sniff_format(data) is not None:
             return data, None
         return _image_pixels(image)
     return read_photo(settings.source_path)

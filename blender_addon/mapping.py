@@ -12,17 +12,10 @@ from typing import Callable, Iterable, Mapping as MappingType, Sequence
 
 from mathutils import Matrix, Vector
 
-# COCO-18 in DESIGN.md's order; tests pin it to pg2_server.keypoints.NAMES (the built
-# extension carries only the protocol and client modules of pg2_server).
-NAMES: tuple[str, ...] = (
-    "nose", "neck",
-    "right_shoulder", "right_elbow", "right_wrist",
-    "left_shoulder", "left_elbow", "left_wrist",
-    "right_hip", "right_knee", "right_ankle",
-    "left_hip", "left_knee", "left_ankle",
-    "right_eye", "left_eye", "right_ear", "left_ear",
-)
-INDEX = {name: i for i, name in enumerate(NAMES)}
+from .wire import keypoints as _schema
+
+NAMES, INDEX = _schema.NAMES, _schema.INDEX
+
 FACE = ("nose", "right_eye", "left_eye", "right_ear", "left_ear")
 # The twelve limb joints decide which preset fits a rig.
 LIMBS = tuple(n for n in NAMES if n not in FACE and n != "neck")

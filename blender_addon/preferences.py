@@ -7,6 +7,7 @@ import bpy
 from bpy.props import FloatProperty, StringProperty
 
 from .wire import client, protocol
+from .wire import curve as wire_curve
 
 
 @dataclass(frozen=True)
@@ -14,7 +15,7 @@ class Connection:
     """Validated connection settings, safe to hand to a worker thread."""
     endpoint: str
     timeout: float
-    curve: object = None  # client.Curve or None
+    curve: object = None  # wire_curve.ClientKeys or None
 
     def open(self, context=None, timeout: float | None = None):
         """A new client (one per thread: ZeroMQ sockets are not thread-safe), in `context`
@@ -89,8 +90,8 @@ def connection(context=None) -> Connection:
         if not (prefs.server_key and prefs.client_key):
             raise ValueError("CURVE needs both the server's public key file and this client's secret "
                              "key file in the add-on preferences (or neither)")
-        curve = client.Curve.from_files(bpy.path.abspath(prefs.server_key),
-                                        bpy.path.abspath(prefs.client_key))
+        curve = wire_curve.ClientKeys.from_files(bpy.path.abspath(prefs.server_key),
+                                                 bpy.path.abspath(prefs.client_key))
     return Connection(endpoint, timeout, curve)
 
 

@@ -1,7 +1,7 @@
 """Camera projection of the mapped joints into render-frame pixels, and the "person" crop.
 
 Pixels: x right, y down, origin at the frame's top-left corner; the frame is the render
-resolution times its percentage (DESIGN.md's target frame).
+resolution times its percentage (the target frame of docs/protocol.md).
 """
 from __future__ import annotations
 

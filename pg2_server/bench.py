@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .client import Client, ServerError
+from .wire.client import Client, ServerError
 from .errors import SetupError
 
 # A standing person in a 176×256 frame (DeepFashion's size), COCO-18 order.

@@ -1,12 +1,7 @@
 """`pg2-server broker`: zguide's load-balancing broker with heartbeats, in front of workers.
 
 Clients connect to the frontend exactly as to `pg2-server serve`. Workers (`pg2-server
-worker`, worker.connect_to_broker) connect a DEALER to the backend and speak:
-
-    worker → broker   [READY, msgpack{info, capacity}]  [HEARTBEAT, msgpack counters]
-                      [REPLY, key, reply frames...]      [DISCONNECT]
-    broker → worker   [REQUEST, key, request frames...]  [HEARTBEAT]  [DISCONNECT]
-                      [CANCEL, key]  (the client cancelled it or went away: drop it if not started)
+worker`, worker.connect_to_broker) connect a DEALER to the backend and speak worker_protocol.py.
 
 A worker silent for `liveness` heartbeats is dropped; the requests it held are sent once more
 to another worker (generation is idempotent), and answered `overloaded` if that fails too.
@@ -25,11 +20,13 @@ from dataclasses import dataclass, field
 import msgpack
 import zmq
 
-from . import peers, protocol
-from .protocol import ProtocolError
-from .server import Curve, curve_server, start_authenticator
-from .worker import CANCEL, DISCONNECT, HEARTBEAT, READY, REPLY, REQUEST, Counters, package_version
+from . import package_version, peers
 from .errors import SetupError
+from .metrics import Counters
+from .wire import protocol
+from .wire.curve import ServerKeys, curve_server, start_authenticator
+from .wire.protocol import ProtocolError
+from .worker_protocol import CANCEL, DISCONNECT, HEARTBEAT, READY, REPLY, REQUEST
 
 log = logging.getLogger("pg2_server.broker")
 
@@ -85,7 +82,7 @@ class Broker:
     """Routes client requests to the least-busy live worker and their replies back."""
 
     def __init__(self, frontend: str, backend: str, config: BrokerConfig = BrokerConfig(),
-                 curve: Curve | None = None, context: zmq.Context | None = None):
+                 curve: ServerKeys | None = None, context: zmq.Context | None = None):
         self.config = config
         self.context = context or zmq.Context.instance()
         self.frontend = self.context.socket(zmq.ROUTER)

@@ -178,14 +178,15 @@ def cmd_generate_batch_local(args: argparse.Namespace) -> int:
 
 def client_from_args(args: argparse.Namespace):
     """A Client for --server with --timeout, --retries and the optional CURVE key files."""
-    from .client import Client, Curve
+    from .wire.client import Client
+    from .wire.curve import ClientKeys
 
     curve = None
     if args.curve_server_key or args.curve_client_key:
         if not (args.curve_server_key and args.curve_client_key):
             raise SystemExit("error: CURVE needs both --curve-server-key SERVER.key and "
                              "--curve-client-key NAME.key_secret")
-        curve = Curve.from_files(args.curve_server_key, args.curve_client_key)
+        curve = ClientKeys.from_files(args.curve_server_key, args.curve_client_key)
     return Client(args.server, timeout=args.timeout, retries=args.retries, curve=curve)
 
 
@@ -218,7 +219,7 @@ def write_result(path: Path, image) -> Path:
 
 
 def cmd_generate_server(args: argparse.Namespace) -> int:
-    from .client import GenerateRequest
+    from .wire.client import GenerateRequest
     from .keypoints import as_list
 
     source = Path(args.source).read_bytes()
@@ -401,7 +402,7 @@ def reply_budget(args: argparse.Namespace):
 
 def build_worker(args: argparse.Namespace, role: str):
     """One pipeline per --device (comma-separated), wrapped in a Worker with the CLI's settings."""
-    from .protocol import Limits
+    from .wire.protocol import Limits
     from .worker import Worker, WorkerConfig
 
     for name, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
@@ -429,7 +430,7 @@ def build_worker(args: argparse.Namespace, role: str):
 def server_curve(args: argparse.Namespace, workers: bool = False):
     """The server side of CURVE from --curve-secret with --curve-clients (and, on a broker,
     --curve-workers; either folder alone), checked; None without them."""
-    from .server import Curve
+    from .wire.curve import ServerKeys
 
     workers_dir = getattr(args, "curve_workers", None) if workers else None
     folders = "--curve-clients DIR and/or --curve-workers DIR" if workers else "--curve-clients DIR"
@@ -437,14 +438,14 @@ def server_curve(args: argparse.Namespace, workers: bool = False):
         return None
     if not args.curve_secret or not (args.curve_clients or workers_dir):
         raise SystemExit(f"error: CURVE needs --curve-secret SERVER.key_secret and {folders}")
-    curve = Curve(Path(args.curve_secret), Path(args.curve_clients) if args.curve_clients else None,
+    curve = ServerKeys(Path(args.curve_secret), Path(args.curve_clients) if args.curve_clients else None,
                   Path(workers_dir) if workers_dir else None)
     curve.check()
     return curve
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .protocol import check_endpoint
+    from .wire.protocol import check_endpoint
     from .server import StopSignal, serve
 
     check_endpoint(args.bind, bind=True)
@@ -458,17 +459,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from .protocol import check_endpoint
+    from .wire.protocol import check_endpoint
     from .server import StopSignal
     from .worker import connect_to_broker
 
     check_endpoint(args.connect)
     curve = None
     if args.curve_secret or args.server_key:
-        from .client import Curve
+        from .wire.curve import ClientKeys
         if not (args.curve_secret and args.server_key):
             raise SystemExit("error: CURVE needs both --curve-secret WORKER.key_secret and --server-key BROKER.key")
-        curve = Curve.from_files(args.server_key, args.curve_secret)
+        curve = ClientKeys.from_files(args.server_key, args.curve_secret)
     stop = StopSignal()
     worker = build_worker(args, "worker")
     try:
@@ -481,7 +482,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_broker(args: argparse.Namespace) -> int:
     from .broker import Broker, BrokerConfig
-    from .protocol import check_endpoint
+    from .wire.protocol import check_endpoint
     from .server import StopSignal
 
     check_endpoint(args.frontend, bind=True)
@@ -716,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:
-        from .client import ServerError
+        from .wire.client import ServerError
         if isinstance(e, ServerError):
             print(f"error: {e}", file=sys.stderr)
             return 3

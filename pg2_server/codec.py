@@ -13,21 +13,11 @@ from collections import OrderedDict
 import cv2
 import numpy as np
 
-from .protocol import BAD_REQUEST, TOO_LARGE, ImageSpec, OutputSpec, ProtocolError
+from .wire.images import sniff_format
+from .wire.protocol import BAD_REQUEST, TOO_LARGE, ImageSpec, OutputSpec, ProtocolError
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # JPEG start-of-frame markers carry the image size (not DHT C4, JPG C8, DAC CC).
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-def sniff_format(data) -> str | None:
-    """'png' or 'jpeg' from the file's magic bytes, else None."""
-    head = bytes(data[:8])
-    if head.startswith(_PNG_SIGNATURE):
-        return "png"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    return None
 
 
 def _png_size(data) -> tuple[int, int] | None:

@@ -2,7 +2,7 @@
 
 BlazePose (MediaPipe 0.10.14, `pose_landmark_full.tflite`, shipped inside the wheel, so nothing
 is downloaded) finds one person per image and gives 33 landmarks with a visibility in [0, 1].
-They map to the project's COCO-18 order (DESIGN.md) as follows; BlazePose's "left"/"right" are
+They map to the project's COCO-18 order (pg2_server.wire.keypoints) as follows; BlazePose's "left"/"right" are
 the subject's own, as ours:
 
     nose ← 0, right/left eye ← 5/2, right/left ear ← 8/7, right/left shoulder ← 12/11,

@@ -1,6 +1,6 @@
 """The COCO-18 keypoint schema shared by every part, and the datasets' annotation rows.
 
-Order and left/right convention follow DESIGN.md: "right" is the subject's own right.
+Order and left/right convention: `pg2_server.wire.keypoints` ("right" is the subject's own right).
 Annotation rows are PATN's `name:[y0, ..., y17]:[x0, ..., x17]` with -1 for a missing joint.
 """
 from __future__ import annotations
@@ -13,16 +13,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-NAMES: tuple[str, ...] = (
-    "nose", "neck",
-    "right_shoulder", "right_elbow", "right_wrist",
-    "left_shoulder", "left_elbow", "left_wrist",
-    "right_hip", "right_knee", "right_ankle",
-    "left_hip", "left_knee", "left_ankle",
-    "right_eye", "left_eye", "right_ear", "left_ear",
-)
-COUNT = len(NAMES)
-INDEX = {name: i for i, name in enumerate(NAMES)}
+from .wire.keypoints import COUNT, INDEX, NAMES  # noqa: F401  (the names live with the protocol)
 
 # Pairs swapped by a horizontal flip.
 FLIP_PAIRS: tuple[tuple[int, int], ...] = (

@@ -1,4 +1,5 @@
-"""Prometheus metrics of a worker (`serve`/`worker --metrics-bind HOST:PORT`), and JSON log lines.
+"""The counters of `info`, Prometheus metrics of a worker (`serve`/`worker --metrics-bind HOST:PORT`),
+and JSON log lines.
 
 Metrics use the `prometheus_client` library (the `monitoring` extra); each Worker has its own
 registry, served over HTTP at /metrics by the library's own server thread.
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 
 from .errors import SetupError
@@ -74,3 +76,56 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             line["trace"] = self.formatException(record.exc_info)
         return json.dumps(line, default=str)
+
+
+class Counters:
+    """Requests, errors by code, batches and times; a consistent snapshot for `info`."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.started = time.monotonic()
+        self.requests = 0
+        self.by_op: dict[str, int] = {}
+        self.ok = 0
+        self.errors: dict[str, int] = {}
+        self.batches = 0
+        self.batched = 0
+        self.queue_ms = 0.0
+        self.compute_ms = 0.0
+        self.total_ms = 0.0
+        self.generated = 0
+
+    def request(self, op: str | None) -> None:
+        with self._lock:
+            self.requests += 1
+            if op:
+                self.by_op[op] = self.by_op.get(op, 0) + 1
+
+    def reply(self, error_code: str | None) -> None:
+        with self._lock:
+            if error_code is None:
+                self.ok += 1
+            else:
+                self.errors[error_code] = self.errors.get(error_code, 0) + 1
+
+    def batch(self, size: int, queue_ms: float, compute_ms: float) -> None:
+        with self._lock:
+            self.batches += 1
+            self.batched += size
+            self.queue_ms += queue_ms
+            self.compute_ms += compute_ms * size
+
+    def generation(self, total_ms: float) -> None:
+        with self._lock:
+            self.generated += 1
+            self.total_ms += total_ms
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {"requests": self.requests, "by_op": dict(self.by_op), "ok": self.ok,
+                    "errors": dict(self.errors), "batches": self.batches, "batched_requests": self.batched,
+                    "mean_batch": round(self.batched / self.batches, 3) if self.batches else 0.0,
+                    "mean_queue_ms": round(self.queue_ms / self.batched, 3) if self.batched else 0.0,
+                    "mean_compute_ms": round(self.compute_ms / self.batched, 3) if self.batched else 0.0,
+                    "mean_total_ms": round(self.total_ms / self.generated, 3) if self.generated else 0.0,
+                    "uptime_s": round(time.monotonic() - self.started, 3)}

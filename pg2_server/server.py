@@ -12,75 +12,16 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import zmq
-import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
 
-from . import peers, protocol
-from .worker import Outbox, Worker
+from . import peers
 from .errors import SetupError
+from .wire import protocol
+from .wire.curve import ServerKeys, secure_socket
+from .worker import Outbox, Worker
 
 log = logging.getLogger("pg2_server.server")
-
-
-@dataclass(frozen=True)
-class Curve:
-    """CURVE settings of a server or broker: its certificate (with secret key) and the folders of
-    authorised public keys, one for clients and, on a broker, one for workers (either may be None)."""
-    secret_file: Path
-    clients_dir: Path | None = None
-    workers_dir: Path | None = None
-
-    def check(self) -> None:
-        if not Path(self.secret_file).is_file():
-            raise ValueError(f"CURVE secret certificate {self.secret_file} does not exist; create one with "
-                             "`pg2-server keys DIR server`")
-        for what, folder in (("client", self.clients_dir), ("worker", self.workers_dir)):
-            if folder is not None and not Path(folder).is_dir():
-                raise ValueError(f"CURVE {what} key directory {folder} does not exist; put the {what}s' "
-                                 "NAME.key files there")
-
-    @property
-    def domains(self) -> dict[str, Path]:
-        """ZAP domain → folder of the public keys it accepts."""
-        return {domain: Path(folder) for domain, folder in (("clients", self.clients_dir),
-                                                            ("workers", self.workers_dir)) if folder is not None}
-
-
-def start_authenticator(context: zmq.Context, curve: Curve | None) -> ThreadAuthenticator | None:
-    """One ZAP handler for `context` that accepts, per domain, only the public keys in its folder."""
-    if curve is None or not curve.domains:
-        return None
-    curve.check()
-    authenticator = ThreadAuthenticator(context, log=logging.getLogger("pg2_server.auth"))
-    authenticator.start()
-    for domain, folder in curve.domains.items():
-        authenticator.configure_curve(domain=domain, location=str(folder))
-    return authenticator
-
-
-def curve_server(sock: zmq.Socket, curve: Curve, domain: str) -> None:
-    """Make `sock` (before bind) a CURVE server whose peers are checked against `domain`'s keys."""
-    public, secret = zmq.auth.load_certificate(str(curve.secret_file))
-    if secret is None:
-        raise ValueError(f"{curve.secret_file} holds no secret key; pass the NAME.key_secret file")
-    sock.zap_domain = domain.encode()
-    sock.curve_secretkey = secret
-    sock.curve_publickey = public
-    sock.curve_server = True
-
-
-def secure_socket(context: zmq.Context, sock: zmq.Socket, curve: Curve | None) -> ThreadAuthenticator | None:
-    """Make `sock` a CURVE server that accepts only the public keys in `curve.clients_dir`."""
-    if curve is None:
-        return None
-    if curve.clients_dir is None:
-        raise ValueError("CURVE on a server needs the folder of authorised client keys")
-    authenticator = start_authenticator(context, curve)
-    curve_server(sock, curve, "clients")
-    return authenticator
 
 
 @dataclass(frozen=True)
@@ -104,7 +45,7 @@ class StopSignal:
         self.event.set()
 
 
-def serve(worker: Worker, bind: str, stop: threading.Event, curve: Curve | None = None,
+def serve(worker: Worker, bind: str, stop: threading.Event, curve: ServerKeys | None = None,
           context: zmq.Context | None = None, summary_s: float = 60.0, drain_s: float = 60.0,
           ready: threading.Event | None = None, budget: ReplyBudget = ReplyBudget()) -> None:
     """Answer requests on `bind` until `stop` is set, then drain and close."""

@@ -23,24 +23,19 @@ from typing import Callable, Sequence
 import msgpack
 import zmq
 
-from . import protocol
+from . import package_version
 from .batching import Batcher
 from .codec import SourceCache, encode_image
 from .keypoints import KeypointError
-from .protocol import Limits, ProtocolError, Request
+from .metrics import Counters
+from .wire import protocol
+from .wire.protocol import Limits, ProtocolError, Request
+from .worker_protocol import CANCEL, DISCONNECT, HEARTBEAT, READY, REPLY, REQUEST
 
 log = logging.getLogger("pg2_server.worker")
 request_log = logging.getLogger("pg2_server.requests")  # one line per reply, at INFO when log_requests
 
 Reply = Callable[[list], None]
-
-
-def package_version() -> str:
-    try:
-        from importlib.metadata import version
-        return version("pg2-blender")
-    except Exception:  # running from a source tree that was never installed
-        return "0+unknown"
 
 
 def resident_memory_mb() -> float:
@@ -63,59 +58,6 @@ class WorkerConfig:
     threads: int = 4
     limits: Limits = field(default_factory=Limits)
     source_cache_mb: float = 64.0
-
-
-class Counters:
-    """Requests, errors by code, batches and times; a consistent snapshot for `info`."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.started = time.monotonic()
-        self.requests = 0
-        self.by_op: dict[str, int] = {}
-        self.ok = 0
-        self.errors: dict[str, int] = {}
-        self.batches = 0
-        self.batched = 0
-        self.queue_ms = 0.0
-        self.compute_ms = 0.0
-        self.total_ms = 0.0
-        self.generated = 0
-
-    def request(self, op: str | None) -> None:
-        with self._lock:
-            self.requests += 1
-            if op:
-                self.by_op[op] = self.by_op.get(op, 0) + 1
-
-    def reply(self, error_code: str | None) -> None:
-        with self._lock:
-            if error_code is None:
-                self.ok += 1
-            else:
-                self.errors[error_code] = self.errors.get(error_code, 0) + 1
-
-    def batch(self, size: int, queue_ms: float, compute_ms: float) -> None:
-        with self._lock:
-            self.batches += 1
-            self.batched += size
-            self.queue_ms += queue_ms
-            self.compute_ms += compute_ms * size
-
-    def generation(self, total_ms: float) -> None:
-        with self._lock:
-            self.generated += 1
-            self.total_ms += total_ms
-
-    def snapshot(self) -> dict:
-        with self._lock:
-            return {"requests": self.requests, "by_op": dict(self.by_op), "ok": self.ok,
-                    "errors": dict(self.errors), "batches": self.batches, "batched_requests": self.batched,
-                    "mean_batch": round(self.batched / self.batches, 3) if self.batches else 0.0,
-                    "mean_queue_ms": round(self.queue_ms / self.batched, 3) if self.batched else 0.0,
-                    "mean_compute_ms": round(self.compute_ms / self.batched, 3) if self.batched else 0.0,
-                    "mean_total_ms": round(self.total_ms / self.generated, 3) if self.generated else 0.0,
-                    "uptime_s": round(time.monotonic() - self.started, 3)}
 
 
 class Job:
@@ -522,10 +464,7 @@ class Outbox:
 
 
 # ---------------------------------------------------------------------------------------------
-# Worker ↔ broker: the worker's side of broker.py's protocol.
-
-READY, HEARTBEAT, REQUEST, REPLY, DISCONNECT = b"READY", b"HEARTBEAT", b"REQUEST", b"REPLY", b"DISCONNECT"
-CANCEL = b"CANCEL"
+# Worker ↔ broker: the worker's side of worker_protocol.py.
 
 
 def connect_to_broker(worker: Worker, endpoint: str, stop: threading.Event, heartbeat_s: float = 1.0,
@@ -534,7 +473,7 @@ def connect_to_broker(worker: Worker, endpoint: str, stop: threading.Event, hear
     """Serve `worker` through a broker's backend until `stop` is set (Paranoid Pirate worker).
 
     Sends READY with its info, a heartbeat every `heartbeat_s`; if the broker is silent for
-    `liveness` heartbeats, reconnects and registers again. With `curve` (a client.Curve: the
+    `liveness` heartbeats, reconnects and registers again. With `curve` (wire.curve.ClientKeys: the
     broker's public key and this worker's key pair) the link is encrypted and authenticated.
     """
     context = context or zmq.Context.instance()
@@ -547,9 +486,7 @@ def connect_to_broker(worker: Worker, endpoint: str, stop: threading.Event, hear
         sock.setsockopt(zmq.MAXMSGSIZE, worker.config.limits.max_message_bytes + 4096)
         sock.setsockopt(zmq.SNDTIMEO, int(heartbeat_s * liveness * 1000))
         if curve is not None:
-            sock.curve_serverkey = curve.server_public
-            sock.curve_publickey = curve.client_public
-            sock.curve_secretkey = curve.client_secret
+            curve.apply(sock)
         sock.connect(endpoint)
         return sock
 

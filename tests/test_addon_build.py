@@ -70,8 +70,11 @@ def test_zip_layout_and_manifest(built, wheels):
     assert sorted(manifest["wheels"]) == expected
     assert {n for n in names if n.endswith(".whl")} == {w[2:] for w in expected}
     assert manifest["platforms"] == ["linux-x64"]  # only linux wheels were given
-    assert wire == (ROOT / "pg2_server/protocol.py").read_bytes()  # copied, not rewritten
-    assert {"__init__.py", "mapping.py", "projection.py", "operators.py", "pg2_wire/client.py"} <= names
+    assert wire == (ROOT / "pg2_server/wire/protocol.py").read_bytes()  # copied, not rewritten
+    # The whole wire package, and nothing of pg2_server beyond it.
+    assert {n for n in names if n.startswith("pg2_wire/")} == \
+        {f"pg2_wire/{p.name}" for p in (ROOT / "pg2_server/wire").glob("*.py")}
+    assert {"__init__.py", "mapping.py", "projection.py", "operators.py"} <= names
     assert not {n for n in names if "__pycache__" in n or n in ("build.py", "calibrate_face.py")}
 
 

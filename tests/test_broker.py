@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import zmq
 
-from pg2_server.client import Client, GenerateRequest
+from pg2_server.wire.client import Client, GenerateRequest
 from pg2_server.bench import BENCH_KEYPOINTS as KEYPOINTS
 from conftest import free_port
 

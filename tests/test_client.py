@@ -7,8 +7,9 @@ import msgpack
 import pytest
 import zmq
 
-from pg2_server import protocol
-from pg2_server.client import Client, Curve, GenerateRequest, ServerError, ServerTimeout, source_format
+from pg2_server.wire import protocol
+from pg2_server.wire.client import Client, GenerateRequest, ServerError, ServerTimeout, source_format
+from pg2_server.wire.curve import ClientKeys
 from conftest import free_port
 
 KEYPOINTS = [[float(i), float(2 * i)] for i in range(18)]
@@ -185,12 +186,12 @@ def test_client_rejects_bad_settings_and_missing_keys(tmp_path):
     with pytest.raises(ValueError, match="retries"):
         Client(retries=0)
     with pytest.raises(ValueError, match="does not exist"):
-        Curve.from_files(tmp_path / "server.key", tmp_path / "me.key_secret")
+        ClientKeys.from_files(tmp_path / "server.key", tmp_path / "me.key_secret")
     import zmq.auth
     public, secret = zmq.auth.create_certificates(str(tmp_path), "me")
     with pytest.raises(ValueError, match="no secret key"):
-        Curve.from_files(public, public)
-    curve = Curve.from_files(public, secret)
+        ClientKeys.from_files(public, public)
+    curve = ClientKeys.from_files(public, secret)
     assert len(curve.server_public) == 40 and len(curve.client_secret) == 40
 
 

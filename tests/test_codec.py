@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pg2_server.codec import SourceCache, declared_size, decode_image, encode_image, sniff_format
-from pg2_server.protocol import ImageSpec, OutputSpec, ProtocolError
+from pg2_server.wire.protocol import ImageSpec, OutputSpec, ProtocolError
 
 
 def rgb(width=20, height=12):

@@ -17,7 +17,7 @@ def test_official_presets_match_the_original_parameter_counts(name, g1_params, g
 
 
 def test_official_flops_per_image():
-    # ≈ 95 GFLOP (Market) and ≈ 806 GFLOP (DeepFashion) for G1 + G2, as DESIGN.md states.
+    # ≈ 95 GFLOP (Market) and ≈ 806 GFLOP (DeepFashion) for G1 + G2, as docs/performance.md states.
     assert sum(count_flops(PRESETS["market"]).values()) / 1e9 == pytest.approx(95.15, abs=0.05)
     assert sum(count_flops(PRESETS["deepfashion"]).values()) / 1e9 == pytest.approx(806.28, abs=0.05)
 

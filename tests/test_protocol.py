@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pg2_server import protocol
-from pg2_server.protocol import ImageSpec, Limits, OutputSpec, ProtocolError
+from pg2_server.wire import protocol
+from pg2_server.wire.protocol import ImageSpec, Limits, OutputSpec, ProtocolError
 
 KEYPOINTS = [[10.0 + i, 20.0 + 2 * i] for i in range(17)] + [None]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32
@@ -167,17 +167,17 @@ def test_split_envelope_handles_req_and_dealer():
     assert protocol.split_envelope([b"id", b"h", b"p"]) == ([b"id"], [b"h", b"p"])
 
 
-def test_protocol_and_client_work_copied_into_another_package(tmp_path):
-    """The add-on copies both files into its own package: they must import nothing else."""
-    package = tmp_path / "addon_wire"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
+def test_the_wire_package_works_copied_into_another_package(tmp_path):
+    """The add-on copies `pg2_server/wire/` whole into its own package: it must import nothing else
+    of pg2_server, and no numpy, torch or OpenCV."""
     source = Path(protocol.__file__).parent
-    for name in ("protocol.py", "client.py"):
-        shutil.copy(source / name, package / name)
-    code = ("import sys; import addon_wire.client as c; "
-            "c.Client('tcp://127.0.0.1:1', timeout=1); "
-            "bad = [m for m in ('numpy', 'torch', 'cv2', 'pg2_server') if m in sys.modules]; "
+    shutil.copytree(source, tmp_path / "addon_wire", ignore=shutil.ignore_patterns("__pycache__"))
+    modules = sorted(p.stem for p in source.glob("*.py") if p.stem != "__init__")
+    assert {"client", "curve", "images", "keypoints", "protocol"} <= set(modules)
+    code = ("import sys\nfor name in ('numpy', 'torch', 'cv2'): sys.modules[name] = None\n"
+            + "".join(f"import addon_wire.{m}\n" for m in modules)
+            + "import addon_wire.client as c\nc.Client('tcp://127.0.0.1:1', timeout=1)\n"
+            "bad = [m for m in sys.modules if m.startswith('pg2_server')]\n"
             "print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr

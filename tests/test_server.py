@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import zmq
 
-from pg2_server import protocol
-from pg2_server.client import Client, Curve, GenerateRequest, ServerError, ServerTimeout
+from pg2_server.wire import protocol
+from pg2_server.wire.client import Client, GenerateRequest, ServerError, ServerTimeout
+from pg2_server.wire.curve import ClientKeys
 from pg2_server.bench import BENCH_KEYPOINTS
 from conftest import free_port
 
@@ -461,7 +462,7 @@ def test_curve_authorised_key_is_served_unknown_key_is_not(tmp_path):
     process, endpoint = start_server("--curve-secret", str(keys / "server.key_secret"),
                                      "--curve-clients", str(authorised))
     try:
-        alice = Curve.from_files(keys / "server.key", keys / "alice.key_secret")
+        alice = ClientKeys.from_files(keys / "server.key", keys / "alice.key_secret")
         deadline = time.monotonic() + 30
         while True:  # the server may still be loading
             try:
@@ -471,7 +472,7 @@ def test_curve_authorised_key_is_served_unknown_key_is_not(tmp_path):
                 break
             except ServerTimeout:
                 assert time.monotonic() < deadline
-        mallory = Curve.from_files(keys / "server.key", keys / "mallory.key_secret")
+        mallory = ClientKeys.from_files(keys / "server.key", keys / "mallory.key_secret")
         with Client(endpoint, timeout=1, retries=1, curve=mallory) as client:
             with pytest.raises(ServerTimeout):
                 client.ping()

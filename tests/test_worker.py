@@ -8,9 +8,9 @@ import msgpack
 import numpy as np
 import pytest
 
-from pg2_server import protocol
+from pg2_server.wire import protocol
 from pg2_server.pipeline import Pipeline
-from pg2_server.protocol import ImageSpec, Limits
+from pg2_server.wire.protocol import ImageSpec, Limits
 from pg2_server.worker import Worker, WorkerConfig
 
 KEYPOINTS = [[8.0, 2.0 + i] for i in range(18)]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Anny's COCO regressor labels, in the order we ask for them: DESIGN.md's COCO-18 without neck.
+# Anny's COCO regressor labels, in the order we ask for them: the COCO-18 order of pg2_server.wire.keypoints without neck.
 _REGRESSOR_LABELS = [
     "nose", "right_shoulder", "right_elbow", "right_wrist", "left_shoulder", "left_elbow",
     "left_wrist", "right_hip", "right_knee", "right_ankle", "left_hip", "left_knee",

@@ -21,7 +21,7 @@ import numpy as np
 from .synth_body import ARM, EYE, FOOT, HAND, HEAD, LEG, TORSO
 from .synth_clothing import Look, garment_regions
 
-# COCO-18 indices (DESIGN.md's order)
+# COCO-18 indices (pg2_server.wire.keypoints' order)
 _NOSE, _NECK, _RSH, _REL, _RWR, _LSH, _LEL, _LWR, _RHIP, _RKNEE, _RANK, _LHIP, _LKNEE, _LANK = range(14)
 _REYE, _LEYE, _REAR, _LEAR = 14, 15, 16, 17
 _Z = np.array([0.0, 0.0, 1.0])

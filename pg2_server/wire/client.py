@@ -1,18 +1,17 @@
 """Python client of the generation server (wire protocol v1); the Blender add-on carries it.
 
-    from pg2_server.client import Client
+    from pg2_server.wire.client import Client
     with Client("tcp://127.0.0.1:5557") as client:
         result = client.generate(open("person.png", "rb").read(), keypoints, (176, 256))
         open("out.png", "wb").write(result.image.data)
 
-Imports only pyzmq, msgpack and protocol.py (relatively, so both files work inside another
-package). A request that gets no reply within `timeout` is retried Lazy-Pirate style: close
+Imports only pyzmq, msgpack and its sibling modules of `pg2_server.wire` (relatively, so the
+package works inside another one). A request that gets no reply within `timeout` is retried Lazy-Pirate style: close
 the socket, open a new one, send again, at most `retries` attempts (generation is idempotent).
 """
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
@@ -20,6 +19,8 @@ from typing import Iterable, Iterator, Sequence
 import zmq
 
 from . import protocol
+from .curve import ClientKeys
+from .images import sniff_format
 from .protocol import ImageSpec, OutputSpec, ProtocolError
 
 
@@ -35,27 +36,6 @@ class ServerError(Exception):
 
 class ServerTimeout(ServerError):
     """No reply after every attempt: the server is down, unreachable or overloaded."""
-
-
-@dataclass(frozen=True)
-class Curve:
-    """CURVE keys of a client: the server's public key and this client's key pair (z85 bytes)."""
-    server_public: bytes
-    client_public: bytes
-    client_secret: bytes
-
-    @classmethod
-    def from_files(cls, server_public_file, client_secret_file) -> "Curve":
-        """Load `server.key` and this client's `NAME.key_secret` (from `pg2-server keys`)."""
-        import zmq.auth
-        for path in (server_public_file, client_secret_file):
-            if not os.path.isfile(path):
-                raise ValueError(f"CURVE key file {path} does not exist")
-        server_public, _ = zmq.auth.load_certificate(str(server_public_file))
-        client_public, client_secret = zmq.auth.load_certificate(str(client_secret_file))
-        if client_secret is None:
-            raise ValueError(f"{client_secret_file} holds no secret key; pass the NAME.key_secret file")
-        return cls(server_public, client_public, client_secret)
 
 
 @dataclass
@@ -119,11 +99,9 @@ def source_format(data: bytes, source_size=None) -> str:
     """'png'/'jpeg' from magic bytes; 'raw' when a size is given for raw RGB."""
     if source_size is not None:
         return "raw"
-    head = bytes(data[:8])
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
+    fmt = sniff_format(data)
+    if fmt is not None:
+        return fmt
     raise ValueError("the source is neither PNG nor JPEG; for raw 8-bit RGB bytes pass source_size=(W, H)")
 
 
@@ -131,7 +109,7 @@ class Client:
     """Requests to one server (or broker) endpoint; not thread-safe: one Client per thread."""
 
     def __init__(self, endpoint: str = protocol.DEFAULT_ENDPOINT, timeout: float = 30.0, retries: int = 3,
-                 curve: Curve | None = None, context: zmq.Context | None = None):
+                 curve: ClientKeys | None = None, context: zmq.Context | None = None):
         self.endpoint = protocol.check_endpoint(endpoint)
         if timeout <= 0:
             raise ValueError(f"timeout must be positive seconds, got {timeout}")
@@ -151,9 +129,7 @@ class Client:
             sock = self.context.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             if self.curve is not None:
-                sock.curve_serverkey = self.curve.server_public
-                sock.curve_publickey = self.curve.client_public
-                sock.curve_secretkey = self.curve.client_secret
+                self.curve.apply(sock)
             sock.connect(self.endpoint)
             self._socket = sock
         return self._socket
