@@ -228,7 +228,7 @@ class Batch:
         self.context = zmq.Context()
         self._terminating = threading.Lock()
         self.thread: threading.Thread | None = None
-        self.done = 0
+        self.done = 0  # frames finished; written by the worker thread alone (_frame_done)
 
     def add(self, job: FrameJob) -> None:
         self.jobs.put(job)
@@ -338,12 +338,16 @@ class Batch:
         """The finished frame: to its file, or to the main thread as Blender pixels."""
         if job.path:
             imaging.write_atomic(job.path, imaging.encode_png(pixels))
-            self.done += 1
-            self.events.put(Event("frame", job))
+            self._frame_done(Event("frame", job))
         else:
             height, width = pixels.shape[:2]
-            self.done += 1
-            self.events.put(Event("frame", job, imaging.to_blender_pixels(pixels), (width, height)))
+            self._frame_done(Event("frame", job, imaging.to_blender_pixels(pixels), (width, height)))
+
+    def _frame_done(self, event: Event) -> None:
+        """Count a finished frame and tell the main thread. Only the worker thread counts; the
+        main thread only reads `done`."""
+        self.done += 1
+        self.events.put(event)
 
     def _finish(self, result) -> None:
         job, crop, index = result.request.tag
@@ -361,8 +365,7 @@ class Batch:
             return
         if image.format != "raw" and job.path:
             imaging.write_atomic(job.path, image.data)
-            self.done += 1
-            self.events.put(Event("frame", job))
+            self._frame_done(Event("frame", job))
             return
         pixels = imaging.raw_image(image.data, image.width, image.height, image.channels)
         if crop is not None:

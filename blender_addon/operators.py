@@ -17,6 +17,7 @@ from . import generation, occlusion, rig
 from .generation import Batch, Framing, GenerationError
 from .mapping import LIMBS, MappingError
 from .preferences import connection, describe_info, preferences
+from .wire import client
 
 RESULT_IMAGE = "PG2 Result"
 _RUNS: set = set()  # runs of the modal operators now going
@@ -33,6 +34,27 @@ def _scene_armature(context):
         return settings.armature
     active = context.active_object
     return active if active is not None and active.type == "ARMATURE" else None
+
+
+def missing_for_poses(context) -> str | None:
+    """What the scene lacks to pose and project anything (None when nothing): the operators' poll
+    greys their buttons out and says this."""
+    if _scene_armature(context) is None:
+        return "choose the armature to pose in the PG2 panel (3D Viewport sidebar, PG2 tab)"
+    if context.scene.camera is None:
+        return "the scene has no active camera; add one and make it active"
+    return None
+
+
+class _NeedsPoses:
+    """poll(): an armature and a camera, else the button is greyed out with the reason."""
+
+    @classmethod
+    def poll(cls, context):
+        missing = missing_for_poses(context)
+        if missing is not None:
+            cls.poll_message_set(missing)
+        return missing is None
 
 
 def _framing(settings) -> Framing:
@@ -146,11 +168,10 @@ def prepare_run(context, frames, paths, on_result=None, export: bool = False) ->
     """
     scene = context.scene
     settings = scene.pg2
+    missing = missing_for_poses(context)
+    if missing is not None:
+        raise GenerationError(missing)
     armature = _scene_armature(context)
-    if armature is None:
-        raise GenerationError("choose the armature to pose in the PG2 panel (3D Viewport sidebar, PG2 tab)")
-    if scene.camera is None:
-        raise GenerationError("the scene has no active camera; add one and make it active")
     mapping = settings.bone_mapping(armature)
     unmapped = [n for n in mapping.missing() if n in LIMBS]
     if len(unmapped) == len(LIMBS):
@@ -302,7 +323,7 @@ class _GenerationRun:
             self._cleanup(context)
 
 
-class PG2_OT_generate(_GenerationRun, bpy.types.Operator):
+class PG2_OT_generate(_NeedsPoses, _GenerationRun, bpy.types.Operator):
     """Generate the person in the armature's pose at the current frame (image "PG2 Result")"""
     bl_idname = "pg2.generate"
     bl_label = "Generate Frame"
@@ -316,7 +337,7 @@ class PG2_OT_generate(_GenerationRun, bpy.types.Operator):
         return f"PG2: result in the image {RESULT_IMAGE!r}"
 
 
-class PG2_OT_generate_frames(_GenerationRun, bpy.types.Operator):
+class PG2_OT_generate_frames(_NeedsPoses, _GenerationRun, bpy.types.Operator):
     """Generate every frame of the range into numbered files; existing files are skipped"""
     bl_idname = "pg2.generate_frames"
     bl_label = "Generate Frames"
@@ -362,7 +383,7 @@ class PG2_OT_generate_frames(_GenerationRun, bpy.types.Operator):
         return f"PG2: wrote {self._run.done} frame(s){skipped} to {folder}"
 
 
-class PG2_OT_export_poses(_GenerationRun, bpy.types.Operator):
+class PG2_OT_export_poses(_NeedsPoses, _GenerationRun, bpy.types.Operator):
     """Write the armature's pose as OpenPose JSON and a skeleton image per frame (no server)"""
     bl_idname = "pg2.export_poses"
     bl_label = "Export Poses"
@@ -428,7 +449,7 @@ class PG2_OT_test_connection(bpy.types.Operator):
         try:
             with conn.open() as server:
                 self._answer.put(("ok", server.info()))
-        except generation.client.ServerError as e:
+        except client.ServerError as e:
             self._answer.put(("error", generation.describe_server_error(e)))
         except Exception as e:  # shown to the user instead of dying on the thread
             self._answer.put(("error", f"{type(e).__name__}: {e}"))
@@ -497,6 +518,11 @@ class PG2_OT_override_remove(bpy.types.Operator):
     bl_label = "Remove Bone Override"
     bl_options = {"REGISTER", "UNDO"}
 
+    @classmethod
+    def poll(cls, context):
+        settings = context.scene.pg2
+        return 0 <= settings.override_index < len(settings.overrides)
+
     def execute(self, context):
         settings = context.scene.pg2
         if not 0 <= settings.override_index < len(settings.overrides):
@@ -525,6 +551,11 @@ class PG2_OT_person_remove(bpy.types.Operator):
     bl_idname = "pg2.person_remove"
     bl_label = "Remove Person"
     bl_options = {"REGISTER", "UNDO"}
+
+    @classmethod
+    def poll(cls, context):
+        settings = context.scene.pg2
+        return 0 <= settings.person_index < len(settings.people)
 
     def execute(self, context):
         settings = context.scene.pg2

@@ -16,7 +16,7 @@ import addon_utils  # noqa: E402
 from mathutils import Euler  # noqa: E402
 
 from blender_addon import imaging, rig  # noqa: E402
-from pg2_server.client import Client, ServerError  # noqa: E402
+from pg2_server.wire.client import Client, ServerError  # noqa: E402
 from conftest import free_port
 
 ADDON = "blender_addon"
@@ -193,6 +193,27 @@ def test_connection_test_shows_the_model(addon, server):
     assert bpy.ops.pg2.test_connection() == {"FINISHED"}
     info = prefs().server_info
     assert "tiny" in info and "canvas 16x32" in info and "cpu" in info
+
+
+def test_buttons_grey_out_without_an_armature_or_a_camera(shot):
+    for op in (bpy.ops.pg2.generate, bpy.ops.pg2.generate_frames, bpy.ops.pg2.export_poses):
+        assert op.poll()
+    settings = shot.pg2
+    armature = settings.armature
+    settings.armature = None
+    bpy.context.view_layer.objects.active = shot.camera
+    assert not bpy.ops.pg2.generate.poll() and not bpy.ops.pg2.export_poses.poll()
+    settings.armature = armature
+    camera, shot.camera = shot.camera, None
+    assert not bpy.ops.pg2.generate.poll() and not bpy.ops.pg2.generate_frames.poll()
+    shot.camera = camera
+    assert bpy.ops.pg2.generate.poll()
+    # The list buttons: Remove needs a selected row.
+    assert not bpy.ops.pg2.person_remove.poll() and not bpy.ops.pg2.override_remove.poll()
+    assert bpy.ops.pg2.person_add() == {"FINISHED"}
+    assert bpy.ops.pg2.person_remove.poll()
+    assert bpy.ops.pg2.person_remove() == {"FINISHED"}
+    assert not bpy.ops.pg2.person_remove.poll()
 
 
 @pytest.mark.parametrize("problem,message", [
