@@ -83,7 +83,7 @@ def bench_frames(frames: int, in_flight: int, endpoint: str | None, preset: str,
                  rounds: int = 3) -> None:
     import bpy
 
-    from blender_addon.wire import client
+    from blender_addon.wire import client, protocol
     process = None
     if endpoint is None:
         endpoint = f"tcp://127.0.0.1:{_free_port()}"
@@ -131,7 +131,7 @@ def bench_frames(frames: int, in_flight: int, endpoint: str | None, preset: str,
         out = out / "r0"
         assert len(list(out.glob("frame_*.png"))) == frames
         model = info["models"][0]
-        print(f"frames: {frames} frames {size[0]}x{size[1]}, model {model['name']} canvas {model['canvas']} "
+        print(f"frames: {frames} frames {size[0]}x{size[1]}, model {model['name']} canvas {protocol.info_canvas(model)} (WxH) "
               f"on {info.get('devices')}, in flight {in_flight}")
         print(f"  client straight to server: best of {rounds} {reference:.2f} s "
               f"({reference / frames * 1e3:.1f} ms/image); all {', '.join(f'{t:.2f}' for t in references)}")

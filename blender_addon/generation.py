@@ -23,7 +23,7 @@ import zmq
 from . import imaging, openpose
 from .mapping import BoneMapping, keypoints_3d
 from .projection import Crop, Point, ProjectionError, frame_size, person_crop, project_points
-from .wire import client, images
+from .wire import client, images, protocol
 
 _HASHES = re.compile(r"#+")
 
@@ -265,7 +265,7 @@ class Batch:
                 if self.framing.mode == "PERSON":
                     info = server.info()
                     models = info.get("models") or [{}]
-                    canvas = models[0].get("canvas", (256, 256))
+                    canvas = protocol.info_canvas(models[0]) if "canvas" in models[0] else protocol.Size(256, 256)
                     max_side = int((info.get("limits") or {}).get("max_image_side", max_side))
                 for result in server.generate_many(self._requests(canvas, max_side), in_flight=self.in_flight):
                     if self.cancelled.is_set():
@@ -302,8 +302,7 @@ class Batch:
             for keypoints, _, _, _ in parts:
                 crop = None
                 if person:
-                    height, width = canvas
-                    crop = person_crop(keypoints, width / height, self.framing.margin)
+                    crop = person_crop(keypoints, canvas.width / canvas.height, self.framing.margin)
                     if max(crop.width, crop.height) > max_side:
                         self._skip(job, f"frame {job.frame}: the person crop would be {crop.width}x{crop.height} "
                                         f"px (the server takes at most {max_side}); an armature is too close to "

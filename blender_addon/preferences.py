@@ -103,7 +103,8 @@ def describe_info(info: dict) -> str:
     for model in info.get("models", []) or []:
         canvas = model.get("canvas", "?")
         if isinstance(canvas, (list, tuple)) and len(canvas) == 2:
-            canvas = f"{canvas[1]}x{canvas[0]} (WxH)"
+            size = protocol.info_canvas(model)
+            canvas = f"{size.width}x{size.height} (WxH)"
         lines.append(f"Model {model.get('name', '?')}: preset {model.get('preset', '?')}, canvas {canvas}")
     devices = info.get("devices") or []
     if devices:

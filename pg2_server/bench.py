@@ -80,6 +80,7 @@ def raw_throughput(pipeline, batch: int, source: np.ndarray, keypoints, size, it
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -239,25 +240,18 @@ def measure_overhead(endpoint: str, pipeline, count: int, source: np.ndarray, ti
             "paired_difference_p50_ms": statistics.median(differences)}
 
 
-def run_bench(args: argparse.Namespace) -> int:
-    """The `bench` subcommand."""
-    from .cli import client_from_args, load_pipeline
-
-    if args.sweep:
-        sweep_then_configure(args)
+def run_bench(args: argparse.Namespace, pipeline, curve=None) -> int:
+    """The `bench` subcommand, after any --sweep: `pipeline` is the model served, `curve` the
+    client's ClientKeys for --server (or None)."""
     clients = args.clients
-    if clients < 1 or args.rounds < 1:
-        raise SystemExit("error: --clients and --rounds must be at least 1")
     total = args.requests or max(64, 8 * clients)
     source = bench_source()
     source_png = png_bytes(source)
-    curve = client_from_args(args).curve if args.server else None
     batch = min(args.max_batch, clients)
     report: dict = {"source": f"{BENCH_FRAME[0]}×{BENCH_FRAME[1]} PNG ({len(source_png)} bytes)",
                     "output_format": args.output_format,
                     "cpu_count": os.cpu_count(), "load_average": os.getloadavg()}
 
-    pipeline = load_pipeline(args)
     iterations = max(3, total // batch // 2)
     # Raw before the first served run and after each one (the server idle meanwhile): every
     # served run is compared with the raw runs on either side of it, so load from other

@@ -23,9 +23,10 @@ import zmq
 from . import package_version, peers
 from .errors import SetupError
 from .metrics import Counters
+from .peers import ReplyBudget
 from .wire import protocol
 from .wire.curve import ServerKeys, curve_server, start_authenticator
-from .wire.protocol import ProtocolError
+from .wire.protocol import Limits, ProtocolError
 from .worker_protocol import CANCEL, DISCONNECT, HEARTBEAT, READY, REPLY, REQUEST
 
 log = logging.getLogger("pg2_server.broker")
@@ -37,14 +38,22 @@ class BrokerConfig:
     heartbeat_s: float = 1.0
     liveness: int = 3
     max_queue: int = 1024
-    max_message_bytes: int = 32 * 1024 * 1024
+    max_message_bytes: int = Limits.max_message_bytes
     max_wait_s: float = 60.0       # a request waiting this long for any worker is answered `overloaded`
     max_attempts: int = 2          # the first send plus one re-send after a worker died
     summary_s: float = 60.0
     drain_s: float = 60.0
     info_details: bool = False     # hosts, PIDs and training provenance in `info`
-    max_unread_bytes: int = 64 * 2 ** 20         # replies held for one client that does not read
-    max_unread_total_bytes: int = 512 * 2 ** 20  # ... and for all of them
+    max_unread_bytes: int = ReplyBudget.per_client          # replies held for one client that does not read
+    max_unread_total_bytes: int = ReplyBudget.total         # ... and for all of them
+
+    def __post_init__(self) -> None:
+        for name in ("liveness", "max_queue", "max_attempts", "max_message_bytes", "max_unread_bytes",
+                     "max_unread_total_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.heartbeat_s <= 0:
+            raise ValueError(f"heartbeat_s must be positive, got {self.heartbeat_s}")
 
 
 @dataclass

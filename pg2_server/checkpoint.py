@@ -18,7 +18,8 @@ from .keypoints import NAMES
 from .model import Generator1, Generator2, ModelConfig
 
 FORMAT = "pg2-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the config's canvas is {"width", "height"}; 1 had a list [H, W]
+READABLE_VERSIONS = (1, 2)
 VALUE_RANGES = {"image": [-1.0, 1.0], "heatmap_disk": [-1.0, 1.0], "heatmap_gaussian": [0.0, 1.0],
                 "pose_mask": [0, 1]}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -110,9 +111,9 @@ def _read_description(json_path: Path) -> dict:
     if not isinstance(description, dict) or description.get("format") != FORMAT:
         raise CheckpointError(f"{json_path} is not a PG2 checkpoint description "
                               f"(expected \"format\": \"{FORMAT}\")")
-    if description.get("format_version") != FORMAT_VERSION:
+    if description.get("format_version") not in READABLE_VERSIONS:
         raise CheckpointError(f"{json_path} has format_version {description.get('format_version')!r}; "
-                              f"this code reads version {FORMAT_VERSION}")
+                              f"this code reads versions {', '.join(map(str, READABLE_VERSIONS))}")
     if description.get("keypoints", list(NAMES)) != list(NAMES):
         raise CheckpointError(f"{json_path} uses keypoint order {description.get('keypoints')}, "
                               f"not COCO-18 {list(NAMES)}")

@@ -41,31 +41,24 @@ def cmd_presets(args: argparse.Namespace) -> int:
         with torch.device("meta"):
             g1, g2 = Generator1(config), Generator2(config)
         flops = count_flops(config)
-        rows.append({"name": name, "canvas": list(config.canvas),
+        rows.append({"name": name, "canvas": [config.canvas.height, config.canvas.width],  # as info's: [H, W]
                      "g1_params": parameter_count(g1), "g2_params": parameter_count(g2),
                      "gflops": round((flops["g1"] + flops["g2"]) / 1e9, 3),
                      "g1_gflops": round(flops["g1"] / 1e9, 3), "g2_gflops": round(flops["g2"] / 1e9, 3)})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'preset':<12} {'canvas H×W':>11} {'G1 params':>11} {'G2 params':>11} {'GFLOP/image':>12}")
-    for r in rows:
-        canvas = f"{r['canvas'][0]}×{r['canvas'][1]}"
-        print(f"{r['name']:<12} {canvas:>11} {r['g1_params'] / 1e6:>10.2f}M {r['g2_params'] / 1e6:>10.2f}M "
+    print(f"{'preset':<12} {'canvas W×H':>11} {'G1 params':>11} {'G2 params':>11} {'GFLOP/image':>12}")
+    for r, config in zip(rows, PRESETS.values()):
+        print(f"{r['name']:<12} {str(config.canvas):>11} {r['g1_params'] / 1e6:>10.2f}M {r['g2_params'] / 1e6:>10.2f}M "
               f"{r['gflops']:>12.2f}")
     print("GFLOP = forward G1 + G2 for one image, 2 FLOP per multiply-add (torch.utils.flop_counter)")
     return 0
 
 
-def default_checkpoint() -> Path | None:
-    """The bundled default model, if this installation has one."""
-    path = Path(__file__).parent / "default" / "pg2_default.json"
-    return path if path.is_file() else None
-
-
 def load_pipeline(args: argparse.Namespace):
     """The pipeline named by --checkpoint / --preset --random-weights (default: bundled model)."""
-    from .pipeline import Pipeline
+    from .pipeline import Pipeline, default_checkpoint
 
     if getattr(args, "random_weights", False):
         if args.checkpoint:
@@ -176,18 +169,23 @@ def cmd_generate_batch_local(args: argparse.Namespace) -> int:
     return 0
 
 
+def client_keys(args: argparse.Namespace):
+    """The ClientKeys of --curve-server-key / --curve-client-key, or None without them."""
+    from .wire.curve import ClientKeys
+
+    if not (args.curve_server_key or args.curve_client_key):
+        return None
+    if not (args.curve_server_key and args.curve_client_key):
+        raise SystemExit("error: CURVE needs both --curve-server-key SERVER.key and "
+                         "--curve-client-key NAME.key_secret")
+    return ClientKeys.from_files(args.curve_server_key, args.curve_client_key)
+
+
 def client_from_args(args: argparse.Namespace):
     """A Client for --server with --timeout, --retries and the optional CURVE key files."""
     from .wire.client import Client
-    from .wire.curve import ClientKeys
 
-    curve = None
-    if args.curve_server_key or args.curve_client_key:
-        if not (args.curve_server_key and args.curve_client_key):
-            raise SystemExit("error: CURVE needs both --curve-server-key SERVER.key and "
-                             "--curve-client-key NAME.key_secret")
-        curve = ClientKeys.from_files(args.curve_server_key, args.curve_client_key)
-    return Client(args.server, timeout=args.timeout, retries=args.retries, curve=curve)
+    return Client(args.server, timeout=args.timeout, retries=args.retries, curve=client_keys(args))
 
 
 def add_client_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -357,18 +355,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
 # Serving: serve, worker, broker, keys
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
-    """Batching, queue and limit flags shared by `serve` and `worker`."""
+    """Batching, queue and limit flags shared by `serve` and `worker`; defaults from WorkerConfig."""
+    from .wire.protocol import MIB, Limits
+    from .worker import WorkerConfig
+
+    w, limits = WorkerConfig(), Limits()
     add_model_arguments(parser)
-    parser.add_argument("--max-batch", type=int, default=16, help="largest batch per device (default 16)")
-    parser.add_argument("--max-delay-ms", type=float, default=5.0,
-                        help="longest wait for a fuller batch after the first queued request (default 5)")
-    parser.add_argument("--max-queue", type=int, default=256,
-                        help="requests admitted at once; beyond it clients get `overloaded` (default 256)")
-    parser.add_argument("--max-message-mb", type=float, default=32.0, help="largest request in MiB (default 32)")
-    parser.add_argument("--max-image-side", type=int, default=4096, help="largest image side in px (default 4096)")
-    parser.add_argument("--threads", type=int, default=4, help="image decode/encode threads (default 4)")
-    parser.add_argument("--source-cache-mb", type=float, default=64.0,
-                        help="decoded source images kept for reuse, by content (default 64; 0 = off)")
+    parser.add_argument("--max-batch", type=int, default=w.max_batch,
+                        help=f"largest batch per device (default {w.max_batch})")
+    parser.add_argument("--max-delay-ms", type=float, default=w.max_delay_ms,
+                        help=f"longest wait for a fuller batch after the first queued request (default {w.max_delay_ms:g})")
+    parser.add_argument("--max-queue", type=int, default=w.max_queue,
+                        help=f"requests admitted at once; beyond it clients get `overloaded` (default {w.max_queue})")
+    parser.add_argument("--max-message-mb", type=float, default=limits.max_message_bytes / MIB,
+                        help=f"largest request in MiB (default {limits.max_message_bytes / MIB:g})")
+    parser.add_argument("--max-image-side", type=int, default=limits.max_image_side,
+                        help=f"largest image side in px (default {limits.max_image_side})")
+    parser.add_argument("--threads", type=int, default=w.threads, help=f"image decode/encode threads (default {w.threads})")
+    parser.add_argument("--source-cache-mb", type=float, default=w.source_cache_mb,
+                        help=f"decoded source images kept for reuse, by content (default {w.source_cache_mb:g}; 0 = off)")
     parser.add_argument("--summary-s", type=float, default=60.0, help="seconds between summary log lines")
     parser.add_argument("--info-details", action="store_true",
                         help="`info` also tells clients the host name, PID and the model's training provenance")
@@ -383,39 +388,42 @@ def add_log_format_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_reply_budget_arguments(parser: argparse.ArgumentParser) -> None:
-    """Byte budgets for replies that clients do not read (serve and broker)."""
-    parser.add_argument("--max-unread-mb", type=float, default=64.0,
+    """Byte budgets for replies that clients do not read (serve and broker); defaults from ReplyBudget."""
+    from .peers import ReplyBudget
+    from .wire.protocol import MIB
+
+    budget = ReplyBudget()
+    parser.add_argument("--max-unread-mb", type=float, default=budget.per_client / MIB,
                         help="replies held for one client that is not reading, in MiB; past it they are dropped "
-                             "(default 64)")
-    parser.add_argument("--max-unread-total-mb", type=float, default=512.0,
-                        help="replies held for all such clients together, in MiB (default 512)")
+                             f"(default {budget.per_client / MIB:g})")
+    parser.add_argument("--max-unread-total-mb", type=float, default=budget.total / MIB,
+                        help=f"replies held for all such clients together, in MiB (default {budget.total / MIB:g})")
 
 
 def reply_budget(args: argparse.Namespace):
     """The ReplyBudget of --max-unread-mb / --max-unread-total-mb."""
-    from .server import ReplyBudget
+    from .peers import ReplyBudget
+    from .wire.protocol import MIB
 
-    if args.max_unread_mb <= 0 or args.max_unread_total_mb <= 0:
-        raise SystemExit("error: --max-unread-mb and --max-unread-total-mb must be positive")
-    return ReplyBudget(int(args.max_unread_mb * 2 ** 20), int(args.max_unread_total_mb * 2 ** 20))
+    try:
+        return ReplyBudget(int(args.max_unread_mb * MIB), int(args.max_unread_total_mb * MIB))
+    except ValueError:
+        raise SystemExit("error: --max-unread-mb and --max-unread-total-mb must be positive") from None
 
 
 def build_worker(args: argparse.Namespace, role: str):
     """One pipeline per --device (comma-separated), wrapped in a Worker with the CLI's settings."""
-    from .wire.protocol import Limits
+    from .wire.protocol import MIB, Limits
     from .worker import Worker, WorkerConfig
 
-    for name, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
-                             ("--max-image-side", args.max_image_side, 16), ("--threads", args.threads, 1)):
-        if value < low:
-            raise SystemExit(f"error: {name} must be at least {low}, got {value}")
-    if args.max_delay_ms < 0 or args.max_message_mb <= 0:
-        raise SystemExit("error: --max-delay-ms must be ≥ 0 and --max-message-mb positive")
+    try:  # the config checks every value, before any model loads
+        config = WorkerConfig(max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, max_queue=args.max_queue,
+                              threads=args.threads, source_cache_mb=args.source_cache_mb,
+                              limits=Limits(int(args.max_message_mb * MIB), args.max_image_side))
+    except ValueError as e:
+        raise SystemExit(f"error: {e} (see `{args.command} --help`)") from None
     devices = [d.strip() for d in args.device.split(",") if d.strip()]
     pipelines = [load_pipeline(argparse.Namespace(**{**vars(args), "device": device})) for device in devices]
-    config = WorkerConfig(max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, max_queue=args.max_queue,
-                          threads=args.threads, source_cache_mb=args.source_cache_mb,
-                          limits=Limits(int(args.max_message_mb * 2 ** 20), args.max_image_side))
     worker = Worker(pipelines, config, role=role, details=args.info_details)
     worker.log_requests = args.log_format == "json"
     if args.metrics_bind:
@@ -482,17 +490,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_broker(args: argparse.Namespace) -> int:
     from .broker import Broker, BrokerConfig
-    from .wire.protocol import check_endpoint
     from .server import StopSignal
+    from .wire.protocol import MIB, check_endpoint
 
     check_endpoint(args.frontend, bind=True)
     check_endpoint(args.backend, bind=True)
     curve = server_curve(args, workers=True)
     budget = reply_budget(args)
-    config = BrokerConfig(heartbeat_s=args.heartbeat_ms / 1000, max_queue=args.max_queue,
-                          max_message_bytes=int(args.max_message_mb * 2 ** 20), summary_s=args.summary_s,
-                          info_details=args.info_details, max_unread_bytes=budget.per_client,
-                          max_unread_total_bytes=budget.total)
+    try:
+        config = BrokerConfig(heartbeat_s=args.heartbeat_ms / 1000, max_queue=args.max_queue,
+                              max_message_bytes=int(args.max_message_mb * MIB), summary_s=args.summary_s,
+                              info_details=args.info_details, max_unread_bytes=budget.per_client,
+                              max_unread_total_bytes=budget.total)
+    except ValueError as e:
+        raise SystemExit(f"error: {e} (see `broker --help`)") from None
     stop = StopSignal()
     Broker(args.frontend, args.backend, config, curve=curve).run(stop.event)
     return 0
@@ -517,6 +528,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
 # Client commands: info, ping
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from .wire.protocol import info_canvas
+
     with client_from_args(args) as client:
         info = client.info()
     if args.json:
@@ -526,8 +539,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"{args.server}: {server.get('name')} {server.get('version')} ({server.get('role')}), "
           f"protocol {info.get('protocol_versions')}")
     for model in info.get("models", []):
-        canvas = model.get("canvas", [0, 0])
-        print(f"  model {model.get('name')}: preset {model.get('preset')}, canvas {canvas[0]}×{canvas[1]} (H×W), "
+        canvas = info_canvas(model) if "canvas" in model else "?"
+        print(f"  model {model.get('name')}: preset {model.get('preset')}, canvas {canvas} (W×H), "
               f"stages {', '.join(model.get('stages', []))}")
     print(f"  devices: {', '.join(info.get('devices', []))}; workers: {len(info.get('workers', []))}")
     batching, limits, counters = info.get("batching", {}), info.get("limits", {}), info.get("counters", {})
@@ -558,9 +571,13 @@ def cmd_ping(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run_bench
+    from .bench import run_bench, sweep_then_configure
 
-    return run_bench(args)
+    if args.sweep:
+        sweep_then_configure(args)  # may point --preset's run at the fastest path and batch
+    if args.clients < 1 or args.rounds < 1:
+        raise SystemExit("error: --clients and --rounds must be at least 1")
+    return run_bench(args, load_pipeline(args), client_keys(args) if args.server else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -624,12 +641,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-key", metavar="FILE", help="the broker's public key file (BROKER.key)")
     p.set_defaults(func=cmd_worker)
 
+    from .broker import BrokerConfig
+    from .wire.protocol import MIB
+
+    broker_defaults = BrokerConfig()
     p = sub.add_parser("broker", help="load-balancing broker: clients on --frontend, workers on --backend")
     p.add_argument("--frontend", default="tcp://127.0.0.1:5557", help="endpoint for clients")
     p.add_argument("--backend", default="tcp://127.0.0.1:5558", help="endpoint for workers")
-    p.add_argument("--heartbeat-ms", type=float, default=1000.0, help="heartbeat interval (default 1000)")
-    p.add_argument("--max-queue", type=int, default=1024, help="requests waiting for a worker (default 1024)")
-    p.add_argument("--max-message-mb", type=float, default=32.0, help="largest request in MiB (default 32)")
+    p.add_argument("--heartbeat-ms", type=float, default=broker_defaults.heartbeat_s * 1000,
+                   help=f"heartbeat interval (default {broker_defaults.heartbeat_s * 1000:g})")
+    p.add_argument("--max-queue", type=int, default=broker_defaults.max_queue,
+                   help=f"requests waiting for a worker (default {broker_defaults.max_queue})")
+    p.add_argument("--max-message-mb", type=float, default=broker_defaults.max_message_bytes / MIB,
+                   help=f"largest request in MiB (default {broker_defaults.max_message_bytes / MIB:g})")
     p.add_argument("--curve-secret", metavar="FILE", help="server secret key file for the frontend")
     p.add_argument("--curve-clients", metavar="DIR", help="folder of authorised client public keys")
     p.add_argument("--curve-workers", metavar="DIR",

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .keypoints import COUNT, NAMES
+from .wire.protocol import Size
 
 POSE_EMBEDDINGS = ("heatmaps", "ce", "hme")
 
@@ -23,7 +24,7 @@ POSE_EMBEDDINGS = ("heatmaps", "ce", "hme")
 class ModelConfig:
     """Everything needed to rebuild G1 and G2; saved as JSON next to the weights."""
     preset: str
-    canvas: tuple[int, int]           # (height, width) of the model's canvas in pixels
+    canvas: Size                      # the model's canvas in pixels, (width, height)
     base_width: int = 128             # channels of the first level; level i has base·(i+1)
     g1_levels: int = 5                # N in the paper: log2(H) - 2 for the official presets
     g2_levels: int = 3                # N - 2 in the official code
@@ -36,19 +37,19 @@ class ModelConfig:
     keypoints: tuple[str, ...] = field(default=NAMES)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "canvas", tuple(int(v) for v in self.canvas))
+        object.__setattr__(self, "canvas", Size(*(int(v) for v in self.canvas)))
         object.__setattr__(self, "keypoints", tuple(self.keypoints))
         self.validate()
 
     def validate(self) -> None:
         """Raise ValueError naming the field that is inconsistent."""
-        height, width = self.canvas
+        width, height = self.canvas
         if self.g1_levels < 1 or self.g2_levels < 1:
             raise ValueError(f"g1_levels and g2_levels must be ≥ 1, got {self.g1_levels}, {self.g2_levels}")
         for levels, name in ((self.g1_levels, "g1_levels"), (self.g2_levels, "g2_levels")):
             step = 2 ** (levels - 1)
             if height % step or width % step:
-                raise ValueError(f"canvas {height}×{width} must be divisible by 2^({name}-1) = {step}")
+                raise ValueError(f"canvas {width}×{height} (W×H) must be divisible by 2^({name}-1) = {step}")
         if self.base_width < 1 or self.z_dim < 1:
             raise ValueError("base_width and z_dim must be positive")
         if self.pose_embedding not in POSE_EMBEDDINGS:
@@ -60,16 +61,27 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
-        data["canvas"] = list(self.canvas)
+        data["canvas"] = self.canvas._asdict()  # {"width": W, "height": H}: says its own order
         data["keypoints"] = list(self.keypoints)
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
+        """Read `to_dict`'s output, or the older layout whose "canvas" is a list [height, width]."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown model config keys {unknown}; known: {sorted(known)}")
+        data = dict(data)
+        canvas = data.get("canvas")
+        if isinstance(canvas, dict):
+            if set(canvas) != {"width", "height"}:
+                raise ValueError(f"canvas must be {{\"width\": W, \"height\": H}}, got {canvas}")
+            data["canvas"] = Size(canvas["width"], canvas["height"])
+        elif isinstance(canvas, (list, tuple)) and len(canvas) == 2:
+            data["canvas"] = Size(width=canvas[1], height=canvas[0])
+        else:
+            raise ValueError(f"canvas must be {{\"width\": W, \"height\": H}}, got {canvas!r}")
         return cls(**data)
 
     def replace(self, **changes) -> "ModelConfig":
@@ -78,16 +90,16 @@ class ModelConfig:
 
 PRESETS: dict[str, ModelConfig] = {
     # The official Market-1501 network (128×64, N = 5).
-    "market": ModelConfig("market", (128, 64), 128, 5, 3, 64, g2_skip_finest=True),
+    "market": ModelConfig("market", Size(64, 128), 128, 5, 3, 64, g2_skip_finest=True),
     # The official DeepFashion network (256×256, N = 6).
-    "deepfashion": ModelConfig("deepfashion", (256, 256), 128, 6, 4, 64),
+    "deepfashion": ModelConfig("deepfashion", Size(256, 256), 128, 6, 4, 64),
     # DeepFashion's 256×176 frame at full resolution: 5 G1 levels (176 = 11·16) and a width whose
     # fp16 checkpoint is small enough to bundle (7.3 M parameters, 13.9 MiB, 35 GFLOP per image).
-    "fashion": ModelConfig("fashion", (256, 176), 32, 5, 4, 64),
+    "fashion": ModelConfig("fashion", Size(176, 256), 32, 5, 4, 64),
     # Small enough to train on a CPU: the bundled default model (DeepFashion's 256×176 at ½).
-    "demo": ModelConfig("demo", (128, 88), 16, 4, 2, 64),
+    "demo": ModelConfig("demo", Size(88, 128), 16, 4, 2, 64),
     # For tests: milliseconds per forward pass.
-    "tiny": ModelConfig("tiny", (32, 16), 8, 3, 1, 8),
+    "tiny": ModelConfig("tiny", Size(16, 32), 8, 3, 1, 8),
 }
 
 
@@ -153,7 +165,7 @@ class Generator1(nn.Module):
         super().__init__()
         self.config = config
         base, levels, z = config.base_width, config.g1_levels, config.z_dim
-        height, width = config.canvas
+        width, height = config.canvas
         self.bottom = (height // 2 ** (levels - 1), width // 2 ** (levels - 1))
         bottom_pixels = self.bottom[0] * self.bottom[1]
         pose_in_image = config.pose_embedding == "heatmaps"
@@ -254,7 +266,7 @@ def count_flops(config: ModelConfig) -> dict[str, int]:
     """FLOPs per image (2 per multiply-add) of G1 and G2, measured with FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    height, width = config.canvas
+    width, height = config.canvas
     with torch.device("meta"):  # shapes only: counting costs no compute or memory
         g1, g2 = Generator1(config), Generator2(config)
         source = torch.zeros(1, 3, height, width)

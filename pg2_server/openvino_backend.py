@@ -95,7 +95,7 @@ class OpenVinoStages:
         self._lock = threading.Lock()
 
     def _convert(self, ov, g1, g2):
-        height, width = self.config.canvas
+        width, height = self.config.canvas
         example = [torch.zeros(1, 3, height, width), torch.zeros(1, COUNT, height, width)]
         shapes = [ov.PartialShape([-1, 3, height, width]), ov.PartialShape([-1, COUNT, height, width])]
         if self.with_coordinates:

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from dataclasses import dataclass
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
+
+from .wire.protocol import MIB
 
 log = logging.getLogger("pg2_server.peers")
 
@@ -42,6 +45,17 @@ def _size(frames: list) -> int:
 
 def _identity(frame) -> bytes:
     return frame.bytes if isinstance(frame, zmq.Frame) else bytes(frame)
+
+
+@dataclass(frozen=True)
+class ReplyBudget:
+    """Bytes of replies held for clients that do not read them: per client, and in all."""
+    per_client: int = 64 * MIB
+    total: int = 512 * MIB
+
+    def __post_init__(self) -> None:
+        if self.per_client < 1 or self.total < 1:
+            raise ValueError(f"reply budgets must be positive, got {self.per_client} and {self.total} bytes")
 
 
 class Delivery:

@@ -145,6 +145,12 @@ def resolve_backend(backend: str, device: torch.device, fast: "FastPath | None")
     return backend
 
 
+def default_checkpoint() -> Path | None:
+    """The bundled default model, if this installation has one."""
+    path = Path(__file__).parent / "default" / "pg2_default.json"
+    return path if path.is_file() else None
+
+
 def _check_size(size, what: str = "size") -> tuple[int, int]:
     if (not isinstance(size, (tuple, list)) or len(size) != 2
             or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in size)):
@@ -232,7 +238,9 @@ class Pipeline:
 
     def describe(self) -> dict:
         """What a client needs to know about the model (used by the server's `info`)."""
-        return {"name": self.name, "preset": self.config.preset, "canvas": list(self.config.canvas),
+        canvas = self.config.canvas
+        # "canvas" is [H, W] in protocol v1's info reply (clients read it with wire.protocol.info_canvas).
+        return {"name": self.name, "preset": self.config.preset, "canvas": [canvas.height, canvas.width],
                 "keypoints": list(self.config.keypoints),
                 "stages": ["g1", "g2"] if self.g2 is not None else ["g1"],
                 "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
@@ -250,7 +258,7 @@ class Pipeline:
         source_fit = fit_frame((source.shape[1], source.shape[0]), canvas)
         target_fit = fit_frame(size, canvas)
         on_canvas = target_fit.keypoints_to_canvas(points)
-        height, width = canvas
+        width, height = canvas
         c = self.config
         return Prepared(
             source=to_unit_range(source_fit.image_to_canvas(source)),
@@ -286,7 +294,7 @@ class Pipeline:
 
     def _to_device(self, batch: Sequence[Prepared], rows: int) -> tuple[torch.Tensor, ...]:
         """Stack a batch (zero-padded to `rows`) into device tensors, via reused pinned buffers on CUDA."""
-        height, width = self.config.canvas
+        width, height = self.config.canvas
         shapes = ((3, height, width), (len(batch[0].heatmaps), height, width), (len(batch[0].coordinates),))
         if self.device.type == "cuda":
             if rows not in self._staging:

@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 
 from .keypoints import MASK_LIMBS, as_array, flip_keypoints
+from .wire.protocol import Size
 
 
 @lru_cache(maxsize=16)
@@ -140,19 +141,19 @@ def pose_coordinates(keypoints, height: int, width: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class FrameFit:
-    """How a frame of `frame` = (W, H) pixels sits in a canvas of `canvas` = (H, W) pixels.
+    """How a frame of `frame` pixels sits in a canvas of `canvas` pixels (both Size: W, H).
 
-    The frame is resized to `scaled` = (w, h), preserving aspect ratio to the nearest pixel,
-    and placed at `offset` = (x, y) in the canvas; the rest is padding.
+    The frame is resized to `scaled`, preserving aspect ratio to the nearest pixel, and placed
+    at `offset` = (x, y) in the canvas; the rest is padding.
     """
-    frame: tuple[int, int]
-    canvas: tuple[int, int]
-    scaled: tuple[int, int]
+    frame: Size
+    canvas: Size
+    scaled: Size
     offset: tuple[int, int]
 
     @property
     def is_identity(self) -> bool:
-        return self.frame == (self.canvas[1], self.canvas[0])
+        return self.frame == self.canvas
 
     @property
     def scale(self) -> tuple[float, float]:
@@ -189,8 +190,8 @@ class FrameFit:
         if resized.ndim == 2 and image.ndim == 3:
             resized = resized[:, :, None]
         top, left = self.offset[1], self.offset[0]
-        bottom = self.canvas[0] - self.scaled[1] - top
-        right = self.canvas[1] - self.scaled[0] - left
+        bottom = self.canvas.height - self.scaled.height - top
+        right = self.canvas.width - self.scaled.width - left
         mode = cv2.BORDER_REPLICATE if border == "replicate" else cv2.BORDER_CONSTANT
         padded = cv2.copyMakeBorder(resized, top, bottom, left, right, mode, value=0)
         if padded.ndim == 2 and image.ndim == 3:
@@ -199,9 +200,9 @@ class FrameFit:
 
     def image_to_frame(self, image: np.ndarray, interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
         """Crop a canvas-sized image (H, W[, C]) back to the frame's area and resize to W×H."""
-        if image.shape[0] != self.canvas[0] or image.shape[1] != self.canvas[1]:
+        if image.shape[0] != self.canvas.height or image.shape[1] != self.canvas.width:
             raise ValueError(f"image is {image.shape[1]}×{image.shape[0]} but the canvas is "
-                             f"{self.canvas[1]}×{self.canvas[0]}")
+                             f"{self.canvas.width}×{self.canvas.height}")
         if self.is_identity:
             return image.copy()
         x, y = self.offset
@@ -213,9 +214,9 @@ class FrameFit:
 
 
 def fit_frame(frame: tuple[int, int], canvas: tuple[int, int]) -> FrameFit:
-    """Fit a frame of (W, H) pixels into a canvas of (H, W) pixels, preserving aspect ratio."""
+    """Fit a frame into a canvas, both (width, height) pixels, preserving aspect ratio."""
     width, height = frame
-    canvas_h, canvas_w = canvas
+    canvas_w, canvas_h = canvas
     for name, value in (("frame width", width), ("frame height", height),
                         ("canvas height", canvas_h), ("canvas width", canvas_w)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
@@ -224,8 +225,8 @@ def fit_frame(frame: tuple[int, int], canvas: tuple[int, int]) -> FrameFit:
     scaled_w = min(canvas_w, max(1, round(width * scale)))
     scaled_h = min(canvas_h, max(1, round(height * scale)))
     offset = ((canvas_w - scaled_w) // 2, (canvas_h - scaled_h) // 2)
-    return FrameFit((int(width), int(height)), (int(canvas_h), int(canvas_w)),
-                    (int(scaled_w), int(scaled_h)), (int(offset[0]), int(offset[1])))
+    return FrameFit(Size(int(width), int(height)), Size(int(canvas_w), int(canvas_h)),
+                    Size(int(scaled_w), int(scaled_h)), (int(offset[0]), int(offset[1])))
 
 
 def flip_horizontal(image: np.ndarray, keypoints) -> tuple[np.ndarray, np.ndarray]:

@@ -16,19 +16,13 @@ from dataclasses import dataclass
 import zmq
 
 from . import peers
+from .peers import ReplyBudget
 from .errors import SetupError
 from .wire import protocol
 from .wire.curve import ServerKeys, secure_socket
 from .worker import Outbox, Worker
 
 log = logging.getLogger("pg2_server.server")
-
-
-@dataclass(frozen=True)
-class ReplyBudget:
-    """Bytes of replies held for clients that do not read them: per client, and in all."""
-    per_client: int = 64 * 2 ** 20
-    total: int = 512 * 2 ** 20
 
 
 class StopSignal:

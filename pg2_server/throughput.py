@@ -57,7 +57,7 @@ def measure(pipeline: Pipeline, batch: int, mode: str, warmup: int = 3, iteratio
             min_seconds: float = 1.0) -> Measurement:
     """Time `pipeline.forward` on a random batch; at least `iterations` runs and `min_seconds`."""
     device = pipeline.device
-    height, width = pipeline.config.canvas
+    width, height = pipeline.config.canvas
     generator = torch.Generator().manual_seed(0)
     sources = (torch.rand(batch, 3, height, width, generator=generator) * 2 - 1).to(device)
     maps = torch.where(torch.rand(batch, COUNT, height, width, generator=generator) < 0.02, 1.0, -1.0).to(device)

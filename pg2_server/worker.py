@@ -51,13 +51,22 @@ def resident_memory_mb() -> float:
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """Batching, queue and limit settings of a worker (the CLI's serve/worker flags)."""
+    """Batching, queue and limit settings of a worker (the CLI's serve/worker flags and their defaults)."""
     max_batch: int = 16
     max_delay_ms: float = 5.0
     max_queue: int = 256
     threads: int = 4
     limits: Limits = field(default_factory=Limits)
     source_cache_mb: float = 64.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_queue", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_delay_ms < 0:
+            raise ValueError(f"max_delay_ms must be ≥ 0, got {self.max_delay_ms}")
+        if self.source_cache_mb < 0:
+            raise ValueError(f"source_cache_mb must be ≥ 0 (0 = off), got {self.source_cache_mb}")
 
 
 class Job:

@@ -1,12 +1,15 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import pg2_server
 from pg2_server.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pg2_server.model import Generator1, Generator2, preset
 from pg2_server.pipeline import Pipeline
+from pg2_server.wire.protocol import Size
 
 
 def _save(tmp_path, name="model", **kwargs):
@@ -22,13 +25,34 @@ def test_save_writes_weights_and_description(tmp_path):
     assert json_path.name == "model.json" and weights_path.name == "model.safetensors"
     description = json.loads(json_path.read_text())
     assert description["format"] == "pg2-checkpoint" and description["stages"] == ["g1", "g2"]
-    assert description["config"]["canvas"] == [32, 16] and description["keypoints"][0] == "nose"
+    assert description["format_version"] == 2
+    assert description["config"]["canvas"] == {"width": 16, "height": 32} and description["keypoints"][0] == "nose"
     assert description["value_ranges"]["image"] == [-1.0, 1.0]
     assert description["provenance"] == {"data": "unit test"}
     loaded = load_checkpoint(weights_path)     # either file name works
     assert loaded.config == config
     for a, b in zip(g1.state_dict().values(), loaded.g1.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_a_format_version_1_checkpoint_still_loads(tmp_path):
+    """Version 1 wrote the canvas as a list [height, width]; the bundled default model is one."""
+    config, g1, _, (json_path, _) = _save(tmp_path)
+    description = json.loads(json_path.read_text())
+    description["format_version"] = 1
+    description["config"]["canvas"] = [32, 16]
+    json_path.write_text(json.dumps(description))
+    loaded = load_checkpoint(json_path)
+    assert loaded.config == config and loaded.config.canvas == Size(width=16, height=32)
+    for a, b in zip(g1.state_dict().values(), loaded.g1.state_dict().values()):
+        assert torch.equal(a, b)
+    description["format_version"] = 3
+    json_path.write_text(json.dumps(description))
+    with pytest.raises(CheckpointError, match="format_version 3; this code reads versions 1, 2"):
+        load_checkpoint(json_path)
+    bundled = json.loads(Path(pg2_server.__file__).with_name("default").joinpath("pg2_default.json").read_text())
+    assert bundled["format_version"] == 1
+    assert load_checkpoint(Path(pg2_server.__file__).with_name("default") / "pg2_default").config.canvas == (88, 128)
 
 
 def test_saved_files_are_readable_by_others(tmp_path):

@@ -111,3 +111,31 @@ def test_a_bug_keeps_its_traceback_and_a_setup_error_is_one_line(monkeypatch, ca
     monkeypatch.setattr(cli, "cmd_presets", no_device)
     assert cli.main(["presets"]) == 2
     assert capsys.readouterr().err == "error: device cuda requested but CUDA is not available; use --device cpu\n"
+
+
+def test_serving_flags_default_to_the_configs_and_the_configs_check_values():
+    from pg2_server.broker import BrokerConfig
+    from pg2_server.cli import build_parser
+    from pg2_server.peers import ReplyBudget
+    from pg2_server.wire.protocol import MIB, Limits
+    from pg2_server.worker import WorkerConfig
+
+    serve = build_parser().parse_args(["serve"])
+    worker, limits, budget = WorkerConfig(), Limits(), ReplyBudget()
+    assert (serve.max_batch, serve.max_delay_ms, serve.max_queue, serve.threads, serve.source_cache_mb) == \
+        (worker.max_batch, worker.max_delay_ms, worker.max_queue, worker.threads, worker.source_cache_mb)
+    assert serve.max_message_mb * MIB == limits.max_message_bytes and serve.max_image_side == limits.max_image_side
+    assert serve.max_unread_mb * MIB == budget.per_client and serve.max_unread_total_mb * MIB == budget.total
+    broker = build_parser().parse_args(["broker"])
+    defaults = BrokerConfig()
+    assert broker.max_queue == defaults.max_queue and broker.heartbeat_ms == defaults.heartbeat_s * 1000
+    assert broker.max_message_mb * MIB == defaults.max_message_bytes == limits.max_message_bytes
+    with pytest.raises(ValueError, match="max_batch must be at least 1, got 0"):
+        WorkerConfig(max_batch=0)
+    with pytest.raises(ValueError, match="max_image_side must be at least 16"):
+        Limits(max_image_side=8)
+    with pytest.raises(ValueError, match="max_queue must be at least 1"):
+        BrokerConfig(max_queue=0)
+    with pytest.raises(SystemExit, match="error: max_batch must be at least 1, got 0"):
+        from pg2_server.cli import build_worker
+        build_worker(build_parser().parse_args(["serve", "--max-batch", "0"]), "serve")

@@ -13,7 +13,7 @@ from pg2_server.pose import pose_mask
 from training.data import DataError, DataReport, PairDataset, PairSampler, load_split, make_loader, \
     read_annotation_file, read_pairs
 
-TINY = preset("tiny")  # canvas 32 × 16 (H × W); fixture frames are 32 × 64 (W × H): scale ½
+TINY = preset("tiny")  # canvas 16 × 32, fixture frames 32 × 64 (both W × H): scale ½
 
 
 @pytest.mark.parametrize("style", ["deepfashion", "market"])

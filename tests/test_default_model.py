@@ -6,7 +6,7 @@ import sys
 import cv2
 import numpy as np
 
-from pg2_server.cli import default_checkpoint
+from pg2_server.pipeline import default_checkpoint
 from pg2_server.pipeline import Pipeline
 from pg2_server.samples import load_samples
 

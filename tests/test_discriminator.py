@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from pg2_server.model import PRESETS
+from pg2_server.wire.protocol import Size
 from training.discriminator import Discriminator, DiscriminatorConfig
 
 
@@ -16,7 +17,7 @@ def test_one_logit_per_image_on_every_canvas(name, layers):
     canvas = PRESETS[name].canvas
     with torch.device("meta"):
         d = Discriminator(DiscriminatorConfig(canvas, layers))
-        logits = d(torch.zeros(3, 3, *canvas))
+        logits = d(torch.zeros(3, 3, canvas.height, canvas.width))
     assert logits.shape == (3,)
     convs = [m for m in d.modules() if isinstance(m, nn.Conv2d)]
     assert [c.out_channels for c in convs] == [64, 128, 256, 512, 512][:layers]
@@ -26,7 +27,7 @@ def test_one_logit_per_image_on_every_canvas(name, layers):
 
 
 def test_batch_norm_on_all_but_the_first_and_leaky_relu():
-    d = Discriminator(DiscriminatorConfig((32, 16), 4, 8))
+    d = Discriminator(DiscriminatorConfig(Size(16, 32), 4, 8))
     kinds = [type(m).__name__ for m in d.features]
     assert kinds == ["Conv2d", "LeakyReLU", "Conv2d", "BatchNorm2d", "LeakyReLU", "Conv2d", "BatchNorm2d",
                      "LeakyReLU", "Conv2d", "BatchNorm2d", "LeakyReLU"]
@@ -35,7 +36,7 @@ def test_batch_norm_on_all_but_the_first_and_leaky_relu():
 
 def test_initialisation_uniform_with_std_002():
     torch.manual_seed(0)
-    d = Discriminator(DiscriminatorConfig((128, 64), 4))
+    d = Discriminator(DiscriminatorConfig(Size(64, 128), 4))
     weights = torch.cat([m.weight.flatten() for m in d.modules() if isinstance(m, (nn.Conv2d, nn.Linear))])
     bound = 0.02 * math.sqrt(3)
     assert weights.abs().max() <= bound
@@ -44,11 +45,11 @@ def test_initialisation_uniform_with_std_002():
 
 
 def test_pair_discriminator_takes_source_and_image():
-    d = Discriminator(DiscriminatorConfig((32, 16), 4, 8, kind="pair"))
+    d = Discriminator(DiscriminatorConfig(Size(16, 32), 4, 8, kind="pair"))
     assert d.features[0].in_channels == 6
     image, source = torch.rand(2, 3, 32, 16), torch.rand(2, 3, 32, 16)
     assert d(image, source).shape == (2,)
     with pytest.raises(ValueError, match="needs the source"):
         d(image)
     with pytest.raises(ValueError, match="kind"):
-        DiscriminatorConfig((32, 16), kind="patch")
+        DiscriminatorConfig(Size(16, 32), kind="patch")

@@ -106,12 +106,13 @@ def test_two_gloo_processes_keep_parameters_identical(tmp_path):
 
 
 def test_synchronised_batch_norm_is_plain_batch_norm_in_one_process():
+    from pg2_server.wire.protocol import Size
     from training.discriminator import Discriminator, DiscriminatorConfig
     from training.distributed import SynchronizedBatchNorm2d, synchronize_batch_norm
 
     torch.manual_seed(0)
-    plain = Discriminator(DiscriminatorConfig((32, 16), 4, 8))
-    synced = synchronize_batch_norm(Discriminator(DiscriminatorConfig((32, 16), 4, 8)))
+    plain = Discriminator(DiscriminatorConfig(Size(16, 32), 4, 8))
+    synced = synchronize_batch_norm(Discriminator(DiscriminatorConfig(Size(16, 32), 4, 8)))
     synced.load_state_dict(plain.state_dict())
     assert sum(isinstance(m, SynchronizedBatchNorm2d) for m in synced.modules()) == 3
     x = torch.randn(6, 3, 32, 16)

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from pg2_server.wire.protocol import Size
 from training.discriminator import Discriminator, DiscriminatorConfig
 from training.losses import discriminator_logits, discriminator_loss, generator_adversarial_loss, \
     reconstruction_loss
@@ -56,7 +57,7 @@ def test_all_images_go_through_d_in_one_batch():
 
 
 def test_losses_backpropagate_through_a_real_discriminator():
-    d = Discriminator(DiscriminatorConfig((32, 16), 4, 8))
+    d = Discriminator(DiscriminatorConfig(Size(16, 32), 4, 8))
     generated = torch.rand(2, 3, 32, 16, requires_grad=True)
     _, _, logits = discriminator_logits(d, torch.rand(2, 3, 32, 16), torch.rand(2, 3, 32, 16), generated,
                                         "source-negative")

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from pg2_server.model import PRESETS, Generator1, Generator2, ModelConfig, count_flops, parameter_count, preset
+from pg2_server.wire.protocol import Size
 
 
 @pytest.mark.parametrize("name, g1_params, g2_params", [
@@ -25,7 +26,7 @@ def test_official_flops_per_image():
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_output_shapes_for_every_preset(name):
     config = PRESETS[name]
-    h, w = config.canvas
+    w, h = config.canvas
     with torch.device("meta"):
         g1, g2 = Generator1(config), Generator2(config)
         source, pose = torch.zeros(2, 3, h, w), torch.zeros(2, 18, h, w)
@@ -93,7 +94,7 @@ def test_config_dict_round_trip_and_unknown_keys():
 
 def test_fashion_preset_is_the_deepfashion_frame_in_a_bundleable_size():
     config = preset("fashion")
-    assert config.canvas == (256, 176)  # (height, width): DeepFashion's 176 × 256 frame, no padding
+    assert config.canvas == (176, 256)  # (width, height): DeepFashion's 176 × 256 frame, no padding
     with torch.device("meta"):
         params = parameter_count(Generator1(config)) + parameter_count(Generator2(config))
     assert params == 7_299_206
@@ -101,3 +102,15 @@ def test_fashion_preset_is_the_deepfashion_frame_in_a_bundleable_size():
     wider = preset("fashion", base_width=40)
     with torch.device("meta"):
         assert parameter_count(Generator1(wider)) > parameter_count(Generator1(config))
+
+
+def test_config_canvas_is_width_height_and_old_layouts_still_read():
+    config = preset("demo")
+    assert config.canvas == Size(width=88, height=128) and config.canvas.width == 88
+    data = config.to_dict()
+    assert data["canvas"] == {"width": 88, "height": 128}
+    assert ModelConfig.from_dict(data) == config
+    older = dict(data, canvas=[128, 88])  # checkpoints and run states before: a list [height, width]
+    assert ModelConfig.from_dict(older) == config
+    with pytest.raises(ValueError, match="canvas must be"):
+        ModelConfig.from_dict(dict(data, canvas={"w": 88, "h": 128}))

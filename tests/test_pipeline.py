@@ -202,7 +202,7 @@ def test_bf16_units_are_detected_from_the_cpu(monkeypatch):
 
 
 def test_bundled_model_in_bf16_within_stated_tolerance_on_the_bundled_samples():
-    from pg2_server.cli import default_checkpoint
+    from pg2_server.pipeline import default_checkpoint
     from pg2_server.samples import load_samples
 
     samples = load_samples()

@@ -116,7 +116,7 @@ def test_heatmaps_and_mask_equal_independent_loops_on_random_poses(seed):
 
 
 def test_framing_identity_when_sizes_match():
-    fit = pose.fit_frame((64, 128), (128, 64))
+    fit = pose.fit_frame((64, 128), (64, 128))
     assert fit.is_identity and fit.offset == (0, 0) and fit.scaled == (64, 128)
     image = np.random.default_rng(0).integers(0, 255, (128, 64, 3), dtype=np.uint8)
     assert np.array_equal(fit.image_to_canvas(image), image)
@@ -125,8 +125,8 @@ def test_framing_identity_when_sizes_match():
     assert np.allclose(fit.keypoints_to_canvas(points), points)
 
 
-@pytest.mark.parametrize("frame, canvas", [((1920, 1080), (256, 176)), ((50, 300), (128, 88)),
-                                           ((176, 256), (128, 64)), ((64, 64), (256, 256))])
+@pytest.mark.parametrize("frame, canvas", [((1920, 1080), (176, 256)), ((50, 300), (88, 128)),
+                                           ((176, 256), (64, 128)), ((64, 64), (256, 256))])
 def test_framing_round_trip_within_half_pixel(frame, canvas):
     fit = pose.fit_frame(frame, canvas)
     w, h = frame
@@ -137,7 +137,7 @@ def test_framing_round_trip_within_half_pixel(frame, canvas):
     assert np.isnan(on_canvas[3]).all()
     assert np.nanmax(np.abs(fit.keypoints_to_frame(on_canvas) - points)) < 0.5
     # Keypoints land inside the frame's area of the canvas, which is centred.
-    ch, cw = canvas
+    cw, ch = canvas
     assert np.nanmin(on_canvas[:, 0]) >= fit.offset[0] - 0.5
     assert np.nanmax(on_canvas[:, 0]) <= fit.offset[0] + fit.scaled[0] - 0.5
     assert abs((cw - fit.scaled[0]) - 2 * fit.offset[0]) <= 1 and abs((ch - fit.scaled[1]) - 2 * fit.offset[1]) <= 1
@@ -148,7 +148,7 @@ def test_framing_round_trip_within_half_pixel(frame, canvas):
 
 
 def test_framing_places_a_marked_pixel_where_its_keypoint_goes():
-    fit = pose.fit_frame((400, 200), (128, 64))   # wide frame: scaled 64×32, padded top/bottom
+    fit = pose.fit_frame((400, 200), (64, 128))   # wide frame: scaled 64×32, padded top/bottom
     assert fit.scaled == (64, 32) and fit.offset == (0, 48)
     image = np.zeros((200, 400, 3), np.uint8)
     image[90:110, 190:210] = 255
@@ -179,9 +179,9 @@ def test_check_image_errors(bad, error, message):
 
 def test_fit_frame_rejects_bad_sizes():
     with pytest.raises(ValueError, match="frame width must be a positive integer"):
-        pose.fit_frame((0, 10), (32, 16))
+        pose.fit_frame((0, 10), (16, 32))
     with pytest.raises(ValueError, match="frame height"):
-        pose.fit_frame((10, 2.5), (32, 16))
+        pose.fit_frame((10, 2.5), (16, 32))
 
 
 def test_value_conversions_round_trip():

@@ -44,7 +44,7 @@ def test_generate_round_trip_keeps_every_field():
     assert request.op == "generate" and request.id == "abc" and request.v == 1
     assert request.keypoints[0] == (10.0, 20.0) and request.keypoints[17] is None
     assert len(request.keypoints) == 18
-    assert request.size == (176, 256)
+    assert request.size == (176, 256) and request.size.width == 176 and request.size.height == 256
     assert request.source_spec == ImageSpec("raw", 2, 2)
     assert bytes(request.source) == b"\x01\x02" * 6
     assert request.output == OutputSpec("raw", True, ("g2", "g1"), 90)
@@ -160,6 +160,11 @@ def test_valid_endpoints():
     assert protocol.check_endpoint(" tcp://10.0.0.2:5557 ") == "tcp://10.0.0.2:5557"
     assert protocol.check_endpoint("tcp://*:5557", bind=True) == "tcp://*:5557"
     assert protocol.check_endpoint("ipc:///tmp/pg2.sock") == "ipc:///tmp/pg2.sock"
+
+
+def test_info_canvas_is_the_one_height_first_size():
+    assert protocol.info_canvas({"name": "tiny-random", "canvas": [32, 16]}) == protocol.Size(width=16, height=32)
+    assert str(protocol.Size(16, 32)) == "16×32"
 
 
 def test_split_envelope_handles_req_and_dealer():

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from pg2_server.keypoints import INDEX, read_annotations
+from pg2_server.wire.protocol import Size
 from training import synth
 from training.synth_body import ARM, FOOT, HEAD, LEG, TORSO, BodyModel, Pose, VIEWS, sample_phenotype, sample_pose
 from training.synth_clothing import PATTERNS, Garment, Look, sample_look, vertex_colours
@@ -20,7 +21,7 @@ from training.synth_render import Renderer, visible_keypoints
 pytestmark = pytest.mark.timeout(300)
 
 IDENTITY = re.compile(r"^(.*?id\d{8})")  # the shared DeepFashion identity rule (training/pairs.py)
-CONFIG = synth.SynthConfig(identities=2, test_identities=1, poses_per_identity=3, seed=3, size=(96, 64),
+CONFIG = synth.SynthConfig(identities=2, test_identities=1, poses_per_identity=3, seed=3, size=Size(64, 96),
                            style="deepfashion")
 TORSO_JOINTS = [INDEX[n] for n in ("right_shoulder", "left_shoulder", "right_hip", "left_hip")]
 
@@ -106,8 +107,8 @@ def test_other_seed_other_people():
 
 def test_keypoints_land_on_the_rendered_body(body):
     config = synth.SynthConfig(identities=1, test_identities=1, poses_per_identity=6, seed=11,
-                               size=(128, 88), style="deepfashion")
-    h, w = config.size
+                               size=Size(88, 128), style="deepfashion")
+    w, h = config.size
     renderer = Renderer(body.faces, body.vertex_count, (w, h))
     checked = 0
     for identity in (0, 1):
@@ -139,8 +140,8 @@ def test_photo_renders_show_the_person_where_the_keypoints_are(body):
     """Cycles with garments, hair and the studio: keypoints on the person's rendered mask (body and
     garment meshes), a light seamless backdrop around them, the cut framings cut the legs."""
     config = synth.SynthConfig(identities=1, test_identities=1, poses_per_identity=4, seed=5,
-                               size=(128, 88), style="deepfashion")
-    h, w = config.size
+                               size=Size(88, 128), style="deepfashion")
+    w, h = config.size
     renderer = Renderer(body.faces, body.vertex_count, (w, h), engine="cycles", uvs=body.uvs, samples=2)
     framings = set()
     for identity in (0, 1):
@@ -210,7 +211,7 @@ def test_projection_matches_blender(body):
     renderer = Renderer(body.faces, body.vertex_count, (88, 128))
     person = synth.sample_person(0, 0, 2)
     bodies = body.pose(person.phenotype, person.poses)
-    config = synth.SynthConfig(1, 1, 2, 0, (128, 88), "deepfashion")
+    config = synth.SynthConfig(1, 1, 2, 0, Size(88, 128), "deepfashion")
     camera = synth.shot_camera(config, bodies.vertices[0], synth.shot_generator(config, 0, 0))
     renderer.camera.location = camera.position
     renderer.camera.data.lens = camera.lens
@@ -269,7 +270,7 @@ def test_looks_and_poses_vary_across_identities():
 
 
 def test_market_style_names_and_size(tmp_path, body):
-    config = synth.SynthConfig(identities=1, test_identities=1, poses_per_identity=2, seed=0, size=(128, 64),
+    config = synth.SynthConfig(identities=1, test_identities=1, poses_per_identity=2, seed=0, size=Size(64, 128),
                                style="market")
     synth.render_dataset(tmp_path, config, progress=False, body=body)
     annotations, problems = read_annotations(tmp_path / "market-annotation-train.csv", strict=True)

@@ -38,7 +38,7 @@ def peak_flops(device: torch.device, override_tflops: float | None = None) -> fl
 
 def random_batch(config, batch_size: int, generator: torch.Generator) -> dict:
     """A batch of the trainer's shapes and value ranges, without touching the disk."""
-    height, width = config.canvas
+    width, height = config.canvas
     return {"source": torch.rand(batch_size, 3, height, width, generator=generator) * 2 - 1,
             "target": torch.rand(batch_size, 3, height, width, generator=generator) * 2 - 1,
             "heatmaps": torch.where(torch.rand(batch_size, COUNT, height, width, generator=generator) < 0.02, 1.0, -1.0),
@@ -89,7 +89,7 @@ def bench_data(args: argparse.Namespace) -> None:
     split = load_split(args.data_root, args.annotations, args.pairs)
     dataset = PairDataset(split, config)
     batch_size = args.batch_size or 16
-    print(f"data loader, preset {args.preset} (canvas {config.canvas[0]}×{config.canvas[1]}), batch {batch_size}, "
+    print(f"data loader, preset {args.preset} (canvas {config.canvas} W×H), batch {batch_size}, "
           f"{len(dataset)} pairs; {split.report.summary()}")
     for workers in args.workers:
         loader = make_loader(dataset, batch_size, PairSampler(len(dataset), seed=0), workers)

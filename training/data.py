@@ -281,7 +281,7 @@ class PairDataset(Dataset):
 
 def encode_pair(source: np.ndarray, target: np.ndarray, target_keypoints, config: ModelConfig) -> dict:
     """Frame both images onto the canvas and encode the target pose, as the pipeline does."""
-    height, width = config.canvas
+    width, height = config.canvas
     source_fit = fit_frame((source.shape[1], source.shape[0]), config.canvas)
     target_fit = fit_frame((target.shape[1], target.shape[0]), config.canvas)
     on_canvas = target_fit.keypoints_to_canvas(target_keypoints)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pg2_server.wire.protocol import Size
+
 D_KINDS = ("source-negative", "pair")
 
 
@@ -19,12 +21,13 @@ D_KINDS = ("source-negative", "pair")
 class DiscriminatorConfig:
     """`kind`: "source-negative" (code: one image in, the source as extra negative) or "pair"
     (paper: source and image concatenated)."""
-    canvas: tuple[int, int]
+    canvas: Size  # (width, height)
     layers: int = 4
     base_width: int = 64
     kind: str = "source-negative"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "canvas", Size(*(int(v) for v in self.canvas)))
         if self.kind not in D_KINDS:
             raise ValueError(f"discriminator kind must be one of {D_KINDS}, got {self.kind!r}")
         if self.layers < 1 or self.base_width < 1:
@@ -39,7 +42,7 @@ class Discriminator(nn.Module):
         self.config = config
         channels = 6 if config.kind == "pair" else 3
         layers: list[nn.Module] = []
-        height, width = config.canvas
+        width, height = config.canvas
         for i in range(config.layers):
             out = config.base_width * 2 ** min(i, 3)   # 64-128-256-512, then 512 again
             layers.append(nn.Conv2d(channels, out, 5, stride=2, padding=2))

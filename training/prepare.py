@@ -27,11 +27,12 @@ import cv2
 import numpy as np
 
 from pg2_server.keypoints import write_annotations
+from pg2_server.wire.protocol import Size
 
 from .data import DataError, DataReport, drop_outside, read_annotation_file, read_pairs
 from .pairs import write_pairs
 
-DEEPFASHION_SIZES = {"256x176": (256, 176), "256x256": (256, 256)}  # (H, W)
+DEEPFASHION_SIZES = {"256x176": Size(176, 256), "256x256": Size(256, 256)}  # flag HEIGHTxWIDTH → Size
 PATN_CROP = 40  # px cut from each side of the 256×256 image for 256×176
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 PARTITION_FILES = ("Eval/list_eval_partition.txt", "list_eval_partition.txt")
@@ -139,7 +140,7 @@ def prepare_deepfashion(raw: str | Path, out: str | Path, size: str = "256x176",
         raise DataError(f"{raw} has no img/ folder (the In-shop 'img' tree: img/WOMEN/…/id_…/*.jpg)")
     if size not in DEEPFASHION_SIZES:
         raise DataError(f"--size must be one of {list(DEEPFASHION_SIZES)}, got {size!r}")
-    height, width = DEEPFASHION_SIZES[size]
+    width, height = DEEPFASHION_SIZES[size]
     report = DataReport()
     split_names: dict[str, set[str]] = {}
     for csv_path in annotations:

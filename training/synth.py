@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pg2_server.keypoints import INDEX, write_annotations
+from pg2_server.wire.protocol import Size
 
 from .synth_body import BodyModel, Phenotype, Pose, sample_phenotype, sample_pose
 from .synth_clothing import Look, sample_look, vertex_colours
@@ -34,16 +35,16 @@ from .synth_render import ENGINES, Camera, Renderer, Studio, frame_camera, visib
 
 @dataclass(frozen=True)
 class Style:
-    """What a dataset style fixes: default (H, W), file names of a split, how much height the body fills."""
-    size: tuple[int, int]
+    """What a dataset style fixes: default size, file names of a split, how much height the body fills."""
+    size: Size
     annotations: str
     pairs: str
     fill: tuple[float, float]
 
 
 STYLES = {
-    "deepfashion": Style((256, 176), "fasion-resize-annotation-{}.csv", "fasion-resize-pairs-{}.csv", (0.80, 0.93)),
-    "market": Style((128, 64), "market-annotation-{}.csv", "market-pairs-{}.csv", (0.82, 0.95)),
+    "deepfashion": Style(Size(176, 256), "fasion-resize-annotation-{}.csv", "fasion-resize-pairs-{}.csv", (0.80, 0.93)),
+    "market": Style(Size(64, 128), "market-annotation-{}.csv", "market-pairs-{}.csv", (0.82, 0.95)),
 }
 TORSO = tuple(INDEX[n] for n in ("right_shoulder", "left_shoulder", "right_hip", "left_hip"))
 _VIEW_CHOICES = ("front", "side", "back")
@@ -60,9 +61,12 @@ class SynthConfig:
     test_identities: int
     poses_per_identity: int
     seed: int
-    size: tuple[int, int]  # (H, W)
+    size: Size  # (width, height); the --size flag reads HEIGHTxWIDTH, as the datasets are described
     style: str
     engine: str = "cycles"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size", Size(*(int(v) for v in self.size)))
 
     def check(self) -> None:
         if self.style not in STYLES:
@@ -79,17 +83,17 @@ class SynthConfig:
             raise SynthError("at most 99,999,999 identities fit DeepFashion's 8-digit ids")
         if self.style == "market" and self.identities + self.test_identities > 9998:
             raise SynthError("Market names hold at most 9998 identities (4 digits, 0000 means distractor)")
-        h, w = self.size
+        w, h = self.size
         if h < 32 or w < 16:
             raise SynthError(f"--size {h}x{w} is too small to show a person; use at least 32x16 (HxW)")
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """'256x176' → (256, 176): height × width, as the datasets are described."""
+def parse_size(text: str) -> Size:
+    """'256x176' → Size(width=176, height=256): the flag is height × width, as the datasets are described."""
     parts = text.lower().replace("×", "x").split("x")
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
         raise argparse.ArgumentTypeError(f"size {text!r} is not HEIGHTxWIDTH, e.g. 256x176")
-    return int(parts[0]), int(parts[1])
+    return Size(width=int(parts[1]), height=int(parts[0]))
 
 
 def image_name(config: SynthConfig, identity: int, pose: int, view: str, female: bool) -> str:
@@ -108,9 +112,9 @@ def _views(rng: np.random.Generator, count: int) -> list[str]:
     return first + [str(v) for v in rest]
 
 
-def background(rng: np.random.Generator, style: str, size: tuple[int, int]) -> np.ndarray:
+def background(rng: np.random.Generator, style: str, size: Size) -> np.ndarray:
     """A backdrop (H, W, 3) float in 0–255: a light studio wall or a Market-like street scene."""
-    h, w = size
+    w, h = size
     ys = np.linspace(0, 1, h)[:, None, None]
     if style == "deepfashion":
         top = rng.uniform(225, 255) - rng.uniform(0, 12, 3) * rng.random()
@@ -182,12 +186,14 @@ def _write_split(out: Path, style: Style, split: str, rows: list, pairs: list) -
 def _check_folder(out: Path, config: SynthConfig) -> None:
     meta = out / "synth.json"
     wanted = asdict(config)
-    wanted["size"] = list(config.size)
+    wanted["size"] = config.size._asdict()  # {"width": W, "height": H}
     if meta.exists():
         try:
             found = json.loads(meta.read_text())
         except json.JSONDecodeError as error:
             raise SynthError(f"{meta} is not valid JSON ({error}); remove it or use another --out") from None
+        if isinstance(found, dict) and isinstance(found.get("size"), list) and len(found["size"]) == 2:
+            found["size"] = {"width": found["size"][1], "height": found["size"][0]}  # older folders: [H, W]
         if found != wanted:
             diff = ", ".join(f"{k}: {found.get(k)!r} there, {v!r} now" for k, v in wanted.items() if found.get(k) != v)
             raise SynthError(f"{out} holds a synthetic dataset made with other settings ({diff}); "
@@ -228,7 +234,7 @@ def shot_framing(config: SynthConfig, shot: np.random.Generator) -> str:
 def shot_camera(config: SynthConfig, vertices: np.ndarray, shot: np.random.Generator,
                 joints: np.ndarray | None = None, framing: str = "full") -> Camera:
     """The camera of one image: framing drawn from the shot's own generator."""
-    h, w = config.size
+    w, h = config.size
     fill = shot.uniform(*STYLES[config.style].fill)
     offset = (shot.uniform(-0.03, 0.03), shot.uniform(-0.02, 0.02))
     cut = None
@@ -275,7 +281,7 @@ def render_dataset(out: str | Path, config: SynthConfig, progress: bool = True,
         raise SynthError(f"--out {out} is a file; give a folder")
     _check_folder(out, config)
     style = STYLES[config.style]
-    h, w = config.size
+    w, h = config.size
     body = body or BodyModel()
     renderer = Renderer(body.faces, body.vertex_count, (w, h), engine=config.engine, uvs=body.uvs)
     photo = config.engine == "cycles"
@@ -320,7 +326,7 @@ def render_dataset(out: str | Path, config: SynthConfig, progress: bool = True,
                     studio = shot_studio(shot, bodies.vertices[k]) if photo and config.style == "deepfashion" else None
                     rgba = renderer.render(bodies.vertices[k], camera, pose=k, studio=studio)
                     if studio is None:
-                        image = composite(rgba, background(shot, config.style, (h, w)), config.style, shot)
+                        image = composite(rgba, background(shot, config.style, config.size), config.style, shot)
                     else:
                         image = rgba[..., :3]
                     quality = 95
@@ -378,7 +384,7 @@ def config_from_args(args: argparse.Namespace) -> SynthConfig:
     test = args.test_identities
     if test is None:
         test = max(1, round(0.15 * args.identities))
-    size = tuple(args.size) if args.size else STYLES[style].size
+    size = args.size or STYLES[style].size
     return SynthConfig(identities=args.identities, test_identities=test,
                        poses_per_identity=args.poses_per_identity, seed=args.seed, size=size, style=style,
                        engine=getattr(args, "engine", "cycles"))
@@ -393,7 +399,7 @@ def main(args: argparse.Namespace) -> int:
     except SynthError as error:
         print(f"synth: error: {error}", file=sys.stderr)
         return 2
-    h, w = config.size
+    w, h = config.size
     cpu = f", {report.cpu_seconds / report.rendered:.2f} CPU s each" if report.rendered else ""
     print(f"{args.out}: {report.rendered} images rendered in {report.seconds:.0f} s "
           f"({report.images_per_minute:.1f} images/min{cpu}, {w}x{h} {config.style}, {config.engine}), "

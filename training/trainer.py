@@ -559,7 +559,7 @@ class Trainer:
         """Rows of source | target pose | target | G1 | G2 for the fixed sample pairs."""
         batch = self._to_device(samples)
         coarse, final = self.generate(batch, train_g=self.generator)
-        height, width = self.model_config.canvas
+        width, height = self.model_config.canvas
         rows = []
         for i in range(len(samples["source"])):
             row = [to_uint8(samples["source"][i].numpy()),

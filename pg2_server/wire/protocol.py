@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import msgpack
 
@@ -42,6 +43,23 @@ _OUTPUT_KEYS = {"format", "alpha", "stages", "quality"}
 _MAX_DEPTH = 8
 _MAX_ID_LENGTH = 256
 MAX_DEADLINE_MS = 86_400_000  # a day
+MIB = 2 ** 20
+
+
+class Size(NamedTuple):
+    """Pixels as (width, height): the one order of sizes in this project, and of "size" on the
+    wire. Only the `info` reply's "canvas" is [H, W], as version 1 shipped it (`info_canvas`)."""
+    width: int
+    height: int
+
+    def __str__(self) -> str:
+        return f"{self.width}×{self.height}"
+
+
+def info_canvas(model: dict) -> Size:
+    """The canvas of one model of an `info` reply, whose "canvas" is [height, width]."""
+    height, width = model["canvas"]
+    return Size(int(width), int(height))
 
 
 class ProtocolError(Exception):
@@ -60,8 +78,14 @@ class ProtocolError(Exception):
 @dataclass(frozen=True)
 class Limits:
     """What a server accepts: bytes per message, pixels per image side."""
-    max_message_bytes: int = 32 * 1024 * 1024
+    max_message_bytes: int = 32 * MIB
     max_image_side: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.max_message_bytes < 1:
+            raise ValueError(f"max_message_bytes must be positive, got {self.max_message_bytes}")
+        if self.max_image_side < 16:
+            raise ValueError(f"max_image_side must be at least 16, got {self.max_image_side}")
 
 
 @dataclass(frozen=True)
@@ -96,7 +120,7 @@ class Request:
     id: str | int | None
     v: int = VERSION
     keypoints: list | None = None          # 18 × (x, y) tuple or None
-    size: tuple[int, int] | None = None    # (W, H) of the target frame
+    size: Size | None = None               # the target frame
     source_spec: ImageSpec | None = None
     source: bytes | memoryview | None = None
     output: OutputSpec = field(default_factory=OutputSpec)
@@ -216,12 +240,12 @@ def _keypoints(value, request_id) -> list:
     return points
 
 
-def _size(value, limits: Limits, request_id) -> tuple[int, int]:
+def _size(value, limits: Limits, request_id) -> Size:
     if not isinstance(value, list) or len(value) != 2:
         raise ProtocolError(BAD_REQUEST, f"size must be [W, H] (two integers), got {_show(value)}", request_id)
     width = _int(value[0], "size width", request_id, high=limits.max_image_side)
     height = _int(value[1], "size height", request_id, high=limits.max_image_side)
-    return width, height
+    return Size(width, height)
 
 
 def _source_spec(value, limits: Limits, request_id) -> ImageSpec:
