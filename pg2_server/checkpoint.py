@@ -5,8 +5,6 @@ Loading never unpickles. Every failure names the file and what is wrong with it.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .atomic import write_atomic
 from .keypoints import NAMES
 from .model import Generator1, Generator2, ModelConfig
 
@@ -57,19 +56,6 @@ def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
     return path.with_name(path.name + ".json"), path.with_name(path.name + ".safetensors")
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)   # mkstemp makes 0600; a server under another account must read it
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_checkpoint(path: str | Path, config: ModelConfig, g1: torch.nn.Module,
                     g2: torch.nn.Module | None = None, *, provenance: dict | None = None,
                     metrics: dict | None = None, dtype: str = "float32") -> tuple[Path, Path]:
@@ -95,8 +81,8 @@ def save_checkpoint(path: str | Path, config: ModelConfig, g1: torch.nn.Module,
         "provenance": provenance or {},
         "metrics": metrics or {},
     }
-    _atomic_write(weights_path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
-    _atomic_write(json_path, lambda tmp: Path(tmp).write_text(json.dumps(description, indent=2) + "\n"))
+    write_atomic(weights_path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    write_atomic(json_path, lambda tmp: Path(tmp).write_text(json.dumps(description, indent=2) + "\n"))
     return json_path, weights_path
 
 

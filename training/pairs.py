@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pg2_server.atomic import write_atomic
 from pg2_server.keypoints import INDEX
 
 from .data import DataError, DataReport, drop_outside, image_size, read_annotation_file
@@ -88,13 +89,14 @@ def build_pairs(image_dir: str | Path, annotations: str | Path, seed: int = 0, p
 
 
 def write_pairs(path: str | Path, pairs: list[tuple[str, str]]) -> None:
-    """Write PATN's pairs CSV: header `from,to`, one pair per line."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["from", "to"])
-        writer.writerows(pairs)
+    """Write PATN's pairs CSV (header `from,to`, one pair per line), replacing any old one at once."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(["from", "to"])
+            writer.writerows(pairs)
+
+    write_atomic(path, write)
 
 
 def cmd_pairs(args: argparse.Namespace) -> int:

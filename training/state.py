@@ -8,15 +8,15 @@ Never pickled.
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from pg2_server.atomic import write_atomic
 
 _TENSOR = "__tensor__"
 _META_KEY = "pg2_train_state"
@@ -59,25 +59,13 @@ def save_state(path: str | Path, state: dict) -> Path:
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _flatten(state, "s", tensors)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={_META_KEY: json.dumps(skeleton)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)   # mkstemp makes 0600
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={_META_KEY: json.dumps(skeleton)}))
 
 
 def remove_partial_saves(folder: str | Path) -> list[Path]:
     """Delete temporary files that a save killed mid-write left in `folder`; returns them.
 
-    Only names `save_state` makes (`.NAME.safetensors.XXXX.tmp`) are touched.
+    Only names `save_state` makes (`.NAME.safetensors.XXXX.tmp`, from `write_atomic`) are touched.
     """
     folder = Path(folder)
     if not folder.is_dir():

@@ -12,9 +12,7 @@ skips images already written and reproduces the same files. See docs/synthetic.m
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -24,9 +22,11 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from pg2_server.atomic import write_atomic, write_bytes_atomic
 from pg2_server.keypoints import INDEX, write_annotations
 from pg2_server.wire.protocol import Size
 
+from .pairs import write_pairs
 from .synth_body import BodyModel, Phenotype, Pose, sample_phenotype, sample_pose
 from .synth_clothing import Look, sample_look, vertex_colours
 from .synth_garments import dress
@@ -142,21 +142,6 @@ def composite(rgba: np.ndarray, backdrop: np.ndarray, style: str, rng: np.random
     return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _write_pairs(path: Path, pairs: list[tuple[str, str]]) -> None:
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["from", "to"])
-        writer.writerows(pairs)
-    os.replace(tmp, path)
-
-
 @dataclass
 class SynthReport:
     """What a run did: images rendered and skipped, pairs per split, wall and CPU seconds of the
@@ -177,10 +162,8 @@ FLUSH_EVERY = 25  # people between rewrites of a split's CSVs during a run
 
 def _write_split(out: Path, style: Style, split: str, rows: list, pairs: list) -> None:
     """A split's annotation and pairs CSVs for the images so far (each replaced atomically)."""
-    tmp = out / (style.annotations.format(split) + ".part")
-    write_annotations(tmp, rows)
-    os.replace(tmp, out / style.annotations.format(split))
-    _write_pairs(out / style.pairs.format(split), pairs)
+    write_atomic(out / style.annotations.format(split), lambda tmp: write_annotations(tmp, rows))
+    write_pairs(out / style.pairs.format(split), pairs)
 
 
 def _check_folder(out: Path, config: SynthConfig) -> None:
@@ -338,7 +321,7 @@ def render_dataset(out: str | Path, config: SynthConfig, progress: bool = True,
                                             [cv2.IMWRITE_JPEG_QUALITY, quality])
                     if not ok:
                         raise RuntimeError(f"OpenCV could not encode {name} as JPEG")
-                    _write_atomic(path, jpeg.tobytes())
+                    write_bytes_atomic(path, jpeg.tobytes())
                     report.rendered += 1
                 bar.update(1)
             pairs += [(a, b) for a in with_torso for b in with_torso if a != b]
