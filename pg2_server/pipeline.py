@@ -161,7 +161,8 @@ def _check_size(size, what: str = "size") -> tuple[int, int]:
 
 
 class Pipeline:
-    """PG2 inference: `pipeline(sources, keypoints, sizes)` → list of uint8 RGB images."""
+    """PG2 inference: `pipeline.generate(sources, keypoints, sizes)` → a Generation per request
+    (`.image`: uint8 RGB of the target size)."""
 
     def __init__(self, config: ModelConfig, g1: Generator1, g2: Generator2 | None = None, *,
                  device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
@@ -346,7 +347,3 @@ class Pipeline:
             coarse, final = self.run(chunk)
             results.extend(self.finish(p, c, f, with_g1, with_alpha) for p, c, f in zip(chunk, coarse, final))
         return results
-
-    def __call__(self, sources: Sequence[np.ndarray], keypoints: Sequence, sizes: Sequence) -> list[np.ndarray]:
-        """Generate the person of each source in each target pose; images of the given sizes."""
-        return [g.image for g in self.generate(sources, keypoints, sizes)]

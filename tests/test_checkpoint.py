@@ -69,8 +69,8 @@ def test_save_load_gives_identical_pipeline_outputs(tmp_path):
     rng = np.random.default_rng(0)
     source = rng.integers(0, 255, (64, 40, 3), dtype=np.uint8)
     points = [(20 + i, 10 + 2 * i) for i in range(18)]
-    [a] = reference([source], [points], [(40, 64)])
-    [b] = loaded([source], [points], [(40, 64)])
+    [a] = [g.image for g in reference.generate([source], [points], [(40, 64)])]
+    [b] = [g.image for g in loaded.generate([source], [points], [(40, 64)])]
     assert np.array_equal(a, b)
 
 

@@ -61,7 +61,7 @@ def test_two_stage_export_serves_with_provenance(run, tmp_path):
         torch.testing.assert_close(value, state["g2"][key], rtol=1e-3, atol=1e-3)   # fp16 weights
     name = data["names"][0][0]
     image = read_rgb(data["images"] / name)
-    [result] = pipeline([image], [np.array([[10.0, 10.0]] * 18)], [(44, 80)])
+    [result] = [g.image for g in pipeline.generate([image], [np.array([[10.0, 10.0]] * 18)], [(44, 80)])]
     assert result.shape == (80, 44, 3) and result.dtype == np.uint8
 
 

@@ -27,7 +27,7 @@ def _image(height, width, seed=0):
 def test_odd_sizes_come_back_at_the_requested_size(tiny):
     sources = [_image(300, 50), _image(1080, 1920, 1), _image(32, 16, 2)]
     sizes = [(1920, 1080), (50, 300), (17, 33)]
-    images = tiny(sources, [_pose(*s) for s in sizes], sizes)
+    images = [g.image for g in tiny.generate(sources, [_pose(*s) for s in sizes], sizes)]
     assert [im.shape for im in images] == [(1080, 1920, 3), (300, 50, 3), (33, 17, 3)]
     assert all(im.dtype == np.uint8 for im in images)
 
@@ -36,9 +36,9 @@ def test_deterministic_and_batch_independent(tiny):
     sources = [_image(64, 40, i) for i in range(3)]
     poses = [_pose(40, 64) for _ in range(3)]
     sizes = [(40, 64)] * 3
-    batched = tiny(sources, poses, sizes)
-    again = tiny(sources, poses, sizes)
-    alone = [tiny([s], [p], [z])[0] for s, p, z in zip(sources, poses, sizes)]
+    batched = [g.image for g in tiny.generate(sources, poses, sizes)]
+    again = [g.image for g in tiny.generate(sources, poses, sizes)]
+    alone = [tiny.generate([s], [p], [z])[0].image for s, p, z in zip(sources, poses, sizes)]
     for a, b, c in zip(batched, again, alone):
         assert np.array_equal(a, b)
         assert np.abs(a.astype(int) - c.astype(int)).max() <= 1   # batching changes nothing visible
@@ -46,10 +46,10 @@ def test_deterministic_and_batch_independent(tiny):
 
 def test_random_weights_depend_on_seed_only():
     source, pose = [_image(32, 16)], [_pose(16, 32)]
-    a = Pipeline.random("tiny", seed=0)(source, pose, [(16, 32)])[0]
+    a = Pipeline.random("tiny", seed=0).generate(source, pose, [(16, 32)])[0].image
     torch.manual_seed(123)   # the global RNG must not matter
-    b = Pipeline.random("tiny", seed=0)(source, pose, [(16, 32)])[0]
-    c = Pipeline.random("tiny", seed=1)(source, pose, [(16, 32)])[0]
+    b = Pipeline.random("tiny", seed=0).generate(source, pose, [(16, 32)])[0].image
+    c = Pipeline.random("tiny", seed=1).generate(source, pose, [(16, 32)])[0].image
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
@@ -90,12 +90,12 @@ def test_alpha_marks_the_target_pose(tiny):
 ])
 def test_bad_inputs_say_what_is_wrong(tiny, source, points, size, error, message):
     with pytest.raises(error, match=message):
-        tiny([source], [points], [size])
+        tiny.generate([source], [points], [size])
 
 
 def test_mismatched_list_lengths(tiny):
     with pytest.raises(ValueError, match="equal lengths"):
-        tiny([_image(32, 16)], [], [(16, 32)])
+        tiny.generate([_image(32, 16)], [], [(16, 32)])
 
 
 def test_unavailable_device_is_explained():
