@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 bpy = pytest.importorskip("bpy")
@@ -290,6 +291,33 @@ def test_run_streams_frames_and_cancels_cleanly(shot, server, tmp_path):
     assert not run.batch.thread.is_alive() and run.batch.context.closed
     assert run.done < 40
     assert not [p for p in (tmp_path / "b").iterdir() if p.name.startswith(".pg2-")]
+
+
+def test_a_step_loads_a_render_or_poses_frames_never_both(shot, server, tmp_path, monkeypatch):
+    """Reading a render (Blender's main-thread loader) and posing a frame each take tens of ms
+    on big frames and meshes: they go in separate timer steps."""
+    from blender_addon import generation, imaging
+    from blender_addon.projection import frame_size
+    width, height = frame_size(shot)
+    renders = []
+    for frame in range(1, 6):
+        path = tmp_path / "render" / f"r_{frame:04d}.png"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(imaging.encode_png(np.full((height, width, 4), (40 * frame, 0, 0, 255), np.uint8)))
+        renders.append(str(path))
+    loads, poses = [], []
+    real_load, real_plan = generation.load_render, generation.plan_frame
+    monkeypatch.setattr(generation, "load_render",
+                        lambda path, size: loads.append((len(run.step_times), path)) or real_load(path, size))
+    monkeypatch.setattr(generation, "plan_frame",
+                        lambda scene, *a: poses.append((len(run.step_times), scene.frame_current))
+                        or real_plan(scene, *a))
+    run = _run(shot, [1, 2, 3, 4, 5], tmp_path / "out", server, renders=renders)
+    drive(run)
+    assert run.error is None and run.done == 5
+    assert [path for _, path in loads] == renders and [frame for _, frame in poses] == [1, 2, 3, 4, 5]
+    load_steps, pose_steps = {step for step, _ in loads}, {step for step, _ in poses}
+    assert len(load_steps) == 5 and not load_steps & pose_steps, (loads, poses)
 
 
 class RecordingLayout:
