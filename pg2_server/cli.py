@@ -102,7 +102,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto (default): bfloat16 where the device has bf16 units (CUDA, AMX or "
                              "AVX-512-BF16 CPUs), else float32")
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino"],
-                        help="auto (default): OpenVINO on the CPU when installed (the openvino extra), else torch")
+                        help="auto (default): on the CPU with the openvino extra, OpenVINO or torch, "
+                             "whichever is faster when timed at load; else torch")
     parser.add_argument("--fast", action="store_true",
                         help="fast path: channels_last, cuDNN autotuning, batch-size buckets, pinned buffers")
     parser.add_argument("--compile", default="none", choices=["none", "default", "max-autotune", "reduce-overhead"],

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .checkpoint import DTYPES as CHECKPOINT_DTYPES, Checkpoint, load_checkpoint
-from .keypoints import as_array
+from .keypoints import COUNT, as_array
 from .errors import SetupError
 from .model import Generator1, Generator2, ModelConfig, preset
 from .pose import FrameFit, check_image, fit_frame, heatmaps, pose_coordinates, pose_mask, \
@@ -127,7 +127,8 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device = torch.device(
 
 
 def resolve_backend(backend: str, device: torch.device, fast: "FastPath | None") -> str:
-    """'torch' or 'openvino' for a --backend choice; "auto" is OpenVINO on the CPU when installed.
+    """'torch' or 'openvino' for a --backend choice; "auto" is OpenVINO on the CPU when installed
+    (a candidate: `Pipeline` then times both and keeps the faster).
 
     OpenVINO bf16 measured 2.7–3.6× fp32 eager torch on a 2-core AVX-512-BF16 CPU, within ±25 %
     of torch bf16 (docs/performance.md); torch.compile (`fast.compile`) is a torch choice, so it
@@ -188,12 +189,49 @@ class Pipeline:
         self._staging: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._stages_fn = self._stages
         self.openvino = None
+        self.backend_times: dict[str, float] = {}  # "auto": ms per image of each backend, measured
         if self.backend == "openvino":
             from .openvino_backend import OpenVinoStages
 
-            self.memory_format = torch.contiguous_format
+            torch_format, self.memory_format = self.memory_format, torch.contiguous_format
             self.openvino = OpenVinoStages(config, self.g1, self.g2, self.dtype, cache_dir)
+            if backend != "auto":
+                return
+            # "auto": OpenVINO only where it is measured faster than torch on this machine.
+            openvino_ms = self._ms_per_image()
+            stages, self.openvino, self.memory_format = self.openvino, None, torch_format
+            self._setup_torch(fast)
+            torch_ms = self._ms_per_image()
+            self.backend_times = {"openvino": round(openvino_ms, 3), "torch": round(torch_ms, 3)}
+            if openvino_ms < torch_ms:
+                self.openvino, self.memory_format = stages, torch.contiguous_format
+            else:
+                self.backend = "torch"
             return
+        self._setup_torch(fast)
+
+    AUTO_BATCH = 4  # the batch "auto" times both backends at
+
+    def _ms_per_image(self, rounds: int = 3) -> float:
+        """Milliseconds per image of the current backend at AUTO_BATCH (best of `rounds`, after
+        a warm-up run), on zero inputs of the model's canvas."""
+        import time
+
+        width, height = self.config.canvas
+        sources = torch.zeros(self.AUTO_BATCH, 3, height, width).contiguous(memory_format=self.memory_format)
+        maps = torch.zeros(self.AUTO_BATCH, COUNT, height, width).contiguous(
+            memory_format=self.memory_format)
+        coordinates = torch.zeros(self.AUTO_BATCH, 2 * COUNT) if self.config.pose_embedding == "ce" else None
+        self.forward(sources, maps, coordinates)
+        best = float("inf")
+        for _ in range(rounds):
+            started = time.perf_counter()
+            self.forward(sources, maps, coordinates)
+            best = min(best, time.perf_counter() - started)
+        return best * 1000 / self.AUTO_BATCH
+
+    def _setup_torch(self, fast: FastPath | None) -> None:
+        """The networks on the device in the dtype and memory format they run in (in place)."""
         weights_dtype = self.dtype if self.native_dtype else torch.float32
         for module in (self.g1, self.g2):
             if module is not None:
@@ -245,7 +283,7 @@ class Pipeline:
                 "keypoints": list(self.config.keypoints),
                 "stages": ["g1", "g2"] if self.g2 is not None else ["g1"],
                 "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-                "backend": self.backend,
+                "backend": self.backend, **({"backend_ms_per_image": self.backend_times} if self.backend_times else {}),
                 "provenance": self.provenance, "metrics": self.metrics}
 
     # -- the three steps ----------------------------------------------------------------------

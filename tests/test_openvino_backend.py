@@ -66,6 +66,26 @@ def test_conversion_is_cached_next_to_the_checkpoint_and_redone_when_weights_cha
     assert np.abs(changed.run(prepared)[1] - other.run(prepared)[1]).max() <= FAST_PATH_TOLERANCE["float32"]
 
 
+def test_auto_backend_keeps_whichever_is_measured_faster(monkeypatch):
+    reference = Pipeline.random("tiny", seed=0, dtype="float32", backend="torch")
+    prepared = _prepared(reference, 2)
+    measured = Pipeline.random("tiny", seed=0, dtype="float32", backend="auto")
+    times = measured.backend_times
+    assert set(times) == {"openvino", "torch"} and all(t > 0 for t in times.values())
+    assert measured.backend == min(times, key=times.get) == measured.describe()["backend"]
+    assert measured.describe()["backend_ms_per_image"] == times
+    assert np.abs(measured.run(prepared)[1] - reference.run(prepared)[1]).max() <= FAST_PATH_TOLERANCE["float32"]
+    # Either outcome, with the timing decided: the pipeline runs on the one kept.
+    for faster in ("openvino", "torch"):
+        monkeypatch.setattr(Pipeline, "_ms_per_image",
+                            lambda self, faster=faster: 1.0 if (self.openvino is not None) == (faster == "openvino") else 2.0)
+        chosen = Pipeline.random("tiny", seed=0, dtype="float32", backend="auto")
+        assert chosen.backend == faster and (chosen.openvino is not None) == (faster == "openvino")
+        assert np.abs(chosen.run(prepared)[1] - reference.run(prepared)[1]).max() <= FAST_PATH_TOLERANCE["float32"]
+    explicit = Pipeline.random("tiny", seed=0, dtype="float32", backend="openvino")
+    assert explicit.backend == "openvino" and explicit.backend_times == {}
+
+
 def test_auto_backend_is_openvino_on_the_cpu_but_torch_when_compiling():
     cpu = torch.device("cpu")
     assert resolve_backend("auto", cpu, None) == "openvino"
