@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -215,8 +216,6 @@ class Pipeline:
     def _ms_per_image(self, rounds: int = 3) -> float:
         """Milliseconds per image of the current backend at AUTO_BATCH (best of `rounds`, after
         a warm-up run), on zero inputs of the model's canvas."""
-        import time
-
         width, height = self.config.canvas
         sources = torch.zeros(self.AUTO_BATCH, 3, height, width).contiguous(memory_format=self.memory_format)
         maps = torch.zeros(self.AUTO_BATCH, COUNT, height, width).contiguous(
@@ -283,7 +282,8 @@ class Pipeline:
                 "keypoints": list(self.config.keypoints),
                 "stages": ["g1", "g2"] if self.g2 is not None else ["g1"],
                 "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-                "backend": self.backend, **({"backend_ms_per_image": self.backend_times} if self.backend_times else {}),
+                "backend": self.backend,
+                **({"backend_ms_per_image": self.backend_times} if self.backend_times else {}),
                 "provenance": self.provenance, "metrics": self.metrics}
 
     # -- the three steps ----------------------------------------------------------------------
