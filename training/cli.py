@@ -9,9 +9,10 @@
                    [--pckh] [--inception-weights PTH --fid-train-root DIR | --fid-train-stats NPZ] [--lpips-weights PTH]
     pg2-train annotate --images DIR --out ANNOTATIONS.csv [--truth CSV]   # keypoints from photos (pose extra)
     pg2-train bench --preset P [--batch-size B] [--stage 1|2] | bench --data --data-root ...
+    pg2-train samples --data-root DIR --annotations CSV --pair SRC TGT [--pair ...] --out DIR   # a demo sample set
 
 Each subcommand is a function `cmd_NAME(args)`, here or in its own module (prepare, pairs, bench,
-synth), which also registers its flags with `add_parser`; `build_parser` wires them.
+synth, sample_set), which also registers its flags with `add_parser`; `build_parser` wires them.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from pg2_server.checkpoint import CheckpointError
 from pg2_server.errors import SetupError
 from pg2_server.keypoints import KeypointError
 
-from . import bench, pairs, prepare, synth
+from . import bench, pairs, prepare, sample_set, synth
 from .data import DataError
 from .state import StateError
 
@@ -420,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_annotate(sub)
     bench.add_parser(sub)
     synth.add_parser(sub)
+    sample_set.add_parser(sub)
     return parser
 
 
