@@ -534,14 +534,21 @@ def test_joints_near_the_camera_plane_do_not_blow_up_the_crop(shot):
     from blender_addon import generation
     from blender_addon.mapping import armature_mapping
     from blender_addon.projection import person_crop
+    from blender_addon.mapping import INDEX, keypoints_3d
+    arm = shot.pg2.armature
+    arm.animation_data_clear()
+    shoulder = arm.pose.bones["right_shoulder"]
+    shoulder.rotation_euler = Euler((math.radians(-90), 0, 0))  # the right arm reaches forward
+    bpy.context.view_layer.update()
+    mapping = armature_mapping(arm)
+    wrist = keypoints_3d(arm, mapping)[INDEX["right_wrist"]]
     camera = shot.camera
-    camera.location = (0.0, -0.35, 1.2)  # inside arm's reach: the hands are almost beside it
+    camera.location = (0.0, wrist.y - 0.004, 1.2)  # the hand 4 mm in front of the camera plane, to its side
     camera.data.lens = 12
     bpy.context.view_layer.update()
-    arm = shot.pg2.armature
-    keypoints = generation.plan_frame(shot, arm, armature_mapping(arm), keep_outside=True)
-    kept = [p for p in keypoints if p is not None]
-    assert len(kept) >= 2
+    keypoints = generation.plan_frame(shot, arm, mapping, keep_outside=True)
+    assert keypoints[INDEX["right_wrist"]] is None  # thousands of pixels out: left out
+    assert sum(p is not None for p in keypoints) >= 12
     crop = person_crop(keypoints, 0.5)
     assert max(crop.width, crop.height) < 4 * HEIGHT
 
@@ -655,3 +662,120 @@ def test_composite_order_puts_the_nearer_person_on_top(tmp_path):
     event = batch.events.get_nowait()
     pixels = np.asarray(event.pixels).reshape(4, 8, 4)
     assert tuple(np.rint(pixels[0, 0, :3] * 255)) == (0, 0, 255)  # the near one on top
+
+
+class ModalEvent:
+    def __init__(self, type, value="NOTHING"):
+        self.type, self.value = type, value
+
+
+def modal_operator(context, frames, paths):
+    """The generation operators' modal layer (`modal`, `cancel`) on a prepared run, as
+    `_GenerationRun._go` leaves it in the UI; Blender's operator machinery is not needed."""
+    from blender_addon import operators
+
+    class Operator(operators._GenerationRun):
+        def __init__(self):
+            self.reports = []
+            self._camera = None
+
+        def report(self, kind, text):
+            self.reports.append((set(kind), text))
+    op = Operator()
+    op._run = operators.prepare_run(context, frames, paths, on_result=op._show)
+    operators._RUNS.add(op._run)
+    return op
+
+
+def test_modal_timer_runs_to_the_end(shot, server, tmp_path):
+    from blender_addon import operators
+    connect(server)
+    paths = [str(tmp_path / "m" / f"f_{f}.png") for f in (1, 2, 3)]
+    op = modal_operator(bpy.context, [1, 2, 3], paths)
+    deadline = time.monotonic() + 60
+    while (answer := op.modal(bpy.context, ModalEvent("TIMER"))) == {"PASS_THROUGH"}:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert answer == {"FINISHED"} and all(Path(p).exists() for p in paths)
+    assert not operators.running() and shot.pg2.status == "generated 3 frame(s)"
+
+
+def test_esc_stops_the_worker_within_a_second(shot, black_hole, tmp_path):
+    from blender_addon import operators
+    connect(black_hole, timeout=60.0)
+    op = modal_operator(bpy.context, [1, 2, 3], [str(tmp_path / "e" / f"f_{f}.png") for f in (1, 2, 3)])
+    for _ in range(10):
+        assert op.modal(bpy.context, ModalEvent("TIMER")) == {"PASS_THROUGH"}
+        time.sleep(0.01)
+    batch = op._run.batch
+    assert batch.thread.is_alive()  # waiting for a reply that never comes
+    started = time.monotonic()
+    assert op.modal(bpy.context, ModalEvent("ESC", "PRESS")) == {"CANCELLED"}
+    batch.thread.join(1.0)
+    assert time.monotonic() - started < 1.0
+    assert not batch.thread.is_alive() and batch.context.closed
+    assert not operators.running() and shot.pg2.status.startswith("cancelled after 0 / 3")
+
+
+def test_cancel_called_by_blender_stops_the_worker(shot, black_hole, tmp_path):
+    """Blender calls an operator's cancel() when it ends it (window closed, file loaded)."""
+    from blender_addon import operators
+    connect(black_hole, timeout=60.0)
+    op = modal_operator(bpy.context, [1, 2], [str(tmp_path / "k" / f"f_{f}.png") for f in (1, 2)])
+    op.modal(bpy.context, ModalEvent("TIMER"))
+    op.cancel(bpy.context)
+    assert not operators.running()
+    op._run.batch.thread.join(1.0)
+    assert not op._run.batch.thread.is_alive() and op._run.batch.context.closed
+
+
+def test_image_work_runs_on_the_worker_thread(shot, server, tmp_path, monkeypatch):
+    """Converting the render, compositing, encoding and converting the result for Blender run
+    off the main thread; the main thread only loads the render and shows the result."""
+    import threading
+    from blender_addon import generation
+    from blender_addon.mapping import armature_mapping
+    from blender_addon.preferences import Connection
+    from blender_addon.projection import frame_size
+    connect(server)
+    width, height = frame_size(shot)
+    render = tmp_path / "render.png"
+    render.write_bytes(imaging.encode_png(np.full((height, width, 4), (0, 0, 200, 255), np.uint8)))
+    threads = {}
+
+    def record(module, name):
+        real = getattr(module, name)
+
+        def recorded(*args, **kwargs):
+            threads.setdefault(name, set()).add(threading.current_thread() is threading.main_thread())
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, name, recorded)
+    for name in ("composite", "encode_png", "to_blender_pixels"):
+        record(imaging, name)
+    for name in ("render_array", "load_render"):
+        record(generation, name)
+    results = []
+    for paths in ([str(tmp_path / "w" / "f_1.png")], [None]):  # a frame file, the single result
+        batch = generation.Batch(Connection(server, 20.0), Path(shot.pg2.source_path).read_bytes(), None,
+                                 generation.Framing("PERSON", 0.1, "RENDER"))
+        run = generation.Run(shot, shot.pg2.armature, armature_mapping(shot.pg2.armature), [1], paths, batch,
+                             keep_outside=True, renders=[str(render)], on_result=results.append)
+        drive(run)
+        assert run.error is None and run.done == 1
+    assert threads == {"load_render": {True}, "render_array": {False}, "composite": {False},
+                       "encode_png": {False}, "to_blender_pixels": {False}}
+    assert len(results) == 1 and results[0].size == (WIDTH, HEIGHT)
+
+
+def test_frames_with_few_visible_joints_are_warned_about(shot, server):
+    connect(server)
+    settings = shot.pg2
+    kept = {"neck", "right_shoulder", "right_elbow", "right_wrist"}
+    from blender_addon.mapping import NAMES
+    for name in NAMES:
+        if name not in kept:
+            override = settings.overrides.add()
+            override.keypoint, override.bone = name, ""
+    assert bpy.ops.pg2.generate_frames() == {"FINISHED"}
+    assert len(list(Path(settings.output_path).parent.glob("*.png"))) == 5
+    assert "fewer than 6 joints visible on 5 frame(s) (1, 2, 3, 4, 5)" in settings.status
