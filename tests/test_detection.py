@@ -177,6 +177,28 @@ def test_pose_command_batch_carries_on_past_bad_files(tmp_path):
 
 
 @needs_mediapipe
+def test_pose_command_one_photo_to_a_named_file(tmp_path):
+    out = tmp_path / "poses" / "reference.json"
+    done = run("pg2_server.cli", "pose", str(BUNDLED / SAMPLES[1]["target"]), "--out", str(out), "--overlay")
+    assert done.returncode == 0, done.stderr
+    size, keypoints = load_pose_file(out)
+    assert size == load_pose_file(BUNDLED / SAMPLES[1]["pose"])[0] and np.isfinite(keypoints).all(axis=1).sum() >= 12
+    assert cv2.imread(str(out.with_name("reference_overlay.png"))).shape == (size[1], size[0], 3)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["reference.json", "reference_overlay.png"]
+
+
+def test_pose_outputs_name_one_file_per_photo(tmp_path):
+    from pg2_server.cli import pose_outputs
+
+    assert pose_outputs([Path("a/ref.jpg")], tmp_path / "ref.json") == [tmp_path / "ref.json"]
+    assert pose_outputs([Path("a/x.jpg"), Path("b/y.png")], tmp_path) == [tmp_path / "x.json", tmp_path / "y.json"]
+    with pytest.raises(SystemExit, match="one file but 2 photos"):
+        pose_outputs([Path("x.jpg"), Path("y.jpg")], tmp_path / "ref.json")
+    with pytest.raises(SystemExit, match="same name would write the same file: x"):
+        pose_outputs([Path("a/x.jpg"), Path("b/x.png")], tmp_path)
+
+
+@needs_mediapipe
 def test_generate_pose_from_a_reference_photo(tmp_path):
     reference = tmp_path / "reference.png"
     big = cv2.resize(cv2.imread(str(BUNDLED / SAMPLES[2]["target"])), (264, 384))
@@ -250,6 +272,8 @@ def test_eval_pckh_detection_rate_and_views(tmp_path):
     assert rows["copy-source"]["detected"] == 1.0               # the sources are people too
     assert rows["blank"]["detected"] == 0.0 and rows["blank"]["pckh"] == 0.0
     assert rows["target"]["pckh"] > rows["copy-source"]["pckh"]   # other people's poses score lower
+    for row in ("g1", "g1+g2"):                                  # random weights: scored, found or not
+        assert 0.0 <= rows[row]["detected"] <= 1.0 and 0.0 <= rows[row]["pckh"] <= rows["target"]["pckh"]
     assert set(metrics["views"]) == {"front", "back"}
     assert sum(v["target"]["images"] for v in metrics["views"].values()) == 6
     assert metrics["pckh_per_keypoint"]["target"]["neck"] == 1.0
@@ -292,6 +316,28 @@ def test_prepare_without_patn_annotations_detects_them(tmp_path, capsys):
     assert sorted(train) == sorted(p.name for p in (out / "train").iterdir()) and len(train) == 3
     assert len(test) == 2
     assert "next: pg2-train pairs" in capsys.readouterr().err
+
+
+@needs_mediapipe
+def test_prepare_deepfashion_without_patn_annotations_detects_them(tmp_path):
+    from training.cli import main
+
+    raw = tmp_path / "In-shop"
+    listed = []
+    for k, sample in enumerate(SAMPLES[:4]):
+        relative = f"img/WOMEN/Dresses/id_{k + 1:08d}/01_1_front.jpg"
+        (raw / relative).parent.mkdir(parents=True)
+        (raw / relative).write_bytes((BUNDLED / sample["target"]).read_bytes())
+        listed.append(f"{relative} id_{k + 1:08d} {'train' if k < 3 else 'query'}")
+    (raw / "Eval").mkdir()
+    (raw / "Eval" / "list_eval_partition.txt").write_text(
+        f"{len(listed)}\nimage_name item_id evaluation_status\n" + "\n".join(listed) + "\n")
+    out = tmp_path / "out"
+    assert main(["prepare", "deepfashion", "--raw", str(raw), "--out", str(out)]) == 0
+    train, problems = read_annotations(out / "fasion-resize-annotation-train.csv")
+    test, _ = read_annotations(out / "fasion-resize-annotation-test.csv")
+    assert problems == [] and sorted(train) == sorted(p.name for p in (out / "train").iterdir()) and len(train) == 3
+    assert len(test) == 1
 
 
 def test_without_mediapipe_the_error_says_how_to_install(monkeypatch, capsys):
