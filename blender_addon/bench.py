@@ -1,4 +1,4 @@
-"""Add-on benchmarks in Blender-as-a-module: `python -m blender_addon.bench projection|frames`.
+"""Add-on benchmarks in Blender-as-a-module: `python -m blender_addon.bench projection|frames|steps`.
 
 projection: 18 keypoints of an animated PG2 Pose Rig for N frames (frame_set included).
 frames: a frame range through `bpy.ops.pg2.generate_frames` against a server, next to the
@@ -6,13 +6,16 @@ same requests sent straight from the Python client at the same in-flight count (
 server's own time per image); the ratio is what Blender adds. Starts
 `pg2-server serve --random-weights` on a free port unless --endpoint is given.
 steps: a frame range driven as the UI drives it (Run.step from a 50 ms timer), timing every
-main-thread step: the longest must stay under 50 ms for the UI to stay responsive.
+main-thread step: the longest must stay under 50 ms for the UI to stay responsive. Also
+printed: each step's main-thread CPU time (its own work; the wall-clock time adds what other
+processes took) and the load average before and after, since other jobs stretch single steps.
 Not part of the built extension.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -215,6 +218,7 @@ def bench_steps(frames: int, endpoint: str | None, preset: str, size, mesh: int,
         scene.frame_set(1)
         settings.output_path = str(out / "frame_####.png")
         paths = [generation.frame_path(settings.output_path, f) for f in range(1, frames + 1)]
+        load_before = os.getloadavg()[0]
         started = time.perf_counter()
         run = operators.prepare_run(bpy.context, list(range(1, frames + 1)), paths)
         first = time.perf_counter() - started
@@ -232,6 +236,10 @@ def bench_steps(frames: int, endpoint: str | None, preset: str, size, mesh: int,
               f"max {steps[-1] * 1e3:.1f} ms, 99th percentile {p99 * 1e3:.1f} ms, "
               f"mean {sum(steps) / len(steps) * 1e3:.2f} ms (target: max < 50 ms); over 50 ms: "
               f"{sum(t > 0.05 for t in steps)}; the 5 longest {', '.join(f'{t * 1e3:.0f}' for t in steps[-5:])} ms")
+        cpu = sorted(run.step_cpu_times)
+        print(f"  main-thread CPU per step: max {cpu[-1] * 1e3:.1f} ms, mean {sum(cpu) / len(cpu) * 1e3:.2f} ms; "
+              f"over 50 ms: {sum(t > 0.05 for t in cpu)}; load average {load_before:.1f} before, "
+              f"{os.getloadavg()[0]:.1f} after ({os.cpu_count()} cores)")
         print(f"  reference, same run: frame_set of all {frames} frames at once {frame_set_all * 1e3:.0f} ms "
               f"({frame_set_all / frames * 1e3:.2f} ms/frame)")
     finally:

@@ -471,7 +471,10 @@ class Run:
         self.error: str | None = None
         self.planned = 0
         self.ended = False
-        self.step_times: list[float] = []
+        self.step_times: list[float] = []  # wall-clock seconds of each step
+        # Main-thread CPU seconds of each step: the step's own work, without the time other
+        # processes (or this worker thread, holding the GIL) took the core.
+        self.step_cpu_times: list[float] = []
         # Frames planned ahead of the worker; bounds the renders held in memory.
         self.lookahead = 2 * batch.in_flight + 4
         self._render = None  # the next frame's render, loaded a step before the frame is posed
@@ -496,11 +499,12 @@ class Run:
     def step(self, budget: float = 0.01, wait: float = 0.0) -> bool:
         """Do a slice of the work; True once the worker has ended. `wait` > 0 blocks up to that
         long for the worker's next event when there is nothing to plan (background mode)."""
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.thread_time()
         if self.planned < self.total and not self.batch.cancelled.is_set():
             self._plan(started, budget)
         self._drain(wait if self.planned >= self.total else 0.0)
         self.step_times.append(time.perf_counter() - started)
+        self.step_cpu_times.append(time.thread_time() - cpu)
         return self.ended
 
     def _plan(self, started: float, budget: float) -> None:

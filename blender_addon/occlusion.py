@@ -132,7 +132,6 @@ class Occluder:
             out[neck] = None
         return out
 
-
     def triangles(self, scene) -> tuple[np.ndarray, np.ndarray]:
         """This frame's world vertices and triangle indices (read once per frame, shared by
         the face and the occlusion)."""

@@ -569,6 +569,8 @@ def test_planning_is_spread_over_steps(shot, server, tmp_path):
     assert 1 <= run.planned < 60 and run.progress_text().startswith(f"posing {run.planned} / 60")
     drive(run)
     assert run.done == 60 and run.error is None
+    assert len(run.step_cpu_times) == len(run.step_times)
+    assert all(0.0 <= cpu <= wall + 0.005 for cpu, wall in zip(run.step_cpu_times, run.step_times))
 
 
 def test_render_result_as_the_source(shot, server):
