@@ -413,7 +413,7 @@ def reply_budget(args: argparse.Namespace):
 
 
 def build_worker(args: argparse.Namespace, role: str):
-    """One pipeline per --device (comma-separated), wrapped in a Worker with the CLI's settings."""
+    """A Worker with the CLI's settings, its model not loaded yet (`load_pipelines` gives it one)."""
     from .wire.protocol import MIB, Limits
     from .worker import Worker, WorkerConfig
 
@@ -423,9 +423,7 @@ def build_worker(args: argparse.Namespace, role: str):
                               limits=Limits(int(args.max_message_mb * MIB), args.max_image_side))
     except ValueError as e:
         raise SystemExit(f"error: {e} (see `{args.command} --help`)") from None
-    devices = [d.strip() for d in args.device.split(",") if d.strip()]
-    pipelines = [load_pipeline(argparse.Namespace(**{**vars(args), "device": device})) for device in devices]
-    worker = Worker(pipelines, config, role=role, details=args.info_details)
+    worker = Worker(config=config, role=role, details=args.info_details)
     worker.log_requests = args.log_format == "json"
     if args.metrics_bind:
         try:
@@ -434,6 +432,12 @@ def build_worker(args: argparse.Namespace, role: str):
             worker.close()
             raise
     return worker
+
+
+def load_pipelines(args: argparse.Namespace) -> list:
+    """One pipeline per --device (comma-separated)."""
+    devices = [d.strip() for d in args.device.split(",") if d.strip()]
+    return [load_pipeline(argparse.Namespace(**{**vars(args), "device": device})) for device in devices]
 
 
 def server_curve(args: argparse.Namespace, workers: bool = False):
@@ -462,8 +466,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop = StopSignal()
     budget = reply_budget(args)
     worker = build_worker(args, "serve")
+    # The socket is bound first: while the model loads, ping and info say `ready: false`.
     serve(worker, args.bind, stop.event, curve=curve, summary_s=args.summary_s, drain_s=args.drain_s,
-          budget=budget)
+          budget=budget, load=lambda: load_pipelines(args))
     return 0
 
 
@@ -482,6 +487,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     stop = StopSignal()
     worker = build_worker(args, "worker")
     try:
+        # A worker registers with the broker only once its model is loaded, so the broker never
+        # routes to a loading one (and says not ready while it has no worker).
+        worker.start(load_pipelines(args))
         connect_to_broker(worker, args.connect, stop.event, heartbeat_s=args.heartbeat_ms / 1000,
                           summary_s=args.summary_s, curve=curve)
     finally:

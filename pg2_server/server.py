@@ -4,6 +4,9 @@ One thread owns the socket: it reads requests (REQ or DEALER envelopes), hands t
 Worker, and sends the replies the Worker's threads queue in its Outbox. SIGINT/SIGTERM stop
 the intake: requests already admitted finish (or fail) with a reply, later ones are told
 `overloaded`, and the process exits 0.
+
+The socket is bound before the model loads (on a thread of its own, `ModelLoad`): meanwhile
+`ping` and `info` answer `ready: false`, and generate requests wait in the Worker for the model.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import zmq
 
@@ -39,10 +42,31 @@ class StopSignal:
         self.event.set()
 
 
+class ModelLoad(threading.Thread):
+    """Runs `load` (which returns the pipelines) off the socket's thread; keeps what it returned
+    or raised, SystemExit included, for the socket's thread to act on."""
+
+    def __init__(self, load: Callable[[], Sequence]):
+        super().__init__(name="pg2-model-load")
+        self._load = load
+        self.pipelines: Sequence | None = None
+        self.error: BaseException | None = None
+        self.began = time.monotonic()
+
+    def run(self) -> None:
+        try:
+            self.pipelines = self._load()
+        except BaseException as e:  # re-raised on the socket's thread, which exits with it
+            self.error = e
+
+
 def serve(worker: Worker, bind: str, stop: threading.Event, curve: ServerKeys | None = None,
           context: zmq.Context | None = None, summary_s: float = 60.0, drain_s: float = 60.0,
-          ready: threading.Event | None = None, budget: ReplyBudget = ReplyBudget()) -> None:
-    """Answer requests on `bind` until `stop` is set, then drain and close."""
+          ready: threading.Event | None = None, budget: ReplyBudget = ReplyBudget(),
+          load: Callable[[], Sequence] | None = None) -> None:
+    """Answer requests on `bind` until `stop` is set, then drain and close. With `load`, `worker`
+    has no model yet: the socket is bound first, `load()` runs on a thread, and its pipelines
+    start the worker once they are there (an error it raises ends `serve` with that error)."""
     context = context or zmq.Context.instance()
     router = context.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 2000)
@@ -86,9 +110,20 @@ def serve(worker: Worker, bind: str, stop: threading.Event, curve: ServerKeys | 
     poller = zmq.Poller()
     poller.register(router, zmq.POLLIN)
     poller.register(outbox.pull, zmq.POLLIN)
-    log.info("serving model %s on %s (devices %s, max batch %d, max delay %g ms, max queue %d%s)",
-             worker.model, bind, ", ".join(str(p.device) for p in worker.pipelines), worker.config.max_batch,
-             worker.config.max_delay_ms, worker.config.max_queue, ", CURVE" if curve else "")
+
+    def serving() -> None:
+        log.info("serving model %s on %s (devices %s, max batch %d, max delay %g ms, max queue %d%s)",
+                 worker.model, bind, ", ".join(str(p.device) for p in worker.pipelines), worker.config.max_batch,
+                 worker.config.max_delay_ms, worker.config.max_queue, ", CURVE" if curve else "")
+
+    loading = None
+    if load is not None:
+        log.info("listening on %s%s; loading the model (not ready until it is loaded)", bind,
+                 " with CURVE" if curve else "")
+        loading = ModelLoad(load)
+        loading.start()
+    else:
+        serving()
     if ready is not None:
         ready.set()
     last_summary = time.monotonic()
@@ -100,6 +135,21 @@ def serve(worker: Worker, bind: str, stop: threading.Event, curve: ServerKeys | 
             if stop.is_set() and draining_until is None:  # before reading: a ping now must say not ready
                 worker.accepting = False
                 draining_until = time.monotonic() + drain_s
+                if loading is not None:
+                    worker.refuse_held("the server is shutting down before its model loaded; "
+                                       "retry on another server")
+            if loading is not None and draining_until is None:
+                if loading.is_alive():
+                    worker.expire_held()
+                elif loading.error is not None:
+                    log.error("the model did not load; exiting")
+                    worker.refuse_held("the server could not load its model; retry on another server")
+                    raise loading.error
+                else:
+                    worker.start(loading.pipelines)
+                    log.info("model loaded in %.1f s; ready", time.monotonic() - loading.began)
+                    serving()
+                    loading = None
             for peer in tracker.gone():
                 gone(peer)
             if outbox.pull in events:
@@ -142,3 +192,7 @@ def serve(worker: Worker, bind: str, stop: threading.Event, curve: ServerKeys | 
         router.close()
         if authenticator:
             authenticator.stop()
+        if loading is not None and loading.is_alive():
+            # Loading cannot be interrupted; the process exits once it ends (its model unused).
+            log.info("stopped before the model finished loading; exiting once it has")
+            loading.join()

@@ -5,6 +5,10 @@ request, answers `ping`/`info` at once, decodes and prepares `generate` on a thr
 batches `Pipeline.run` per device (batching.Batcher) and finishes and encodes on the pool.
 `pg2-server serve` puts it behind a ROUTER in one process (server.py); `pg2-server worker`
 connects it to a broker (broker.py) with `connect_to_broker`.
+
+A Worker made without pipelines is loading: it answers `ping` and `info` with `ready: false`
+and holds `generate` requests (within `max_queue`, `deadline_ms` and `cancel`) until `start`
+gives it the model, so a server can take its socket before the model has loaded.
 """
 from __future__ import annotations
 
@@ -77,11 +81,11 @@ class Job:
     __slots__ = ("request", "_reply", "received", "enqueued", "started", "prepared", "pipeline", "done",
                  "peer", "deadline", "claimed")
 
-    def __init__(self, request: Request, reply: Reply, received: float, pipeline, peer=None):
+    def __init__(self, request: Request, reply: Reply, received: float, peer=None):
         self.request = request
         self._reply = reply
         self.received = received
-        self.pipeline = pipeline
+        self.pipeline = None  # set when it is handed to the model (Worker._submit)
         self.peer = peer
         # The client's deadline counts from sending; its receipt here is the nearest time known.
         self.deadline = received + request.deadline_ms / 1000 if request.deadline_ms is not None else None
@@ -93,14 +97,15 @@ class Job:
 
 
 class Worker:
-    """Validates, batches and answers requests for the pipelines of one model (one per device)."""
+    """Validates, batches and answers requests for the pipelines of one model (one per device).
 
-    def __init__(self, pipelines: Sequence, config: WorkerConfig = WorkerConfig(), role: str = "serve",
+    Without `pipelines` it is loading until `start(pipelines)` (see the module's docstring)."""
+
+    def __init__(self, pipelines: Sequence = (), config: WorkerConfig = WorkerConfig(), role: str = "serve",
                  details: bool = False):
-        if not pipelines:
-            raise ValueError("a worker needs at least one pipeline")
-        self.pipelines = list(pipelines)
-        self.model = self.pipelines[0].name
+        self.pipelines: list = []
+        self.model: str | None = None
+        self.batchers: list[Batcher] = []
         self.config = config
         self.role = role
         self.counters = Counters()
@@ -116,11 +121,39 @@ class Worker:
         self.metrics = None        # a metrics.WorkerMetrics, from enable_metrics
         self.log_requests = False  # one INFO line per reply on the pg2_server.requests logger
         self._by_peer: dict[object, set] = {}  # admitted jobs not yet answered, per peer (for cancel)
-        self.batchers = [Batcher(p, self.jobs, config.max_batch, config.max_delay_ms / 1000.0,
+        self._held: list[Job] = []  # admitted while the model loads, in arrival order
+        if pipelines:
+            self.start(pipelines)
+
+    def start(self, pipelines: Sequence) -> None:
+        """Put the loaded model to work: one batching thread per pipeline; the requests held while
+        it loaded go to it in the order they came."""
+        if not pipelines:
+            raise ValueError("a worker needs at least one pipeline")
+        if self.pipelines:
+            raise RuntimeError("this worker has its model already")
+        self.batchers = [Batcher(p, self.jobs, self.config.max_batch, self.config.max_delay_ms / 1000.0,
                                  functools.partial(self._batch_done, device=f"{p.device}#{i}"),
-                                 self._batch_failed, self._claim) for i, p in enumerate(self.pipelines)]
+                                 self._batch_failed, self._claim) for i, p in enumerate(pipelines)]
         for batcher in self.batchers:
             batcher.start()
+        with self._in_flight_lock:
+            self.model = pipelines[0].name
+            self.pipelines = list(pipelines)  # from here on, _admit submits instead of holding
+            held, self._held = self._held, []
+        for job in held:
+            if job.done:
+                continue
+            refusal = self._refusal(job.request)
+            if refusal is not None:
+                self._finish_job(job, protocol.encode_error(job.request.id, *refusal), refusal[0])
+            else:
+                self._submit(job)
+
+    @property
+    def loading(self) -> bool:
+        """No model yet: generate requests are held until `start`."""
+        return not self.pipelines
 
     # -- entry point ---------------------------------------------------------------------------
 
@@ -157,14 +190,18 @@ class Worker:
             self._error(reply, request.id, protocol.INTERNAL, "internal server error; the server log has details",
                         received, op=request.op)
 
-    def _admit(self, request: Request, reply: Reply, received: float, peer) -> None:
+    def _refusal(self, request: Request) -> tuple[str, str] | None:
+        """(code, message) when the model cannot serve `request`: another model, or no G2 stage."""
         if request.model is not None and request.model != self.model:
-            self._error(reply, request.id, protocol.UNKNOWN_MODEL,
-                        f"this server has no model {request.model!r}; it serves {self.model!r}", received)
-            return
+            return protocol.UNKNOWN_MODEL, f"this server has no model {request.model!r}; it serves {self.model!r}"
         if "g2" in request.output.stages and self.pipelines[0].g2 is None:
-            self._error(reply, request.id, protocol.BAD_REQUEST,
-                        f"model {self.model!r} has no G2 stage; ask for stages [\"g1\"]", received)
+            return protocol.BAD_REQUEST, f"model {self.model!r} has no G2 stage; ask for stages [\"g1\"]"
+        return None
+
+    def _admit(self, request: Request, reply: Reply, received: float, peer) -> None:
+        refusal = None if self.loading else self._refusal(request)  # while loading: checked in start()
+        if refusal is not None:
+            self._error(reply, request.id, *refusal, received)
             return
         if not self.accepting:
             self._error(reply, request.id, protocol.OVERLOADED,
@@ -178,14 +215,40 @@ class Worker:
             self._error(reply, request.id, protocol.OVERLOADED,
                         f"the server's queue is full ({self.config.max_queue} requests); retry later", received)
             return
-        job = Job(request, reply, received, self.pipelines[0], peer)
+        job = Job(request, reply, received, peer)
         with self._in_flight_lock:
             self._by_peer.setdefault(peer, set()).add(job)
+            if not self.pipelines:
+                self._held.append(job)
+                return
+        self._submit(job)
+
+    def _submit(self, job: Job) -> None:
+        """Hand an admitted job to the model: decoded and prepared on the pool, then batched."""
+        job.pipeline = self.pipelines[0]
         try:
             self.pool.submit(self._guard, job, self._prepare, job)
         except RuntimeError:  # the pool is shut down: this worker is closing
-            self._finish_job(job, protocol.encode_error(request.id, protocol.OVERLOADED,
+            self._finish_job(job, protocol.encode_error(job.request.id, protocol.OVERLOADED,
                                                         "the server is shutting down; retry on another server"),
+                             protocol.OVERLOADED)
+
+    def expire_held(self) -> None:
+        """While loading: answer `deadline_exceeded` to held requests whose deadline has passed, now
+        rather than once the model is there."""
+        with self._in_flight_lock:
+            held = list(self._held)
+        for job in held:
+            self._expired(job)
+        with self._in_flight_lock:
+            self._held = [job for job in self._held if not job.done]
+
+    def refuse_held(self, message: str) -> None:
+        """Answer `overloaded` to every held request (the server stops, or its model failed to load)."""
+        with self._in_flight_lock:
+            held, self._held = self._held, []
+        for job in held:
+            self._finish_job(job, protocol.encode_error(job.request.id, protocol.OVERLOADED, message),
                              protocol.OVERLOADED)
 
     # -- the stages of a generate request ------------------------------------------------------
@@ -362,31 +425,34 @@ class Worker:
 
     @property
     def ready(self) -> bool:
-        """Taking new work: not draining, and every device's batcher alive."""
-        return self.accepting and all(b.is_alive() for b in self.batchers)
+        """Taking new work: the model loaded, not draining, and every device's batcher alive."""
+        return self.accepting and bool(self.batchers) and all(b.is_alive() for b in self.batchers)
 
     def info(self, details: bool | None = None) -> dict:
         """The `info` reply body: models, devices, limits, batching, counters; host, PID and the
         model's training provenance only with `details` (default: the worker's setting)."""
         details = self.details if details is None else details
-        model = self.pipelines[0].describe()
-        model.pop("device", None)
+        models = [self.pipelines[0].describe()] if self.pipelines else []  # none while loading
+        for model in models:
+            model.pop("device", None)
         counters = self.counters.snapshot()
-        counters.update(in_flight=self._in_flight, queued=self.jobs.qsize(), rss_mb=round(resident_memory_mb(), 1),
+        counters.update(in_flight=self._in_flight, queued=self.jobs.qsize() + len(self._held),
+                        rss_mb=round(resident_memory_mb(), 1),
                         cpu_s=round(time.process_time(), 3), source_cache_hits=self.sources.hits,
                         source_cache_misses=self.sources.misses)
         if self.delivery_stats is not None:
             counters.update(self.delivery_stats())
         devices = [str(p.device) for p in self.pipelines]
-        worker = {"devices": devices, "models": [self.model]}
+        worker = {"devices": devices, "models": [m["name"] for m in models]}
         if details:
             worker.update(host=socket.gethostname(), pid=os.getpid())
         else:
-            # Where and what it was trained on is for operators (--info-details), not every client.
-            model.pop("provenance", None)
+            for model in models:
+                # Where and what it was trained on is for operators (--info-details), not every client.
+                model.pop("provenance", None)
         return {"protocol_versions": list(protocol.SUPPORTED_VERSIONS),
                 "server": {"name": "pg2-server", "version": package_version(), "role": self.role},
-                "ready": self.ready, "models": [model], "devices": devices,
+                "ready": self.ready, "models": models, "devices": devices,
                 "workers": [worker],
                 "limits": {"max_message_bytes": self.config.limits.max_message_bytes,
                            "max_image_side": self.config.limits.max_image_side,

@@ -1,5 +1,5 @@
 """`pg2-server serve` as a real subprocess on loopback: every op, envelopes, batching, errors,
-limits, overload, CURVE, SIGTERM, and the CLI clients."""
+limits, overload, CURVE, loading and SIGTERM, and the CLI clients."""
 import json
 import os
 import signal
@@ -48,6 +48,7 @@ def start_server(*flags, env=None):
 
 
 def wait_until_serving(process, endpoint, curve=None, timeout=60):
+    """Until the server is ready: it answers (not ready) as soon as it is bound, while its model loads."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert process.poll() is None, process.stdout.read()
@@ -56,8 +57,9 @@ def wait_until_serving(process, endpoint, curve=None, timeout=60):
             return
         try:
             with Client(endpoint, timeout=0.5, retries=1) as client:
-                client.ping()
-            return
+                if client.ready():
+                    return
+            time.sleep(0.1)
         except ServerTimeout:
             pass
     raise AssertionError("server did not start")
@@ -685,6 +687,80 @@ def test_not_ready_while_draining():
             process.kill()
     assert ready is False
     assert first["ok"] and len(replies) == 39 and process.returncode == 0
+
+
+def start_loading_server(*flags):
+    """A server with a model that takes seconds to load (the market preset's 77 M random fp32
+    weights, after importing torch); returns (process, endpoint, ping header) at its first answer."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    process = subprocess.Popen([sys.executable, "-m", "pg2_server.cli", "serve", "--preset", "market",
+                                "--random-weights", "--dtype", "float32", "--backend", "torch", "--bind", endpoint,
+                                *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while (pong := ask(endpoint, protocol.encode_simple("ping", "p"), timeout=0.1)) is None:
+        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
+    return process, endpoint, pong[0]
+
+
+def test_bound_before_the_model_loads_not_ready_until_then_and_requests_wait_for_it():
+    process, endpoint, pong = start_loading_server("--max-batch", "1", "--max-delay-ms", "0")
+    probe = subprocess.Popen([sys.executable, "-m", "pg2_server.cli", "ping", "--server", endpoint, "--ready",
+                              "--timeout", "10", "--retries", "1"], stdout=subprocess.PIPE, text=True)
+    sock = dealer(endpoint)
+    try:
+        info = ask(endpoint, protocol.encode_simple("info", "i"))[0]
+        sock.send_multipart(_frames(generate_header("waits", size=[64, 128]), SOURCE_PNG))
+        sent = time.monotonic()
+        sock.send_multipart(_frames(generate_header("hurry", size=[64, 128], deadline_ms=200), SOURCE_PNG))
+        sock.send_multipart(_frames(generate_header("bad", size=[0, 128]), SOURCE_PNG))
+        probe_out = probe.communicate(timeout=60)[0]
+        order = []
+        while len(order) < 3:
+            assert sock.poll(60000), order
+            header = msgpack.unpackb(sock.recv_multipart()[0])
+            order.append((header["id"], "ok" if header["ok"] else header["error"]["code"], time.monotonic() - sent,
+                          header.get("timing")))
+        with Client(endpoint, timeout=10) as client:
+            ready, info_after = client.ready(), client.info()
+    finally:
+        sock.close()
+        code, out = stop_server(process)
+    assert pong == {"v": 1, "id": "p", "ok": True, "pong": True, "role": "serve", "ready": False}
+    assert info["ready"] is False and info["models"] == [] and info["devices"] == []
+    assert info["server"]["role"] == "serve" and info["limits"]["max_queue"] == 256
+    assert probe.returncode == 1 and "not ready" in probe_out, probe_out
+    # Refused at once and expired at its deadline while the model loads; the other waits for it.
+    assert [o[:2] for o in order] == [("bad", "bad_request"), ("hurry", "deadline_exceeded"), ("waits", "ok")]
+    assert order[1][2] < order[2][2] - 0.5, order  # the expiry came well before the model did
+    assert order[2][3]["queue_ms"] > 500, order  # its wait for the model counts as queueing
+    assert ready is True and info_after["ready"] is True and info_after["models"][0]["name"] == "market-random"
+    assert info_after["counters"]["errors"] == {"bad_request": 1, "deadline_exceeded": 1}
+    assert code == 0, out
+    assert "loading the model" in out and "model loaded in" in out and "serving model market-random" in out
+
+
+def test_stopped_while_loading_answers_the_waiting_requests_and_exits_zero():
+    process, endpoint, _ = start_loading_server()
+    sock = dealer(endpoint)
+    try:
+        sock.send_multipart(_frames(generate_header("waits", size=[64, 128]), SOURCE_PNG))
+        time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        assert sock.poll(20000)
+        header = msgpack.unpackb(sock.recv_multipart()[0])
+    finally:
+        sock.close()
+    out = process.communicate(timeout=60)[0]
+    assert header["id"] == "waits" and header["error"]["code"] == "overloaded"
+    assert "before its model loaded" in header["error"]["message"]
+    assert process.returncode == 0, out
+    assert "stopped before the model finished loading" in out
+
+
+def test_a_model_that_fails_to_load_ends_the_server_with_its_error(tmp_path):
+    done = run_cli("serve", "--checkpoint", str(tmp_path / "missing.json"), "--bind",
+                   f"tcp://127.0.0.1:{free_port()}")
+    assert done.returncode == 2 and "missing.json does not exist" in done.stderr, done.stderr
 
 
 def test_prometheus_metrics_and_json_log_lines():
