@@ -210,14 +210,25 @@ def _logged(out: Path, stage: int = 1) -> list[dict]:
     return [json.loads(line) for line in (out / f"stage{stage}-log.jsonl").read_text().splitlines()]
 
 
+def _finish(process: subprocess.Popen, timeout: float) -> tuple[int, str]:
+    """(exit status, stderr) of a run started in its own session; a hung run is killed with its loader workers."""
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)   # the workers ignore SIGTERM
+        _, stderr = process.communicate()
+        pytest.fail(f"fit still running after {timeout} s: {stderr[-2000:]}")
+    return process.returncode, stderr
+
+
 @pytest.mark.timeout(180)
 def test_an_undecodable_image_with_workers_is_skipped_and_counted(tmp_path):
     data = write_dataset(tmp_path / "data")
     break_after_header(data["images"] / data["names"][3][3])   # its header reads, its pixels do not
     out = tmp_path / "run"
-    process = _start(data, out, 30, 1000, "--workers", "2")
-    _, stderr = process.communicate(timeout=120)                # it used to wait forever for its workers
-    assert process.returncode == 0, stderr
+    process = _start(data, out, 30, 1000, "--workers", "2", start_new_session=True)
+    returncode, stderr = _finish(process, timeout=120)          # it used to wait forever for its workers
+    assert returncode == 0, stderr
     curve = _logged(out)
     assert curve[-1]["step"] == 30 and curve[-1]["skipped_images"] > 0
     assert "skipping pair" in stderr and data["names"][3][3] in stderr
@@ -229,9 +240,9 @@ def test_strict_stops_at_an_undecodable_image_and_saves_first(tmp_path):
     data = write_dataset(tmp_path / "data")
     break_after_header(data["images"] / data["names"][3][3])
     out = tmp_path / "run"
-    process = _start(data, out, 100_000, 100_000, "--workers", "2", "--strict")
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 2, stderr
+    process = _start(data, out, 100_000, 100_000, "--workers", "2", "--strict", start_new_session=True)
+    returncode, stderr = _finish(process, timeout=120)
+    assert returncode == 2, stderr
     assert "cannot read image" in stderr and data["names"][3][3] in stderr
     state = load_run_state(out, 1)     # saved on the way out, although --save-every was never reached
     curve = _logged(out)
@@ -363,6 +374,16 @@ def test_log_line_has_peak_memory_and_flops(tmp_path, dataset):
     line = _logged(out)[-1]
     assert 0.05 < line["peak_rss_gib"] < 64 and line["tflops"] > 0
     assert "mfu" not in line     # no known peak for a CPU
+
+
+def test_mfu_is_the_achieved_share_of_the_devices_peak(tmp_path, split, monkeypatch):
+    import training.trainer
+
+    monkeypatch.setattr(training.trainer, "peak_tflops", lambda device: 0.5)   # as a GPU the runtime knows
+    trainer = Trainer(train_config("tiny", 1), TINY, tmp_path, split)
+    trainer.flop_per_step = 2e9
+    figures = trainer._machine_figures(steps_per_second=100.0)
+    assert figures["tflops"] == pytest.approx(0.2) and figures["mfu"] == pytest.approx(0.4)
 
 
 def test_config_file_with_flags_overriding_it_and_saved_in_the_run(tmp_path, dataset, capsys):
