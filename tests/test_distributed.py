@@ -93,8 +93,8 @@ def test_two_gloo_processes_keep_parameters_identical(tmp_path):
         one = [json.loads(line) for line in (single / f"stage{stage}-log.jsonl").read_text().splitlines()]
         for name in names:
             assert [r[name] for r in ddp] == pytest.approx([r[name] for r in one], rel=2e-4, abs=1e-5), (stage, name)
-    reference = load_run_state(single, 2)
-    for net in ("g2", "d"):
+    reference = load_run_state(single, 2)   # G1 as stage 1 left it, G2 and D as stage 2 did
+    for net in ("g1", "g2", "d"):
         for key, value in reference[net].items():
             # A conv bias before batch norm changes nothing (the norm subtracts it): its gradient is
             # rounding noise, which Adam scales up to lr-sized steps; the running mean carries it.
