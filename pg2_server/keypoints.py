@@ -13,6 +13,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .atomic import write_atomic
 from .wire.keypoints import COUNT, INDEX, NAMES  # noqa: F401  (the names live with the protocol)
 
 # Pairs swapped by a horizontal flip.
@@ -158,11 +159,14 @@ def read_annotations(path: str | Path, strict: bool = True) -> tuple[dict[str, n
 
 
 def write_annotations(path: str | Path, rows: Iterable[tuple[str, Sequence | np.ndarray]]) -> None:
-    """Write an annotation CSV with the header PATN's files carry."""
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(ANNOTATION_HEADER + "\n")
-        for name, keypoints in rows:
-            f.write(format_annotation_row(name, keypoints) + "\n")
+    """Write an annotation CSV with the header PATN's files carry, replacing any old one at once."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(ANNOTATION_HEADER + "\n")
+            for name, keypoints in rows:
+                f.write(format_annotation_row(name, keypoints) + "\n")
+
+    write_atomic(path, write)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -65,6 +65,9 @@ def test_annotation_row_round_trip_and_file(tmp_path):
     rows, problems = kp.read_annotations(path)
     assert problems == [] and list(rows) == [name]
     assert np.array_equal(np.nan_to_num(rows[name], nan=-1), np.nan_to_num(points, nan=-1))
+    with pytest.raises(kp.KeypointError):    # a bad row half-way: the old file stays, whole
+        kp.write_annotations(path, [("b.jpg", points), ("c.jpg", points[:17])])
+    assert kp.read_annotations(path)[0].keys() == {name} and [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
 def test_malformed_rows_are_reported_or_raised(tmp_path):

@@ -22,6 +22,7 @@ import logging
 import sys
 from pathlib import Path
 
+from pg2_server.atomic import write_bytes_atomic
 from pg2_server.checkpoint import CheckpointError
 from pg2_server.errors import SetupError
 from pg2_server.keypoints import KeypointError
@@ -119,7 +120,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
                           resume=args.resume, data_provenance=provenance, validation=validation)
         if job.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / f"stage{config.stage}-config.toml").write_text(settings_toml(settings))
+            write_bytes_atomic(run_dir / f"stage{config.stage}-config.toml", settings_toml(settings).encode())
             print(f"stage {config.stage}: preset {config.preset}, {config.steps} steps, batch {config.batch_size} × "
                   f"{job.world_size} process(es) on {job.device}, from step {trainer.step}", file=sys.stderr)
         losses = trainer.fit()

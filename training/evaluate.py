@@ -27,17 +27,18 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import re
 import cv2
 import numpy as np
 from skimage.color import deltaE_ciede2000, rgb2lab
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from tqdm import tqdm
 
+from pg2_server.atomic import write_bytes_atomic
 from pg2_server.drawing import read_rgb, write_rgb
 from pg2_server.keypoints import INDEX
 from pg2_server.pipeline import Pipeline
@@ -353,9 +354,8 @@ def evaluate(pipeline: Pipeline, split: PairSplit, out_dir: str | Path, batch_si
                              "formula), mask-IS on the generated image times the target pose mask; FID: "
                              "torchvision Inception-v3 pool features against the training images' statistics; "
                              "LPIPS v0.1 AlexNet. Not comparable with TF-Inception FID/IS of papers.")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (out_dir / "metrics.md").write_text(markdown_table(metrics))
+    write_bytes_atomic(out_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
+    write_bytes_atomic(out_dir / "metrics.md", markdown_table(metrics).encode())
     return metrics
 
 

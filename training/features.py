@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from pg2_server.atomic import write_atomic
 from pg2_server.drawing import read_rgb
 
 INSTALL_HINT = "pip install 'pg2-blender[metrics]' (a torchvision matching your torch, and lpips)"
@@ -174,12 +175,12 @@ class FidStatistics:
 
     def save(self, path: str | Path) -> Path:
         """Write an .npz (plain arrays, no pickle)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as f:  # a file object: numpy would append .npz to a path without it
-            np.savez(f, mu=self.mu, sigma=self.sigma, count=np.int64(self.count),
-                     inception_sha256=np.str_(self.inception_sha256), source=np.str_(self.source))
-        return path
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:  # a file object: numpy would append .npz to a path without it
+                np.savez(f, mu=self.mu, sigma=self.sigma, count=np.int64(self.count),
+                         inception_sha256=np.str_(self.inception_sha256), source=np.str_(self.source))
+
+        return write_atomic(path, write)
 
     @classmethod
     def load(cls, path: str | Path, inception: Inception | None = None) -> "FidStatistics":
