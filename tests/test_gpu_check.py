@@ -1,5 +1,5 @@
 """training/gpu_check.sh and training/gpu_data.py at tiny scale on the CPU: the same commands a
-GPU session runs, with the sizes turned down."""
+GPU machine runs, with the sizes turned down."""
 from __future__ import annotations
 
 import json

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One short, prepared GPU session: the fast path measured, then a full-resolution PG2 trained for
-# the minutes left and brought back as a checkpoint small enough to bundle.
+# One short, prepared run on a GPU machine: the fast path measured, then a full-resolution PG2
+# trained for the minutes left and brought back as a checkpoint small enough to bundle.
 #
 #   bash training/gpu_check.sh prepare DATA_DIR   # here, before: wheels the GPU machine lacks (.whl/) and
 #                                                 # a ≤ 40 MiB copy of a synthetic set (data/gpu/)
