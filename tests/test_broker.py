@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import zmq
 
-from pg2_server.wire.client import Client, GenerateRequest
+from pg2_server.wire.client import Client, GenerateRequest, ServerTimeout
+from pg2_server.wire.curve import ClientKeys
 from pg2_server.bench import BENCH_KEYPOINTS as KEYPOINTS
 from conftest import free_port
 
@@ -23,10 +24,10 @@ def cli(*args):
                             stderr=subprocess.STDOUT, text=True)
 
 
-def wait_for_workers(endpoint, count, timeout=60):
+def wait_for_workers(endpoint, count, timeout=60, curve=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with Client(endpoint, timeout=1, retries=1) as client:
+        with Client(endpoint, timeout=1, retries=1, curve=curve) as client:
             try:
                 info = client.info()
                 if len(info["workers"]) >= count:
@@ -135,14 +136,18 @@ def test_broker_answers_like_a_server_and_survives_a_killed_worker(cluster):
 
 
 
-def test_curve_workers_only_authorised_workers_get_requests(tmp_path):
-    """--curve-workers: a worker whose key is not authorised, or a plaintext one, never registers."""
-    keys, authorised = tmp_path / "keys", tmp_path / "workers"
+def test_curve_on_both_links_only_authorised_workers_get_requests(tmp_path):
+    """The whole setup of docs/server.md, keys on both links: a worker whose key is not in
+    --curve-workers, or a plaintext one, never registers; a client not in --curve-clients gets no answer."""
+    keys, authorised, clients = tmp_path / "keys", tmp_path / "workers", tmp_path / "clients"
     authorised.mkdir()
-    for name in ("broker", "good", "mallory"):
+    clients.mkdir()
+    for name in ("broker", "good", "mallory", "alice"):
         subprocess.run([sys.executable, "-m", "pg2_server.cli", "keys", str(keys), name], check=True,
                        capture_output=True)
     (authorised / "good.key").write_bytes((keys / "good.key").read_bytes())
+    (clients / "alice.key").write_bytes((keys / "alice.key").read_bytes())
+    alice = ClientKeys.from_files(keys / "broker.key", keys / "alice.key_secret")
     frontend, backend = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     # A folder alone needs the broker's secret key.
     refused = subprocess.run([sys.executable, "-m", "pg2_server.cli", "broker", "--frontend", frontend,
@@ -150,7 +155,8 @@ def test_curve_workers_only_authorised_workers_get_requests(tmp_path):
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0 and "--curve-secret" in refused.stderr
     broker = cli("broker", "--frontend", frontend, "--backend", backend, "--heartbeat-ms", "200", "--info-details",
-                 "--curve-secret", str(keys / "broker.key_secret"), "--curve-workers", str(authorised))
+                 "--curve-secret", str(keys / "broker.key_secret"), "--curve-clients", str(clients),
+                 "--curve-workers", str(authorised))
     worker_flags = ("worker", "--connect", backend, "--preset", "tiny", "--random-weights", "--heartbeat-ms", "200")
     good = cli(*worker_flags, "--curve-secret", str(keys / "good.key_secret"), "--server-key", str(keys / "broker.key"))
     mallory = cli(*worker_flags, "--curve-secret", str(keys / "mallory.key_secret"),
@@ -158,9 +164,12 @@ def test_curve_workers_only_authorised_workers_get_requests(tmp_path):
     plaintext = cli(*worker_flags)
     processes = [broker, good, mallory, plaintext]
     try:
-        info = wait_for_workers(frontend, 1)
+        info = wait_for_workers(frontend, 1, curve=alice)
         time.sleep(2.0)  # time enough for the others to try to register (10 heartbeats)
-        with Client(frontend, timeout=30) as client:  # the frontend stays plaintext: no --curve-clients
+        with Client(frontend, timeout=1, retries=1) as client:  # a plaintext client
+            with pytest.raises(ServerTimeout):
+                client.ping()
+        with Client(frontend, timeout=30, curve=alice) as client:
             results = list(client.generate_many(
                 [GenerateRequest(SOURCE_PNG, KEYPOINTS, (40 + i, 64), tag=i) for i in range(12)], in_flight=6))
             info = client.info()
