@@ -289,7 +289,8 @@ def test_annotate_writes_patn_rows_and_scores_against_truth(tmp_path):
     done = run("training.cli", "annotate", "--images", str(images), "--out", str(out), "--truth", str(truth_csv))
     assert done.returncode == 0, done.stderr
     assert "zz_notes.png: not an image" in done.stderr
-    assert "6 images annotated, 1 skipped" in done.stdout and "ms per image" in done.stdout
+    assert "6 images annotated, 1 skipped" in done.stdout and "ms per image (" in done.stdout
+    assert "ms CPU; load average" in done.stdout
     detected, problems = read_annotations(out)
     assert problems == [] and len(detected) == 6
     text = out.read_text()
@@ -298,6 +299,31 @@ def test_annotate_writes_patn_rows_and_scores_against_truth(tmp_path):
     assert set(table["keypoint"].replace(" ", "").split("|")[2:-1]) == {"all", "back", "front"}
     overall = float(table["pckh"].split("|")[2].strip(" *"))
     assert overall >= PCKH_FLOOR
+
+
+def test_annotate_refuses_a_missing_or_empty_folder(tmp_path, capsys):
+    from training.cli import main
+
+    out = tmp_path / "annotations.csv"
+    assert main(["annotate", "--images", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert "nope is not a folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no photos here")
+    assert main(["annotate", "--images", str(tmp_path / "empty"), "--out", str(out)]) == 2
+    assert "holds no PNG/JPEG/BMP/WebP images" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@needs_mediapipe
+def test_annotate_with_nobody_in_any_photo_writes_nothing(tmp_path, capsys):
+    from training.cli import main
+
+    (tmp_path / "photos").mkdir()
+    cv2.imwrite(str(tmp_path / "photos" / "wall.png"), np.full((200, 150, 3), 230, np.uint8))
+    out = tmp_path / "annotations.csv"
+    assert main(["annotate", "--images", str(tmp_path / "photos"), "--out", str(out)]) == 2
+    assert "no person found in any of 1 images" in capsys.readouterr().err
+    assert not out.exists()
 
 
 @needs_mediapipe
