@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import torch
 
 from .wire.client import Client, ServerError
 from .errors import SetupError
@@ -91,7 +92,7 @@ def server_command(args: argparse.Namespace, bind: str, max_batch: int) -> list[
     command = [sys.executable, "-m", "pg2_server.cli", "serve", "--bind", bind, "--device", args.device,
                "--dtype", args.dtype, "--backend", args.backend, "--max-batch", str(max_batch), "--max-delay-ms", str(args.max_delay_ms),
                "--max-queue", str(args.max_queue), "--threads", str(args.threads), "--seed", str(args.seed),
-               "--source-cache-mb", str(args.source_cache_mb)]
+               "--source-cache-mb", str(args.source_cache_mb), "--model-threads", str(args.model_threads)]
     if args.fast:
         command += ["--fast", "--compile", args.compile]
     if args.random_weights:
@@ -249,7 +250,7 @@ def run_bench(args: argparse.Namespace, pipeline, curve=None) -> int:
     source_png = png_bytes(source)
     batch = min(args.max_batch, clients)
     report: dict = {"source": f"{BENCH_FRAME[0]}×{BENCH_FRAME[1]} PNG ({len(source_png)} bytes)",
-                    "output_format": args.output_format,
+                    "output_format": args.output_format, "model_threads": torch.get_num_threads(),
                     "cpu_count": os.cpu_count(), "load_average": os.getloadavg()}
 
     iterations = max(3, total // batch // 2)
@@ -341,7 +342,9 @@ def format_report(report: dict) -> str:
              f"{' × ' + str(served['rounds']) + ' rounds' if served.get('rounds', 1) > 1 else ''}: "
              f"{served['requests_per_s']:.2f} req/s, latency p50 {served['p50_ms']:.1f} ms, "
              f"p95 {served['p95_ms']:.1f} ms, p99 {served['p99_ms']:.1f} ms, mean batch {served['mean_batch']:.2f}",
-             f"raw pipeline at batch {raw['batch']}: {raw['images_per_s']:.2f} images/s "
+             f"raw pipeline at batch {raw['batch']}"
+             + (f", {report['model_threads']} model thread(s)" if "model_threads" in report else "")
+             + f": {raw['images_per_s']:.2f} images/s "
              f"({raw['ms_per_batch']:.1f} ms/batch; before and after each served run: "
              f"{', '.join(f'{r:.2f}' for r in raw['runs_images_per_s'])})",
              f"served / raw: {report['served_over_raw']:.3f}"

@@ -58,8 +58,17 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def load_pipeline(args: argparse.Namespace):
     """The pipeline named by --checkpoint / --preset --random-weights (default: bundled model)."""
-    from .pipeline import Pipeline, default_checkpoint
+    from .pipeline import Pipeline, default_checkpoint, serving_threads
 
+    threads = getattr(args, "model_threads", 0)
+    if threads < 0:
+        raise SystemExit("error: --model-threads must be at least 1 (or 0 for the default)")
+    if not threads and getattr(args, "command", None) in SPIN_SENSITIVE and args.device.split(":")[0] == "cpu":
+        threads = serving_threads()  # the model and the server's own work split the cores
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)  # OpenVINO takes torch's count
     if getattr(args, "random_weights", False):
         if args.checkpoint:
             raise SystemExit("error: give either --checkpoint or --preset with --random-weights, not both")
@@ -104,6 +113,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino"],
                         help="auto (default): on the CPU with the openvino extra, OpenVINO or torch, "
                              "whichever is faster when timed at load; else torch")
+    parser.add_argument("--model-threads", type=int, default=0, metavar="N",
+                        help="the model's CPU threads (default: every core; serve, worker and bench's raw "
+                             "reference: every core but one, left to decoding, encoding and the socket)")
     parser.add_argument("--fast", action="store_true",
                         help="fast path: channels_last, cuDNN autotuning, batch-size buckets, pinned buffers")
     parser.add_argument("--compile", default="none", choices=["none", "default", "max-autotune", "reduce-overhead"],

@@ -201,6 +201,22 @@ def test_bf16_units_are_detected_from_the_cpu(monkeypatch):
     assert not module.bf16_native(torch.device("cpu"))
 
 
+def test_a_served_model_leaves_one_core_to_the_server():
+    from pg2_server.pipeline import serving_threads
+
+    assert [serving_threads(cores) for cores in (1, 2, 16)] == [1, 1, 15]
+
+
+def test_cpu_batches_are_zero_padded_and_keep_the_models_layout(tiny):
+    prepared = _batch(tiny, 3)
+    sources, maps, coordinates = tiny._to_device(prepared, 4)
+    assert sources.dtype == maps.dtype == torch.float32 and sources.shape[0] == maps.shape[0] == 4
+    assert np.array_equal(maps[1].numpy(), prepared[1].heatmaps)
+    assert np.array_equal(coordinates[2].numpy(), prepared[2].coordinates)
+    assert not sources[3].any() and not maps[3].any() and not coordinates[3].any()
+    assert sources.is_contiguous(memory_format=tiny.memory_format)
+
+
 def test_bundled_model_in_bf16_within_stated_tolerance_on_the_bundled_samples():
     from pg2_server.pipeline import default_checkpoint
     from pg2_server.samples import load_samples
