@@ -229,6 +229,7 @@ class Batch:
         self._terminating = threading.Lock()
         self.thread: threading.Thread | None = None
         self.done = 0  # frames finished; written by the worker thread alone (_frame_done)
+        self.waiting = False  # the server answers but is not ready yet (loading its model)
 
     def add(self, job: FrameJob) -> None:
         self.jobs.put(job)
@@ -259,13 +260,13 @@ class Batch:
         try:
             with self.connection.open(self.context, timeout=min(self.check_timeout,
                                                                  self.connection.timeout)) as check:
-                check.ping()
+                if not self._wait_until_ready(check):
+                    return  # cancelled
             with self.connection.open(self.context) as server:
                 canvas, max_side = None, 1 << 16
                 if self.framing.mode == "PERSON":
                     info = server.info()
-                    models = info.get("models") or [{}]
-                    canvas = protocol.info_canvas(models[0]) if "canvas" in models[0] else protocol.Size(256, 256)
+                    canvas = model_canvas(info, self.connection.endpoint)
                     max_side = int((info.get("limits") or {}).get("max_image_side", max_side))
                 for result in server.generate_many(self._requests(canvas, max_side), in_flight=self.in_flight):
                     if self.cancelled.is_set():
@@ -277,11 +278,30 @@ class Batch:
         except client.ServerError as e:
             if not self.cancelled.is_set():
                 self.events.put(Event("error", message=describe_server_error(e)))
+        except GenerationError as e:
+            self.events.put(Event("error", message=str(e)))
         except Exception as e:  # reported to the user; the add-on must not die silently
             self.events.put(Event("error", message=f"{type(e).__name__}: {e}"))
         finally:
             self._terminate()  # after a cancel: waits for the cancel's own term, a no-op then
             self.events.put(Event("end"))
+
+    def _wait_until_ready(self, check) -> bool:
+        """Ping until the server takes work: a server answers while it loads its model, and its
+        `info` lists no model (so no canvas) until then. Waits at most the reply timeout; False
+        when cancelled (Esc wakes the wait at once)."""
+        deadline = time.monotonic() + self.connection.timeout
+        try:
+            while not check.ready():
+                if time.monotonic() >= deadline:
+                    raise GenerationError(describe_not_ready(check.info(), self.connection.endpoint,
+                                                             self.connection.timeout))
+                self.waiting = True
+                if self.cancelled.wait(min(0.25, deadline - time.monotonic())):
+                    return False
+        finally:
+            self.waiting = False
+        return True
 
     def _next_job(self) -> FrameJob | None:
         while not self.cancelled.is_set():
@@ -489,6 +509,8 @@ class Run:
         return self.batch.done
 
     def progress_text(self) -> str:
+        if self.batch.waiting:
+            return f"waiting for the server to be ready (loading its model); posed {self.planned} / {self.total}"
         if self.planned < self.total:
             return f"posing {self.planned} / {self.total}, generated {self.done}"
         return f"{self.done} / {self.total - len(self.report.skipped)}"
@@ -595,6 +617,30 @@ class Run:
             elif event.kind == "end":
                 self.ended = True
                 return
+
+
+def model_canvas(info: dict, endpoint: str) -> protocol.Size:
+    """The canvas (W, H) of the server's first model from its `info`; a clear error when it lists
+    none, since Person framing crops to the model's aspect ratio and a guess would distort it."""
+    models = info.get("models") or []
+    if not models or "canvas" not in models[0]:
+        raise GenerationError(f"PG2: the server at {endpoint} lists no model in its info, so Person "
+                              "framing has no canvas to crop to; check the server's log")
+    return protocol.info_canvas(models[0])
+
+
+def describe_not_ready(info: dict, endpoint: str, waited: float) -> str:
+    """Why a server that answers does not take work, from its `info`, for the report line."""
+    server = info.get("server")
+    role = server.get("role") if isinstance(server, dict) else None
+    if role == "broker" and not info.get("workers"):
+        return (f"PG2: the broker at {endpoint} has no worker yet (waited {waited:g} s); start a "
+                "`pg2-server worker` connected to it, then try again")
+    if not info.get("models"):
+        return (f"PG2: the server at {endpoint} is still loading its model (waited {waited:g} s); try "
+                "again in a moment, or raise Timeout in the add-on's preferences")
+    return (f"PG2: the server at {endpoint} is not taking work (shutting down, or a device stopped); "
+            "see its log")
 
 
 def describe_server_error(error) -> str:

@@ -109,6 +109,9 @@ def describe_info(info: dict) -> str:
     devices = info.get("devices") or []
     if devices:
         lines.append("Devices: " + ", ".join(str(d) for d in devices))
+    if info.get("ready") is False:
+        lines.append("Not ready yet (loading its model, or a broker without workers): "
+                     "a job waits for it up to the Timeout")
     return "\n".join(lines)
 
 

@@ -30,30 +30,69 @@ def png_size(path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
-@pytest.fixture(scope="module")
-def server():
-    port = free_port()
-    endpoint = f"tcp://127.0.0.1:{port}"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pg2_server.cli", "serve", "--preset", "tiny", "--random-weights",
-         "--bind", endpoint, "--threads", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 90
+def start_server(*command) -> tuple[subprocess.Popen, str]:
+    """`pg2-server serve|broker ...` on a free loopback port; returns at once, before it answers."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    bind = ["--frontend", endpoint, "--backend", f"tcp://127.0.0.1:{free_port()}"] if command[0] == "broker" \
+        else ["--bind", endpoint]
+    process = subprocess.Popen([sys.executable, "-m", "pg2_server.cli", *command, *bind],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return process, endpoint
+
+
+def wait_for(process, endpoint, ready=True, limit=90.0) -> None:
+    """Until the server answers, and with `ready` until it takes work too: `serve` answers (not
+    ready) as soon as its socket is bound, while its model is still loading."""
+    deadline = time.monotonic() + limit
     with Client(endpoint, timeout=1.0, retries=1) as client:
         while True:
             try:
-                client.ping()
-                break
+                if client.ready() or not ready:
+                    return
+                time.sleep(0.05)
             except ServerError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    process.kill()
-                    pytest.fail("pg2-server did not start: " + (process.stderr.read() or "")[-2000:])
-    yield endpoint
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail("pg2-server did not start: " + (process.stderr.read() or "")[-2000:])
+
+
+def stop(process) -> None:
     process.terminate()
     try:
         process.wait(10)
     except subprocess.TimeoutExpired:
         process.kill()
+
+
+@pytest.fixture(scope="module")
+def server():
+    process, endpoint = start_server("serve", "--preset", "tiny", "--random-weights", "--threads", "1")
+    wait_for(process, endpoint)
+    yield endpoint
+    stop(process)
+
+
+@pytest.fixture
+def loading_server():
+    """A `pg2-server serve` whose model takes seconds to load (the market preset's 77 M random
+    fp32 weights, canvas 64x128), given as soon as it answers: before its model is there."""
+    process, endpoint = start_server("serve", "--preset", "market", "--random-weights", "--dtype", "float32",
+                                     "--backend", "torch", "--threads", "1")
+    wait_for(process, endpoint, ready=False)
+    with Client(endpoint, timeout=5.0, retries=1) as client:
+        assert client.ready() is False and client.info()["models"] == []
+    yield endpoint
+    stop(process)
+
+
+@pytest.fixture
+def broker():
+    """A `pg2-server broker` with no worker: it answers, and is never ready."""
+    process, endpoint = start_server("broker")
+    wait_for(process, endpoint, ready=False)
+    yield endpoint
+    stop(process)
 
 
 def fresh_file():
@@ -729,6 +768,66 @@ def test_cancel_called_by_blender_stops_the_worker(shot, black_hole, tmp_path):
     assert not operators.running()
     op._run.batch.thread.join(1.0)
     assert not op._run.batch.thread.is_alive() and op._run.batch.context.closed
+
+
+def test_a_loading_server_is_waited_for_and_the_person_framed_on_its_canvas(shot, loading_server, monkeypatch):
+    """Person framing crops to the model's aspect ratio, which `info` gives only once the model
+    is loaded: the run waits for the server to be ready (saying so) instead of guessing."""
+    from blender_addon import generation, operators
+    aspects = []
+    crop = generation.person_crop
+    monkeypatch.setattr(generation, "person_crop",
+                        lambda keypoints, aspect, margin: aspects.append(aspect) or crop(keypoints, aspect, margin))
+    connect(loading_server, timeout=60.0)
+    shot.pg2.framing = "PERSON"
+    op = modal_operator(bpy.context, [1], [None])
+    statuses = set()
+    deadline = time.monotonic() + 90
+    while (answer := op.modal(bpy.context, ModalEvent("TIMER"))) == {"PASS_THROUGH"}:
+        statuses.add(shot.pg2.status)
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert answer == {"FINISHED"}, op.reports
+    assert aspects == [pytest.approx(64 / 128)]  # the market model's canvas, not a square guess
+    assert any(s.startswith("waiting for the server to be ready") for s in statuses), statuses
+    assert tuple(bpy.data.images["PG2 Result"].size) == (WIDTH, HEIGHT)
+    assert not operators.running()
+
+
+def test_a_server_still_loading_after_the_timeout_is_reported_as_such(shot, loading_server):
+    connect(loading_server, timeout=0.5)
+    shot.pg2.framing = "PERSON"
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=f"the server at {loading_server} is still loading its model "
+                                           r"\(waited 0.5 s\)"):
+        bpy.ops.pg2.generate()
+    assert time.monotonic() - started < 5.0
+    assert "PG2 Result" not in bpy.data.images
+
+
+def test_a_broker_without_workers_is_reported_and_its_wait_cancels_at_once(shot, broker, tmp_path):
+    from blender_addon import operators
+    connect(broker, timeout=0.5)
+    with pytest.raises(RuntimeError, match=f"the broker at {broker} has no worker yet"):
+        bpy.ops.pg2.generate_frames()
+    out = Path(shot.pg2.output_path).parent
+    assert not out.exists() or not any(out.iterdir())
+    assert bpy.ops.pg2.test_connection() == {"FINISHED"}
+    assert "Not ready yet" in prefs().server_info
+    connect(broker, timeout=60.0)
+    op = modal_operator(bpy.context, [1, 2], [str(tmp_path / "b" / f"f_{f}.png") for f in (1, 2)])
+    batch = op._run.batch
+    deadline = time.monotonic() + 10
+    while not batch.waiting:
+        assert op.modal(bpy.context, ModalEvent("TIMER")) == {"PASS_THROUGH"}
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    started = time.monotonic()
+    assert op.modal(bpy.context, ModalEvent("ESC", "PRESS")) == {"CANCELLED"}
+    batch.thread.join(1.0)
+    assert time.monotonic() - started < 1.0
+    assert not batch.thread.is_alive() and batch.context.closed
+    assert not operators.running() and shot.pg2.status.startswith("cancelled after 0 / 2")
 
 
 def test_image_work_runs_on_the_worker_thread(shot, server, tmp_path, monkeypatch):
