@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -82,25 +83,51 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextmanager
+def ready_server(endpoint: str | None, preset: str, timeout: float = 300.0):
+    """Yields (endpoint, info) of a server that takes work: `endpoint`, or a
+    `pg2-server serve --preset PRESET --random-weights` started on a free port for the block."""
+    process = None
+    with tempfile.TemporaryFile() as log:  # not a pipe: a chatty server would fill it and block
+        if endpoint is None:
+            endpoint = f"tcp://127.0.0.1:{_free_port()}"
+            process = subprocess.Popen([sys.executable, "-m", "pg2_server.cli", "serve", "--preset", preset,
+                                        "--random-weights", "--bind", endpoint], stdout=subprocess.DEVNULL,
+                                       stderr=log)
+        try:
+            yield endpoint, _wait_until_ready(endpoint, process, log, timeout)
+        finally:
+            if process is not None:
+                process.terminate()
+                process.wait(10)
+
+
+def _wait_until_ready(endpoint: str, process, log, timeout: float) -> dict:
+    """The server's `info` once it takes work: it answers as soon as its socket is bound, with
+    `ready: false` and no model in `info` while the model loads."""
+    from blender_addon.wire import client
+    deadline = time.monotonic() + timeout
+    with client.Client(endpoint, timeout=2.0, retries=1) as c:
+        while True:
+            if process is not None and process.poll() is not None:
+                log.seek(0)
+                raise SystemExit("the bench server exited: " + log.read().decode(errors="replace")[-2000:])
+            try:
+                if c.ready():
+                    return c.info()
+            except client.ServerTimeout:
+                pass  # not bound yet
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the server at {endpoint} was not ready within {timeout:g} s")
+            time.sleep(0.2)
+
+
 def bench_frames(frames: int, in_flight: int, endpoint: str | None, preset: str, size,
                  rounds: int = 3) -> None:
     import bpy
 
     from blender_addon.wire import client, protocol
-    process = None
-    if endpoint is None:
-        endpoint = f"tcp://127.0.0.1:{_free_port()}"
-        process = subprocess.Popen([sys.executable, "-m", "pg2_server.cli", "serve", "--preset", preset,
-                                    "--random-weights", "--bind", endpoint], stdout=subprocess.DEVNULL)
-    try:
-        with client.Client(endpoint, timeout=2.0, retries=1) as c:
-            for _ in range(120):
-                try:
-                    c.ping()
-                    break
-                except client.ServerError:
-                    time.sleep(0.5)
-            info = c.info()
+    with ready_server(endpoint, preset) as (endpoint, info):
         scene, arm = _scene(size[0], size[1], frames)
         prefs = bpy.context.preferences.addons["blender_addon"].preferences
         prefs.endpoint, prefs.timeout = endpoint, 120.0
@@ -141,10 +168,6 @@ def bench_frames(frames: int, in_flight: int, endpoint: str | None, preset: str,
         print(f"  bpy.ops.pg2.generate_frames: best of {rounds} {addon:.2f} s "
               f"({addon / frames * 1e3:.1f} ms/frame); all {', '.join(f'{t:.2f}' for t in addons)}")
         print(f"  ratio add-on / server: {addon / reference:.3f} (target <= 1.1)")
-    finally:
-        if process is not None:
-            process.terminate()
-            process.wait(10)
 
 
 def _skinned_body(scene, arm, vertices: int):
@@ -179,20 +202,7 @@ def bench_steps(frames: int, endpoint: str | None, preset: str, size, mesh: int,
     import bpy
 
     from blender_addon import generation, operators
-    from blender_addon.wire import client
-    process = None
-    if endpoint is None:
-        endpoint = f"tcp://127.0.0.1:{_free_port()}"
-        process = subprocess.Popen([sys.executable, "-m", "pg2_server.cli", "serve", "--preset", preset,
-                                    "--random-weights", "--bind", endpoint], stdout=subprocess.DEVNULL)
-    try:
-        with client.Client(endpoint, timeout=2.0, retries=1) as c:
-            for _ in range(120):
-                try:
-                    c.ping()
-                    break
-                except client.ServerError:
-                    time.sleep(0.5)
+    with ready_server(endpoint, preset) as (endpoint, _):
         scene, arm = _scene(size[0], size[1], frames)
         if mesh:
             _skinned_body(scene, arm, mesh)
@@ -242,10 +252,6 @@ def bench_steps(frames: int, endpoint: str | None, preset: str, size, mesh: int,
               f"{os.getloadavg()[0]:.1f} after ({os.cpu_count()} cores)")
         print(f"  reference, same run: frame_set of all {frames} frames at once {frame_set_all * 1e3:.0f} ms "
               f"({frame_set_all / frames * 1e3:.2f} ms/frame)")
-    finally:
-        if process is not None:
-            process.terminate()
-            process.wait(10)
 
 
 def main(argv=None) -> int:
