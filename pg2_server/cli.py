@@ -58,13 +58,11 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def load_pipeline(args: argparse.Namespace):
     """The pipeline named by --checkpoint / --preset --random-weights (default: bundled model)."""
-    from .pipeline import Pipeline, default_checkpoint, serving_threads
+    from .pipeline import Pipeline, default_checkpoint
 
     threads = getattr(args, "model_threads", 0)
     if threads < 0:
-        raise SystemExit("error: --model-threads must be at least 1 (or 0 for the default)")
-    if not threads and getattr(args, "command", None) in SPIN_SENSITIVE and args.device.split(":")[0] == "cpu":
-        threads = serving_threads()  # the model and the server's own work split the cores
+        raise SystemExit("error: --model-threads must be at least 1 (or 0 for every core)")
     if threads:
         import torch
 
@@ -114,8 +112,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto (default): on the CPU with the openvino extra, OpenVINO or torch, "
                              "whichever is faster when timed at load; else torch")
     parser.add_argument("--model-threads", type=int, default=0, metavar="N",
-                        help="the model's CPU threads (default: every core; serve, worker and bench's raw "
-                             "reference: every core but one, left to decoding, encoding and the socket)")
+                        help="the model's CPU threads (default 0: every core); fewer leave cores to decoding, "
+                             "encoding and other programs, which pays on a machine busy with other work")
     parser.add_argument("--fast", action="store_true",
                         help="fast path: channels_last, cuDNN autotuning, batch-size buckets, pinned buffers")
     parser.add_argument("--compile", default="none", choices=["none", "default", "max-autotune", "reduce-overhead"],

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,19 +56,6 @@ def bf16_native(device: torch.device) -> bool:
     if device.type == "cpu":
         return cpu_bf16_units() is not None
     return False
-
-
-def serving_threads(cores: int | None = None) -> int:
-    """Intra-op threads for a model that a server runs on the CPU: every core but one, at least one.
-
-    The spare core decodes, prepares, encodes and answers requests meanwhile. A model given
-    every core waits, at each of its parallel steps, for whichever thread that work (or another
-    process) pushed off its core: on 2 cores the demo model served 30–40 % more requests with
-    one thread than with two.
-    """
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores - 1)
 
 
 @dataclass(frozen=True)

@@ -113,6 +113,23 @@ def test_a_bug_keeps_its_traceback_and_a_setup_error_is_one_line(monkeypatch, ca
     assert capsys.readouterr().err == "error: device cuda requested but CUDA is not available; use --device cpu\n"
 
 
+def test_model_threads_sets_the_models_cpu_threads():
+    import torch
+
+    from pg2_server.cli import build_parser, load_pipeline
+
+    before = torch.get_num_threads()
+    try:
+        args = build_parser().parse_args(["serve", "--preset", "tiny", "--random-weights", "--backend", "torch",
+                                          "--model-threads", "1"])
+        load_pipeline(args)
+        assert torch.get_num_threads() == 1
+        with pytest.raises(SystemExit, match="--model-threads must be at least 1"):
+            load_pipeline(build_parser().parse_args(["serve", "--model-threads", "-1"]))
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_serving_flags_default_to_the_configs_and_the_configs_check_values():
     from pg2_server.broker import BrokerConfig
     from pg2_server.cli import build_parser

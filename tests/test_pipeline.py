@@ -201,12 +201,6 @@ def test_bf16_units_are_detected_from_the_cpu(monkeypatch):
     assert not module.bf16_native(torch.device("cpu"))
 
 
-def test_a_served_model_leaves_one_core_to_the_server():
-    from pg2_server.pipeline import serving_threads
-
-    assert [serving_threads(cores) for cores in (1, 2, 16)] == [1, 1, 15]
-
-
 def test_cpu_batches_are_zero_padded_and_keep_the_models_layout(tiny):
     prepared = _batch(tiny, 3)
     sources, maps, coordinates = tiny._to_device(prepared, 4)
