@@ -297,13 +297,12 @@ class Pipeline:
         source_fit = fit_frame((source.shape[1], source.shape[0]), canvas)
         target_fit = fit_frame(size, canvas)
         on_canvas = target_fit.keypoints_to_canvas(points)
-        width, height = canvas
         c = self.config
         return Prepared(
             source=to_unit_range(source_fit.image_to_canvas(source)),
-            heatmaps=heatmaps(on_canvas, height, width, c.heatmap_radius, c.heatmap_kind, c.heatmap_sigma),
-            coordinates=pose_coordinates(on_canvas, height, width),
-            mask=pose_mask(on_canvas, height, width, c.heatmap_radius),
+            heatmaps=heatmaps(on_canvas, canvas, c.heatmap_radius, c.heatmap_kind, c.heatmap_sigma),
+            coordinates=pose_coordinates(on_canvas, canvas),
+            mask=pose_mask(on_canvas, canvas, c.heatmap_radius),
             fit=target_fit)
 
     def _stages(self, sources: torch.Tensor, heatmaps_: torch.Tensor,

@@ -51,14 +51,15 @@ def _inside(points: np.ndarray, height: int, width: int) -> np.ndarray:
         return ~np.isnan(x) & ~np.isnan(y) & (x >= 0) & (x < width) & (y >= 0) & (y < height)
 
 
-def heatmaps(keypoints, height: int, width: int, radius: int = 4, kind: str = "disk",
+def heatmaps(keypoints, size: tuple[int, int], radius: int = 4, kind: str = "disk",
              sigma: float = 6.0) -> np.ndarray:
-    """Pose heat-maps, float32 (18, H, W).
+    """Pose heat-maps on a canvas of `size` (W, H), float32 (18, H, W).
 
     `disk` (PG2): +1 within Euclidean distance `radius` of the keypoint's pixel, -1 elsewhere.
     `gaussian` (PATN and later): exp(-d²/2σ²) in [0, 1]. A missing keypoint, or one whose pixel
     lies outside the canvas, gives an empty channel (-1 for disk, 0 for gaussian).
     """
+    width, height = size
     points = as_array(keypoints)
     present = np.flatnonzero(_inside(points, height, width))
     if kind == "disk":
@@ -101,12 +102,13 @@ _CLOSING_KERNEL = np.ones((5, 5), np.uint8)
 _LIMB_ENDS = np.array(MASK_LIMBS)
 
 
-def pose_mask(keypoints, height: int, width: int, radius: int = 4) -> np.ndarray:
-    """The original's pose mask M, uint8 (H, W) in {0, 1}.
+def pose_mask(keypoints, size: tuple[int, int], radius: int = 4) -> np.ndarray:
+    """The original's pose mask M on a canvas of `size` (W, H), uint8 (H, W) in {0, 1}.
 
     For each of the 23 limbs with both ends present: disks of `radius` at both ends and at
     int(dist/radius) - 1 evenly spaced interior points; their union, closed with a 5×5 square.
     """
+    width, height = size
     points = as_array(keypoints)
     mask = np.zeros((height, width), dtype=np.uint8)
     a, b = points[_LIMB_ENDS[:, 0]], points[_LIMB_ENDS[:, 1]]
@@ -128,8 +130,9 @@ def pose_mask(keypoints, height: int, width: int, radius: int = 4) -> np.ndarray
     return cv2.morphologyEx(mask, cv2.MORPH_CLOSE, _CLOSING_KERNEL)
 
 
-def pose_coordinates(keypoints, height: int, width: int) -> np.ndarray:
+def pose_coordinates(keypoints, size: tuple[int, int]) -> np.ndarray:
     """Keypoints as a (36,) float32 vector for the CE pose embedding: x/W, y/H; -1 if missing."""
+    width, height = size
     points = as_array(keypoints)
     scaled = points / np.array([width, height], dtype=np.float64)
     scaled[~_inside(points, height, width)] = -1.0

@@ -87,7 +87,7 @@ def test_heatmap_at_the_framed_pixel_and_flipped(tmp_path):
     assert torch.equal(flipped["source"], item["source"].flip(-1))
     on_canvas = item["keypoints"].numpy()
     assert on_canvas[wrist] == pytest.approx([(x + 0.5) * 0.5 - 0.5, (y + 0.5) * 0.5 - 0.5])
-    assert np.array_equal(item["mask"][0].numpy(), pose_mask(on_canvas, 32, 16))
+    assert np.array_equal(item["mask"][0].numpy(), pose_mask(on_canvas, (16, 32)))
     assert item["source"].min() >= -1 and item["source"].max() <= 1
     assert item["coordinates"].shape == (36,)
 

@@ -102,13 +102,12 @@ def test_mask_ssim_uses_the_mask_drawn_at_the_images_own_resolution(tmp_path):
     target = read_rgb(split.image_dir / target_name)
     size = (target.shape[1], target.shape[0])
     generated = read_rgb(next((tmp_path / "eval" / "images" / "final").glob("*.png")))
-    mask = pose_mask(split.keypoints[target_name], size[1], size[0], 4)
+    mask = pose_mask(split.keypoints[target_name], size, 4)
     assert np.array_equal(target_mask(split.keypoints[target_name], size), mask)
     assert metrics["rows"]["g1+g2"]["mask_ssim"] == pytest.approx(mask_ssim(generated, target, mask), abs=1e-9)
     # The model canvas's mask scaled up (what eval used before) covers far more of the image.
     fit = fit_frame(size, pipeline.config.canvas)
-    canvas_mask = pose_mask(fit.keypoints_to_canvas(split.keypoints[target_name]), pipeline.config.canvas.height,
-                           pipeline.config.canvas.width, 4)
+    canvas_mask = pose_mask(fit.keypoints_to_canvas(split.keypoints[target_name]), pipeline.config.canvas, 4)
     scaled_up = fit.image_to_frame(canvas_mask[..., None] * np.uint8(255))[..., 0] > 0
     assert scaled_up.mean() > 1.5 * mask.mean()
     assert metrics["rows"]["g1+g2"]["mask_ssim"] != pytest.approx(mask_ssim(generated, target, scaled_up), abs=1e-4)

@@ -26,7 +26,7 @@ def _independent_disk(x, y, height, width, radius):
 
 @pytest.mark.parametrize("x, y", [(10, 12), (0, 0), (15, 31), (7.4, 20.6), (2, 30)])
 def test_disk_heatmaps_pixel_exact(x, y):
-    maps = pose.heatmaps(_points(k3=(x, y)), 32, 16)
+    maps = pose.heatmaps(_points(k3=(x, y)), (16, 32))
     assert maps.shape == (18, 32, 16) and maps.dtype == np.float32
     assert np.array_equal(maps[3], _independent_disk(x, y, 32, 16, 4))
     assert (maps[np.arange(18) != 3] == -1).all()
@@ -36,7 +36,7 @@ def test_disk_heatmaps_pixel_exact(x, y):
 
 
 def test_heatmaps_ignore_missing_and_outside_keypoints():
-    maps = pose.heatmaps(_points(k0=(-3, 5), k1=(16, 5), k2=(5, 32), k4=(2, 5)), 32, 16)
+    maps = pose.heatmaps(_points(k0=(-3, 5), k1=(16, 5), k2=(5, 32), k4=(2, 5)), (16, 32))
     assert (maps[:4] == -1).all()          # missing or outside: all -1
     # A keypoint 2 px from the edge: the disk is clipped (49 - 1 - 5 pixels beyond x = 0).
     assert (maps[4] == 1).sum() == 43
@@ -44,34 +44,34 @@ def test_heatmaps_ignore_missing_and_outside_keypoints():
 
 
 def test_gaussian_heatmaps():
-    maps = pose.heatmaps(_points(k5=(8, 10)), 32, 16, kind="gaussian", sigma=6)
+    maps = pose.heatmaps(_points(k5=(8, 10)), (16, 32), kind="gaussian", sigma=6)
     assert maps[5, 10, 8] == pytest.approx(1.0)
     assert maps[5, 10, 14] == pytest.approx(np.exp(-36 / 72), rel=1e-5)
     assert (maps[0] == 0).all() and maps.min() >= 0 and maps.max() <= 1
     with pytest.raises(ValueError, match="unknown heat-map kind"):
-        pose.heatmaps(_points(), 4, 4, kind="square")
+        pose.heatmaps(_points(), (4, 4), kind="square")
 
 
 def test_pose_mask_single_limb_hand_made():
     # Neck (1) to right shoulder (2), horizontal, 16 px apart: disks at both ends and at
     # int(16/4) - 1 = 3 interior points (every 4 px) make a solid bar of height 9 (±4).
-    mask = pose.pose_mask(_points(k1=(10, 20), k2=(26, 20)), 40, 40)
+    mask = pose.pose_mask(_points(k1=(10, 20), k2=(26, 20)), (40, 40))
     assert mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 1}
     assert mask[20, 6:31].all() and not mask[20, 5] and not mask[20, 31]
     assert mask[16:25, 18].all() and not mask[15, 18] and not mask[25, 18]
 
 
 def test_pose_mask_needs_both_ends_of_a_limb():
-    assert pose.pose_mask(_points(k1=(10, 20)), 40, 40).sum() == 0
+    assert pose.pose_mask(_points(k1=(10, 20)), (40, 40)).sum() == 0
     # Only limbs from MASK_LIMBS are drawn: wrist (4) - hip (8) is not a limb.
     assert (4, 8) not in MASK_LIMBS
-    assert pose.pose_mask(_points(k4=(10, 20), k8=(30, 20)), 40, 40).sum() == 0
+    assert pose.pose_mask(_points(k4=(10, 20), k8=(30, 20)), (40, 40)).sum() == 0
 
 
 def test_pose_mask_closing_fills_small_gaps():
     # Two parallel limbs 10 px apart leave a 1-px gap between their disks; closing fills it.
     points = _points(k2=(10, 10), k3=(10, 30), k5=(19, 10), k6=(19, 30), k1=(14, 5))
-    mask = pose.pose_mask(points, 40, 40)
+    mask = pose.pose_mask(points, (40, 40))
     assert mask[20, 10:20].all()
 
 
@@ -106,12 +106,12 @@ def test_heatmaps_and_mask_equal_independent_loops_on_random_poses(seed):
               (float(rng.uniform(-6, width + 6)), float(rng.uniform(-6, height + 6))) for _ in range(18)]
     if seed % 2:  # exact halves: rounding must go half-to-even everywhere
         points = [None if p is None else (round(p[0]) + 0.5, round(p[1]) + 0.5) for p in points]
-    maps = pose.heatmaps(points, height, width, radius)
+    maps = pose.heatmaps(points, (width, height), radius)
     for k, point in enumerate(points):
         inside = point is not None and 0 <= round(point[0]) < width and 0 <= round(point[1]) < height
         expected = _independent_disk(*point, height, width, radius) if inside else -np.ones((height, width))
         assert np.array_equal(maps[k], expected), k
-    assert np.array_equal(pose.pose_mask(points, height, width, radius),
+    assert np.array_equal(pose.pose_mask(points, (width, height), radius),
                           _independent_mask(points, height, width, radius))
 
 
@@ -198,7 +198,7 @@ def test_mask_of_limbs_reaching_far_off_the_canvas_equals_independent_loops(seed
     height, width, radius = 40, 24, 4
     points = [(float(rng.uniform(-3000, 3000)), float(rng.uniform(-3000, 3000))) if rng.random() < 0.4 else
               (float(rng.uniform(0, width)), float(rng.uniform(0, height))) for _ in range(18)]
-    assert np.array_equal(pose.pose_mask(points, height, width, radius),
+    assert np.array_equal(pose.pose_mask(points, (width, height), radius),
                           _independent_mask(points, height, width, radius))
 
 
@@ -212,9 +212,9 @@ def test_keypoints_at_plus_minus_1e8_cost_memory_of_the_canvas_only():
     tracemalloc.start()
     try:
         started = time.perf_counter()
-        mask = pose.pose_mask(points, 128, 64)
-        maps = pose.heatmaps(points, 128, 64)
-        coordinates = pose.pose_coordinates(points, 128, 64)
+        mask = pose.pose_mask(points, (64, 128))
+        maps = pose.heatmaps(points, (64, 128))
+        coordinates = pose.pose_coordinates(points, (64, 128))
         elapsed = time.perf_counter() - started
         peak = tracemalloc.get_traced_memory()[1]
     finally:

@@ -281,17 +281,17 @@ class PairDataset(Dataset):
 
 def encode_pair(source: np.ndarray, target: np.ndarray, target_keypoints, config: ModelConfig) -> dict:
     """Frame both images onto the canvas and encode the target pose, as the pipeline does."""
-    width, height = config.canvas
-    source_fit = fit_frame((source.shape[1], source.shape[0]), config.canvas)
-    target_fit = fit_frame((target.shape[1], target.shape[0]), config.canvas)
+    canvas = config.canvas
+    source_fit = fit_frame((source.shape[1], source.shape[0]), canvas)
+    target_fit = fit_frame((target.shape[1], target.shape[0]), canvas)
     on_canvas = target_fit.keypoints_to_canvas(target_keypoints)
     return {
         "source": torch.from_numpy(to_unit_range(source_fit.image_to_canvas(source))),
         "target": torch.from_numpy(to_unit_range(target_fit.image_to_canvas(target))),
-        "heatmaps": torch.from_numpy(heatmaps(on_canvas, height, width, config.heatmap_radius,
+        "heatmaps": torch.from_numpy(heatmaps(on_canvas, canvas, config.heatmap_radius,
                                               config.heatmap_kind, config.heatmap_sigma)),
-        "mask": torch.from_numpy(pose_mask(on_canvas, height, width, config.heatmap_radius)[None].astype(np.float32)),
-        "coordinates": torch.from_numpy(pose_coordinates(on_canvas, height, width)),
+        "mask": torch.from_numpy(pose_mask(on_canvas, canvas, config.heatmap_radius)[None].astype(np.float32)),
+        "coordinates": torch.from_numpy(pose_coordinates(on_canvas, canvas)),
         "keypoints": torch.from_numpy(on_canvas.astype(np.float32)),  # canvas pixels, NaN = missing
     }
 

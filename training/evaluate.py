@@ -115,7 +115,7 @@ def detail(image: np.ndarray, mask: np.ndarray) -> float:
 
 def target_mask(keypoints: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """The target pose mask at the target image's own (W, H), from its annotated keypoints."""
-    return pose_mask(keypoints, size[1], size[0], MASK_RADIUS)
+    return pose_mask(keypoints, size, MASK_RADIUS)
 
 
 def head_size(truth: np.ndarray) -> tuple[float, float] | None:
