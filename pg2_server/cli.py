@@ -677,7 +677,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curve-clients", metavar="DIR", help="folder of authorised client public keys")
     p.add_argument("--curve-workers", metavar="DIR",
                    help="folder of authorised worker public keys (CURVE on the backend; needs --curve-secret)")
-    p.add_argument("--summary-s", type=float, default=60.0, help="seconds between summary log lines")
+    p.add_argument("--summary-s", type=float, default=broker_defaults.summary_s,
+                   help=f"seconds between summary log lines (default {broker_defaults.summary_s:g})")
     p.add_argument("--info-details", action="store_true",
                    help="`info` also tells clients the workers' host names, PIDs and training provenance")
     add_reply_budget_arguments(p)
