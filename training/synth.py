@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from pg2_server.atomic import write_atomic, write_bytes_atomic
+from pg2_server.atomic import write_bytes_atomic
 from pg2_server.keypoints import INDEX, write_annotations
 from pg2_server.wire.protocol import Size
 
@@ -162,7 +162,7 @@ FLUSH_EVERY = 25  # people between rewrites of a split's CSVs during a run
 
 def _write_split(out: Path, style: Style, split: str, rows: list, pairs: list) -> None:
     """A split's annotation and pairs CSVs for the images so far (each replaced atomically)."""
-    write_atomic(out / style.annotations.format(split), lambda tmp: write_annotations(tmp, rows))
+    write_annotations(out / style.annotations.format(split), rows)
     write_pairs(out / style.pairs.format(split), pairs)
 
 
