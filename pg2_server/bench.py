@@ -104,7 +104,7 @@ def server_command(args: argparse.Namespace, bind: str, max_batch: int) -> list[
 
 @contextmanager
 def started_server(command: list[str], endpoint: str, timeout: float = 120.0):
-    """Run a server subprocess until the block ends; yields once it answers ping."""
+    """Run a server subprocess until the block ends; yields once it says it is ready (model loaded)."""
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + timeout
@@ -113,11 +113,13 @@ def started_server(command: list[str], endpoint: str, timeout: float = 120.0):
                 if process.poll() is not None:
                     raise SetupError("the bench server exited: " + process.stderr.read().decode()[-2000:])
                 try:
-                    client.ping()
-                    break
+                    if client.ready():
+                        break
+                    time.sleep(0.1)
                 except ServerError:
-                    if time.monotonic() > deadline:
-                        raise SetupError(f"the bench server did not answer within {timeout:g} s") from None
+                    pass
+                if time.monotonic() > deadline:
+                    raise SetupError(f"the bench server was not ready within {timeout:g} s")
         yield process
     finally:
         process.terminate()
