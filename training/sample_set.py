@@ -33,7 +33,7 @@ def write_sample_set(out: str | Path, data_root: str | Path, annotations: str | 
     if not pairs:
         raise SampleSetError("give at least one --pair SOURCE TARGET")
     rows, _ = read_annotations(annotations, strict=True)
-    entries = []
+    entries, files = [], []  # files: (source path, target path, pose JSON) per entry
     for number, (source, target) in enumerate(pairs):
         for name in (source, target):
             if not (data_root / name).is_file():
@@ -47,8 +47,7 @@ def write_sample_set(out: str | Path, data_root: str | Path, annotations: str | 
         stem = f"person{number}"
         entries.append({"source": f"{stem}_source{Path(source).suffix}", "pose": f"{stem}_pose.json",
                         "target": f"{stem}_target{Path(target).suffix}", "dataset_pair": [source, target]})
-        entries[-1]["_files"] = {"source": data_root / source, "target": data_root / target,
-                                 "pose": pose_to_json((width, height), rows[target])}
+        files.append((data_root / source, data_root / target, pose_to_json((width, height), rows[target])))
     out.mkdir(parents=True, exist_ok=True)
     old = out / INDEX
     if old.exists():
@@ -58,11 +57,10 @@ def write_sample_set(out: str | Path, data_root: str | Path, annotations: str | 
             for key in ("source", "pose", "target"):
                 if entry.get(key):
                     (out / entry[key]).unlink(missing_ok=True)
-    for entry in entries:
-        files = entry.pop("_files")
-        write_bytes_atomic(out / entry["source"], files["source"].read_bytes())
-        write_bytes_atomic(out / entry["target"], files["target"].read_bytes())
-        write_bytes_atomic(out / entry["pose"], json.dumps(files["pose"]).encode())
+    for entry, (source_path, target_path, pose) in zip(entries, files):
+        write_bytes_atomic(out / entry["source"], source_path.read_bytes())
+        write_bytes_atomic(out / entry["target"], target_path.read_bytes())
+        write_bytes_atomic(out / entry["pose"], json.dumps(pose).encode())
     write_bytes_atomic(old, (json.dumps(entries, indent=1) + "\n").encode())
     return entries
 
