@@ -1,8 +1,10 @@
 """training/features.py and the perceptual columns of `pg2-train eval`, with randomly initialised
 Inception-v3 / AlexNet weights that the tests save themselves (nothing is downloaded).
 
-Runs where torchvision and lpips import (`pip install 'pg2-blender[metrics]'`); skipped elsewhere. The
-formulas are also checked against torchmetrics and pytorch-fid's scipy sqrtm where those are installed.
+The formulas (IS, FID, feature moments) and the missing-package error run everywhere; the networks and
+the eval columns run where torchvision and lpips import (`pip install 'pg2-blender[metrics]'`) and are
+skipped elsewhere. The formulas are also checked against torchmetrics and pytorch-fid's scipy sqrtm where
+those are installed.
 """
 from __future__ import annotations
 
@@ -13,26 +15,29 @@ import sys
 import numpy as np
 import pytest
 
+import torch
+from safetensors.torch import save_file
+
+from fixture_datasets import one_torch_thread, write_dataset  # noqa: F401 (autouse fixture)
+from pg2_server.checkpoint import save_checkpoint
+from pg2_server.pipeline import Pipeline
+from training.cli import main
+from training.features import (LPIPS, FeatureError, FeatureMoments, FidStatistics, Inception,
+                               PerceptualScores, frechet_distance, inception_score, psd_sqrt, require)
+
 try:  # a torchvision built for another torch fails with RuntimeError/OSError, not ImportError
     import lpips  # noqa: F401
     import torchvision
+    MISSING = None
 except Exception as e:
-    pytest.skip(f"perceptual metrics need torchvision and lpips ({type(e).__name__}: {e})", allow_module_level=True)
-
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
-from fixture_datasets import one_torch_thread, write_dataset  # noqa: E402,F401 (autouse fixture)
-from pg2_server.checkpoint import save_checkpoint  # noqa: E402
-from pg2_server.pipeline import Pipeline  # noqa: E402
-from training.cli import main  # noqa: E402
-from training.features import (LPIPS, FeatureError, FeatureMoments, FidStatistics, Inception,  # noqa: E402
-                               PerceptualScores, frechet_distance, inception_score, psd_sqrt, require)
+    MISSING = f"perceptual networks need torchvision and lpips ({type(e).__name__}: {e})"
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     """Random Inception-v3 (.safetensors) and AlexNet (.pth) weights in torchvision's key layout."""
+    if MISSING:
+        pytest.skip(MISSING)
     root = tmp_path_factory.mktemp("weights")
     torch.manual_seed(0)
     inception = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
