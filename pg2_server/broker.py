@@ -27,7 +27,8 @@ from .peers import ReplyBudget
 from .wire import protocol
 from .wire.curve import ServerKeys, curve_server, start_authenticator
 from .wire.protocol import Limits, ProtocolError
-from .worker_protocol import CANCEL, DISCONNECT, HEARTBEAT, READY, REPLY, REQUEST
+from .worker_protocol import (CANCEL, DISCONNECT, DRAIN_S, HEARTBEAT, HEARTBEAT_S, LIVENESS, READY, REPLY, REQUEST,
+                              SUMMARY_S)
 
 log = logging.getLogger("pg2_server.broker")
 
@@ -35,14 +36,14 @@ log = logging.getLogger("pg2_server.broker")
 @dataclass(frozen=True)
 class BrokerConfig:
     """Heartbeats, queue bound and limits of a broker."""
-    heartbeat_s: float = 1.0
-    liveness: int = 3
+    heartbeat_s: float = HEARTBEAT_S
+    liveness: int = LIVENESS
     max_queue: int = 1024
     max_message_bytes: int = Limits.max_message_bytes
     max_wait_s: float = 60.0       # a request waiting this long for any worker is answered `overloaded`
     max_attempts: int = 2          # the first send plus one re-send after a worker died
-    summary_s: float = 60.0
-    drain_s: float = 60.0
+    summary_s: float = SUMMARY_S
+    drain_s: float = DRAIN_S
     info_details: bool = False     # hosts, PIDs and training provenance in `info`
     max_unread_bytes: int = ReplyBudget.per_client          # replies held for one client that does not read
     max_unread_total_bytes: int = ReplyBudget.total         # ... and for all of them

@@ -28,6 +28,7 @@ import numpy as np
 
 from .errors import SetupError
 from .keypoints import KeypointError, PoseFileError, load_pose_file
+from .worker_protocol import DRAIN_S, HEARTBEAT_S, SUMMARY_S
 
 log = logging.getLogger("pg2_server")
 
@@ -385,7 +386,8 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=w.threads, help=f"image decode/encode threads (default {w.threads})")
     parser.add_argument("--source-cache-mb", type=float, default=w.source_cache_mb,
                         help=f"decoded source images kept for reuse, by content (default {w.source_cache_mb:g}; 0 = off)")
-    parser.add_argument("--summary-s", type=float, default=60.0, help="seconds between summary log lines")
+    parser.add_argument("--summary-s", type=float, default=SUMMARY_S,
+                        help=f"seconds between summary log lines (default {SUMMARY_S:g})")
     parser.add_argument("--info-details", action="store_true",
                         help="`info` also tells clients the host name, PID and the model's training provenance")
     parser.add_argument("--metrics-bind", metavar="HOST:PORT",
@@ -501,7 +503,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         # routes to a loading one (and says not ready while it has no worker).
         worker.start(load_pipelines(args))
         connect_to_broker(worker, args.connect, stop.event, heartbeat_s=args.heartbeat_ms / 1000,
-                          summary_s=args.summary_s, curve=curve)
+                          summary_s=args.summary_s, curve=curve, drain_s=args.drain_s)
     finally:
         worker.close()
     return 0
@@ -648,14 +650,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bind", default="tcp://127.0.0.1:5557", help="endpoint to bind (default tcp://127.0.0.1:5557)")
     p.add_argument("--curve-secret", metavar="FILE", help="server secret key file (server.key_secret)")
     p.add_argument("--curve-clients", metavar="DIR", help="folder of authorised client public keys (*.key)")
-    p.add_argument("--drain-s", type=float, default=60.0, help="on SIGTERM, wait this long for in-flight work")
+    p.add_argument("--drain-s", type=float, default=DRAIN_S,
+                   help=f"on SIGTERM, wait this long for in-flight work (default {DRAIN_S:g})")
     add_reply_budget_arguments(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="serve the model for a broker (scale-out)")
     add_worker_arguments(p)
     p.add_argument("--connect", required=True, help="the broker's backend, e.g. tcp://BROKER:5558")
-    p.add_argument("--heartbeat-ms", type=float, default=1000.0, help="heartbeat interval (default 1000)")
+    p.add_argument("--heartbeat-ms", type=float, default=HEARTBEAT_S * 1000,
+                   help=f"heartbeat interval (default {HEARTBEAT_S * 1000:g})")
+    p.add_argument("--drain-s", type=float, default=DRAIN_S,
+                   help=f"on SIGTERM, wait this long for in-flight work (default {DRAIN_S:g})")
     p.add_argument("--curve-secret", metavar="FILE", help="this worker's secret key file (WORKER.key_secret)")
     p.add_argument("--server-key", metavar="FILE", help="the broker's public key file (BROKER.key)")
     p.set_defaults(func=cmd_worker)

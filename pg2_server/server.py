@@ -24,6 +24,7 @@ from .errors import SetupError
 from .wire import protocol
 from .wire.curve import ServerKeys, secure_socket
 from .worker import Outbox, Worker
+from .worker_protocol import DRAIN_S, SUMMARY_S
 
 log = logging.getLogger("pg2_server.server")
 
@@ -61,7 +62,7 @@ class ModelLoad(threading.Thread):
 
 
 def serve(worker: Worker, bind: str, stop: threading.Event, curve: ServerKeys | None = None,
-          context: zmq.Context | None = None, summary_s: float = 60.0, drain_s: float = 60.0,
+          context: zmq.Context | None = None, summary_s: float = SUMMARY_S, drain_s: float = DRAIN_S,
           ready: threading.Event | None = None, budget: ReplyBudget = ReplyBudget(),
           load: Callable[[], Sequence] | None = None) -> None:
     """Answer requests on `bind` until `stop` is set, then drain and close. With `load`, `worker`

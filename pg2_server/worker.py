@@ -34,7 +34,8 @@ from .keypoints import KeypointError
 from .metrics import Counters
 from .wire import protocol
 from .wire.protocol import Limits, ProtocolError, Request
-from .worker_protocol import CANCEL, DISCONNECT, HEARTBEAT, READY, REPLY, REQUEST
+from .worker_protocol import (CANCEL, DISCONNECT, DRAIN_S, HEARTBEAT, HEARTBEAT_S, LIVENESS, READY, REPLY, REQUEST,
+                              SUMMARY_S)
 
 log = logging.getLogger("pg2_server.worker")
 request_log = logging.getLogger("pg2_server.requests")  # one line per reply, at INFO when log_requests
@@ -542,9 +543,9 @@ class Outbox:
 # Worker ↔ broker: the worker's side of worker_protocol.py.
 
 
-def connect_to_broker(worker: Worker, endpoint: str, stop: threading.Event, heartbeat_s: float = 1.0,
-                      liveness: int = 3, context: zmq.Context | None = None, summary_s: float = 60.0,
-                      curve=None) -> None:
+def connect_to_broker(worker: Worker, endpoint: str, stop: threading.Event, heartbeat_s: float = HEARTBEAT_S,
+                      liveness: int = LIVENESS, context: zmq.Context | None = None, summary_s: float = SUMMARY_S,
+                      curve=None, drain_s: float = DRAIN_S) -> None:
     """Serve `worker` through a broker's backend until `stop` is set (Paranoid Pirate worker).
 
     Sends READY with its info, a heartbeat every `heartbeat_s`; if the broker is silent for
@@ -627,7 +628,7 @@ def connect_to_broker(worker: Worker, endpoint: str, stop: threading.Event, hear
                 log.info("worker: %s", worker.summary())
                 last_summary = now
         # Finish what was admitted, deliver its replies, then say goodbye.
-        worker.drain(timeout=60)
+        worker.drain(timeout=drain_s)
         outbox.deliver(send_reply)
         to_broker([DISCONNECT])
         log.info("worker stopped: %s", worker.summary())

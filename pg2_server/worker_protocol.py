@@ -17,3 +17,11 @@ REQUEST = b"REQUEST"
 REPLY = b"REPLY"
 DISCONNECT = b"DISCONNECT"
 CANCEL = b"CANCEL"
+
+# Defaults shared by the broker, its workers and the standalone server: a heartbeat every
+# HEARTBEAT_S and a peer silent for LIVENESS heartbeats is gone; a summary log line every SUMMARY_S;
+# on stop, in-flight work gets DRAIN_S to finish.
+HEARTBEAT_S = 1.0
+LIVENESS = 3
+SUMMARY_S = 60.0
+DRAIN_S = 60.0
