@@ -10,8 +10,9 @@ from fixture_datasets import break_after_header, one_torch_thread, write_dataset
 from pg2_server.keypoints import INDEX, format_annotation_row
 from pg2_server.model import preset
 from pg2_server.pose import pose_mask
-from training.data import DataError, DataReport, PairDataset, PairSampler, load_split, make_loader, \
-    read_annotation_file, read_pairs
+from pg2_server.drawing import read_rgb
+from training.data import DataError, DataReport, PairDataset, PairSampler, encode_pair, jitter_colors, load_split, \
+    make_loader, read_annotation_file, read_pairs
 
 TINY = preset("tiny")  # canvas 16 × 32, fixture frames 32 × 64 (both W × H): scale ½
 
@@ -96,17 +97,69 @@ def test_sampler_is_seeded_restartable_and_splits_ranks():
     full = PairSampler(10, seed=3)
     stream = iter(full)
     first = [next(stream) for _ in range(25)]        # crosses two epoch boundaries
-    assert sorted(i for i, _ in first[:10]) == list(range(10))
+    assert sorted(i for i, _, _ in first[:10]) == list(range(10))
+    assert len({salt for _, _, salt in first}) == 25                  # a fresh colour draw per item
     assert first == [next(s) for s in [iter(PairSampler(10, seed=3))] for _ in range(25)]
     restarted = iter(PairSampler(10, seed=3, start=13))
     assert [next(restarted) for _ in range(12)] == first[13:25]
     assert first != [next(s) for s in [iter(PairSampler(10, seed=4))] for _ in range(25)]
-    assert not any(f for _, f in [next(s) for s in [iter(PairSampler(10, flip=False))] for _ in range(10)])
+    assert not any(f for _, f, _ in [next(s) for s in [iter(PairSampler(10, flip=False))] for _ in range(10)])
     rank0 = iter(PairSampler(10, seed=3, rank=0, world_size=2))
     rank1 = iter(PairSampler(10, seed=3, rank=1, world_size=2))
     a = [next(rank0)[0] for _ in range(5)]
     b = [next(rank1)[0] for _ in range(5)]
     assert sorted(a + b) == list(range(10))
+
+
+def test_sampler_order_and_flips_do_not_depend_on_the_colour_draws():
+    # The order and flips are the first two draws of each epoch's generator, as before the salts.
+    generator = torch.Generator().manual_seed(3 * 1_000_003)
+    order = torch.randperm(10, generator=generator).tolist()
+    flips = (torch.rand(10, generator=generator) < 0.5).tolist()
+    stream = iter(PairSampler(10, seed=3))
+    assert [next(stream)[:2] for _ in range(10)] == list(zip(order, flips))
+
+
+def test_color_jitter_changes_both_images_alike():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (8, 6, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, (8, 6, 3), dtype=np.uint8)
+    b[:2] = a[:2]                                           # a garment seen in both images
+    b[-1] = (250, 250, 250)                                 # studio white
+    b[-2] = (128, 128, 128)                                 # grey
+    ja, jb = jitter_colors([a, b], 0.8, salt=11)
+    assert np.array_equal(ja[:2], jb[:2])                   # the same colour stays the same colour
+    assert np.array_equal(jitter_colors([b], 0.8, salt=11)[0], jb)   # per image, not per pair position
+    assert np.array_equal(jitter_colors([a], 0.8, salt=11)[0], ja)   # and the same salt draws the same
+    assert not np.array_equal(jitter_colors([a], 0.8, salt=12)[0], ja)
+    assert np.abs(ja.astype(int) - a).mean() > 10           # the colours really move
+    for row in (jb[-1], jb[-2]):                            # no hue appears on white and grey
+        assert np.ptp(row.astype(int), axis=-1).max() <= 1
+    assert abs(int(jb[-2, 0, 0]) - 128) <= 128 * (np.exp(0.2) - 1) + 1   # brightness at most e^(±strength/4)
+    assert all(np.array_equal(x, y) for x, y in zip(jitter_colors([a, b], 0.0, salt=11), (a, b)))
+    red = np.zeros((1, 1, 3), np.uint8)
+    red[..., 0] = 200
+    hues = {round(float(cv2.cvtColor(jitter_colors([red], 1.0, s)[0], cv2.COLOR_RGB2HSV_FULL)[0, 0, 0]))
+            for s in range(40)}
+    assert len(hues) > 20                                   # at full strength, hues all round the wheel
+
+
+def test_dataset_jitters_source_and_target_with_the_item_salt(tmp_path):
+    data = write_dataset(tmp_path)
+    split = load_split(data["images"], data["annotations"], data["pairs"])
+    plain, jittered = PairDataset(split, TINY), PairDataset(split, TINY, color_jitter=0.5)
+    assert torch.equal(plain[(3, False, 5)]["source"], plain[(3, False)]["source"])   # off: the salt is unused
+    item = jittered[(3, False, 5)]
+    source_name, target_name = split.pairs[3]
+    source, target = jitter_colors([read_rgb(split.image_dir / source_name), read_rgb(split.image_dir / target_name)],
+                                   0.5, 5)
+    expected = encode_pair(source, target, split.keypoints[target_name], TINY)
+    for key in ("source", "target", "heatmaps", "mask"):
+        assert torch.equal(item[key], expected[key])
+    assert not torch.equal(item["source"], plain[(3, False)]["source"])
+    assert not torch.equal(item["source"], jittered[(3, False, 6)]["source"])
+    with pytest.raises(DataError, match=r"strength in \[0, 1\]"):
+        PairDataset(split, TINY, color_jitter=1.5)
 
 
 @pytest.mark.timeout(120)

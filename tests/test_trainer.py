@@ -16,7 +16,7 @@ from fixture_datasets import break_after_header, one_torch_thread, write_dataset
 from pg2_server.model import preset
 from training.cli import main
 from training.data import PairDataset, load_split
-from training.state import load_state
+from training.state import load_state, save_state
 from training.trainer import Trainer, TrainConfig, load_run_state, state_path, train_config
 
 TINY = preset("tiny")
@@ -105,16 +105,17 @@ def _start(dataset, out, steps, save_every, *extra, **popen):
 def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path, dataset):
     steps = 60
     killed = tmp_path / "killed"
-    process = _start(dataset, killed, steps, save_every=4)
+    jitter = ("--color-jitter", "0.4")                 # its draws continue after a resume too
+    process = _start(dataset, killed, steps, 4, *jitter)
     saved_at = _wait_for_state(state_path(killed, 1), process)
     process.kill()
     process.wait()
     assert 0 < saved_at < steps
     assert main(_fit_args(dataset, killed, 1, "--steps", str(steps), "--save-every", "4", "--batch-size", "2",
-                          "--sample-every", "1000", "--resume")) == 0
+                          "--sample-every", "1000", "--resume", *jitter)) == 0
     straight = tmp_path / "straight"
     assert main(_fit_args(dataset, straight, 1, "--steps", str(steps), "--save-every", "1000", "--batch-size", "2",
-                          "--sample-every", "1000")) == 0
+                          "--sample-every", "1000", *jitter)) == 0
     resumed, reference = load_run_state(killed, 1), load_run_state(straight, 1)
     assert resumed["step"] == reference["step"] == steps
     for key, value in reference["g1"].items():
@@ -177,6 +178,10 @@ def test_bad_runs_are_refused_with_a_reason(tmp_path, dataset, capsys):
     assert "pass --resume" in capsys.readouterr().err
     assert main(_fit_args(dataset, out, 1, "--steps", "4", "--resume", "--lr", "0.1")) == 2
     assert "different hyper-parameters ['lr']" in capsys.readouterr().err
+    assert main(_fit_args(dataset, out, 1, "--steps", "4", "--resume", "--color-jitter", "0.3")) == 2
+    assert "different hyper-parameters ['color_jitter']" in capsys.readouterr().err
+    assert main(_fit_args(dataset, tmp_path / "x", 1, "--steps", "2", "--color-jitter", "2")) == 2
+    assert "color_jitter is a strength in [0, 1]" in capsys.readouterr().err
     assert main(_fit_args(dataset, out, 1, "--steps", "4", "--resume", "--pose-embedding", "ce")) == 2
     assert "model config" in capsys.readouterr().err
     assert main(_fit_args(dataset, tmp_path / "other", 1, "--steps", "2", "--one-stage", "--loss", "l1",
@@ -317,6 +322,19 @@ def test_accumulated_micro_batches_make_the_step_of_the_whole_batch(tmp_path, sp
     out = tmp_path / "run"   # the data stream advances by accumulate × batch per step
     Trainer(train_config("tiny", 1, steps=2, batch_size=2, accumulate=3, workers=0), TINY, out, split).fit()
     assert load_run_state(out, 1)["samples_per_rank"] == 12
+
+
+def test_a_state_from_before_a_setting_existed_resumes_with_its_default(tmp_path, dataset, capsys):
+    out = tmp_path / "run"
+    assert main(_fit_args(dataset, out, 1, "--steps", "2", "--batch-size", "2")) == 0
+    state = load_state(state_path(out, 1))
+    del state["train_config"]["color_jitter"]           # as a run saved by an older version
+    save_state(state_path(out, 1), state)
+    assert main(_fit_args(dataset, out, 1, "--steps", "3", "--batch-size", "2", "--resume")) == 0
+    assert load_run_state(out, 1)["step"] == 3
+    save_state(state_path(out, 1), state)               # back to the old step-2 state
+    assert main(_fit_args(dataset, out, 1, "--steps", "3", "--batch-size", "2", "--resume", "--color-jitter", "0.2")) == 2
+    assert "different hyper-parameters ['color_jitter']" in capsys.readouterr().err
 
 
 def test_ema_is_kept_resumed_and_exported(tmp_path, dataset, split):

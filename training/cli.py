@@ -74,7 +74,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         config = train_config(
             args.preset, args.stage, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
             lambda_l1=args.lambda_l1, reconstruction=args.loss, one_stage=args.one_stage,
-            discriminator=args.discriminator, flip=not args.no_flip, seed=args.seed, workers=args.workers,
+            discriminator=args.discriminator, flip=not args.no_flip, color_jitter=args.color_jitter,
+            seed=args.seed, workers=args.workers,
             log_every=args.log_every, sample_every=args.sample_every, save_every=args.save_every,
             bf16=not args.no_bf16, compile=args.compile, accumulate=args.accumulate, ema=args.ema,
             val_every=args.val_every, val_limit=args.val_limit, val_metric=args.val_metric)
@@ -242,6 +243,10 @@ def _add_fit(sub) -> None:
     p.add_argument("--pose-embedding", choices=["heatmaps", "ce", "hme"], help="ablation (stage 1)")
     p.add_argument("--heatmap-kind", choices=["disk", "gaussian"], help="PG2 disks (default) or PATN Gaussians")
     p.add_argument("--no-flip", action="store_true", default=None, help="no left-right flip augmentation")
+    p.add_argument("--color-jitter", type=float, metavar="S",
+                   help="turn hue, saturation and brightness of both images of a pair alike, at random (0–1; "
+                        "default 0: off; e.g. 0.3): the model learns to copy the source's colours rather than "
+                        "remember the training set's palette")
     p.add_argument("--ema", type=float, metavar="DECAY", help="keep an exponential moving average of the trained "
                                                               "generator (e.g. 0.999); validated and exported")
     p.add_argument("--seed", type=int, help="seed of weights, data order and flips (default 0)")

@@ -2,8 +2,9 @@
 
 Each item is (source, target, target heat-maps, target pose mask, target coordinates) on the
 model's canvas, computed on the fly with the pose encoding and framing of `pg2_server.pose`,
-as the server does. The order of items and the flips come from `PairSampler`, a seeded stream that can restart at
-any position, so a resumed run sees exactly the batches an uninterrupted run would.
+as the server does. The order of items, the flips and the colour-jitter draws come from `PairSampler`, a
+seeded stream that can restart at any position, so a resumed run sees exactly the batches an
+uninterrupted run would.
 """
 from __future__ import annotations
 
@@ -237,27 +238,51 @@ def load_split(image_dir: str | Path, annotations: str | Path, pairs: str | Path
     return PairSplit(image_dir, keypoints, kept, report, strict)
 
 
+def jitter_colors(images: list[np.ndarray], strength: float, salt: int) -> list[np.ndarray]:
+    """The same random hue turn, saturation and brightness change applied to every image (RGB uint8).
+
+    `strength` in [0, 1]: hue turns by up to ±180°·strength, saturation scales by e^(±strength),
+    brightness by e^(±strength/4); `salt` seeds the draw, so a pair's source and target change alike
+    and a resumed run draws the same. Grey and white (a studio backdrop) keep their hue-free colour.
+    """
+    rng = np.random.default_rng(salt)
+    turn, saturation, value = rng.uniform(-1.0, 1.0, 3) * strength
+    out = []
+    for image in images:
+        hsv = cv2.cvtColor(image.astype(np.float32) / 255.0, cv2.COLOR_RGB2HSV)  # H in degrees
+        hsv[..., 0] = (hsv[..., 0] + 180.0 * turn) % 360.0
+        hsv[..., 1] = np.clip(hsv[..., 1] * np.exp(saturation), 0.0, 1.0)
+        hsv[..., 2] = np.clip(hsv[..., 2] * np.exp(value / 4), 0.0, 1.0)
+        rgb = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+        out.append(np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8))
+    return out
+
+
 class PairDataset(Dataset):
-    """Items `dataset[(index, flip)]`: pair `index`, mirrored left-right if `flip`.
+    """Items `dataset[(index, flip, salt)]`: pair `index`, mirrored left-right if `flip`, its colours
+    changed alike in both images by `jitter_colors(…, color_jitter, salt)` when `color_jitter` > 0.
 
     A pair whose image cannot be decoded is replaced by the next readable pair (so batches keep
     their size and a resumed run sees the same data), and the item's `skipped` counts the pairs
     passed over; with a strict split it raises DataError instead.
     """
 
-    def __init__(self, split: PairSplit, config: ModelConfig):
+    def __init__(self, split: PairSplit, config: ModelConfig, color_jitter: float = 0.0):
+        if not 0.0 <= color_jitter <= 1.0:
+            raise DataError(f"colour jitter is a strength in [0, 1] (0: off), got {color_jitter}")
         self.split = split
         self.config = config
+        self.color_jitter = color_jitter
 
     def __len__(self) -> int:
         return len(self.split.pairs)
 
     def __getitem__(self, key) -> dict[str, torch.Tensor]:
-        index, flip = key if isinstance(key, tuple) else (key, False)
+        index, flip, salt = (*key, 0)[:3] if isinstance(key, tuple) else (key, False, 0)
         for skipped in range(len(self)):
             position = (index + skipped) % len(self)
             try:
-                item = self.pair(position, flip)
+                item = self.pair(position, flip, salt)
             except ValueError as e:   # read_rgb's error names the file
                 if self.split.strict:
                     raise DataError(f"{e} (pair {position}: {','.join(self.split.pairs[position])})") from None
@@ -267,12 +292,14 @@ class PairDataset(Dataset):
             return item
         raise DataError(f"no image of the {len(self)} pairs in {self.split.image_dir} can be read")
 
-    def pair(self, index: int, flip: bool) -> dict[str, torch.Tensor]:
+    def pair(self, index: int, flip: bool, salt: int = 0) -> dict[str, torch.Tensor]:
         """Pair `index` read and encoded; ValueError if an image cannot be read."""
         source_name, target_name = self.split.pairs[index]
         source = read_rgb(self.split.image_dir / source_name)
         target = read_rgb(self.split.image_dir / target_name)
         points = self.split.keypoints[target_name]
+        if self.color_jitter:
+            source, target = jitter_colors([source, target], self.color_jitter, salt)
         if flip:
             source = np.ascontiguousarray(source[:, ::-1])
             target, points = flip_horizontal(target, points)
@@ -297,7 +324,7 @@ def encode_pair(source: np.ndarray, target: np.ndarray, target_keypoints, config
 
 
 class PairSampler(Sampler):
-    """An endless, seeded stream of (index, flip) for one rank, restartable at `start`.
+    """An endless, seeded stream of (index, flip, salt) for one rank, restartable at `start`.
 
     Epoch e is a permutation drawn from seed + e; rank r takes every world_size-th entry, so
     ranks see disjoint pairs. `start` counts items already consumed by this rank.
@@ -311,15 +338,16 @@ class PairSampler(Sampler):
         self.rank, self.world_size, self.start = rank, world_size, start
         self.per_rank = size // world_size
 
-    def __iter__(self) -> Iterator[tuple[int, bool]]:
+    def __iter__(self) -> Iterator[tuple[int, bool, int]]:
         epoch, offset = divmod(self.start, self.per_rank)
         while True:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             order = torch.randperm(self.size, generator=generator)
             flips = torch.rand(self.size, generator=generator) < 0.5
-            mine = range(self.rank, self.per_rank * self.world_size, self.world_size)
+            salts = torch.randint(0, 2 ** 31 - 1, (self.size,), generator=generator)  # drawn last: order
+            mine = range(self.rank, self.per_rank * self.world_size, self.world_size)  # and flips as before
             for position in mine[offset:]:
-                yield int(order[position]), bool(flips[position]) and self.flip
+                yield int(order[position]), bool(flips[position]) and self.flip, int(salts[position])
             epoch, offset = epoch + 1, 0
 
     def __len__(self) -> int:  # one epoch; the stream itself never ends

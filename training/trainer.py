@@ -63,6 +63,7 @@ class TrainConfig:
     d_layers: int = 4
     d_base_width: int = 64
     flip: bool = True
+    color_jitter: float = 0.0       # the same random colour change on both images of a pair (0: off)
     seed: int = 0
     workers: int = 4
     log_every: int = 10
@@ -90,6 +91,8 @@ class TrainConfig:
             raise ValueError(f"ema is a decay in [0, 1) (0: off), got {self.ema}")
         if self.val_metric not in VALIDATION_METRICS:
             raise ValueError(f"val_metric must be one of {list(VALIDATION_METRICS)}, got {self.val_metric!r}")
+        if not 0.0 <= self.color_jitter <= 1.0:
+            raise ValueError(f"color_jitter is a strength in [0, 1] (0: off), got {self.color_jitter}")
         if self.val_every < 0:
             raise ValueError(f"val_every must be ≥ 0 (0: no validation), got {self.val_every}")
         for name in ("steps", "batch_size", "accumulate", "val_limit", "log_every", "sample_every", "save_every"):
@@ -358,7 +361,10 @@ class Trainer:
                              f"the same number (now {self.job.world_size}) so the data order continues")
         ignored = {"steps", "workers", "log_every", "sample_every", "save_every", "compile",
                    "val_every", "val_limit", "val_metric"}
-        old = {k: v for k, v in state["train_config"].items() if k not in ignored}
+        # A setting the saved state predates had its default then.
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+        saved_config = {**defaults, **state["train_config"]}
+        old = {k: v for k, v in saved_config.items() if k not in ignored}
         new = {k: v for k, v in self.config.to_dict().items() if k not in ignored}
         if old != new:
             changed = sorted(k for k in new if old.get(k) != new[k])
@@ -400,7 +406,7 @@ class Trainer:
         c = self.config
         if self.split is None:
             raise ValueError("fit() needs a data split")
-        dataset = PairDataset(self.split, self.model_config)
+        dataset = PairDataset(self.split, self.model_config, c.color_jitter)
         sampler = PairSampler(len(dataset), c.seed, c.flip, self.job.rank, self.job.world_size,
                               start=self.step * c.batch_size * c.accumulate)
         loader = make_loader(dataset, c.batch_size, sampler, c.workers, pin_memory=self.cuda)
