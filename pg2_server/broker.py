@@ -468,17 +468,11 @@ class Broker:
                     self.peer_gone(peer)
                 self.delivery.flush()
                 if self.backend in events:
-                    while True:
-                        try:
-                            self.on_worker(self.backend.recv_multipart(zmq.NOBLOCK, copy=False))
-                        except zmq.Again:
-                            break
+                    for frames in peers.waiting(self.backend):
+                        self.on_worker(frames)
                 if self.frontend in events:
-                    while True:
-                        try:
-                            self.on_client(self.frontend.recv_multipart(zmq.NOBLOCK, copy=False))
-                        except zmq.Again:
-                            break
+                    for frames in peers.waiting(self.frontend):
+                        self.on_client(frames)
                 now = time.monotonic()
                 self.expire(now)
                 self.dispatch()

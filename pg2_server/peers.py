@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass
+from typing import Iterator
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -37,6 +38,16 @@ def configure(sock: zmq.Socket) -> None:
     """Settings (before bind) that let Delivery see full and vanished peers."""
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+
+
+def waiting(sock: zmq.Socket) -> Iterator[list[zmq.Frame]]:
+    """Every message already queued on `sock`, without waiting for more."""
+    while True:
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return
+        yield frames
 
 
 def _size(frames: list) -> int:

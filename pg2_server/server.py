@@ -157,11 +157,7 @@ def serve(worker: Worker, bind: str, stop: threading.Event, curve: ServerKeys | 
                 outbox.deliver(delivery.send)
             delivery.flush()
             if router in events:
-                while True:
-                    try:
-                        frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
+                for frames in peers.waiting(router):
                     receive(frames)
             now = time.monotonic()
             if now - last_summary >= summary_s:

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import msgpack
 import zmq
 
-from . import package_version
+from . import package_version, peers
 from .batching import Batcher
 from .codec import SourceCache, encode_image
 from .keypoints import KeypointError
@@ -524,11 +524,7 @@ class Outbox:
 
     def deliver(self, send: Callable[[list], None]) -> None:
         """Pass every queued message to `send` (on the socket's own thread), without waiting for more."""
-        while True:
-            try:
-                frames = self.pull.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
+        for frames in peers.waiting(self.pull):
             send(frames)
 
     def close(self) -> None:
@@ -597,11 +593,7 @@ def connect_to_broker(worker: Worker, endpoint: str, stop: threading.Event, hear
             if outbox.pull in events:
                 outbox.deliver(send_reply)
             if sock in events:
-                while True:
-                    try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
+                for frames in peers.waiting(sock):
                     last_heard = now
                     command = frames[0].bytes
                     if command == REQUEST and len(frames) >= 3:

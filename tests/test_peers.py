@@ -128,3 +128,20 @@ def test_tracker_names_the_peers_that_went_away(router):
         stay.close()
     finally:
         tracker.close()
+
+
+def test_waiting_reads_what_is_queued_and_returns_without_blocking(router):
+    sock, endpoint = router
+    dealer = connect(endpoint)
+    for i in range(3):
+        dealer.send_multipart([b"m", str(i).encode()])
+    assert sock.poll(5000)
+    deadline = time.monotonic() + 5
+    got = []
+    while len(got) < 3 and time.monotonic() < deadline:
+        got += [[f.bytes for f in frames[1:]] for frames in peers.waiting(sock)]
+    assert got == [[b"m", b"0"], [b"m", b"1"], [b"m", b"2"]]   # in order, without the routing id
+    started = time.monotonic()
+    assert list(peers.waiting(sock)) == []                       # nothing queued: returns at once
+    assert time.monotonic() - started < 0.5
+    dealer.close()
