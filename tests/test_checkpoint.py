@@ -36,7 +36,7 @@ def test_save_writes_weights_and_description(tmp_path):
 
 
 def test_a_format_version_1_checkpoint_still_loads(tmp_path):
-    """Version 1 wrote the canvas as a list [height, width]; the bundled default model is one."""
+    """Version 1 wrote the canvas as a list [height, width]."""
     config, g1, _, (json_path, _) = _save(tmp_path)
     description = json.loads(json_path.read_text())
     description["format_version"] = 1
@@ -51,7 +51,7 @@ def test_a_format_version_1_checkpoint_still_loads(tmp_path):
     with pytest.raises(CheckpointError, match="format_version 3; this code reads versions 1, 2"):
         load_checkpoint(json_path)
     bundled = json.loads(Path(pg2_server.__file__).with_name("default").joinpath("pg2_default.json").read_text())
-    assert bundled["format_version"] == 1
+    assert bundled["format_version"] == 2 and bundled["config"]["canvas"] == {"width": 88, "height": 128}
     assert load_checkpoint(Path(pg2_server.__file__).with_name("default") / "pg2_default").config.canvas == (88, 128)
 
 

@@ -19,8 +19,8 @@ from pg2_server.samples import BUNDLED
 
 needs_mediapipe = pytest.mark.skipif(not available(), reason="the pose extra (mediapipe 0.10.14) is not installed")
 SAMPLES = json.loads((BUNDLED / "samples.json").read_text())
-# Measured: PCKh@0.5 0.947 over the 560 held-out synthetic test images (docs/pose-detection.md); the
-# six sample targets score 0.875 (one back view comes out mirrored); the floor is below both.
+# Measured: PCKh@0.5 0.947 over 560 flat and 0.746 over 160 photo-like held-out synthetic test images
+# (docs/pose-detection.md); the six photo-like sample targets score 0.895; the floor is below that.
 PCKH_FLOOR = 0.8
 
 
@@ -100,13 +100,13 @@ def test_detected_keypoints_match_the_renders_exact_keypoints(detector):
             other = truth[INDEX[left_joint]]
             sides.append(bool(np.linalg.norm(found - true) < np.linalg.norm(found - other)))
     assert right / total >= PCKH_FLOOR, f"PCKh {right / total:.3f} over {total} keypoints"
-    # BlazePose mirrors one of the three back views here (the man's, person 4): 10 of 12 sides.
+    # All 12 sides are right on these samples; BlazePose mirrors some back views, hence the margin.
     assert sum(sides) >= 10, sides
 
 
 @needs_mediapipe
 def test_any_size_and_aspect_ratio(detector):
-    image, size, truth, _ = next(targets())
+    image, size, truth, _ = next(t for t in targets() if "front" in t[3])   # a full front view
     # Stretched 2× wide and 1.5× high, then padded 40 px on the left: keypoints follow.
     stretched = cv2.resize(image, (size[0] * 2, int(size[1] * 1.5)), interpolation=cv2.INTER_LINEAR)
     padded = cv2.copyMakeBorder(stretched, 0, 0, 40, 0, cv2.BORDER_REPLICATE)
