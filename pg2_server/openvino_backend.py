@@ -5,10 +5,6 @@ the converted model is cached next to the checkpoint as `NAME.openvino/stages.xm
 with `key.json` holding a hash of the weights and config: a checkpoint whose weights change
 gets a fresh conversion. Inference precision is bf16 where the CPU has bf16 units, else fp32.
 `Pipeline` keeps the preparation and output code; only `forward` runs here.
-
-A batch is split across streams of one thread each (OpenVINO's throughput mode) rather than run
-by all threads together: the small layers of `demo` cannot keep two threads busy in one request,
-and two single-thread requests side by side run a batch of 16 faster (docs/performance.md).
 """
 from __future__ import annotations
 
@@ -78,8 +74,7 @@ class OpenVinoStages:
     """A compiled OpenVINO model of G1+G2: `(sources, heatmaps, coordinates)` arrays → (coarse, final)."""
 
     def __init__(self, config, g1, g2, dtype: torch.dtype, cache_dir: Path | None = None,
-                 threads: int | None = None, streams: int | None = None):
-        """`streams` infer requests run parts of a batch at once (default: one per thread)."""
+                 threads: int | None = None):
         ov = _require()
         if dtype not in PRECISIONS:
             raise ValueError(f"the OpenVINO backend runs float32 or bfloat16, not {dtype}")
@@ -92,17 +87,11 @@ class OpenVinoStages:
             model = self._convert(ov, g1, g2)
             if cache_dir is not None:
                 self._store(ov, model, cache_dir, key)
-        threads = threads or torch.get_num_threads()
-        self.streams = streams or threads
-        if not 1 <= self.streams <= threads:
-            raise ValueError(f"streams must be between 1 and the {threads} threads, got {self.streams}")
-        properties = {"INFERENCE_PRECISION_HINT": self.precision, "INFERENCE_NUM_THREADS": threads,
-                      "PERFORMANCE_HINT": "THROUGHPUT" if self.streams > 1 else "LATENCY",
-                      "NUM_STREAMS": self.streams}
+        properties = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY",
+                      # the server batches requests itself: one stream, all of torch's threads
+                      "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()}
         self.compiled = ov.Core().compile_model(model, "CPU", properties)
-        self.requests = ov.AsyncInferQueue(self.compiled, self.streams)
-        self.requests.set_callback(self._finished)
-        self._outputs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.request = self.compiled.create_infer_request()
         self._lock = threading.Lock()
 
     def _convert(self, ov, g1, g2):
@@ -153,15 +142,7 @@ class OpenVinoStages:
                  coordinates: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Float32 (B, C, H, W) inputs → (G1 image, final image) float32 arrays, unclipped."""
         inputs = [sources, heatmaps] + ([coordinates] if self.with_coordinates else [])
-        parts = min(self.streams, len(sources))
-        bounds = np.linspace(0, len(sources), parts + 1).astype(int)
-        with self._lock:   # one batch at a time; copies leave the requests free for the next one
-            self._outputs.clear()
-            for part, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
-                self.requests.start_async([np.ascontiguousarray(x[start:stop]) for x in inputs], part)
-            self.requests.wait_all()
-            outputs = [self._outputs[part] for part in range(parts)]
-        return np.concatenate([o[0] for o in outputs]), np.concatenate([o[1] for o in outputs])
-
-    def _finished(self, request, part: int) -> None:
-        self._outputs[part] = (request.get_output_tensor(0).data.copy(), request.get_output_tensor(1).data.copy())
+        with self._lock:   # one infer request per pipeline; copies leave it free for the next batch
+            self.request.infer(inputs)
+            outputs = [self.request.get_output_tensor(i).data.copy() for i in range(2)]
+        return outputs[0], outputs[1]

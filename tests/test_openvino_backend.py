@@ -95,24 +95,3 @@ def test_auto_backend_is_openvino_on_the_cpu_but_torch_when_compiling():
         resolve_backend("openvino", torch.device("cuda"), None)
     with pytest.raises(ValueError, match="backend must be one of"):
         resolve_backend("onnx", cpu, None)
-
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_batch_split_across_streams_equals_one_request(reference, dtype):
-    from pg2_server.openvino_backend import OpenVinoStages
-    prepared = _prepared(reference, 5)
-    sources = np.stack([p.source for p in prepared])
-    heatmaps = np.stack([p.heatmaps for p in prepared])
-    config, g1, g2 = reference.config, reference.g1, reference.g2
-    one = OpenVinoStages(config, g1, g2, dtype, threads=2, streams=1)
-    two = OpenVinoStages(config, g1, g2, dtype, threads=2)         # default: a stream per thread
-    assert two.streams == 2
-    coarse, final = one(sources, heatmaps, None)
-    for count in (5, 1):                                          # 3 + 2 rows; a lone row on one stream
-        split_coarse, split_final = two(sources[:count], heatmaps[:count], None)
-        assert split_final.shape == (count, 3, 32, 16)
-        np.testing.assert_allclose(split_final, final[:count], atol=1e-5)   # row order kept
-        np.testing.assert_allclose(split_coarse, coarse[:count], atol=1e-5)
-    with pytest.raises(ValueError, match="streams must be between 1 and the 2 threads"):
-        OpenVinoStages(config, g1, g2, dtype, threads=2, streams=3)
