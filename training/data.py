@@ -344,8 +344,9 @@ class PairSampler(Sampler):
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             order = torch.randperm(self.size, generator=generator)
             flips = torch.rand(self.size, generator=generator) < 0.5
-            salts = torch.randint(0, 2 ** 31 - 1, (self.size,), generator=generator)  # drawn last: order
-            mine = range(self.rank, self.per_rank * self.world_size, self.world_size)  # and flips as before
+            # The colour-jitter seeds are drawn last, so order and flips are those of older versions.
+            salts = torch.randint(0, 2 ** 31 - 1, (self.size,), generator=generator)
+            mine = range(self.rank, self.per_rank * self.world_size, self.world_size)
             for position in mine[offset:]:
                 yield int(order[position]), bool(flips[position]) and self.flip, int(salts[position])
             epoch, offset = epoch + 1, 0
