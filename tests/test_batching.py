@@ -99,7 +99,8 @@ def test_a_failing_run_reports_every_job_and_the_batcher_goes_on(pipeline):
     recorder.event.clear()
     jobs.put(Job(prepared(pipeline)))
     assert recorder.event.wait(10)
-    assert recorder.batches and recorder.batches[-1][0] == 1
+    # it goes on: the next batch runs (the good job queued beside the broken one may join it)
+    assert recorder.batches and recorder.batches[-1][0] in (1, 2)
     batcher.stop()
     batcher.join(5)
 
