@@ -211,6 +211,38 @@ def test_width_overrides_the_preset_and_is_saved_with_the_run(tmp_path, dataset)
     assert saved["model_config"]["base_width"] == 4 and saved["g1"]["encoder.stem.weight"].shape[0] == 4
 
 
+def test_init_fine_tunes_from_a_checkpoint_or_a_run(tmp_path, dataset, capsys):
+    from pg2_server.checkpoint import load_checkpoint
+    from training.export import export_run
+
+    first = tmp_path / "first"
+    assert main(_fit_args(dataset, first, 1, "--steps", "2", "--width", "4", "--lr", "1e-3", "--no-bf16")) == 0
+    assert main(_fit_args(dataset, first, 2, "--steps", "2", "--lr", "1e-3", "--no-bf16")) == 0
+    export_run(first, tmp_path / "model")
+    model = load_checkpoint(tmp_path / "model.json")
+    # stage 1 from the checkpoint's G1: its width comes with it; a step of lr 1e-12 leaves the weights as given
+    tuned = tmp_path / "tuned"
+    still = ("--steps", "1", "--lr", "1e-12", "--no-bf16")
+    assert main(_fit_args(dataset, tuned, 1, "--init", str(tmp_path / "model.json"), *still)) == 0
+    state = load_run_state(tuned, 1)
+    assert state["model_config"]["base_width"] == 4 and state["data"]["init_from"].endswith("model.json")
+    for key, value in model.g1.state_dict().items():
+        torch.testing.assert_close(state["g1"][key], value, rtol=0, atol=1e-9)
+    export_run(tuned, tmp_path / "g1only")
+    # stage 2 from the first run's G2, with the tuned G1
+    assert main(_fit_args(dataset, tuned, 2, "--init", str(first), *still)) == 0
+    for key, value in load_run_state(first, 2)["g2"].items():
+        torch.testing.assert_close(load_run_state(tuned, 2)["g2"][key], value, rtol=0, atol=1e-9)
+    # refused: another width than the weights, a run without that stage, a checkpoint without G2
+    assert main(_fit_args(dataset, tmp_path / "w", 1, "--steps", "1", "--init", str(first), "--width", "8")) == 2
+    assert "width 4" in capsys.readouterr().err
+    assert main(_fit_args(dataset, tmp_path / "e", 1, "--steps", "1", "--init", str(tmp_path / "nothing"))) == 2
+    assert "no stage-1 state" in capsys.readouterr().err
+    assert main(_fit_args(dataset, tmp_path / "s2", 2, "--steps", "1", "--init", str(tmp_path / "g1only.json"),
+                          "--g1", str(tuned))) == 2
+    assert "holds no G2" in capsys.readouterr().err
+
+
 def _logged(out: Path, stage: int = 1) -> list[dict]:
     return [json.loads(line) for line in (out / f"stage{stage}-log.jsonl").read_text().splitlines()]
 

@@ -63,7 +63,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from pg2_server.model import ModelConfig, preset
 
     from .distributed import init_distributed, shutdown
-    from .trainer import Trainer, load_run_state, pretrained_g1, state_path, train_config
+    from .trainer import Trainer, initial_weights, load_run_state, pretrained_g1, state_path, train_config
 
     settings = fit_settings(args)
     if args.threads:
@@ -101,6 +101,21 @@ def cmd_fit(args: argparse.Namespace) -> int:
             model_config = g1_config
         elif args.stage == 2:  # resuming stage 2: the model is the one saved
             model_config = ModelConfig.from_dict(load_run_state(run_dir, 2)["model_config"])
+        init_state = None
+        if args.init and not args.resume:  # a resumed run continues from its own state
+            init_config, init_state = initial_weights(args.init, args.stage)
+            if args.stage == 1:
+                if model_overrides and any(getattr(init_config, k) != v for k, v in model_overrides.items()):
+                    raise ValueError(f"--init {args.init} has model config ({init_config.pose_embedding}, "
+                                     f"{init_config.heatmap_kind}, width {init_config.base_width}); do not pass "
+                                     "different --pose-embedding/--heatmap-kind/--width")
+                if init_config.preset != args.preset:
+                    raise ValueError(f"--init {args.init} was trained with preset {init_config.preset!r}, "
+                                     f"not {args.preset!r}")
+                model_config = init_config
+            elif init_config != model_config:
+                raise ValueError(f"--init {args.init} has model config {init_config.to_dict()}, but G1 has "
+                                 f"{model_config.to_dict()}: stage 2 starts from a G2 made for the same G1 config")
         split = _load_split(args, quiet=not job.is_main)
         provenance = {"data_root": str(Path(args.data_root).resolve()),
                       "annotations": str(Path(args.annotations).resolve()),
@@ -109,6 +124,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
                       "skipped": {k: len(v) for k, v in split.report.problems.items()}}
         if g1_state is not None:
             provenance["g1_from"] = str(Path(args.g1 or run_dir).resolve())
+        if init_state is not None:
+            provenance["init_from"] = str(Path(args.init).resolve())
         validation = None
         if args.val_data_root:
             from .data import load_split
@@ -117,7 +134,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
                 print(f"validation: {len(validation.pairs)} pairs from {args.val_data_root}, first "
                       f"{config.val_limit} scored every {config.val_every or '—'} steps; {validation.report.summary()}",
                       file=sys.stderr)
-        trainer = Trainer(config, model_config, run_dir, split, job, g1_state=g1_state,
+        trainer = Trainer(config, model_config, run_dir, split, job, g1_state=g1_state, init_state=init_state,
                           resume=args.resume, data_provenance=provenance, validation=validation)
         if job.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -228,6 +245,9 @@ def _add_fit(sub) -> None:
     p.add_argument("--out", help="run directory (state, logs, samples); required")
     p.add_argument("--resume", action="store_true", help="continue the stage from the run directory's state")
     p.add_argument("--g1", help="stage 2: G1 from this run directory or checkpoint (default: --out's stage 1)")
+    p.add_argument("--init", metavar="RUN_OR_CHECKPOINT",
+                   help="fine-tune: start the stage's generator (G1 in stage 1, G2 in stage 2) from this checkpoint "
+                        ".json or run directory instead of random weights; the model config is taken from it")
     p.add_argument("--steps", type=int, help="total steps of this stage (default: the preset's official count)")
     p.add_argument("--batch-size", type=int, help="per process and micro-batch (default: the preset's official batch)")
     p.add_argument("--accumulate", type=int, help="micro-batches per optimiser step: a step sees "

@@ -158,13 +158,30 @@ def pretrained_g1(source: str | Path) -> tuple[ModelConfig, dict]:
     return checkpoint.config, checkpoint.g1.state_dict()
 
 
+def initial_weights(source: str | Path, stage: int) -> tuple[ModelConfig, dict]:
+    """Starting weights of the stage's generator (G1 for stage 1, G2 for stage 2) for fine-tuning:
+    from a checkpoint (.json) or a run directory's state of that stage (its average when kept)."""
+    source = Path(source)
+    if source.suffix not in (".json", ".safetensors"):  # a run directory
+        if not state_path(source, stage).is_file():
+            raise StateError(f"{source} has no stage-{stage} state ({state_path(source, stage).name}) to start "
+                             f"from; pass a run directory that trained stage {stage}, or a checkpoint .json")
+        state = load_run_state(source, stage)
+        return ModelConfig.from_dict(state["model_config"]), state.get("ema", state[f"g{stage}"])
+    checkpoint = load_checkpoint(source)
+    network = checkpoint.g1 if stage == 1 else checkpoint.g2
+    if network is None:
+        raise StateError(f"{source} holds no G2 to start stage 2 from; train stage 2 without --init")
+    return checkpoint.config, network.state_dict()
+
+
 class Trainer:
     """One stage of PG2 training over a pair split; `fit()` runs it to `config.steps`."""
 
     def __init__(self, config: TrainConfig, model_config: ModelConfig, run_dir: str | Path,
                  split: PairSplit | None, job: Distributed = Distributed(), *,
-                 g1_state: dict | None = None, resume: bool = False, data_provenance: dict | None = None,
-                 validation: PairSplit | None = None):
+                 g1_state: dict | None = None, init_state: dict | None = None, resume: bool = False,
+                 data_provenance: dict | None = None, validation: PairSplit | None = None):
         self.config, self.model_config, self.job = config, model_config, job
         self.run_dir = Path(run_dir)
         self.split = split
@@ -193,6 +210,8 @@ class Trainer:
         elif config.stage == 2 and not resume:
             raise ValueError("stage 2 needs a trained G1 (a stage-1 run or a checkpoint)")
         self.g2 = Generator2(model_config) if config.stage == 2 else None
+        if init_state is not None:  # fine-tuning: the stage's generator starts from trained weights
+            (self.g1 if config.stage == 1 else self.g2).load_state_dict(init_state)
         self.d = Discriminator(DiscriminatorConfig(model_config.canvas, config.d_layers, config.d_base_width,
                                                    config.discriminator)) if config.adversarial else None
         # bf16 reaches a CPU's matrix units only in channels_last; fp32 CPU runs keep NCHW.
