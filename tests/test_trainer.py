@@ -229,6 +229,9 @@ def test_init_fine_tunes_from_a_checkpoint_or_a_run(tmp_path, dataset, capsys):
     for key, value in model.g1.state_dict().items():
         torch.testing.assert_close(state["g1"][key], value, rtol=0, atol=1e-9)
     export_run(tuned, tmp_path / "g1only")
+    assert main(_fit_args(dataset, tuned, 1, "--init", str(tmp_path / "model.json"), "--resume",
+                          *still[:1], "2", *still[2:])) == 0     # the same command goes on after a stop
+    assert load_run_state(tuned, 1)["step"] == 2
     # stage 2 from the first run's G2, with the tuned G1
     assert main(_fit_args(dataset, tuned, 2, "--init", str(first), *still)) == 0
     for key, value in load_run_state(first, 2)["g2"].items():

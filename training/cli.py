@@ -102,8 +102,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
         elif args.stage == 2:  # resuming stage 2: the model is the one saved
             model_config = ModelConfig.from_dict(load_run_state(run_dir, 2)["model_config"])
         init_state = None
-        if args.init and not args.resume:  # a resumed run continues from its own state
-            init_config, init_state = initial_weights(args.init, args.stage)
+        if args.init:   # its config also when resuming; its weights only at the start
+            init_config, weights = initial_weights(args.init, args.stage)
+            init_state = None if args.resume else weights   # a resumed run continues from its own state
             if args.stage == 1:
                 if model_overrides and any(getattr(init_config, k) != v for k, v in model_overrides.items()):
                     raise ValueError(f"--init {args.init} has model config ({init_config.pose_embedding}, "
