@@ -5,6 +5,10 @@ the converted model is cached next to the checkpoint as `NAME.openvino/stages.xm
 with `key.json` holding a hash of the weights and config: a checkpoint whose weights change
 gets a fresh conversion. Inference precision is bf16 where the CPU has bf16 units, else fp32.
 `Pipeline` keeps the preparation and output code; only `forward` runs here.
+
+A batch size that keeps coming back (a server's full batch, a render's batch) gets a copy of
+the model compiled for that static shape, which runs faster than the dynamic one (measured
+in docs/performance.md); a few such copies are kept, the least recently used dropped first.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import logging
 import os
 import tempfile
 import threading
+from collections import Counter, OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +30,8 @@ from .keypoints import COUNT
 log = logging.getLogger("pg2_server.openvino")
 
 PRECISIONS = {torch.float32: "f32", torch.bfloat16: "bf16"}
+STATIC_AFTER = 2   # a batch size seen this often gets its own static-shape compile
+STATIC_KEEP = 2    # static compiles kept (each holds its own weights and buffers: ~170 MiB for market)
 
 
 def available() -> bool:
@@ -87,12 +94,32 @@ class OpenVinoStages:
             model = self._convert(ov, g1, g2)
             if cache_dir is not None:
                 self._store(ov, model, cache_dir, key)
-        properties = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY",
-                      # the server batches requests itself: one stream, all of torch's threads
-                      "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()}
-        self.compiled = ov.Core().compile_model(model, "CPU", properties)
-        self.request = self.compiled.create_infer_request()
+        self.properties = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY",
+                           # the server batches requests itself: one stream, all of torch's threads
+                           "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()}
+        self.model, self.core = model, ov.Core()
+        self.request = self.core.compile_model(model, "CPU", self.properties).create_infer_request()
+        self.static: OrderedDict[int, object] = OrderedDict()   # batch size -> infer request
+        self._seen: Counter[int] = Counter()
         self._lock = threading.Lock()
+
+    def _request_for(self, batch: int):
+        """The infer request for this batch size: its static compile once the size has recurred."""
+        if batch in self.static:
+            self.static.move_to_end(batch)
+            return self.static[batch]
+        self._seen[batch] += 1
+        if self._seen[batch] < STATIC_AFTER:
+            return self.request
+        model = self.model.clone()
+        model.reshape({port: [batch] + [dim.get_length() for dim in list(port.get_partial_shape())[1:]]
+                       for port in model.inputs})
+        log.info("compiling OpenVINO for batches of %d", batch)
+        self.static[batch] = self.core.compile_model(model, "CPU", self.properties).create_infer_request()
+        if len(self.static) > STATIC_KEEP:
+            dropped, _ = self.static.popitem(last=False)
+            self._seen[dropped] = 0   # it has to recur again before it is compiled again
+        return self.static[batch]
 
     def _convert(self, ov, g1, g2):
         width, height = self.config.canvas
@@ -142,7 +169,8 @@ class OpenVinoStages:
                  coordinates: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Float32 (B, C, H, W) inputs → (G1 image, final image) float32 arrays, unclipped."""
         inputs = [sources, heatmaps] + ([coordinates] if self.with_coordinates else [])
-        with self._lock:   # one infer request per pipeline; copies leave it free for the next batch
-            self.request.infer(inputs)
-            outputs = [self.request.get_output_tensor(i).data.copy() for i in range(2)]
+        with self._lock:   # one request at a time; copies leave it free for the next batch
+            request = self._request_for(len(sources))
+            request.infer(inputs)
+            outputs = [request.get_output_tensor(i).data.copy() for i in range(2)]
         return outputs[0], outputs[1]

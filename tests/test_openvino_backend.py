@@ -95,3 +95,24 @@ def test_auto_backend_is_openvino_on_the_cpu_but_torch_when_compiling():
         resolve_backend("openvino", torch.device("cuda"), None)
     with pytest.raises(ValueError, match="backend must be one of"):
         resolve_backend("onnx", cpu, None)
+
+
+@pytest.mark.parametrize("embedding", ["heatmaps", "ce"])
+def test_a_recurring_batch_size_gets_a_static_compile_with_the_same_outputs(embedding):
+    from pg2_server import openvino_backend
+
+    reference = Pipeline.random("tiny", seed=0, pose_embedding=embedding)
+    pipeline = Pipeline.random("tiny", seed=0, pose_embedding=embedding, dtype="float32", backend="openvino")
+    stages = pipeline.openvino
+    prepared = _prepared(reference, 4)
+    expected = {n: reference.run(prepared[:n])[1] for n in (1, 2, 3, 4)}
+    for _ in range(openvino_backend.STATIC_AFTER - 1):     # a first sighting runs the dynamic model
+        assert np.abs(pipeline.run(prepared[:3])[1] - expected[3]).max() <= FAST_PATH_TOLERANCE["float32"]
+    assert list(stages.static) == []
+    for n in (3, 3, 2, 2, 1, 1):                           # recurring sizes compile; the oldest is dropped
+        assert np.abs(pipeline.run(prepared[:n])[1] - expected[n]).max() <= FAST_PATH_TOLERANCE["float32"]
+    assert list(stages.static) == [2, 1][-openvino_backend.STATIC_KEEP:]
+    static = stages.static[1]
+    assert [list(port.get_partial_shape().to_shape()) for port in static.model_inputs][0] == [1, 3, 32, 16]
+    assert np.abs(pipeline.run(prepared[:4])[1] - expected[4]).max() <= FAST_PATH_TOLERANCE["float32"]
+    assert 4 not in stages.static and stages.static[1] is static
