@@ -112,8 +112,10 @@ class OpenVinoStages:
         if self._seen[batch] < STATIC_AFTER:
             return self.request
         model = self.model.clone()
-        model.reshape({port: [batch] + [dim.get_length() for dim in list(port.get_partial_shape())[1:]]
-                       for port in model.inputs})
+        shapes = {port: port.get_partial_shape() for port in model.inputs}
+        for shape in shapes.values():
+            shape[0] = batch
+        model.reshape(shapes)
         log.info("compiling OpenVINO for batches of %d", batch)
         self.static[batch] = self.core.compile_model(model, "CPU", self.properties).create_infer_request()
         if len(self.static) > STATIC_KEEP:
