@@ -7,8 +7,11 @@ gets a fresh conversion. Inference precision is bf16 where the CPU has bf16 unit
 `Pipeline` keeps the preparation and output code; only `forward` runs here.
 
 A batch size that keeps coming back (a server's full batch, a render's batch) gets a copy of
-the model compiled for that static shape, which runs faster than the dynamic one (measured
-in docs/performance.md); a few such copies are kept, the least recently used dropped first.
+the model compiled for that static shape, which runs faster than the dynamic one for small
+models (measured in docs/performance.md); a few such copies are kept, the least recently used
+dropped first. Every run is timed: a static copy measured no faster than the dynamic model at
+its size is dropped (and that size never compiled again), and a smaller batch runs padded on a
+static copy when that is measured faster than running it dynamically (`rows`).
 """
 from __future__ import annotations
 
@@ -18,7 +21,9 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from collections import Counter, OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +35,10 @@ from .keypoints import COUNT
 log = logging.getLogger("pg2_server.openvino")
 
 PRECISIONS = {torch.float32: "f32", torch.bfloat16: "bf16"}
-STATIC_AFTER = 2   # a batch size seen this often gets its own static-shape compile
+STATIC_AFTER = 3   # a batch size seen this often gets its own static-shape compile (two dynamic runs timed)
 STATIC_KEEP = 2    # static compiles kept (each holds its own weights and buffers: ~170 MiB for market)
+JUDGE_RUNS = 8     # timed runs of a static compile (after its first) before it is judged against the dynamic model
+GAIN = 0.95        # a static compile is kept only when its best run takes at most this share of the dynamic's
 
 
 def available() -> bool:
@@ -77,6 +84,28 @@ def weights_key(config, g1, g2) -> str:
     return digest.hexdigest()
 
 
+@dataclass
+class _Static:
+    """A static-shape compile: its infer request and its best run time so far (the first run,
+    which allocates its buffers, not counted)."""
+    request: object
+    best_ms: float = float("inf")
+    runs: int = -1
+
+
+def padded_rows(batch: int, static_ms: dict[int, float], dynamic_ms: dict[int, float]) -> int:
+    """The rows to run `batch` inputs as: the smallest static size above it whose measured time
+    beats the dynamic model's at `batch` (measured, or scaled down from the static size's own
+    dynamic time), else `batch` itself."""
+    for size in sorted(s for s in static_ms if s > batch):
+        if size not in dynamic_ms and batch not in dynamic_ms:
+            continue
+        dynamic = dynamic_ms.get(batch, dynamic_ms.get(size, 0.0) * batch / size)
+        if static_ms[size] <= dynamic:
+            return size
+    return batch
+
+
 class OpenVinoStages:
     """A compiled OpenVINO model of G1+G2: `(sources, heatmaps, coordinates)` arrays → (coarse, final)."""
 
@@ -99,29 +128,59 @@ class OpenVinoStages:
                            "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()}
         self.model, self.core = model, ov.Core()
         self.request = self.core.compile_model(model, "CPU", self.properties).create_infer_request()
-        self.static: OrderedDict[int, object] = OrderedDict()   # batch size -> infer request
+        self.static: OrderedDict[int, _Static] = OrderedDict()   # batch size -> its static compile
+        self.dynamic_ms: dict[int, float] = {}   # best dynamic run per batch size
+        self.no_gain: set[int] = set()           # sizes whose static compile was measured no faster
         self._seen: Counter[int] = Counter()
         self._lock = threading.Lock()
 
-    def _request_for(self, batch: int):
-        """The infer request for this batch size: its static compile once the size has recurred."""
+    def rows(self, batch: int) -> int:
+        """How many rows to run a batch of `batch` as: more (zero padding) where a static compile
+        of that size is measured to run them faster than the dynamic model would."""
+        with self._lock:
+            if batch in self.static:
+                return batch
+            timed = {size: static.best_ms for size, static in self.static.items() if static.runs > 0}
+            return padded_rows(batch, timed, self.dynamic_ms)
+
+    def _static_for(self, batch: int) -> _Static | None:
+        """The static compile for this batch size, made once the size has recurred; None: run dynamic."""
         if batch in self.static:
             self.static.move_to_end(batch)
             return self.static[batch]
+        if batch in self.no_gain:
+            return None
         self._seen[batch] += 1
         if self._seen[batch] < STATIC_AFTER:
-            return self.request
+            return None
         model = self.model.clone()
         shapes = {port: port.get_partial_shape() for port in model.inputs}
         for shape in shapes.values():
             shape[0] = batch
         model.reshape(shapes)
         log.info("compiling OpenVINO for batches of %d", batch)
-        self.static[batch] = self.core.compile_model(model, "CPU", self.properties).create_infer_request()
+        self.static[batch] = _Static(self.core.compile_model(model, "CPU", self.properties).create_infer_request())
         if len(self.static) > STATIC_KEEP:
             dropped, _ = self.static.popitem(last=False)
             self._seen[dropped] = 0   # it has to recur again before it is compiled again
         return self.static[batch]
+
+    def _judge(self, batch: int, static: _Static) -> None:
+        """Drop a static compile that is not measurably faster than the dynamic model at its size."""
+        if static.runs < JUDGE_RUNS or batch not in self.dynamic_ms:
+            return
+        if static.best_ms > GAIN * self.dynamic_ms[batch]:
+            log.info("OpenVINO static batches of %d: %.1f ms against %.1f ms dynamic; dropped", batch,
+                     static.best_ms, self.dynamic_ms[batch])
+            del self.static[batch]
+            self.no_gain.add(batch)
+
+    @staticmethod
+    def _infer(request, inputs: list[np.ndarray]) -> float:
+        """Run one inference; returns its wall time in ms (the inputs are read in place, not copied)."""
+        started = time.perf_counter()
+        request.infer(inputs, share_inputs=True)
+        return (time.perf_counter() - started) * 1000
 
     def _convert(self, ov, g1, g2):
         width, height = self.config.canvas
@@ -170,9 +229,19 @@ class OpenVinoStages:
     def __call__(self, sources: np.ndarray, heatmaps: np.ndarray,
                  coordinates: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Float32 (B, C, H, W) inputs → (G1 image, final image) float32 arrays, unclipped."""
-        inputs = [sources, heatmaps] + ([coordinates] if self.with_coordinates else [])
+        inputs = [np.ascontiguousarray(a, np.float32)
+                  for a in [sources, heatmaps] + ([coordinates] if self.with_coordinates else [])]
+        batch = len(sources)
         with self._lock:   # one request at a time; copies leave it free for the next batch
-            request = self._request_for(len(sources))
-            request.infer(inputs)
+            static = self._static_for(batch)
+            request = static.request if static is not None else self.request
+            ms = self._infer(request, inputs)
+            if static is None:
+                self.dynamic_ms[batch] = min(ms, self.dynamic_ms.get(batch, ms))
+            else:
+                if static.runs >= 0:
+                    static.best_ms = min(ms, static.best_ms)
+                static.runs += 1
+                self._judge(batch, static)
             outputs = [request.get_output_tensor(i).data.copy() for i in range(2)]
         return outputs[0], outputs[1]

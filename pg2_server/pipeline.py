@@ -364,7 +364,10 @@ class Pipeline:
         """Run G1 and G2 on prepared inputs; returns (G1, final) float32 (B, 3, H, W) arrays."""
         if not batch:
             raise ValueError("run needs at least one prepared input")
-        rows = self.fast.bucket(len(batch)) if self.fast is not None else len(batch)
+        if self.openvino is not None:
+            rows = self.openvino.rows(len(batch))   # a static compile may run a padded batch faster
+        else:
+            rows = self.fast.bucket(len(batch)) if self.fast is not None else len(batch)
         coarse, final = self.forward(*self._to_device(batch, rows))
         # .cpu() synchronises, so the pinned buffers are free again when this returns.
         return coarse[:len(batch)].cpu().numpy(), final[:len(batch)].cpu().numpy()

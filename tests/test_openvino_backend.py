@@ -97,22 +97,104 @@ def test_auto_backend_is_openvino_on_the_cpu_but_torch_when_compiling():
         resolve_backend("onnx", cpu, None)
 
 
+def _scripted_timings(monkeypatch, stages, static_ms_per_row: float, dynamic_ms_per_row: float = 10.0):
+    """Run inferences for real but report scripted times: `…_per_row` ms per row of the batch."""
+    from pg2_server import openvino_backend
+
+    real = openvino_backend.OpenVinoStages._infer
+
+    def infer(request, inputs):
+        real(request, inputs)
+        is_static = request is not stages.request
+        return len(inputs[0]) * (static_ms_per_row if is_static else dynamic_ms_per_row)
+
+    monkeypatch.setattr(stages, "_infer", infer)
+
+
 @pytest.mark.parametrize("embedding", ["heatmaps", "ce"])
-def test_a_recurring_batch_size_gets_a_static_compile_with_the_same_outputs(embedding):
+def test_a_recurring_batch_size_gets_a_static_compile_with_the_same_outputs(embedding, monkeypatch):
     from pg2_server import openvino_backend
 
     reference = Pipeline.random("tiny", seed=0, pose_embedding=embedding)
     pipeline = Pipeline.random("tiny", seed=0, pose_embedding=embedding, dtype="float32", backend="openvino")
     stages = pipeline.openvino
+    _scripted_timings(monkeypatch, stages, static_ms_per_row=8.0)   # too slow to pad 2 rows onto 3
     prepared = _prepared(reference, 4)
     expected = {n: reference.run(prepared[:n])[1] for n in (1, 2, 3, 4)}
-    for _ in range(openvino_backend.STATIC_AFTER - 1):     # a first sighting runs the dynamic model
-        assert np.abs(pipeline.run(prepared[:3])[1] - expected[3]).max() <= FAST_PATH_TOLERANCE["float32"]
-    assert list(stages.static) == []
-    for n in (3, 3, 2, 2, 1, 1):                           # recurring sizes compile; the oldest is dropped
+
+    def check(n):
         assert np.abs(pipeline.run(prepared[:n])[1] - expected[n]).max() <= FAST_PATH_TOLERANCE["float32"]
-    assert list(stages.static) == [2, 1][-openvino_backend.STATIC_KEEP:]
+
+    for _ in range(openvino_backend.STATIC_AFTER - 1):     # the first sightings run the dynamic model
+        check(3)
+    assert list(stages.static) == [] and stages.dynamic_ms == {3: 30.0}
+    for n in (3, 1, 1, 1, 2, 2, 2):                        # recurring sizes compile; the oldest is dropped
+        check(n)
+    assert list(stages.static) == [1, 2][-openvino_backend.STATIC_KEEP:]
     static = stages.static[1]
-    assert [list(port.get_partial_shape().to_shape()) for port in static.model_inputs][0] == [1, 3, 32, 16]
-    assert np.abs(pipeline.run(prepared[:4])[1] - expected[4]).max() <= FAST_PATH_TOLERANCE["float32"]
+    assert [list(port.get_partial_shape().to_shape()) for port in static.request.model_inputs][0] == [1, 3, 32, 16]
+    assert static.runs == stages.static[2].runs == 0   # the run that compiled it is not timed
+    check(4)
     assert 4 not in stages.static and stages.static[1] is static
+    check(1)
+    assert static.runs == 1 and static.best_ms == 8.0
+
+
+def test_a_static_compile_runs_smaller_batches_padded_where_that_is_measured_faster(monkeypatch):
+    from pg2_server import openvino_backend
+
+    reference = Pipeline.random("tiny", seed=0)
+    pipeline = Pipeline.random("tiny", seed=0, dtype="float32", backend="openvino")
+    stages = pipeline.openvino
+    _scripted_timings(monkeypatch, stages, static_ms_per_row=6.0)   # static: 0.6 of the dynamic time
+    prepared = _prepared(reference, 4)
+    expected = {n: reference.run(prepared[:n])[1] for n in (1, 2, 3, 4)}
+    for _ in range(openvino_backend.STATIC_AFTER):
+        pipeline.run(prepared)
+    assert list(stages.static) == [4] and stages.rows(3) == 3   # its first run does not count
+    pipeline.run(prepared)
+    # 3 rows padded to 4 take 24 ms static against 30 dynamic; 2 rows would take 24 against 20.
+    assert (stages.rows(3), stages.rows(2), stages.rows(4), stages.rows(5)) == (4, 2, 4, 5)
+    coarse, final = pipeline.run(prepared[:3])
+    assert final.shape == (3, 3, 32, 16)
+    assert np.abs(final - expected[3]).max() <= FAST_PATH_TOLERANCE["float32"]
+    assert stages.static[4].runs == 2 and 3 not in stages.dynamic_ms and stages._seen[3] == 0
+    assert np.abs(pipeline.run(prepared[:2])[1] - expected[2]).max() <= FAST_PATH_TOLERANCE["float32"]
+    assert stages.dynamic_ms[2] == 20.0
+    # a size measured dynamically is compared with its own time
+    stages.dynamic_ms[3] = 23.0
+    assert stages.rows(3) == 3
+
+
+def test_a_static_compile_no_faster_than_the_dynamic_model_is_dropped_for_good(monkeypatch):
+    from pg2_server import openvino_backend
+
+    reference = Pipeline.random("tiny", seed=0)
+    pipeline = Pipeline.random("tiny", seed=0, dtype="float32", backend="openvino")
+    stages = pipeline.openvino
+    _scripted_timings(monkeypatch, stages, static_ms_per_row=9.8)   # within GAIN of the dynamic time
+    prepared = _prepared(reference, 2)
+    expected = reference.run(prepared)[1]
+    for _ in range(openvino_backend.STATIC_AFTER + openvino_backend.JUDGE_RUNS - 1):
+        assert np.abs(pipeline.run(prepared)[1] - expected).max() <= FAST_PATH_TOLERANCE["float32"]
+    assert list(stages.static) == [2] and stages.no_gain == set()
+    pipeline.run(prepared)
+    assert list(stages.static) == [] and stages.no_gain == {2}
+    for _ in range(2 * openvino_backend.STATIC_AFTER):    # never compiled again
+        pipeline.run(prepared)
+    assert list(stages.static) == [] and stages.rows(1) == 1
+
+
+def test_padded_rows_picks_the_smallest_static_size_that_beats_the_dynamic_model():
+    from pg2_server.openvino_backend import padded_rows
+
+    static = {16: 30.0, 32: 58.0}
+    assert padded_rows(15, static, {16: 37.0}) == 16           # 37 × 15/16 = 34.7 > 30
+    assert padded_rows(12, static, {16: 37.0}) == 12           # 27.75 < 30; 32 has no dynamic time to compare
+    assert padded_rows(12, static, {16: 37.0, 32: 80.0}) == 12  # 30 < 58
+    assert padded_rows(13, static, {16: 37.0}) == 16           # 30.06 > 30
+    assert padded_rows(20, static, {16: 37.0, 32: 74.0}) == 20  # 46.25 < 58
+    assert padded_rows(28, static, {32: 74.0}) == 32           # 64.75 > 58
+    assert padded_rows(15, static, {15: 29.0, 16: 37.0}) == 15  # its own measured time wins
+    assert padded_rows(15, {}, {16: 37.0}) == 15
+    assert padded_rows(15, static, {}) == 15                   # nothing measured: run as it is
