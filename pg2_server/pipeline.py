@@ -92,8 +92,15 @@ class Prepared:
     source: np.ndarray       # float32 (3, H, W) in [-1, 1]
     heatmaps: np.ndarray     # float32 (18, H, W)
     coordinates: np.ndarray  # float32 (36,), for the CE embedding
-    mask: np.ndarray         # uint8 (H, W) pose mask of the target pose
+    keypoints: np.ndarray    # float (18, 2): the target pose on the canvas, NaN = missing
     fit: FrameFit            # the target frame in the canvas
+    mask_radius: int         # the pose mask's disk radius (the model's heat-map radius)
+
+    @property
+    def mask(self) -> np.ndarray:
+        """uint8 (H, W) pose mask of the target pose on the canvas; made when asked for (only an
+        alpha channel needs it)."""
+        return pose_mask(self.keypoints, self.fit.canvas, self.mask_radius)
 
 
 @dataclass
@@ -302,8 +309,7 @@ class Pipeline:
             source=to_unit_range(source_fit.image_to_canvas(source)),
             heatmaps=heatmaps(on_canvas, canvas, c.heatmap_radius, c.heatmap_kind, c.heatmap_sigma),
             coordinates=pose_coordinates(on_canvas, canvas),
-            mask=pose_mask(on_canvas, canvas, c.heatmap_radius),
-            fit=target_fit)
+            keypoints=on_canvas, fit=target_fit, mask_radius=c.heatmap_radius)
 
     def _stages(self, sources: torch.Tensor, heatmaps_: torch.Tensor,
                 coordinates: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

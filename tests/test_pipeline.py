@@ -6,6 +6,7 @@ import torch
 
 from pg2_server.keypoints import KeypointError
 from pg2_server.pipeline import FAST_PATH_TOLERANCE, FastPath, Pipeline
+from pg2_server.pose import pose_mask
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +78,9 @@ def test_alpha_marks_the_target_pose(tiny):
     points[1], points[2] = (8.0, 10.0), (8.0, 22.0)      # neck and right shoulder
     [result] = tiny.generate([_image(32, 16)], [points], [(16, 32)], with_alpha=True)
     assert result.alpha[16, 8] == 255 and result.alpha[0, 0] == 0
+    assert tuple(tiny.config.canvas) == (16, 32)   # the frame is the canvas: alpha is the mask itself
+    expected = pose_mask(points, (16, 32), tiny.config.heatmap_radius) * 255
+    assert np.array_equal(result.alpha, expected)
 
 
 @pytest.mark.parametrize("source, points, size, error, message", [
