@@ -5,9 +5,9 @@ that claims a huge image is refused before OpenCV allocates anything for it.
 """
 from __future__ import annotations
 
-import hashlib
 import struct
 import threading
+import zlib
 from collections import OrderedDict
 
 import cv2
@@ -90,15 +90,18 @@ def decode_image(data, spec: ImageSpec, max_side: int, request_id=None) -> np.nd
 
 
 class SourceCache:
-    """Recently decoded sources by content hash: an animation sends the same photo with every frame.
+    """Recently decoded sources by content: an animation sends the same photo with every frame.
 
-    Holds at most `max_bytes` of decoded pixels, least recently used out first; the arrays are
-    read-only, since every request that hits the cache shares them.
+    A CRC-32 of the payload finds a candidate and a byte-for-byte comparison with the payload it
+    was decoded from confirms it (a cryptographic hash cost 4× as much, and no hash can be
+    trusted to keep one client's photo from answering another's). Holds at most `max_bytes` of
+    payloads and decoded pixels, least recently used out first; the arrays are read-only, since
+    every request that hits the cache shares them.
     """
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self._images: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._entries: OrderedDict[tuple, tuple[bytes, np.ndarray]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = 0
@@ -108,27 +111,30 @@ class SourceCache:
         """decode_image, answered from the cache when these exact bytes were decoded recently."""
         if self.max_bytes <= 0:
             return decode_image(data, spec, max_side, request_id)
-        key = hashlib.blake2b(data, digest_size=16, person=spec.format.encode()).digest() + \
-            f"{spec.width}x{spec.height}".encode()
+        view = memoryview(data)
+        key = (spec.format, spec.width, spec.height, view.nbytes, zlib.crc32(view))
         with self._lock:
-            image = self._images.get(key)
-            if image is not None:
-                self._images.move_to_end(key)
+            entry = self._entries.get(key)
+            if entry is not None and entry[0] == view:
+                self._entries.move_to_end(key)
                 self.hits += 1
-                return image
+                return entry[1]
             self.misses += 1
         image = decode_image(data, spec, max_side, request_id)
-        if image.nbytes > self.max_bytes:
+        size = image.nbytes + view.nbytes
+        if size > self.max_bytes:
             return image
         image = image if spec.format != "raw" else image.copy()  # raw views the request's frame
         image.flags.writeable = False
         with self._lock:
-            if key not in self._images:
-                self._images[key] = image
-                self._bytes += image.nbytes
+            replaced = self._entries.pop(key, None)   # a CRC collision: the newer payload stays
+            if replaced is not None:
+                self._bytes -= replaced[1].nbytes + len(replaced[0])
+            self._entries[key] = (view.tobytes(), image)
+            self._bytes += size
             while self._bytes > self.max_bytes:
-                _, dropped = self._images.popitem(last=False)
-                self._bytes -= dropped.nbytes
+                _, (payload, dropped) = self._entries.popitem(last=False)
+                self._bytes -= dropped.nbytes + len(payload)
         return image
 
 

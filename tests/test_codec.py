@@ -104,10 +104,11 @@ def test_encode_with_and_without_alpha(fmt):
 
 
 def test_source_cache_decodes_each_distinct_source_once():
-    cache = SourceCache(max_bytes=2 * 20 * 12 * 3)
     first, second, third = encoded(rgb(), ".png"), encoded(rgb()[::-1].copy(), ".png"), encoded(rgb() // 2, ".png")
+    # room for two of them: decoded pixels and the payloads they came from
+    cache = SourceCache(max_bytes=2 * 20 * 12 * 3 + len(first) + max(len(second), len(third)))
     a = cache.decode(first, ImageSpec("png"), 4096)
-    assert cache.decode(first, ImageSpec("png"), 4096) is a and (cache.hits, cache.misses) == (1, 1)
+    assert cache.decode(memoryview(bytes(first)), ImageSpec("png"), 4096) is a and (cache.hits, cache.misses) == (1, 1)
     assert not a.flags.writeable and np.array_equal(a, rgb())
     cache.decode(second, ImageSpec("png"), 4096)
     cache.decode(third, ImageSpec("png"), 4096)  # over two images' worth: the least recent goes
@@ -116,5 +117,22 @@ def test_source_cache_decodes_each_distinct_source_once():
     assert np.array_equal(cache.decode(raw, ImageSpec("raw", 20, 12), 4096), rgb())
     with pytest.raises(ProtocolError):
         cache.decode(first[:40], ImageSpec("png"), 4096)  # errors are never cached
+
+
+def test_source_cache_never_answers_with_another_payload_of_the_same_checksum(monkeypatch):
+    from pg2_server import codec
+
+    monkeypatch.setattr(codec.zlib, "crc32", lambda data: 7)   # every payload collides
+    cache = SourceCache(max_bytes=1 << 20)
+    one, other = rgb(), rgb()[::-1].copy()
+    assert np.array_equal(cache.decode(one.tobytes(), ImageSpec("raw", 20, 12), 4096), one)
+    assert np.array_equal(cache.decode(other.tobytes(), ImageSpec("raw", 20, 12), 4096), other)
+    assert np.array_equal(cache.decode(one.tobytes(), ImageSpec("raw", 20, 12), 4096), one)
+    assert (cache.hits, cache.misses) == (0, 3)
+    assert np.array_equal(cache.decode(one.tobytes(), ImageSpec("raw", 20, 12), 4096), one) and cache.hits == 1
+
+
+def test_source_cache_off_decodes_every_time():
+    first = encoded(rgb(), ".png")
     off = SourceCache(0)
     assert off.decode(first, ImageSpec("png"), 4096) is not off.decode(first, ImageSpec("png"), 4096)
