@@ -383,7 +383,8 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"largest request in MiB (default {limits.max_message_bytes / MIB:g})")
     parser.add_argument("--max-image-side", type=int, default=limits.max_image_side,
                         help=f"largest image side in px (default {limits.max_image_side})")
-    parser.add_argument("--threads", type=int, default=w.threads, help=f"image decode/encode threads (default {w.threads})")
+    parser.add_argument("--threads", type=int, default=w.threads,
+                        help=f"image decode/encode threads (default: one per core, at most 4; here {w.threads})")
     parser.add_argument("--source-cache-mb", type=float, default=w.source_cache_mb,
                         help=f"decoded source images kept for reuse, by content (default {w.source_cache_mb:g}; 0 = off)")
     parser.add_argument("--summary-s", type=float, default=SUMMARY_S,

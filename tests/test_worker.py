@@ -96,3 +96,12 @@ def test_a_working_worker_answers_once_and_drains():
         assert counters["batched_requests"] == 9
     finally:
         worker.close()
+
+
+@pytest.mark.parametrize("cores, threads", [(1, 1), (2, 2), (3, 3), (16, 4)])
+def test_codec_threads_default_to_one_per_core_at_most_four(monkeypatch, cores, threads):
+    from pg2_server import worker
+
+    monkeypatch.setattr(worker.os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert worker.codec_threads() == threads
+    assert worker.WorkerConfig().threads == threads
