@@ -271,6 +271,7 @@ def test_eval_pckh_detection_rate_and_views(tmp_path):
     assert rows["target"]["detected"] == 1.0 and rows["target"]["pckh"] >= PCKH_FLOOR
     assert rows["copy-source"]["detected"] == 1.0               # the sources are people too
     assert rows["blank"]["detected"] == 0.0 and rows["blank"]["pckh"] == 0.0
+    assert rows["target"]["pckh_limbs_agree"] == 1.0 and rows["blank"]["pckh_limbs_agree"] == 0.0
     assert rows["target"]["pckh"] > rows["copy-source"]["pckh"]   # other people's poses score lower
     for row in ("g1", "g1+g2"):                                  # random weights: scored, found or not
         assert 0.0 <= rows[row]["detected"] <= 1.0 and 0.0 <= rows[row]["pckh"] <= rows["target"]["pckh"]

@@ -156,3 +156,25 @@ def test_pckh_follows_patn_head_box_rule_side_aware():
     assert head_size(headless) == pytest.approx((0.27 * 48, 0.44 * 48))
     headless[[8, 11]] = np.nan
     assert head_size(headless) is None and pckh_counts(truth, headless) is None
+
+
+def test_pose_scores_compare_with_the_annotations_and_with_the_real_targets_detection():
+    from training.evaluate import PoseScores
+
+    truth = np.full((18, 2), np.nan)
+    truth[0], truth[1], truth[16], truth[17] = (50, 20), (50, 40), (45, 22), (55, 22)
+    truth[2], truth[5], truth[8], truth[11] = (40, 42), (60, 42), (44, 90), (56, 90)
+    swapped = truth.copy()                      # a back view the detector reads with sides swapped
+    swapped[[2, 5, 8, 11]] = truth[[5, 2, 11, 8]]
+    scores = PoseScores()
+    scores.add("target", "back", swapped, truth, reference=swapped)
+    scores.add("g1+g2", "back", swapped, truth, reference=swapped)   # looks like the real image
+    scores.add("g1+g2", "front", truth, truth, reference=truth)
+    scores.add("blank", "back", None, truth, reference=swapped)
+    scores.add("g1", "back", truth, truth, reference=None)          # the target had no person found
+    rows, views = scores.rows(), scores.views()
+    assert views["back"]["target"]["pckh_limbs"] == 0.0 and views["back"]["target"]["pckh_limbs_agree"] == 1.0
+    assert views["back"]["g1+g2"]["pckh_limbs"] == 0.0 and views["back"]["g1+g2"]["pckh_limbs_agree"] == 1.0
+    assert rows["g1+g2"]["pckh_limbs"] == 0.5 and rows["g1+g2"]["pckh_limbs_agree"] == 1.0
+    assert rows["blank"]["pckh_limbs_agree"] == 0.0 and rows["blank"]["detected"] == 0.0
+    assert rows["g1"]["pckh_limbs"] == 1.0 and rows["g1"]["pckh_limbs_agree"] is None
