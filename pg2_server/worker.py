@@ -59,7 +59,7 @@ def codec_threads() -> int:
 
     On a CPU server the model's threads take every core, and codec threads beyond the cores only
     preempt them: on 2 AMX cores serving `demo` with raw output, 2 threads gave served / raw
-    0.88–0.90 against 0.83–0.85 with 4 (docs/performance.md).
+    0.864 and 0.893 against 0.815 and 0.803 with 4 (docs/performance.md).
     """
     try:
         cores = len(os.sched_getaffinity(0))
