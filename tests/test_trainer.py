@@ -211,6 +211,30 @@ def test_width_overrides_the_preset_and_is_saved_with_the_run(tmp_path, dataset)
     assert saved["model_config"]["base_width"] == 4 and saved["g1"]["encoder.stem.weight"].shape[0] == 4
 
 
+def test_g2_levels_deepen_g2_over_a_trained_g1_and_stay_with_the_run(tmp_path, dataset, capsys):
+    from pg2_server.checkpoint import load_checkpoint
+    from training.export import export_run
+
+    out = tmp_path / "deep"
+    assert main(_fit_args(dataset, out, 1, "--steps", "1", "--no-bf16")) == 0
+    assert load_run_state(out, 1)["model_config"]["g2_levels"] == 1                  # the tiny preset's
+    assert main(_fit_args(dataset, out, 2, "--steps", "1", "--g2-levels", "3", "--no-bf16")) == 0
+    state = load_run_state(out, 2)
+    assert state["model_config"]["g2_levels"] == 3 and len(state["g2"]) > 0
+    assert state["g2"]["encoder.2.0.weight"].shape[0] == 3 * 8                        # level 3: 3 × the width
+    export_run(out, tmp_path / "model")
+    model = load_checkpoint(tmp_path / "model.json")
+    assert model.config.g2_levels == 3 and len(model.g2.encoder) == 3
+    g1 = load_run_state(out, 1)["g1"]
+    for key, value in model.g1.state_dict().items():                                  # G1 untouched by stage 2
+        torch.testing.assert_close(value, g1[key], rtol=0, atol=0)
+    # resuming with another depth than the run's is refused, with the way out
+    assert main(_fit_args(dataset, out, 2, "--steps", "2", "--g2-levels", "2", "--resume", "--no-bf16")) == 2
+    assert "G2 of 3 levels" in capsys.readouterr().err
+    assert main(_fit_args(dataset, out, 2, "--steps", "2", "--resume", "--no-bf16")) == 0
+    assert load_run_state(out, 2)["step"] == 2
+
+
 def test_init_fine_tunes_from_a_checkpoint_or_a_run(tmp_path, dataset, capsys):
     from pg2_server.checkpoint import load_checkpoint
     from training.export import export_run

@@ -89,7 +89,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         model_overrides = {k: v for k, v in (("pose_embedding", args.pose_embedding),
                                              ("heatmap_kind", args.heatmap_kind),
                                              ("base_width", args.width)) if v is not None}
-        model_config = preset(args.preset, **model_overrides)
+        g2_levels = {"g2_levels": args.g2_levels} if args.g2_levels is not None else {}
+        model_config = preset(args.preset, **model_overrides, **g2_levels)
         if args.stage == 2 and not args.resume:
             g1_config, g1_state = pretrained_g1(args.g1 or run_dir)
             if model_overrides and any(getattr(g1_config, k) != v for k, v in model_overrides.items()):
@@ -98,9 +99,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
                                  "--pose-embedding/--heatmap-kind/--width")
             if g1_config.preset != args.preset:
                 raise ValueError(f"G1 was trained with preset {g1_config.preset!r}, not {args.preset!r}")
-            model_config = g1_config
+            model_config = g1_config.replace(**g2_levels)   # G2's depth is stage 2's own choice
         elif args.stage == 2:  # resuming stage 2: the model is the one saved
             model_config = ModelConfig.from_dict(load_run_state(run_dir, 2)["model_config"])
+            if g2_levels and model_config.g2_levels != args.g2_levels:
+                raise ValueError(f"{run_dir} trains a G2 of {model_config.g2_levels} levels; resume it without "
+                                 f"--g2-levels {args.g2_levels}, or start a new run with another --out")
         init_state = None
         if args.init:   # its config also when resuming; its weights only at the start
             init_config, weights = initial_weights(args.init, args.stage)
@@ -289,6 +293,9 @@ def _add_fit(sub) -> None:
                                                "CPU machine 1 avoids OpenMP threads fighting over cores)")
     p.add_argument("--width", type=int, help="channels of the first level instead of the preset's (a larger or "
                                              "smaller model; saved in the checkpoint's config)")
+    p.add_argument("--g2-levels", type=int, metavar="N",
+                   help="levels of G2's U-Net instead of the preset's (the paper's G1 levels − 2); deeper sees "
+                        "farther across the image to carry the source's detail; saved in the checkpoint's config")
     p.add_argument("--no-bf16", action="store_true", default=None,
                    help="fp32 throughout (default: bf16 autocast where the device has bf16 units: CUDA, "
                         "AMX or AVX-512-BF16 CPUs)")
