@@ -65,6 +65,21 @@ def test_two_stage_export_serves_with_provenance(run, tmp_path):
     assert result.shape == (80, 44, 3) and result.dtype == np.uint8
 
 
+def test_stage_two_over_another_runs_g1_keeps_how_that_g1_was_trained(run, tmp_path):
+    root, data = run
+    assert main(["export", str(root / "run"), "--out", str(tmp_path / "g1only")]) == 0
+    common = ["--preset", "tiny", "--data-root", str(data["images"]), "--annotations", str(data["annotations"]),
+              "--pairs", str(data["pairs"]), "--workers", "0", "--steps", "2", "--stage", "2"]
+    for name, g1 in (("from-checkpoint", tmp_path / "g1only.json"), ("from-run", root / "run")):
+        assert main(["fit", *common, "--g1", str(g1), "--out", str(tmp_path / name)]) == 0
+        assert main(["export", str(tmp_path / name), "--out", str(tmp_path / f"{name}-model")]) == 0
+        provenance = json.loads((tmp_path / f"{name}-model.json").read_text())["provenance"]
+        stage1 = provenance["stages"]["stage1"]
+        assert stage1["steps"] == 3 and stage1["g1_from"] == str(g1.resolve())
+        assert stage1["train_config"]["stage"] == 1 and provenance["steps"] == 5
+        assert list(provenance["stages"]) == ["stage1", "stage2"]
+
+
 def test_export_of_a_folder_without_state_is_refused(tmp_path, capsys):
     with pytest.raises(StateError, match="no training state"):
         from training.export import export_run

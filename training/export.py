@@ -11,7 +11,7 @@ import datetime
 import json
 from pathlib import Path
 
-from pg2_server.checkpoint import save_checkpoint
+from pg2_server.checkpoint import load_checkpoint, save_checkpoint
 from pg2_server.model import Generator1, Generator2, ModelConfig
 
 from .state import StateError
@@ -24,6 +24,24 @@ def _last_logged(run_dir: Path, stage: int) -> dict:
         return {}
     lines = [line for line in log.read_text().splitlines() if line.strip()]
     return json.loads(lines[-1]) if lines else {}
+
+
+def _stage1_history(g1_from: str | None) -> dict:
+    """Stage 1's record from where a stage-2 run took its G1 (a checkpoint or a run directory),
+    with `g1_from` naming it; {} when that is gone or holds no record of stage 1."""
+    if not g1_from:
+        return {}
+    source = Path(g1_from)
+    if source.suffix in (".json", ".safetensors"):
+        if not source.with_suffix(".json").is_file():
+            return {}
+        stage1 = load_checkpoint(source).provenance.get("stages", {}).get("stage1")
+        return {**stage1, "g1_from": str(source)} if stage1 else {}
+    if state_path(source, 1).is_file():
+        state = load_run_state(source, 1)
+        return {"steps": int(state["step"]), "processes": int(state["world_size"]),
+                "train_config": state["train_config"], "g1_from": str(source)}
+    return {}
 
 
 def export_run(run_dir: str | Path, out: str | Path, dtype: str = "float32",
@@ -50,6 +68,10 @@ def export_run(run_dir: str | Path, out: str | Path, dtype: str = "float32",
                                     "train_config": state["train_config"],
                                     "last_losses": {k: v for k, v in _last_logged(run_dir, stage).items()
                                                     if k != "step"}}
+    if 1 not in stages:   # stage 2 over a G1 trained elsewhere: say how that G1 was trained
+        g1_history = _stage1_history(newest.get("data", {}).get("g1_from"))
+        if g1_history:
+            history = {"stage1": g1_history, **history}
     provenance = {
         "trained_by": "pg2-train",
         "run_dir": str(run_dir.resolve()),
