@@ -70,7 +70,7 @@ class TrainConfig:
     sample_every: int = 500
     save_every: int = 1000
     accumulate: int = 1             # micro-batches of batch_size per optimiser step
-    ema: float = 0.0                # decay of a moving average of the trained generator (0: none), see ema_decay
+    ema: float = 0.0                # decay of an exponential moving average of the trained generator (0: none)
     val_every: int = 0              # steps between validations on the held-out split (0: none)
     val_limit: int = 64             # pairs of the held-out split scored per validation
     val_metric: str = "ssim_pg2"    # the metric that picks the best checkpoint
@@ -173,14 +173,6 @@ def initial_weights(source: str | Path, stage: int) -> tuple[ModelConfig, dict]:
     if network is None:
         raise StateError(f"{source} holds no G2 to start stage 2 from; train stage 2 without --init")
     return checkpoint.config, network.state_dict()
-
-
-def ema_decay(decay: float, updates: int) -> float:
-    """The moving average's decay after `updates` earlier updates, warmed up as TensorFlow's
-    ExponentialMovingAverage does: min(decay, (1 + n) / (10 + n)). Without the warm-up a network
-    that starts from random weights keeps decay^steps of them in its average (0.999^2000: 13.5 %
-    after a 2,000-step stage 2); with it, the first updates follow the network closely."""
-    return min(decay, (1 + updates) / (10 + updates))
 
 
 class Trainer:
@@ -342,9 +334,8 @@ class Trainer:
 
     @torch.no_grad()
     def _update_ema(self) -> None:
-        decay = ema_decay(self.config.ema, self.step)
         for average, current in zip(self.ema.parameters(), self.generator.parameters()):
-            average.lerp_(current, 1.0 - decay)
+            average.lerp_(current, 1.0 - self.config.ema)
         for average, current in zip(self.ema.buffers(), self.generator.buffers()):
             average.copy_(current)
 
