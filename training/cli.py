@@ -294,8 +294,8 @@ def _add_fit(sub) -> None:
     p.add_argument("--width", type=int, help="channels of the first level instead of the preset's (a larger or "
                                              "smaller model; saved in the checkpoint's config)")
     p.add_argument("--g2-levels", type=int, metavar="N",
-                   help="levels of G2's U-Net instead of the preset's (the paper's G1 levels − 2); deeper sees "
-                        "farther across the image to carry the source's detail; saved in the checkpoint's config")
+                   help="levels of G2's U-Net instead of the preset's (the paper's G1 levels − 2); a deeper G2 "
+                        "sees farther across the image; saved in the checkpoint's config")
     p.add_argument("--no-bf16", action="store_true", default=None,
                    help="fp32 throughout (default: bf16 autocast where the device has bf16 units: CUDA, "
                         "AMX or AVX-512-BF16 CPUs)")
