@@ -86,7 +86,8 @@ def save_checkpoint(path: str | Path, config: ModelConfig, g1: torch.nn.Module,
     return json_path, weights_path
 
 
-def _read_description(json_path: Path) -> dict:
+def read_description(json_path: Path) -> dict:
+    """A checkpoint's NAME.json (config, provenance, metrics), checked, without its weights."""
     if not json_path.is_file():
         raise CheckpointError(f"checkpoint description {json_path} does not exist "
                               "(a checkpoint is NAME.json + NAME.safetensors)")
@@ -129,7 +130,7 @@ def _load_module(module: torch.nn.Module, tensors: dict, prefix: str, weights_pa
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Load `path` (NAME, NAME.json or NAME.safetensors) into fp32 CPU networks in eval mode."""
     json_path, weights_path = checkpoint_paths(path)
-    description = _read_description(json_path)
+    description = read_description(json_path)
     try:
         config = ModelConfig.from_dict(description["config"])
     except (KeyError, TypeError, ValueError) as e:

@@ -199,8 +199,7 @@ class PoseScores:
     image (BlazePose swaps or misplaces limbs in many back views: its limb PCKh on the bundled
     model's 410 held-out photo-like render pairs is 0.85 front and 0.58 back), a generated image
     that looks like the real one is wrong the same way, so this measure's ceiling is 1 for every
-    view. Pairs whose target has no detected
-    person are left out of it.
+    view. Pairs whose target has no detected person are left out of it.
     """
 
     def __init__(self):

@@ -11,7 +11,7 @@ import datetime
 import json
 from pathlib import Path
 
-from pg2_server.checkpoint import load_checkpoint, save_checkpoint
+from pg2_server.checkpoint import read_description, save_checkpoint
 from pg2_server.model import Generator1, Generator2, ModelConfig
 
 from .state import StateError
@@ -26,6 +26,13 @@ def _last_logged(run_dir: Path, stage: int) -> dict:
     return json.loads(lines[-1]) if lines else {}
 
 
+def _stage_record(run_dir: Path, stage: int, state: dict) -> dict:
+    """What the checkpoint's provenance keeps of one trained stage."""
+    return {"steps": int(state["step"]), "processes": int(state["world_size"]),
+            "train_config": state["train_config"],
+            "last_losses": {k: v for k, v in _last_logged(run_dir, stage).items() if k != "step"}}
+
+
 def _stage1_history(g1_from: str | None) -> dict:
     """Stage 1's record from where a stage-2 run took its G1 (a checkpoint or a run directory),
     with `g1_from` naming it; {} when that is gone or holds no record of stage 1."""
@@ -33,14 +40,13 @@ def _stage1_history(g1_from: str | None) -> dict:
         return {}
     source = Path(g1_from)
     if source.suffix in (".json", ".safetensors"):
-        if not source.with_suffix(".json").is_file():
+        description = source.with_suffix(".json")
+        if not description.is_file():
             return {}
-        stage1 = load_checkpoint(source).provenance.get("stages", {}).get("stage1")
+        stage1 = read_description(description).get("provenance", {}).get("stages", {}).get("stage1")
         return {**stage1, "g1_from": str(source)} if stage1 else {}
     if state_path(source, 1).is_file():
-        state = load_run_state(source, 1)
-        return {"steps": int(state["step"]), "processes": int(state["world_size"]),
-                "train_config": state["train_config"], "g1_from": str(source)}
+        return {**_stage_record(source, 1, load_run_state(source, 1)), "g1_from": str(source)}
     return {}
 
 
@@ -64,10 +70,7 @@ def export_run(run_dir: str | Path, out: str | Path, dtype: str = "float32",
     history = {}
     for stage in stages:
         state = newest if stage == stages[-1] else load_run_state(run_dir, stage)
-        history[f"stage{stage}"] = {"steps": int(state["step"]), "processes": int(state["world_size"]),
-                                    "train_config": state["train_config"],
-                                    "last_losses": {k: v for k, v in _last_logged(run_dir, stage).items()
-                                                    if k != "step"}}
+        history[f"stage{stage}"] = _stage_record(run_dir, stage, state)
     if 1 not in stages:   # stage 2 over a G1 trained elsewhere: say how that G1 was trained
         g1_history = _stage1_history(newest.get("data", {}).get("g1_from"))
         if g1_history:
