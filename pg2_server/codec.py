@@ -83,7 +83,9 @@ def decode_image(data, spec: ImageSpec, max_side: int, request_id=None) -> np.nd
         image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     except cv2.error:  # some corrupt files make the codec raise instead of returning None
         image = None
-    if image is None or image.shape[:2] != (height, width):
+    # A phone's portrait photo stores landscape pixels and an EXIF orientation; OpenCV turns
+    # them upright as every photo viewer does, so the decoded size is the header's transposed.
+    if image is None or image.shape[:2] not in ((height, width), (width, height)):
         raise ProtocolError(BAD_REQUEST, f"the source {spec.format.upper()} file cannot be decoded "
                                          "(truncated or corrupt)", request_id)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

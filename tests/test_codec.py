@@ -44,6 +44,22 @@ def test_png_round_trip_is_exact_and_jpeg_is_close():
     assert jpeg.shape == (12, 20, 3) and np.abs(jpeg.astype(int) - image).mean() < 12
 
 
+def with_exif_orientation(jpeg: bytes, orientation: int) -> bytes:
+    """The JPEG with an EXIF segment holding only an Orientation tag, as a phone writes it."""
+    ifd = struct.pack(">H", 1) + struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack(">I", 0)
+    exif = b"Exif\x00\x00" + b"MM\x00\x2a" + struct.pack(">I", 8) + ifd
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(exif) + 2) + exif + jpeg[2:]
+
+
+def test_a_portrait_phone_photo_is_decoded_upright():
+    # stored 20×12 (landscape) with orientation 6: shown, and decoded, 12×20 turned clockwise
+    stored = encoded(rgb(), ".jpg")
+    upright = decode_image(with_exif_orientation(stored, 6), ImageSpec("jpeg", 20, 12), 4096)
+    plain = decode_image(stored, ImageSpec("jpeg", 20, 12), 4096)
+    assert upright.shape == (20, 12, 3)
+    assert np.array_equal(upright, cv2.rotate(plain, cv2.ROTATE_90_CLOCKWISE))
+
+
 def test_raw_source_is_viewed_without_copying_rules():
     image = rgb(4, 3)
     decoded = decode_image(image.tobytes(), ImageSpec("raw", 4, 3), 4096)
