@@ -79,15 +79,42 @@ def decode_image(data, spec: ImageSpec, max_side: int, request_id=None) -> np.nd
     if (spec.width is not None and spec.width != width) or (spec.height is not None and spec.height != height):
         raise ProtocolError(BAD_REQUEST, f"the source header says {spec.width}×{spec.height} but the "
                                          f"{spec.format.upper()} file is {width}×{height}", request_id)
-    try:
-        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
-    except cv2.error:  # some corrupt files make the codec raise instead of returning None
-        image = None
-    # A phone's portrait photo stores landscape pixels and an EXIF orientation; OpenCV turns
-    # them upright as every photo viewer does, so the decoded size is the header's transposed.
+    image = decode_photo(data)
+    # A phone's portrait photo stores landscape pixels and an EXIF orientation; it is decoded
+    # upright, as every photo viewer shows it, so its size is the header's transposed.
     if image is None or image.shape[:2] not in ((height, width), (width, height)):
         raise ProtocolError(BAD_REQUEST, f"the source {spec.format.upper()} file cannot be decoded "
                                          "(truncated or corrupt)", request_id)
+    return image
+
+
+BACKDROP = 255   # what a transparent background becomes: the white studio backdrop of the datasets
+
+
+def decode_photo(data) -> np.ndarray | None:
+    """Encoded image bytes → uint8 RGB (H, W, 3) as a person sees the photo; None if undecodable.
+
+    Upright (a JPEG's EXIF orientation applied), 16-bit PNGs scaled to 8 bits, grey made RGB,
+    and a transparent background — a person cut out of a photo — composited over white, the
+    backdrop the models were trained on, instead of the colour its hidden pixels happen to hold
+    (often black). The server, `pg2-server generate --local`, pose detection and training all
+    read photos through this.
+    """
+    png = sniff_format(data) == "png"   # PNGs keep their alpha; OpenCV orients JPEGs only in colour mode
+    try:
+        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED if png else cv2.IMREAD_COLOR)
+    except cv2.error:  # some corrupt files make the codec raise instead of returning None
+        return None
+    if image is None:
+        return None
+    if image.dtype == np.uint16:
+        image = np.round(image / 257.0).astype(np.uint8)
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    if image.shape[2] == 4:
+        alpha = image[:, :, 3:].astype(np.float32) / 255
+        over = image[:, :, :3].astype(np.float32) * alpha + BACKDROP * (1 - alpha)
+        image = np.round(over).astype(np.uint8)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .codec import decode_photo
 from .errors import SetupError
 from .keypoints import COUNT, INDEX, NAMES, pose_to_json
 
@@ -167,11 +168,11 @@ def read_photo(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise DetectionError(f"{path}: no such file")
-    data = np.fromfile(str(path), dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    data = path.read_bytes()
+    image = decode_photo(data) if data else None
     if image is None:
         raise DetectionError(f"{path}: not an image OpenCV can read (PNG, JPEG, BMP, WebP)")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return image
 
 
 class PoseDetector:

@@ -1,11 +1,13 @@
 """Pictures people look at: poses drawn in OpenPose colours, and side-by-side sample grids."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import cv2
 import numpy as np
 
+from .codec import decode_photo
 from .keypoints import COLORS, SKELETON, as_array
 
 
@@ -75,11 +77,15 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], header: Sequence[str] | Non
 
 
 def read_rgb(path) -> np.ndarray:
-    """Read an image file as uint8 RGB (H, W, 3), with an error that names the file."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    """Read an image file as uint8 RGB (H, W, 3) as codec.decode_photo does, with an error that names the file."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        data = b""
+    image = decode_photo(data) if data else None
     if image is None:
         raise ValueError(f"cannot read image {path}: missing, or not a PNG/JPEG/BMP file")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return image
 
 
 def write_rgb(path, image: np.ndarray) -> None:

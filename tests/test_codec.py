@@ -6,7 +6,9 @@ import cv2
 import numpy as np
 import pytest
 
-from pg2_server.codec import SourceCache, declared_size, decode_image, encode_image, sniff_format
+from pg2_server.codec import SourceCache, declared_size, decode_image, decode_photo, encode_image, sniff_format
+from pg2_server.detection import read_photo
+from pg2_server.drawing import read_rgb
 from pg2_server.wire.protocol import ImageSpec, OutputSpec, ProtocolError
 
 
@@ -58,6 +60,45 @@ def test_a_portrait_phone_photo_is_decoded_upright():
     plain = decode_image(stored, ImageSpec("jpeg", 20, 12), 4096)
     assert upright.shape == (20, 12, 3)
     assert np.array_equal(upright, cv2.rotate(plain, cv2.ROTATE_90_CLOCKWISE))
+
+
+def cut_out_png() -> bytes:
+    """A 4×2 RGBA PNG: an opaque red person, a half-transparent edge, a transparent black background."""
+    bgra = np.zeros((2, 4, 4), np.uint8)
+    bgra[:, 0] = (0, 0, 200, 255)
+    bgra[:, 1] = (0, 0, 200, 128)
+    ok, data = cv2.imencode(".png", bgra)
+    assert ok
+    return data.tobytes()
+
+
+def test_a_cut_out_persons_transparent_background_becomes_the_white_backdrop():
+    image = decode_image(cut_out_png(), ImageSpec("png", 4, 2), 4096)
+    assert image.shape == (2, 4, 3)
+    assert image[0, 0].tolist() == [200, 0, 0]                            # the person as it is
+    assert image[0, 1].tolist() == [round(200 * 128 / 255 + 255 * 127 / 255), 127, 127]
+    assert (image[:, 2:] == 255).all()                                     # not the hidden black
+
+
+@pytest.mark.parametrize("read", [read_rgb, read_photo], ids=["read_rgb", "detection.read_photo"])
+def test_every_photo_reader_sees_a_file_as_the_server_does(read, tmp_path):
+    path = tmp_path / "cut-out.png"
+    path.write_bytes(cut_out_png())
+    assert np.array_equal(read(path), decode_photo(cut_out_png()))
+    path = tmp_path / "portrait.jpg"
+    path.write_bytes(with_exif_orientation(encoded(rgb(), ".jpg"), 6))
+    assert read(path).shape == (20, 12, 3)
+
+
+def test_sixteen_bit_and_grey_pngs_become_8_bit_rgb():
+    ok, data = cv2.imencode(".png", np.full((3, 5, 3), 40000, np.uint16))
+    assert ok
+    assert np.array_equal(decode_photo(data.tobytes()), np.full((3, 5, 3), round(40000 / 257), np.uint8))
+    ok, data = cv2.imencode(".png", np.arange(15, dtype=np.uint8).reshape(3, 5))
+    assert ok
+    grey = decode_photo(data.tobytes())
+    assert grey.shape == (3, 5, 3) and (grey[:, :, 0] == np.arange(15).reshape(3, 5)).all()
+    assert decode_photo(b"\x89PNG\r\n\x1a\nnot really") is None
 
 
 def test_raw_source_is_viewed_without_copying_rules():
