@@ -127,7 +127,9 @@ def _image_pixels(image) -> tuple[bytes, tuple[int, int]]:
         raise GenerationError(f"the source image {image.name!r} has no pixels (missing file?)")
     pixels = np.empty(width * height * 4, np.float32)
     image.pixels.foreach_get(pixels)
-    rgb = pixels.reshape(height, width, 4)[::-1, :, :3]
+    rgba = pixels.reshape(height, width, 4)[::-1]
+    # transparency over white, as the server does with a PNG's: the datasets' studio backdrop
+    rgb = rgba[:, :, :3] * rgba[:, :, 3:] + (1 - rgba[:, :, 3:])
     data = np.clip(np.rint(rgb * 255), 0, 255).astype(np.uint8).tobytes()
     return data, (width, height)
 

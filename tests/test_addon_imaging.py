@@ -58,6 +58,8 @@ def test_source_from_an_image_datablock(tmp_path):
     pixels = np.zeros((3, 4, 4), np.float32)
     pixels[..., 0], pixels[..., 3] = 1.0, 1.0
     pixels[0, 0] = (0, 1, 0, 1)  # Blender's first row is the bottom one
+    pixels[0, 1] = (0, 0, 0, 0)  # a transparent background: white, not its hidden black
+    pixels[0, 2] = (0, 0, 1, 0.5)
     image.pixels.foreach_set(pixels.ravel())
 
     class Settings:
@@ -65,6 +67,8 @@ def test_source_from_an_image_datablock(tmp_path):
     data, size = generation.read_source(Settings)
     rgb = np.frombuffer(data, np.uint8).reshape(3, 4, 3)
     assert size == (4, 3) and tuple(rgb[2, 0]) == (0, 255, 0) and tuple(rgb[0, 0]) == (255, 0, 0)
+    assert tuple(rgb[2, 1]) == (255, 255, 255)
+    assert np.abs(rgb[2, 2].astype(int) - (128, 128, 255)).max() <= 1  # half transparent, 8-bit alpha
     png = tmp_path / "p.png"
     png.write_bytes(imaging.encode_png(np.zeros((3, 4, 3), np.uint8)))
     Settings.source_image = bpy.data.images.load(str(png))
