@@ -132,12 +132,25 @@ def write_grid(path: Path, source: np.ndarray, size, keypoints, generation) -> N
     write_rgb(path, image_grid([cells], header))
 
 
+def framed_source(args: argparse.Namespace, source: np.ndarray, canvas) -> np.ndarray:
+    """The source photo, cropped to its person with --frame-source (detection.frame_person)."""
+    if not args.frame_source:
+        return source
+    from .detection import PoseDetector, frame_person
+
+    with PoseDetector() as detector:
+        framed, framing = frame_person(source, detector, canvas[0] / canvas[1])
+    print(f"source photo {args.source}: {framing.note}", file=sys.stderr)
+    return framed
+
+
 def cmd_generate_local(args: argparse.Namespace) -> int:
     from .drawing import read_rgb, write_rgb
 
     source = read_rgb(args.source)
     size, keypoints = target_pose(args)
     pipeline = load_pipeline(args)
+    source = framed_source(args, source, pipeline.config.canvas)
     [generation] = pipeline.generate([source], [keypoints], [size], with_g1=args.grid)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -168,6 +181,7 @@ def cmd_generate_batch_local(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     pipeline = load_pipeline(args)
+    source = framed_source(args, source, pipeline.config.canvas)
     chunk = max(1, args.in_flight)
     with tqdm(total=len(files), unit="image", desc="generating") as progress:
         for start in range(0, len(files), chunk):
@@ -236,6 +250,14 @@ def cmd_generate_server(args: argparse.Namespace) -> int:
     output_format = "jpeg" if args.format == "jpeg" else "png"
     pose = Path(args.pose or args.pose_from)
     with client_from_args(args) as client:
+        if args.frame_source:   # framed here, for the canvas of the model the server runs
+            from .codec import encode_image
+            from .drawing import read_rgb
+            from .wire.protocol import OutputSpec, info_canvas
+
+            canvas = info_canvas(client.info()["models"][0])
+            framed = framed_source(args, read_rgb(args.source), (canvas.width, canvas.height))
+            source, _ = encode_image(framed, None, OutputSpec("png"), "source")
         if not pose.is_dir():
             size, keypoints = target_pose(args)
             # The server encodes in the format --out asks for, so the bytes are written as they come.
@@ -387,6 +409,10 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"image decode/encode threads (default: one per core, at most 4; here {w.threads})")
     parser.add_argument("--source-cache-mb", type=float, default=w.source_cache_mb,
                         help=f"decoded source images kept for reuse, by content (default {w.source_cache_mb:g}; 0 = off)")
+    parser.add_argument("--frame-sources", action="store_true",
+                        help="crop each new source photo to its person, as the datasets frame people, when the "
+                             "person is small in it (a phone photo, a wide shot); detected with MediaPipe "
+                             "BlazePose (the pose extra)")
     parser.add_argument("--summary-s", type=float, default=SUMMARY_S,
                         help=f"seconds between summary log lines (default {SUMMARY_S:g})")
     parser.add_argument("--info-details", action="store_true",
@@ -433,6 +459,7 @@ def build_worker(args: argparse.Namespace, role: str):
     try:  # the config checks every value, before any model loads
         config = WorkerConfig(max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, max_queue=args.max_queue,
                               threads=args.threads, source_cache_mb=args.source_cache_mb,
+                              frame_sources=args.frame_sources,
                               limits=Limits(int(args.max_message_mb * MIB), args.max_image_side))
     except ValueError as e:
         raise SystemExit(f"error: {e} (see `{args.command} --help`)") from None
@@ -621,6 +648,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pose-from", metavar="PHOTO",
                    help="instead of --pose: the pose of the person in this photo, detected with MediaPipe BlazePose "
                         "(the pose extra); the output has the photo's size")
+    p.add_argument("--frame-source", action="store_true",
+                   help="crop the source photo to its person first, as the datasets frame people, when the person "
+                        "is small in it (a phone photo, a wide shot); detected with MediaPipe BlazePose (the pose extra)")
     p.add_argument("--out", required=True, help="output image (PNG/JPEG), or a folder in batch mode")
     p.add_argument("--grid", action="store_true", help="write source | target pose | G1 | G2 instead (--local)")
     p.add_argument("--alpha", action="store_true", help="add the person mask as alpha (PNG only, --server)")

@@ -9,6 +9,7 @@ import struct
 import threading
 import zlib
 from collections import OrderedDict
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -128,8 +129,9 @@ class SourceCache:
     are read-only, since every request that hits the cache shares them.
     """
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, finish: Callable[[np.ndarray], np.ndarray] | None = None):
         self.max_bytes = max_bytes
+        self.finish = finish   # applied to a freshly decoded source before it is kept (framing it)
         self._entries: OrderedDict[tuple, tuple[bytes, np.ndarray]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -139,7 +141,7 @@ class SourceCache:
     def decode(self, data, spec: ImageSpec, max_side: int, request_id=None) -> np.ndarray:
         """decode_image, answered from the cache when these exact bytes were decoded recently."""
         if self.max_bytes <= 0:
-            return decode_image(data, spec, max_side, request_id)
+            return self._decode(data, spec, max_side, request_id)
         view = memoryview(data)
         key = (spec.format, spec.width, spec.height, view.nbytes, zlib.crc32(view))
         with self._lock:
@@ -149,7 +151,7 @@ class SourceCache:
                 self.hits += 1
                 return entry[1]
             self.misses += 1
-        image = decode_image(data, spec, max_side, request_id)
+        image = self._decode(data, spec, max_side, request_id)
         size = image.nbytes + view.nbytes
         if size > self.max_bytes:
             return image
@@ -165,6 +167,10 @@ class SourceCache:
                 _, (payload, dropped) = self._entries.popitem(last=False)
                 self._bytes -= dropped.nbytes + len(payload)
         return image
+
+    def _decode(self, data, spec: ImageSpec, max_side: int, request_id) -> np.ndarray:
+        image = decode_image(data, spec, max_side, request_id)
+        return self.finish(image) if self.finish is not None else image
 
 
 def encode_image(rgb: np.ndarray, alpha: np.ndarray | None, output: OutputSpec, stage: str) -> tuple[bytes, ImageSpec]:

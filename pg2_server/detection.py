@@ -32,6 +32,7 @@ import numpy as np
 from .codec import decode_photo
 from .errors import SetupError
 from .keypoints import COUNT, INDEX, NAMES, pose_to_json
+from .pose import crop_box, person_box
 
 # BlazePose landmark index per COCO-18 keypoint, in NAMES order; None = derived (the neck).
 BLAZEPOSE_INDEX: tuple[int | None, ...] = (
@@ -279,6 +280,28 @@ class PoseDetector:
         return self.detect(read_photo(path), str(path))
 
 
+@dataclass(frozen=True)
+class Framing:
+    """What frame_person did with a photo: the box it cropped (x, y, w, h), or None and why not."""
+    box: tuple[int, int, int, int] | None
+    note: str
+
+
+def frame_person(image: np.ndarray, detector: PoseDetector, aspect: float) -> tuple[np.ndarray, Framing]:
+    """A photo cropped to its person as the datasets frame people (pose.person_box, width/height
+    = `aspect`, the model canvas's), for a source whose person is small in it: a phone photo,
+    a wide shot. A photo framed like the datasets already, or one where no person is found, is
+    returned as it is — framing is a help, never a reason to refuse a photo."""
+    try:
+        detection = detector.detect(image, "source photo")
+    except DetectionError as e:
+        return image, Framing(None, f"left as taken: {e}")
+    box = person_box(detection.keypoints, detection.size, aspect)
+    if box is None:
+        return image, Framing(None, "left as taken: the person fills the photo as in the datasets")
+    return crop_box(image, box), Framing(box, f"cropped to the person: {box[2]}×{box[3]} at ({box[0]}, {box[1]})")
+
+
 def _inside_box(point: np.ndarray, points: np.ndarray) -> bool:
     kept = points[~np.isnan(points[:, 0])]
     if len(kept) < 2:
@@ -298,5 +321,5 @@ def image_files(paths) -> list[Path]:
     return files
 
 
-__all__ = ["BLAZEPOSE_INDEX", "Detection", "DetectionError", "DetectorUnavailable", "PoseDetector",
-           "available", "check_photo", "image_files", "landmarks_to_coco", "read_photo", "NAMES"]
+__all__ = ["BLAZEPOSE_INDEX", "Detection", "DetectionError", "DetectorUnavailable", "Framing", "PoseDetector",
+           "available", "check_photo", "frame_person", "image_files", "landmarks_to_coco", "read_photo", "NAMES"]

@@ -1,4 +1,5 @@
-"""Pose encoding (heat-maps, pose mask), framing a target frame into the model canvas, flips.
+"""Pose encoding (heat-maps, pose mask), framing a target frame into the model canvas, framing
+a source photo to its person, flips.
 
 Coordinates are pixels, x right, y down, origin top-left; integer coordinates are pixel
 centres (the convention of cv2.resize, so keypoints and images stay aligned after resizing).
@@ -11,7 +12,7 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
-from .keypoints import MASK_LIMBS, as_array, flip_keypoints
+from .keypoints import INDEX, MASK_LIMBS, as_array, flip_keypoints
 from .wire.protocol import Size
 
 
@@ -232,6 +233,55 @@ def fit_frame(frame: tuple[int, int], canvas: tuple[int, int]) -> FrameFit:
                     Size(int(scaled_w), int(scaled_h)), (int(offset[0]), int(offset[1])))
 
 
+# ---------------------------------------------------------------------------------------------
+# A source photo framed to its person, as the datasets frame people.
+
+PERSON_MARGIN = 0.15   # of the box height, on every side: the head and feet reach past the joints
+FRAMED = 0.8           # a person whose box is this much of the photo's height is left as taken
+_ANKLES = (INDEX["right_ankle"], INDEX["left_ankle"])
+
+
+def person_box(person, frame: tuple[int, int], aspect: float, margin: float = PERSON_MARGIN,
+               framed: float = FRAMED) -> tuple[int, int, int, int] | None:
+    """The box (x, y, w, h) of a photo of `frame` (W, H) pixels that frames its person as the
+    datasets do — the visible keypoints `person` (18, 2) centred, grown by `margin` of the
+    height on every side, width/height = `aspect` (the model canvas's) — or None where the photo
+    already does: the box would span at least `framed` of the height the photo fills in the
+    canvas, or fewer than two keypoints are known.
+
+    A photo without ankles is cut (at the thigh, at the knee): its bottom edge stays the
+    person's lower end, so a half-body photo keeps its own framing instead of being cut again.
+    May reach outside the photo (crop_box pads it).
+    """
+    points = as_array(person)
+    known = points[~np.isnan(points[:, 0])]
+    if len(known) < 2:
+        return None
+    width, height = frame
+    (x0, y0), (x1, y1) = known.min(axis=0), known.max(axis=0)
+    cut = bool(np.isnan(points[list(_ANKLES), 0]).all())
+    if cut:
+        y1 = height - 1.0
+    box_h = max(y1 - y0, (x1 - x0) / aspect) * (1 + 2 * margin)
+    if box_h >= framed * max(height, width / aspect):   # the height the photo spans in the canvas
+        return None
+    box_w = box_h * aspect
+    top = y1 + 1.0 - box_h if cut else (y0 + y1) / 2 - box_h / 2
+    return (int(round((x0 + x1) / 2 - box_w / 2)), int(round(top)), max(1, int(round(box_w))),
+            max(1, int(round(box_h))))
+
+
+def crop_box(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """The (x, y, w, h) box of an image (H, W, C); where it reaches outside, the edge pixels are
+    repeated (the backdrop goes on, as fit_frame pads)."""
+    x, y, w, h = box
+    height, width = image.shape[:2]
+    pad = max(0, -x, -y, x + w - width, y + h - height)
+    if pad:
+        image = cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+    return np.ascontiguousarray(image[y + pad:y + pad + h, x + pad:x + pad + w])
+
+
 def flip_horizontal(image: np.ndarray, keypoints) -> tuple[np.ndarray, np.ndarray]:
     """Mirror an image (H, W, C) and its keypoints left-right, swapping left/right joints."""
     return np.ascontiguousarray(image[:, ::-1]), flip_keypoints(keypoints, image.shape[1])
@@ -262,7 +312,7 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
 
 __all__ = [
-    "heatmaps", "pose_mask", "pose_coordinates", "FrameFit", "fit_frame", "flip_horizontal",
-    "check_image", "to_unit_range", "to_uint8",
+    "heatmaps", "pose_mask", "pose_coordinates", "FrameFit", "fit_frame", "person_box", "crop_box",
+    "flip_horizontal", "check_image", "to_unit_range", "to_uint8",
 ]
 

@@ -77,6 +77,7 @@ class WorkerConfig:
     threads: int = field(default_factory=codec_threads)
     limits: Limits = field(default_factory=Limits)
     source_cache_mb: float = 64.0
+    frame_sources: bool = False   # crop each new source photo to its person (BlazePose, the pose extra)
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queue", "threads"):
@@ -127,6 +128,10 @@ class Worker:
         self.pool = ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="pg2-codec")
         self.jobs: queue.Queue = queue.Queue()
         self.sources = SourceCache(int(config.source_cache_mb * 2 ** 20))
+        self.detector = None
+        if config.frame_sources:   # here, so that a missing MediaPipe stops the server before the model loads
+            from .detection import PoseDetector
+            self.detector = PoseDetector()
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
         self._idle = threading.Condition(self._in_flight_lock)
@@ -152,6 +157,9 @@ class Worker:
                                  self._batch_failed, self._claim) for i, p in enumerate(pipelines)]
         for batcher in self.batchers:
             batcher.start()
+        if self.detector is not None:
+            width, height = pipelines[0].config.canvas
+            self.sources.finish = functools.partial(self._frame_source, aspect=width / height)
         with self._in_flight_lock:
             self.model = pipelines[0].name
             self.pipelines = list(pipelines)  # from here on, _admit submits instead of holding
@@ -164,6 +172,14 @@ class Worker:
                 self._finish_job(job, protocol.encode_error(job.request.id, *refusal), refusal[0])
             else:
                 self._submit(job)
+
+    def _frame_source(self, image, aspect: float):
+        """A new source photo cropped to its person (detection.frame_person); kept in the source cache."""
+        from .detection import frame_person
+
+        framed, framing = frame_person(image, self.detector, aspect)
+        log.info("source photo %d×%d %s", image.shape[1], image.shape[0], framing.note)
+        return framed
 
     @property
     def loading(self) -> bool:
@@ -510,6 +526,8 @@ class Worker:
         for batcher in self.batchers:
             batcher.join(timeout=30)
         self.pool.shutdown(wait=True)
+        if self.detector is not None:
+            self.detector.close()
 
 
 class Outbox:

@@ -225,3 +225,40 @@ def test_keypoints_at_plus_minus_1e8_cost_memory_of_the_canvas_only():
     assert mask[20, 12] == 1 and mask[0, 5] == 1 and mask[20, 0] == 1
     assert (maps[[0, 1, 2, 5, 8]] == -1).all() and (maps[3] == 1).sum() > 0
     assert (coordinates.reshape(18, 2)[[0, 1, 2, 5, 8]] == -1).all()
+
+
+def standing(height=100.0, x=300.0, top=150.0, ankles=True):
+    """Keypoints of a person standing upright: eyes at `top`, ankles `height` below."""
+    from pg2_server.keypoints import INDEX
+
+    points = np.full((18, 2), np.nan)
+    for name, dx, dy in (("nose", 0, 0.02), ("right_eye", -3, 0), ("left_eye", 3, 0), ("neck", 0, 0.15),
+                         ("right_shoulder", -12, 0.16), ("left_shoulder", 12, 0.16), ("right_hip", -8, 0.55),
+                         ("left_hip", 8, 0.55), ("right_knee", -8, 0.78), ("left_knee", 8, 0.78),
+                         ("right_ankle", -10, 1.0), ("left_ankle", 10, 1.0)):
+        points[INDEX[name]] = (x + dx, top + dy * height)
+    if not ankles:
+        points[[INDEX["right_ankle"], INDEX["left_ankle"]]] = np.nan
+    return points
+
+
+def test_a_small_person_is_framed_as_the_datasets_frame_people():
+    aspect = 88 / 128
+    # 100 px from eyes to ankles in a 600×400 photo: the box holds them with 15 % above and below
+    x, y, w, h = pose.person_box(standing(), (600, 400), aspect)
+    assert (h, w) == (130, round(130 * aspect)) and y == 150 - 15 and abs(x + w / 2 - 300) <= 1
+    # the same person filling a 176×256 photo, as the datasets do: left as taken
+    assert pose.person_box(standing(200, 88, 20), (176, 256), aspect) is None
+    # cut at the knee (no ankles) in a wide photo: the photo's own cut stays at the bottom
+    x, y, w, h = pose.person_box(standing(ankles=False), (600, 260), aspect)
+    assert y + h == 260 and h == round((259 - 150) * 1.3)
+    # fewer than two keypoints: nothing to frame by
+    one = np.full((18, 2), np.nan)
+    one[0] = (5, 5)
+    assert pose.person_box(one, (600, 400), aspect) is None
+
+
+def test_crop_box_repeats_the_edge_where_the_box_leaves_the_photo():
+    image = np.arange(12, dtype=np.uint8).reshape(3, 4, 1).repeat(3, axis=2)
+    assert pose.crop_box(image, (1, 0, 2, 2))[:, :, 0].tolist() == [[1, 2], [5, 6]]
+    assert pose.crop_box(image, (-1, 1, 3, 3))[:, :, 0].tolist() == [[4, 4, 5], [8, 8, 9], [8, 8, 9]]

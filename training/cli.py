@@ -343,14 +343,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.pckh:  # also before any generation: a missing extra is said at once
         from pg2_server.detection import PoseDetector
         detector = PoseDetector(visibility=args.visibility, several_people=False)
+    framer = None
+    if args.frame_sources:
+        from pg2_server.detection import PoseDetector
+        framer = PoseDetector()
     pipeline = Pipeline.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype,
                                         backend=args.backend)
     split = _load_split(args)
+    shown, shown_as = _shown_source(args.loose_sources, framer, pipeline.config.canvas)
     metrics = evaluate(pipeline, split, args.out, batch_size=args.batch_size, save_images=not args.no_images,
-                       limit=args.limit, workers=args.workers, perceptual=perceptual, detector=detector)
+                       limit=args.limit, workers=args.workers, perceptual=perceptual, detector=detector,
+                       shown_source=shown, shown_as=shown_as)
     print(markdown_table(metrics))
     print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'metrics.md'}")
     return 0
+
+
+def _shown_source(loose: bool, framer, canvas) -> tuple:
+    """What eval's --loose-sources / --frame-sources do to each source photo, and its description."""
+    from .evaluate import loose_shot
+
+    if not (loose or framer):
+        return None, ""
+    steps = [loose_shot] if loose else []
+    if framer is not None:
+        from pg2_server.detection import frame_person
+        steps.append(lambda image: frame_person(image, framer, canvas[0] / canvas[1])[0])
+
+    def shown(image):
+        for step in steps:
+            image = step(image)
+        return image
+    described = ["loose shots (the photo at 60 % of the height of a 3:2 landscape frame)"] if loose else []
+    described += ["cropped to the detected person as serve --frame-sources does"] if framer else []
+    return shown, ", then ".join(described)
 
 
 def _perceptual_scores(args: argparse.Namespace):
@@ -398,6 +424,12 @@ def _add_eval(sub) -> None:
     p.add_argument("--pckh", action="store_true",
                    help="also PCKh@0.5, limb PCKh and the detection rate, keypoints detected in every image with "
                         "MediaPipe BlazePose (the pose extra, see docs/pose-detection.md)")
+    p.add_argument("--loose-sources", action="store_true",
+                   help="show the model each source as a loosely framed shot (the photo at 60 %% of the height of a "
+                        "3:2 landscape frame, the backdrop around it): how a phone photo or a wide shot does")
+    p.add_argument("--frame-sources", action="store_true",
+                   help="crop each source to its person first, as `pg2-server serve --frame-sources` does "
+                        "(MediaPipe BlazePose, the pose extra)")
     p.add_argument("--visibility", type=float, default=0.5,
                    help="with --pckh: BlazePose visibility below which a keypoint counts as not found (default 0.5)")
     g = p.add_argument_group("perceptual metrics (pip install 'pg2-blender[metrics]'; local weight files, "

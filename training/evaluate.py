@@ -30,7 +30,7 @@ import math
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import cv2
 import numpy as np
@@ -191,6 +191,16 @@ def backdrop(image: np.ndarray) -> np.ndarray:
     return np.median(border, axis=0).astype(np.uint8)
 
 
+def loose_shot(image: np.ndarray) -> np.ndarray:
+    """A photo framed as a phone or a wide shot frames a person: the image's content at 60 % of
+    the height of a 3:2 landscape photo, the backdrop going on around it (edge pixels repeated)."""
+    h, w = image.shape[:2]
+    height = int(h / 0.6)
+    width = int(height * 1.5)
+    top, left = (height - h) // 2, (width - w) // 2
+    return cv2.copyMakeBorder(image, top, height - h - top, left, width - w - left, cv2.BORDER_REPLICATE)
+
+
 class PoseScores:
     """PCKh and detection counts per row (and per view), summed over pairs as PATN does.
 
@@ -266,11 +276,15 @@ class PoseScores:
 def evaluate(pipeline: Pipeline, split: PairSplit, out_dir: str | Path, batch_size: int = 16,
              save_images: bool = True, limit: int | None = None, workers: int = 2,
              progress: bool = True, perceptual: PerceptualScores | None = None,
-             detector: PoseDetector | None = None) -> dict:
+             detector: PoseDetector | None = None,
+             shown_source: Callable[[np.ndarray], np.ndarray] | None = None, shown_as: str = "") -> dict:
     """Generate every pair of `split`, save the images, score them; returns the metrics dict.
 
     With `perceptual`, the rows also get its IS / mask-IS / FID / LPIPS columns; with
-    `detector` (pg2_server.detection.PoseDetector), PCKh, limb PCKh and the detection rate."""
+    `detector` (pg2_server.detection.PoseDetector), PCKh, limb PCKh and the detection rate.
+    `shown_source` turns each source photo into what the model is given (e.g. loose_shot, or
+    that then framed to its person), described by `shown_as` in the metrics' notes; the
+    copy-source baseline keeps the photo as it is."""
     from pg2_server.detection import DetectionError
 
     out_dir = Path(out_dir)
@@ -316,6 +330,7 @@ def evaluate(pipeline: Pipeline, split: PairSplit, out_dir: str | Path, batch_si
             write_rgb(out_dir / "images" / "g1" / f"{stem}.png", generation.g1)
         return result, found, keypoints, view_of(target_name)
 
+    shown_sources: dict[str, np.ndarray] = {}
     bar = tqdm(total=len(pairs), desc="eval", unit="pair", disable=not progress, dynamic_ncols=True)
     with ThreadPoolExecutor(max(1, workers)) as pool:  # skimage's filters release the GIL
         for start in range(0, len(pairs), batch_size):
@@ -324,7 +339,13 @@ def evaluate(pipeline: Pipeline, split: PairSplit, out_dir: str | Path, batch_si
             targets = [read_rgb(split.image_dir / t) for _, t in chunk]
             keypoints = [split.keypoints[t] for _, t in chunk]
             sizes = [(t.shape[1], t.shape[0]) for t in targets]
-            generations = pipeline.generate(sources, keypoints, sizes, with_g1=True, batch_size=batch_size)
+            shown = sources
+            if shown_source is not None:   # once per source photo: framing one detects its person
+                for (name, _), source in zip(chunk, sources):
+                    if name not in shown_sources:
+                        shown_sources[name] = shown_source(source)
+                shown = [shown_sources[name] for name, _ in chunk]
+            generations = pipeline.generate(shown, keypoints, sizes, with_g1=True, batch_size=batch_size)
             baselines = [source if source.shape == target.shape else
                          cv2.resize(source, (target.shape[1], target.shape[0]), interpolation=cv2.INTER_AREA)
                          for source, target in zip(sources, targets)]
@@ -356,6 +377,8 @@ def evaluate(pipeline: Pipeline, split: PairSplit, out_dir: str | Path, batch_si
                  "mask; detail: mean |Laplacian| (4-neighbour, 8-bit grey) inside the target mask; blank: a "
                  "flat image in the source's border colour; target: the real image.",
     }
+    if shown_as:
+        metrics["notes"] += f" Sources shown to the model: {shown_as} (copy-source: the photo as it is)."
     if poses is not None:
         for row, values in poses.rows().items():
             metrics["rows"][row].update(values)
