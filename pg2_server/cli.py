@@ -255,7 +255,11 @@ def cmd_generate_server(args: argparse.Namespace) -> int:
             from .drawing import read_rgb
             from .wire.protocol import OutputSpec, info_canvas
 
-            canvas = info_canvas(client.info()["models"][0])
+            models = client.info().get("models") or []
+            if not models:
+                raise SystemExit(f"error: {args.server} has no model loaded yet; --frame-source needs its canvas, "
+                                 "try again once `pg2-server ping` says ready")
+            canvas = info_canvas(models[0])
             framed = framed_source(args, read_rgb(args.source), (canvas.width, canvas.height))
             source, _ = encode_image(framed, None, OutputSpec("png"), "source")
         if not pose.is_dir():
