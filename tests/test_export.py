@@ -80,6 +80,25 @@ def test_stage_two_over_another_runs_g1_keeps_how_that_g1_was_trained(run, tmp_p
         assert list(provenance["stages"]) == ["stage1", "stage2"]
 
 
+def test_a_fine_tuned_model_keeps_how_its_starting_weights_were_trained(run, tmp_path):
+    root, data = run
+    assert main(["export", str(root / "run"), "--out", str(tmp_path / "first")]) == 0
+    common = ["--preset", "tiny", "--data-root", str(data["images"]), "--annotations", str(data["annotations"]),
+              "--pairs", str(data["pairs"]), "--workers", "0", "--out", str(tmp_path / "more"),
+              "--init", str(tmp_path / "first.json")]
+    assert main(["fit", "--stage", "1", "--steps", "2", *common]) == 0
+    assert main(["export", str(tmp_path / "more"), "--out", str(tmp_path / "second")]) == 0
+    assert main(["fit", "--stage", "1", "--steps", "1", *common[:-2], "--out", str(tmp_path / "third"),
+                 "--init", str(tmp_path / "second.json")]) == 0
+    assert main(["export", str(tmp_path / "third"), "--out", str(tmp_path / "third-model")]) == 0
+    provenance = json.loads((tmp_path / "third-model.json").read_text())["provenance"]
+    assert provenance["steps"] == 1
+    second = provenance["init"][str((tmp_path / "second.json").resolve())]
+    first = second["init"][str((tmp_path / "first.json").resolve())]   # the chain back to the first run
+    assert second["steps"] == 2 and first["stages"]["stage1"]["steps"] == 3 and first["steps"] >= 3
+    assert first["data"]["pairs_used"] == 48
+
+
 def test_export_of_a_folder_without_state_is_refused(tmp_path, capsys):
     with pytest.raises(StateError, match="no training state"):
         from training.export import export_run

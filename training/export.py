@@ -50,6 +50,22 @@ def _stage1_history(g1_from: str | None) -> dict:
     return {}
 
 
+def _init_history(init_from: str) -> dict:
+    """How the weights a fine-tuning run started from (`--init`) were trained: that checkpoint's
+    own provenance (its steps, stages, data and its own `init`), or a run directory's stage
+    records; {} when it is gone."""
+    source = Path(init_from)
+    if source.suffix in (".json", ".safetensors"):
+        description = source.with_suffix(".json")
+        if not description.is_file():
+            return {}
+        provenance = read_description(description).get("provenance", {})
+        return {k: provenance[k] for k in ("steps", "stages", "data", "init") if k in provenance}
+    stages = {f"stage{n}": _stage_record(source, n, load_run_state(source, n))
+              for n in (1, 2) if state_path(source, n).is_file()}
+    return {"steps": sum(h["steps"] for h in stages.values()), "stages": stages} if stages else {}
+
+
 def export_run(run_dir: str | Path, out: str | Path, dtype: str = "float32",
                metrics: dict | None = None, ema: bool = True) -> tuple[Path, Path]:
     """Write `out`.json + `out`.safetensors from the run's newest stage; returns both paths."""
@@ -67,10 +83,13 @@ def export_run(run_dir: str | Path, out: str | Path, dtype: str = "float32",
     if "g2" in newest:
         g2 = Generator2(config)
         g2.load_state_dict(average if average is not None else newest["g2"])
-    history = {}
+    history, started_from = {}, {}
     for stage in stages:
         state = newest if stage == stages[-1] else load_run_state(run_dir, stage)
         history[f"stage{stage}"] = _stage_record(run_dir, stage, state)
+        init_from = state.get("data", {}).get("init_from")
+        if init_from and init_from not in started_from:   # fine-tuned: keep how its start was trained
+            started_from[init_from] = _init_history(init_from)
     if 1 not in stages:   # stage 2 over a G1 trained elsewhere: say how that G1 was trained
         g1_history = _stage1_history(newest.get("data", {}).get("g1_from"))
         if g1_history:
@@ -83,5 +102,6 @@ def export_run(run_dir: str | Path, out: str | Path, dtype: str = "float32",
         "steps": sum(h["steps"] for h in history.values()),
         "ema": average is not None,
         "stages": history,
+        **({"init": started_from} if started_from else {}),
     }
     return save_checkpoint(out, config, g1, g2, provenance=provenance, metrics=metrics or {}, dtype=dtype)
