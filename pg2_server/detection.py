@@ -29,7 +29,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .codec import decode_photo
+from .drawing import read_rgb
 from .errors import SetupError
 from .keypoints import COUNT, INDEX, NAMES, pose_to_json
 from .pose import crop_box, person_box
@@ -169,11 +169,10 @@ def read_photo(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise DetectionError(f"{path}: no such file")
-    data = path.read_bytes()
-    image = decode_photo(data) if data else None
-    if image is None:
-        raise DetectionError(f"{path}: not an image OpenCV can read (PNG, JPEG, BMP, WebP)")
-    return image
+    try:
+        return read_rgb(path)
+    except ValueError:
+        raise DetectionError(f"{path}: not an image OpenCV can read (PNG, JPEG, BMP, WebP)") from None
 
 
 class PoseDetector:

@@ -363,17 +363,14 @@ def _shown_source(loose: bool, framer, canvas) -> tuple:
     """What eval's --loose-sources / --frame-sources do to each source photo, and its description."""
     from .evaluate import loose_shot
 
+    from pg2_server.detection import frame_person
+
     if not (loose or framer):
         return None, ""
-    steps = [loose_shot] if loose else []
-    if framer is not None:
-        from pg2_server.detection import frame_person
-        steps.append(lambda image: frame_person(image, framer, canvas[0] / canvas[1])[0])
 
     def shown(image):
-        for step in steps:
-            image = step(image)
-        return image
+        image = loose_shot(image) if loose else image
+        return frame_person(image, framer, canvas[0] / canvas[1])[0] if framer is not None else image
     described = ["loose shots (the photo at 60 % of the height of a 3:2 landscape frame)"] if loose else []
     described += ["cropped to the detected person as serve --frame-sources does"] if framer else []
     return shown, ", then ".join(described)

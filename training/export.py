@@ -33,37 +33,28 @@ def _stage_record(run_dir: Path, stage: int, state: dict) -> dict:
             "last_losses": {k: v for k, v in _last_logged(run_dir, stage).items() if k != "step"}}
 
 
+def _history_of(source: str, stages: tuple[int, ...] = (1, 2)) -> dict:
+    """How the weights in `source` were trained: a checkpoint's own provenance (its steps, stages,
+    data and `init`) or a run directory's records of `stages`; {} when it is gone."""
+    path = Path(source)
+    if path.suffix in (".json", ".safetensors"):
+        description = path.with_suffix(".json")
+        if not description.is_file():
+            return {}
+        provenance = read_description(description).get("provenance", {})
+        return {k: provenance[k] for k in ("steps", "stages", "data", "init") if k in provenance}
+    records = {f"stage{n}": _stage_record(path, n, load_run_state(path, n))
+               for n in stages if state_path(path, n).is_file()}
+    return {"steps": sum(h["steps"] for h in records.values()), "stages": records} if records else {}
+
+
 def _stage1_history(g1_from: str | None) -> dict:
     """Stage 1's record from where a stage-2 run took its G1 (a checkpoint or a run directory),
     with `g1_from` naming it; {} when that is gone or holds no record of stage 1."""
     if not g1_from:
         return {}
-    source = Path(g1_from)
-    if source.suffix in (".json", ".safetensors"):
-        description = source.with_suffix(".json")
-        if not description.is_file():
-            return {}
-        stage1 = read_description(description).get("provenance", {}).get("stages", {}).get("stage1")
-        return {**stage1, "g1_from": str(source)} if stage1 else {}
-    if state_path(source, 1).is_file():
-        return {**_stage_record(source, 1, load_run_state(source, 1)), "g1_from": str(source)}
-    return {}
-
-
-def _init_history(init_from: str) -> dict:
-    """How the weights a fine-tuning run started from (`--init`) were trained: that checkpoint's
-    own provenance (its steps, stages, data and its own `init`), or a run directory's stage
-    records; {} when it is gone."""
-    source = Path(init_from)
-    if source.suffix in (".json", ".safetensors"):
-        description = source.with_suffix(".json")
-        if not description.is_file():
-            return {}
-        provenance = read_description(description).get("provenance", {})
-        return {k: provenance[k] for k in ("steps", "stages", "data", "init") if k in provenance}
-    stages = {f"stage{n}": _stage_record(source, n, load_run_state(source, n))
-              for n in (1, 2) if state_path(source, n).is_file()}
-    return {"steps": sum(h["steps"] for h in stages.values()), "stages": stages} if stages else {}
+    stage1 = _history_of(g1_from, stages=(1,)).get("stages", {}).get("stage1")
+    return {**stage1, "g1_from": str(Path(g1_from))} if stage1 else {}
 
 
 def export_run(run_dir: str | Path, out: str | Path, dtype: str = "float32",
@@ -89,7 +80,7 @@ def export_run(run_dir: str | Path, out: str | Path, dtype: str = "float32",
         history[f"stage{stage}"] = _stage_record(run_dir, stage, state)
         init_from = state.get("data", {}).get("init_from")
         if init_from and init_from not in started_from:   # fine-tuned: keep how its start was trained
-            started_from[init_from] = _init_history(init_from)
+            started_from[init_from] = _history_of(init_from)
     if 1 not in stages:   # stage 2 over a G1 trained elsewhere: say how that G1 was trained
         g1_history = _stage1_history(newest.get("data", {}).get("g1_from"))
         if g1_history:
