@@ -6,6 +6,7 @@ DeepFashion style: flattened In-shop names, annotation rows without a space afte
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import cv2
@@ -76,6 +77,32 @@ def write_dataset(root: Path, style: str = "deepfashion", identities: int = 4, v
     lines = [f"{a},{b}" for group in names.values() for a in group for b in group if a != b]
     pairs.write_text("from,to\n" + "\n".join(lines) + "\n")
     return {"images": image_dir, "annotations": annotations, "pairs": pairs, "names": names}
+
+
+def sample_people_split(root: Path) -> tuple[Path, Path, Path]:
+    """The six bundled sample targets (photo-like renders) under their dataset names, which carry
+    the view, as a PATN split: (image folder, annotation CSV of their exact keypoints, pairs CSV
+    taking each to the next one's pose)."""
+    from pg2_server.keypoints import load_pose_file
+    from pg2_server.samples import BUNDLED
+
+    images = root / "images"
+    images.mkdir(parents=True)
+    rows = ["name:keypoints_y:keypoints_x"]
+    names = []
+    for sample in json.loads((BUNDLED / "samples.json").read_text()):
+        name = sample["dataset_pair"][1]
+        (images / name).write_bytes((BUNDLED / sample["target"]).read_bytes())
+        _, truth = load_pose_file(BUNDLED / sample["pose"])
+        ys = [-1 if np.isnan(y) else int(y) for y in truth[:, 1]]
+        xs = [-1 if np.isnan(x) else int(x) for x in truth[:, 0]]
+        rows.append(f"{name}: {ys}: {xs}")
+        names.append(name)
+    annotations = root / "truth.csv"
+    annotations.write_text("\n".join(rows) + "\n")
+    pairs = root / "pairs.csv"
+    pairs.write_text("from,to\n" + "".join(f"{a},{b}\n" for a, b in zip(names, names[1:] + names[:1])))
+    return images, annotations, pairs
 
 
 @pytest.fixture(autouse=True, scope="module")

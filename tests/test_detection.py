@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
+from fixture_datasets import sample_people_split
 from pg2_server.detection import (BLAZEPOSE_INDEX, DetectionError, available, check_photo, landmarks_to_coco,
                                   read_photo)
 from pg2_server.keypoints import INDEX, NAMES, load_pose_file, parse_pose, read_annotations
@@ -293,34 +294,13 @@ def test_generate_and_serve_frame_a_wide_source_photo(tmp_path):
     assert "cropped to the person" in log and "left as taken: the person fills the photo" in log
 
 
-def sample_dataset(tmp_path) -> tuple[Path, Path, list[str]]:
-    """The six sample targets under their dataset names (which carry the view) with a truth CSV."""
-    images = tmp_path / "images"
-    images.mkdir()
-    rows = ["name:keypoints_y:keypoints_x"]
-    names = []
-    for sample in SAMPLES:
-        name = sample["dataset_pair"][1]
-        (images / name).write_bytes((BUNDLED / sample["target"]).read_bytes())
-        _, truth = load_pose_file(BUNDLED / sample["pose"])
-        ys = [-1 if np.isnan(y) else int(y) for y in truth[:, 1]]
-        xs = [-1 if np.isnan(x) else int(x) for x in truth[:, 0]]
-        rows.append(f"{name}: {ys}: {xs}")
-        names.append(name)
-    truth_csv = tmp_path / "truth.csv"
-    truth_csv.write_text("\n".join(rows) + "\n")
-    return images, truth_csv, names
-
-
 @needs_mediapipe
 def test_eval_pckh_detection_rate_and_views(tmp_path):
     from pg2_server.checkpoint import save_checkpoint
     from pg2_server.pipeline import Pipeline
     from training.cli import main
 
-    images, truth_csv, names = sample_dataset(tmp_path)
-    pairs = tmp_path / "pairs.csv"
-    pairs.write_text("from,to\n" + "".join(f"{a},{b}\n" for a, b in zip(names, names[1:] + names[:1])))
+    images, truth_csv, pairs = sample_people_split(tmp_path)
     pipeline = Pipeline.random("tiny", seed=1)
     checkpoint = tmp_path / "tiny"
     save_checkpoint(checkpoint, pipeline.config, pipeline.g1, pipeline.g2)
@@ -348,9 +328,7 @@ def test_eval_scores_loose_and_framed_sources_with_the_bundled_model(tmp_path):
     from pg2_server.pipeline import default_checkpoint
     from training.cli import main
 
-    images, truth_csv, names = sample_dataset(tmp_path)
-    pairs = tmp_path / "pairs.csv"
-    pairs.write_text("from,to\n" + "".join(f"{a},{b}\n" for a, b in zip(names, names[1:] + names[:1])))
+    images, truth_csv, pairs = sample_people_split(tmp_path)
     rows = {}
     for name, flags in (("as taken", []), ("loose", ["--loose-sources"]),
                         ("framed", ["--loose-sources", "--frame-sources"])):
@@ -369,7 +347,7 @@ def test_eval_scores_loose_and_framed_sources_with_the_bundled_model(tmp_path):
 
 @needs_mediapipe
 def test_annotate_writes_patn_rows_and_scores_against_truth(tmp_path):
-    images, truth_csv, _ = sample_dataset(tmp_path)
+    images, truth_csv, _ = sample_people_split(tmp_path)
     (images / "zz_notes.png").write_text("not a picture")
     out = tmp_path / "annotations.csv"
     done = run("training.cli", "annotate", "--images", str(images), "--out", str(out), "--truth", str(truth_csv))

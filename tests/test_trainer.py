@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixture_datasets import break_after_header, one_torch_thread, write_dataset  # noqa: F401 (autouse fixture)
+from fixture_datasets import (break_after_header, one_torch_thread, sample_people_split,  # noqa: F401 (autouse
+                              write_dataset)                                            # fixture)
 from pg2_server.model import preset
+from pg2_server.detection import available as detection_available
 from training.cli import main
 from training.data import PairDataset, load_split
 from training.state import load_state, save_state
@@ -443,6 +445,46 @@ def test_validation_scores_the_held_out_split_and_keeps_the_best(tmp_path, datas
     assert "best ssim_pg2" in capsys.readouterr().err
     assert main(_fit_args(dataset, tmp_path / "other", 1, "--steps", "2", "--val-every", "2")) == 2
     assert "held-out split" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not detection_available(), reason="the pose extra (mediapipe 0.10.14) is not installed")
+def test_validation_by_limb_pckh_detects_the_generated_people(tmp_path):
+    from pg2_server.pipeline import Pipeline, default_checkpoint
+
+    images, annotations, pairs = sample_people_split(tmp_path / "people")
+    split = ["--data-root", str(images), "--annotations", str(annotations), "--pairs", str(pairs)]
+    out = tmp_path / "run"
+    # the bundled model barely moved (lr 1e-6): people a detector finds, in the six sample poses
+    assert main(["fit", "--preset", "demo", "--width", "32", "--stage", "1", "--init", str(default_checkpoint()),
+                 *split, "--out", str(out), "--workers", "0", "--batch-size", "2", "--lr", "1e-6", "--steps", "2",
+                 "--val-every", "1",
+                 "--val-data-root", str(images), "--val-annotations", str(annotations), "--val-pairs", str(pairs),
+                 "--val-metric", "pckh_limbs_agree"]) == 0
+    records = [json.loads(line) for line in (out / "stage1-validation.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    for record in records:
+        assert record["detected"] >= 0.5 and 0 < record["pckh_limbs_agree"] <= 1
+        assert 0 < record["pckh_limbs"] <= 1 and 0 < record["pckh"] <= 1 and record["ssim_pg2"] > 0.5
+    best = max(records, key=lambda r: r["pckh_limbs_agree"])
+    assert load_run_state(out, 1)["best"] == {"step": best["step"], "metric": "pckh_limbs_agree",
+                                              "value": best["pckh_limbs_agree"]}
+    kept = Pipeline.from_checkpoint(out / "best-stage1.json").metrics
+    assert kept["rows"]["g1"]["pckh_limbs_agree"] == pytest.approx(best["pckh_limbs_agree"])
+    assert kept["views"]["back"]["g1"]["images"] == 2     # scored per view as pg2-train eval --pckh
+    config = train_config("demo", 1, val_pckh=False, val_metric="detected")
+    assert config.validates_pose and train_config("demo", 1, val_pckh=True).validates_pose
+    assert not train_config("demo", 1).validates_pose
+
+
+def test_validation_by_pckh_without_the_pose_extra_stops_before_training(tmp_path, dataset, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "mediapipe.python.solutions", None)   # import fails as if absent
+    held_out = write_dataset(tmp_path / "val", split="test", identities=2, seed=1)
+    out = tmp_path / "run"
+    assert main(_fit_args(dataset, out, 1, "--steps", "2", "--val-every", "1", "--val-pckh",
+                          "--val-data-root", str(held_out["images"]), "--val-annotations",
+                          str(held_out["annotations"]), "--val-pairs", str(held_out["pairs"]))) == 2
+    assert "pip install --no-deps mediapipe==0.10.14" in capsys.readouterr().err
+    assert not state_path(out, 1).exists()
 
 
 def test_log_line_has_peak_memory_and_flops(tmp_path, dataset):

@@ -78,7 +78,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
             seed=args.seed, workers=args.workers,
             log_every=args.log_every, sample_every=args.sample_every, save_every=args.save_every,
             bf16=not args.no_bf16, compile=args.compile, accumulate=args.accumulate, ema=args.ema,
-            val_every=args.val_every, val_limit=args.val_limit, val_metric=args.val_metric)
+            val_every=args.val_every, val_limit=args.val_limit, val_metric=args.val_metric,
+            val_pckh=args.val_pckh)
         run_dir = Path(args.out)
         existing = state_path(run_dir, args.stage)
         if existing.is_file() and not args.resume:
@@ -286,8 +287,14 @@ def _add_fit(sub) -> None:
     v.add_argument("--val-annotations", metavar="CSV", help="its annotation CSV")
     v.add_argument("--val-pairs", metavar="CSV", help="its pairs CSV")
     v.add_argument("--val-limit", type=int, metavar="N", help="score the first N pairs (default 64)")
-    v.add_argument("--val-metric", choices=["ssim_pg2", "ssim_patn", "mask_ssim", "psnr", "l1"],
-                   help="the metric that picks the best checkpoint (default ssim_pg2; l1: lower is better)")
+    v.add_argument("--val-metric", choices=["ssim_pg2", "ssim_patn", "mask_ssim", "psnr", "l1", "pckh", "pckh_limbs",
+                                            "pckh_limbs_agree", "detected"],
+                   help="the metric that picks the best checkpoint (default ssim_pg2; l1: lower is better; the "
+                        "pose metrics, e.g. pckh_limbs_agree, detect the generated person as --val-pckh does)")
+    v.add_argument("--val-pckh", action="store_true", default=None,
+                   help="also detect the person in each validation image with BlazePose (the pose extra): PCKh, "
+                        "limb PCKh, limb PCKh vs the detected target and the detection rate, as pg2-train eval "
+                        "--pckh (a few seconds per validation)")
     p.add_argument("--device", help="auto (default), cpu, cuda (torchrun: each process its LOCAL_RANK GPU)")
     p.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's choice; on a small shared "
                                                "CPU machine 1 avoids OpenMP threads fighting over cores)")

@@ -41,7 +41,10 @@ from .losses import RECONSTRUCTION_LOSSES, discriminator_logits, discriminator_l
 from .state import StateError, load_state, remove_partial_saves, rng_state, save_state, set_rng_state
 
 # Validation metrics (training/evaluate.py's) and whether larger is better.
-VALIDATION_METRICS = {"ssim_pg2": True, "ssim_patn": True, "mask_ssim": True, "psnr": True, "l1": False}
+VALIDATION_METRICS = {"ssim_pg2": True, "ssim_patn": True, "mask_ssim": True, "psnr": True, "l1": False,
+                      "pckh": True, "pckh_limbs": True, "pckh_limbs_agree": True, "detected": True}
+# Those that need the pose detector (the `pose` extra) on the generated images.
+POSE_VALIDATION_METRICS = ("pckh", "pckh_limbs", "pckh_limbs_agree", "detected")
 STATE_KIND = "pg2-train-state"
 STATE_VERSION = 1
 
@@ -74,6 +77,7 @@ class TrainConfig:
     val_every: int = 0              # steps between validations on the held-out split (0: none)
     val_limit: int = 64             # pairs of the held-out split scored per validation
     val_metric: str = "ssim_pg2"    # the metric that picks the best checkpoint
+    val_pckh: bool = False          # validation also detects the generated people (PCKh, detection rate)
     bf16: bool = True               # autocast where the device has bf16 units (CUDA, AMX/AVX-512-BF16 CPUs)
     channels_last: bool = True      # on CUDA, and on the CPU with bf16
     compile: bool = False
@@ -100,6 +104,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.workers < 0:
             raise ValueError("lr must be positive and workers ≥ 0")
+
+    @property
+    def validates_pose(self) -> bool:
+        """Whether validation runs the pose detector: asked for, or the selecting metric needs it."""
+        return self.val_pckh or self.val_metric in POSE_VALIDATION_METRICS
 
     @property
     def adversarial(self) -> bool:
@@ -188,6 +197,11 @@ class Trainer:
         self.validation = validation
         if config.val_every and validation is None:
             raise ValueError("val_every needs a held-out split (--val-data-root, --val-annotations, --val-pairs)")
+        self.detector = None    # BlazePose for validation's PCKh (rank 0), made before any training step
+        if config.val_every and config.validates_pose and job.is_main:
+            from pg2_server.detection import PoseDetector
+
+            self.detector = PoseDetector(several_people=False)
         self.best: dict | None = None   # {"step", "metric", "value"} of the best validation so far
         self.flop_per_step: float | None = None
         self.device = job.device
@@ -379,7 +393,7 @@ class Trainer:
             raise StateError(f"the run state was written by {state['world_size']} processes; resume with "
                              f"the same number (now {self.job.world_size}) so the data order continues")
         ignored = {"steps", "workers", "log_every", "sample_every", "save_every", "compile",
-                   "val_every", "val_limit", "val_metric"}
+                   "val_every", "val_limit", "val_metric", "val_pckh"}
         # A setting the saved state predates had its default then.
         defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
         saved_config = {**defaults, **state["train_config"]}
@@ -534,7 +548,7 @@ class Trainer:
                                 name=f"stage{self.config.stage}-step{self.step}")
             folder = self.run_dir / "validation" / f"stage{self.config.stage}-step{self.step:07d}"
             metrics = evaluate(pipeline, self.validation, folder, save_images=False, limit=self.config.val_limit,
-                               workers=1, progress=False)
+                               workers=1, progress=False, detector=self.detector)
             row = metrics["rows"]["g1+g2" if self.config.stage == 2 else "g1"]
             log.validation(self.step, row)
             value, metric = row[self.config.val_metric], self.config.val_metric
