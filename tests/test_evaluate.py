@@ -178,3 +178,6 @@ def test_pose_scores_compare_with_the_annotations_and_with_the_real_targets_dete
     assert rows["g1+g2"]["pckh_limbs"] == 0.5 and rows["g1+g2"]["pckh_limbs_agree"] == 1.0
     assert rows["blank"]["pckh_limbs_agree"] == 0.0 and rows["blank"]["detected"] == 0.0
     assert rows["g1"]["pckh_limbs"] == 1.0 and rows["g1"]["pckh_limbs_agree"] is None
+    # turned: the back views read with sides swapped, not the front view, and nobody found is not counted
+    assert views["back"]["target"]["turned"] == 1.0 and views["front"]["g1+g2"]["turned"] == 0.0
+    assert rows["g1+g2"]["turned"] == 0.5 and rows["g1"]["turned"] == 0.0 and rows["blank"]["turned"] is None

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from pg2_server.atomic import write_bytes_atomic
 from pg2_server.drawing import read_rgb, write_rgb
-from pg2_server.keypoints import INDEX
+from pg2_server.keypoints import FLIP_PERMUTATION, INDEX
 from pg2_server.pipeline import Pipeline
 from pg2_server.pose import pose_mask
 
@@ -52,11 +52,11 @@ if TYPE_CHECKING:
     from .features import PerceptualScores
 
 METRICS = ("ssim_pg2", "ssim_patn", "mask_ssim", "psnr", "l1", "delta_e", "detail")
-POSE_METRICS = ("pckh", "pckh_limbs", "detected", "pckh_limbs_agree")
+POSE_METRICS = ("pckh", "pckh_limbs", "detected", "pckh_limbs_agree", "turned")
 HEADERS = {"ssim_pg2": "SSIM (PG2)", "ssim_patn": "SSIM (PATN)", "mask_ssim": "mask-SSIM",
            "psnr": "PSNR dB", "l1": "L1", "delta_e": "ΔE00", "detail": "detail",
            "pckh": "PCKh", "pckh_limbs": "limb PCKh", "detected": "detected",
-           "pckh_limbs_agree": "limb PCKh vs the detected target",
+           "pckh_limbs_agree": "limb PCKh vs the detected target", "turned": "turned",
            "is": "IS", "mask_is": "mask-IS", "fid": "FID (train)", "lpips": "LPIPS"}
 MASK_RADIUS = 4  # px at the image's own resolution, as PG2 draws its mask
 HEAD_JOINTS = tuple(INDEX[n] for n in ("nose", "neck", "right_eye", "left_eye", "right_ear", "left_ear"))
@@ -209,7 +209,9 @@ class PoseScores:
     image (BlazePose swaps or misplaces limbs in many back views: its limb PCKh on the bundled
     model's 410 held-out photo-like render pairs is 0.85 front and 0.58 back), a generated image
     that looks like the real one is wrong the same way, so this measure's ceiling is 1 for every
-    view. Pairs whose target has no detected person are left out of it.
+    view. Pairs whose target has no detected person are left out of it. And "turned": the share
+    of images with a person found whose limbs fit the annotations better with left and right
+    swapped, the person read as facing the other way.
     """
 
     def __init__(self):
@@ -217,6 +219,7 @@ class PoseScores:
         self.annotated: dict[tuple[str, str | None], np.ndarray] = {}
         self.detected: dict[tuple[str, str | None], list[int]] = {}
         self.agree: dict[tuple[str, str | None], list[int]] = {}   # limbs right, limbs compared
+        self.turned: dict[tuple[str, str | None], list[int]] = {}  # images read turned, images compared
         self.no_head = 0
 
     def add(self, row: str, view: str | None, predicted: np.ndarray | None, truth: np.ndarray,
@@ -225,6 +228,11 @@ class PoseScores:
         annotations, and against `reference`, the keypoints detected in the real target."""
         counts = pckh_counts(predicted, truth)
         agreement = pckh_counts(predicted, reference, joints=LIMB_JOINTS) if reference is not None else None
+        turned = None
+        if predicted is not None and counts is not None:   # do the limbs fit better with sides swapped?
+            as_is = pckh_counts(predicted, truth, joints=LIMB_JOINTS)[0].sum()
+            swapped = pckh_counts(np.asarray(predicted)[list(FLIP_PERMUTATION)], truth, joints=LIMB_JOINTS)[0].sum()
+            turned = swapped > as_is
         for key in ((row, None),) + (((row, view),) if view else ()):
             found = self.detected.setdefault(key, [0, 0])
             found[0] += predicted is not None
@@ -232,6 +240,10 @@ class PoseScores:
             if counts is not None:
                 self.right[key] = self.right.get(key, 0) + counts[0]
                 self.annotated[key] = self.annotated.get(key, 0) + counts[1]
+            if turned is not None:
+                count = self.turned.setdefault(key, [0, 0])
+                count[0] += int(turned)
+                count[1] += 1
             if agreement is not None:
                 agree = self.agree.setdefault(key, [0, 0])
                 agree[0] += int(agreement[0].sum())
@@ -246,6 +258,8 @@ class PoseScores:
             values[metric] = float(right[joints].sum() / total) if total else None
         agree = self.agree.get(key)
         values["pckh_limbs_agree"] = agree[0] / agree[1] if agree and agree[1] else None
+        turned = self.turned.get(key)
+        values["turned"] = turned[0] / turned[1] if turned and turned[1] else None
         return values
 
     def rows(self) -> dict[str, dict[str, float | None]]:
@@ -389,7 +403,9 @@ def evaluate(pipeline: Pipeline, split: PairSplit, out_dir: str | Path, batch_si
                              f"(visibility ≥ {detector.visibility}); limb PCKh: shoulders to ankles; detected: "
                              "share of images in which a person is found; limb PCKh vs the detected target: "
                              "the same against the keypoints detected in the real target image (pairs whose "
-                             "target has no detected person left out).")
+                             "target has no detected person left out); turned: share of the images with a person "
+                             "found whose limbs match the annotations better with left and right swapped (the "
+                             "person reads as facing the other way, e.g. a back view drawn as a front view).")
     if perceptual is not None and pairs:
         for row, values in perceptual.results().items():
             metrics["rows"][row].update(values)
@@ -413,7 +429,7 @@ def markdown_table(metrics: dict) -> str:
         cells = ["n/a" if values.get(m) is None else f"{values[m]:.4f}" for m in columns]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     if metrics.get("views"):
-        lines += ["", "Per target view (PCKh, limb PCKh, detected, limb PCKh vs the detected target):", "",
+        lines += ["", "Per target view (PCKh, limb PCKh, detected, limb PCKh vs the detected target, turned):", "",
                   "| view | images | " + " | ".join(metrics["rows"]) + " |",
                   "|---" * (len(metrics["rows"]) + 2) + "|"]
         for view, by_row in sorted(metrics["views"].items()):
