@@ -465,6 +465,7 @@ def test_validation_by_limb_pckh_detects_the_generated_people(tmp_path):
     for record in records:
         assert record["detected"] >= 0.5 and 0 < record["pckh_limbs_agree"] <= 1
         assert 0 < record["pckh_limbs"] <= 1 and 0 < record["pckh"] <= 1 and record["ssim_pg2"] > 0.5
+        assert 0 <= record["turned_back"] <= 1 and 0 <= record["pckh_limbs_agree_front"] <= 1   # per view too
     best = max(records, key=lambda r: r["pckh_limbs_agree"])
     assert load_run_state(out, 1)["best"] == {"step": best["step"], "metric": "pckh_limbs_agree",
                                               "value": best["pckh_limbs_agree"]}

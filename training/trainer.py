@@ -549,8 +549,11 @@ class Trainer:
             folder = self.run_dir / "validation" / f"stage{self.config.stage}-step{self.step:07d}"
             metrics = evaluate(pipeline, self.validation, folder, save_images=False, limit=self.config.val_limit,
                                workers=1, progress=False, detector=self.detector)
-            row = metrics["rows"]["g1+g2" if self.config.stage == 2 else "g1"]
-            log.validation(self.step, row)
+            name = "g1+g2" if self.config.stage == 2 else "g1"
+            row = metrics["rows"][name]
+            by_view = {f"{metric}_{view}": value for view, rows in sorted(metrics.get("views", {}).items())
+                       for metric, value in rows.get(name, {}).items() if metric != "images"}
+            log.validation(self.step, {**row, **by_view})   # e.g. turned_back: back views drawn as front ones
             value, metric = row[self.config.val_metric], self.config.val_metric
             larger = VALIDATION_METRICS[metric]
             if value is not None and (self.best is None or (value > self.best["value"] if larger
