@@ -62,7 +62,10 @@ def test_eval_writes_images_metrics_and_table(tmp_path, capsys):
     split = load_split(data["images"], data["annotations"], data["pairs"])
     metrics = evaluate(pipeline, split, tmp_path / "eval", batch_size=4, progress=False)
     assert metrics["pairs"] == 13 and metrics["skipped"] == {"missing images": 1}
-    assert set(metrics["rows"]) == {"copy-source", "blank", "g1", "g1+g2", "target"}
+    assert set(metrics["rows"]) == {"copy-source", "blank", "canvas", "g1", "g1+g2", "target"}
+    canvas = metrics["rows"]["canvas"]       # the real target through the 16×32 canvas: close, not exact
+    assert metrics["rows"]["g1+g2"]["ssim_pg2"] < canvas["ssim_pg2"] < 1 and 0 < canvas["delta_e"]
+    assert canvas["detail"] < metrics["rows"]["target"]["detail"]
     assert len(list((tmp_path / "eval" / "images" / "final").glob("*.png"))) == 13
     assert len(list((tmp_path / "eval" / "images" / "g1").glob("*.png"))) == 13
     copy = metrics["rows"]["copy-source"]
@@ -111,6 +114,20 @@ def test_mask_ssim_uses_the_mask_drawn_at_the_images_own_resolution(tmp_path):
     scaled_up = fit.image_to_frame(canvas_mask[..., None] * np.uint8(255))[..., 0] > 0
     assert scaled_up.mean() > 1.5 * mask.mean()
     assert metrics["rows"]["g1+g2"]["mask_ssim"] != pytest.approx(mask_ssim(generated, target, scaled_up), abs=1e-4)
+
+
+def test_canvas_round_trip_is_what_the_canvas_keeps_of_an_image():
+    from training.evaluate import canvas_round_trip
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (256, 176, 3), np.uint8)
+    assert np.array_equal(canvas_round_trip(image, (176, 256)), image)       # the canvas is the frame
+    flat = np.full((256, 176, 3), 200, np.uint8)
+    assert np.array_equal(canvas_round_trip(flat, (88, 128)), flat)          # nothing fine to lose
+    halved = canvas_round_trip(image, (88, 128))
+    assert halved.shape == image.shape and np.abs(halved.astype(int) - image).mean() > 20   # noise is lost
+    wide = rng.integers(0, 256, (100, 300, 3), np.uint8)                     # another aspect: padded, cropped back
+    assert canvas_round_trip(wide, (88, 128)).shape == wide.shape
 
 
 def test_delta_e_and_detail(images):

@@ -19,8 +19,9 @@ scikit-image. Columns:
   and side-aware (a right wrist found where the left one is counts as wrong); "limbs" are the
   12 shoulders, elbows, wrists, hips, knees and ankles; detected = images where a person is found.
 Rows: copy-source (the source image as the answer), blank (the source's backdrop colour, a flat
-image: what SSIM gives for no person at all), G1 alone, G1 + G2, and target (the real image:
-the detector's ceiling and the real detail).
+image: what SSIM gives for no person at all), canvas (the real target scaled to the model's
+canvas and back: the best any model of that canvas could draw), G1 alone, G1 + G2, and target
+(the real image: the detector's ceiling and the real detail).
 Given local weight files, also IS / mask-IS, FID and LPIPS (training/features.py).
 """
 from __future__ import annotations
@@ -42,7 +43,7 @@ from pg2_server.atomic import write_bytes_atomic
 from pg2_server.drawing import read_rgb, write_rgb
 from pg2_server.keypoints import FLIP_PERMUTATION, INDEX
 from pg2_server.pipeline import Pipeline
-from pg2_server.pose import pose_mask
+from pg2_server.pose import fit_frame, pose_mask
 
 from .data import PairSplit
 
@@ -191,6 +192,12 @@ def backdrop(image: np.ndarray) -> np.ndarray:
     return np.median(border, axis=0).astype(np.uint8)
 
 
+def canvas_round_trip(image: np.ndarray, canvas: tuple[int, int]) -> np.ndarray:
+    """`image` fitted into a model canvas (W, H) as the pipeline fits a photo, and back to its size."""
+    fit = fit_frame((image.shape[1], image.shape[0]), canvas)
+    return fit.image_to_frame(fit.image_to_canvas(image))
+
+
 def loose_shot(image: np.ndarray) -> np.ndarray:
     """A photo framed as a phone or a wide shot frames a person: the image's content at 60 % of
     the height of a 3:2 landscape photo, the backdrop going on around it (edge pixels repeated)."""
@@ -303,7 +310,7 @@ def evaluate(pipeline: Pipeline, split: PairSplit, out_dir: str | Path, batch_si
 
     out_dir = Path(out_dir)
     pairs = split.pairs[:limit] if limit else split.pairs
-    names = ["copy-source", "blank", "g1"] + (["g1+g2"] if pipeline.g2 is not None else [])
+    names = ["copy-source", "blank", "canvas", "g1"] + (["g1+g2"] if pipeline.g2 is not None else [])
     rows = {row: {m: [] for m in METRICS} for row in names}
     rows["target"] = {"detail": []}
     poses = PoseScores() if detector is not None else None
@@ -328,7 +335,8 @@ def evaluate(pipeline: Pipeline, split: PairSplit, out_dir: str | Path, batch_si
         mask = target_mask(keypoints, (target.shape[1], target.shape[0]))
         blank = np.empty_like(target)
         blank[:] = backdrop(source)
-        images = {"copy-source": baseline, "blank": blank, "g1": generation.g1}
+        images = {"copy-source": baseline, "blank": blank, "canvas": canvas_round_trip(target, pipeline.config.canvas),
+                  "g1": generation.g1}
         if "g1+g2" in rows:
             images["g1+g2"] = generation.image
         result = {row: score(image, target, mask) for row, image in images.items()}
@@ -389,7 +397,8 @@ def evaluate(pipeline: Pipeline, split: PairSplit, out_dir: str | Path, batch_si
                  "mask drawn at the image's own resolution (radius 4 px); PSNR data range 255 (identical "
                  "images excluded from the mean); L1 on [0, 1]; ΔE00: CIEDE2000 (skimage) inside the target "
                  "mask; detail: mean |Laplacian| (4-neighbour, 8-bit grey) inside the target mask; blank: a "
-                 "flat image in the source's border colour; target: the real image.",
+                 "flat image in the source's border colour; canvas: the real target scaled to the model's canvas "
+                 "and back (the finest any model of that canvas could draw); target: the real image.",
     }
     if shown_as:
         metrics["notes"] += f" Sources shown to the model: {shown_as} (copy-source: the photo as it is)."
