@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixture_datasets import (break_after_header, one_torch_thread, sample_people_split,  # noqa: F401 (autouse
-                              write_dataset)                                            # fixture)
-from pg2_server.model import preset
+from fixture_datasets import (  # noqa: F401 (one_torch_thread: an autouse fixture)
+    break_after_header, one_torch_thread, sample_people_split, write_dataset)
 from pg2_server.detection import available as detection_available
+from pg2_server.model import preset
 from training.cli import main
 from training.data import PairDataset, load_split
 from training.state import load_state, save_state
