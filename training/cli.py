@@ -368,9 +368,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _shown_source(loose: bool, framer, canvas) -> tuple:
     """What eval's --loose-sources / --frame-sources do to each source photo, and its description."""
-    from .evaluate import loose_shot
-
     from pg2_server.detection import frame_person
+
+    from .evaluate import loose_shot
 
     if not (loose or framer):
         return None, ""

@@ -297,12 +297,15 @@ class PoseScores:
 def evaluate(pipeline: Pipeline, split: PairSplit, out_dir: str | Path, batch_size: int = 16,
              save_images: bool = True, limit: int | None = None, workers: int = 2,
              progress: bool = True, perceptual: PerceptualScores | None = None,
-             detector: PoseDetector | None = None,
+             detector: PoseDetector | None = None, detections: dict | None = None,
              shown_source: Callable[[np.ndarray], np.ndarray] | None = None, shown_as: str = "") -> dict:
     """Generate every pair of `split`, save the images, score them; returns the metrics dict.
 
     With `perceptual`, the rows also get its IS / mask-IS / FID / LPIPS columns; with
-    `detector` (pg2_server.detection.PoseDetector), PCKh, limb PCKh and the detection rate.
+    `detector` (pg2_server.detection.PoseDetector), PCKh, limb PCKh and the detection rate;
+    `detections` keeps what it found in the images no model draws (sources, targets, their blank
+    and canvas rows): pass the same dict to later calls on the same split and model canvas (as
+    training's validation does) to detect those once.
     `shown_source` turns each source photo into what the model is given (e.g. loose_shot, or
     that then framed to its person), described by `shown_as` in the metrics' notes; the
     copy-source baseline keeps the photo as it is."""
@@ -314,12 +317,12 @@ def evaluate(pipeline: Pipeline, split: PairSplit, out_dir: str | Path, batch_si
     rows = {row: {m: [] for m in METRICS} for row in names}
     rows["target"] = {"detail": []}
     poses = PoseScores() if detector is not None else None
-    cache: dict[tuple[str, str], np.ndarray | None] = {}  # detections of real images, by name
+    cache = detections if detections is not None else {}   # detections of the images no model draws
     if save_images:
         for kind in ("final", "g1"):
             (out_dir / "images" / kind).mkdir(parents=True, exist_ok=True)
 
-    def detect(image: np.ndarray, key: tuple[str, str] | None = None) -> np.ndarray | None:
+    def detect(image: np.ndarray, key: tuple | None = None) -> np.ndarray | None:
         if key is not None and key in cache:
             return cache[key]
         try:
@@ -343,9 +346,9 @@ def evaluate(pipeline: Pipeline, split: PairSplit, out_dir: str | Path, batch_si
         result["target"] = {"detail": detail(target, mask)}
         found = None
         if detector is not None:
-            found = {row: detect(image) for row, image in images.items() if row != "copy-source"}
-            found["copy-source"] = detect(baseline, ("source", source_name))
-            found["target"] = detect(target, ("target", target_name))
+            keys = {"copy-source": ("source", source_name), "target": ("target", target_name),
+                    "blank": ("blank", source_name, target.shape), "canvas": ("canvas", target_name)}
+            found = {row: detect(image, keys.get(row)) for row, image in {**images, "target": target}.items()}
         if save_images:
             stem = _file_stem(source_name, target_name)
             write_rgb(out_dir / "images" / "final" / f"{stem}.png", generation.image)

@@ -41,10 +41,10 @@ from .losses import RECONSTRUCTION_LOSSES, discriminator_logits, discriminator_l
 from .state import StateError, load_state, remove_partial_saves, rng_state, save_state, set_rng_state
 
 # Validation metrics (training/evaluate.py's) and whether larger is better.
-VALIDATION_METRICS = {"ssim_pg2": True, "ssim_patn": True, "mask_ssim": True, "psnr": True, "l1": False,
-                      "pckh": True, "pckh_limbs": True, "pckh_limbs_agree": True, "detected": True}
 # Those that need the pose detector (the `pose` extra) on the generated images.
 POSE_VALIDATION_METRICS = ("pckh", "pckh_limbs", "pckh_limbs_agree", "detected")
+VALIDATION_METRICS = {"ssim_pg2": True, "ssim_patn": True, "mask_ssim": True, "psnr": True, "l1": False,
+                      **dict.fromkeys(POSE_VALIDATION_METRICS, True)}
 STATE_KIND = "pg2-train-state"
 STATE_VERSION = 1
 
@@ -202,6 +202,7 @@ class Trainer:
             from pg2_server.detection import PoseDetector
 
             self.detector = PoseDetector(several_people=False)
+        self.detections: dict = {}   # what it found in the held-out images no model draws, kept across validations
         self.best: dict | None = None   # {"step", "metric", "value"} of the best validation so far
         self.flop_per_step: float | None = None
         self.device = job.device
@@ -548,7 +549,8 @@ class Trainer:
                                 name=f"stage{self.config.stage}-step{self.step}")
             folder = self.run_dir / "validation" / f"stage{self.config.stage}-step{self.step:07d}"
             metrics = evaluate(pipeline, self.validation, folder, save_images=False, limit=self.config.val_limit,
-                               workers=1, progress=False, detector=self.detector)
+                               workers=1, progress=False, detector=self.detector,
+                               detections=self.detections)
             name = "g1+g2" if self.config.stage == 2 else "g1"
             row = metrics["rows"][name]
             by_view = {f"{metric}_{view}": value for view, rows in sorted(metrics.get("views", {}).items())
