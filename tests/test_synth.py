@@ -176,6 +176,30 @@ def test_photo_renders_show_the_person_where_the_keypoints_are(body):
     assert framings >= {"full"}
 
 
+def test_white_garments_on_white_paper_keep_their_shading(body):
+    """Exposed as a shop photo: a person in white under the brightest studio is not clipped to the
+    paper's white (the earlier, stronger lights washed 61 % of this person out), the paper stays white."""
+    white = Garment((0.92, 0.92, 0.92), (0.92, 0.92, 0.92), "plain", 0.05, 0.0)  # sample_look: 0.82–0.98
+    look = Look(skin=(0.95, 0.8, 0.7), hair=(0.9, 0.8, 0.6), hair_style="bob", upper=white, lower=white,
+                shoes=white, sleeve=0.9, leg_length=0.95, lower_kind="trousers", leg_width=0.3)
+    person = synth.sample_person(0, 0, 1)
+    bodies = body.pose(person.phenotype, person.poses)
+    renderer = Renderer(body.faces, body.vertex_count, (88, 128), engine="cycles", uvs=body.uvs, samples=2)
+    renderer.set_colours(vertex_colours(look, bodies.rest_vertices, body.parts, bodies.rest_joints))
+    renderer.set_person(look, dress(look, bodies.rest_vertices, bodies.vertices, body.faces, body.parts,
+                                    bodies.rest_joints, bodies.joints))
+    config = synth.SynthConfig(1, 1, 1, 0, Size(88, 128), "deepfashion")
+    camera = synth.shot_camera(config, bodies.vertices[0], synth.shot_generator(config, 0, 0))
+    floor, wall = float(bodies.vertices[0][:, 2].min()), float(bodies.vertices[0][:, 1].max() + 2.0)
+    studio = synth.Studio((1.0, 1.0, 1.0), 1.35, 1.0, 1.25, floor, wall)  # the brightest shot_studio draws
+    image = renderer.render(bodies.vertices[0], camera, studio=studio)[..., :3].astype(int)
+    mask = renderer.mask(bodies.vertices[0], camera) > 127
+    person_white = (image[mask] >= 250).all(1).mean()
+    assert person_white < 0.1, person_white
+    assert np.median(image[~mask]) >= 245  # the paper is white
+    assert np.median(image[mask]) < 235    # the white clothes are shaded, not paper-white
+
+
 def test_garment_meshes_enclose_the_body_and_follow_it(body):
     plain = lambda c, p="plain": Garment(c, c, p, 0.05, 0.0)  # noqa: E731
     look = Look(skin=(0.8, 0.6, 0.5), hair=(0.1, 0.1, 0.1), hair_style="long", upper=plain((1.0, 1.0, 1.0)),

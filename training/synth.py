@@ -236,7 +236,7 @@ def shot_studio(shot: np.random.Generator, vertices: np.ndarray) -> Studio:
     white = shot.random() < 0.6
     level = shot.uniform(0.93, 1.0) if white else shot.uniform(0.72, 0.9)
     paper = tuple(float(c) for c in np.clip(level + shot.normal(0, 0.01, 3), 0, 1))
-    glow = shot.uniform(0.55, 0.85) if white else shot.uniform(0.2, 0.4)
+    glow = shot.uniform(0.9, 1.35) if white else shot.uniform(0.3, 0.65)
     return Studio(paper, float(glow), float(shot.choice((-1.0, 1.0))), float(shot.uniform(0.75, 1.25)),
                   float(vertices[:, 2].min()), float(vertices[:, 1].max() + shot.uniform(1.5, 3.0)))
 

@@ -121,6 +121,10 @@ def _quiet_stdout():
 ENGINES = ("cycles", "workbench")
 # Cycles path samples per pixel before OpenImageDenoise (chosen by measurement: docs/synthetic.md)
 SAMPLES = 8
+# Watts of the studio's area lights (the key's scaled per image). Exposed as a fashion photographer
+# exposes: a white garment keeps its folds while the paper behind, glowing, stays white
+# (docs/synthetic.md has the measurement).
+LIGHTS = {"key": 100.0, "fill": 43.0, "top": 32.0}
 
 
 @dataclass(frozen=True)
@@ -210,7 +214,7 @@ class Renderer:
         world = bpy.data.worlds.new("world")
         world.use_nodes = True
         world.node_tree.nodes["Background"].inputs["Color"].default_value = (0.8, 0.8, 0.8, 1.0)
-        world.node_tree.nodes["Background"].inputs["Strength"].default_value = 0.25
+        world.node_tree.nodes["Background"].inputs["Strength"].default_value = 0.1
         scene.world = world
         self.paper = synth_materials.backdrop(bpy)
         self.backdrop = bpy.data.objects.new("backdrop", _cyclorama(bpy))
@@ -298,7 +302,7 @@ class Renderer:
         target = np.array([centre[0], centre[1], lo[2] + 0.6 * (hi[2] - lo[2])])
         places = {"key": (studio.key_side * 2.6, -3.2, 2.6), "fill": (-studio.key_side * 3.2, -3.0, 1.2),
                   "top": (0.0, 0.6, 3.4)}
-        energy = {"key": 280.0 * studio.key, "fill": 120.0, "top": 90.0}
+        energy = {**LIGHTS, "key": LIGHTS["key"] * studio.key}
         for name, obj in self.lights.items():
             pos = target + np.array(places[name])
             obj.location = pos.tolist()
