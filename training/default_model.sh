@@ -29,15 +29,18 @@ LAMBDA=${LAMBDA:-50}      # DeepFashion's λ: the synthetic set is DeepFashion-s
 EMA=${EMA:-0.999}         # the exported generators are the moving average
 WORKERS=${WORKERS:-1}
 THREADS=${THREADS:-2}     # torch CPU threads; ignored by CUDA runs
+INIT=${INIT:-}            # a model or run to fine-tune (both stages start from its weights), e.g.
+                          # INIT=pg2_server/default/pg2_default.json LR=1e-4 STEPS1=3000 STEPS2=500
 DATA=$WORK/data
 RUN=$WORK/run
 CSV="$DATA/fasion-resize"
+init=(); [ -n "$INIT" ] && init=(--init "$INIT")
 resume() { [ -f "$RUN/stage$1.safetensors" ] && echo --resume || true; }   # rerun = continue
 validation=(--val-every 500 --val-limit 64 --val-data-root "$DATA/test" --val-annotations "$CSV-annotation-test.csv"
             --val-pairs "$CSV-pairs-test.csv")
 common=(--preset "$PRESET" --data-root "$DATA/train" --annotations "$CSV-annotation-train.csv"
         --pairs "$CSV-pairs-train.csv" --out "$RUN" --batch-size "$BATCH" --lr "$LR" --ema "$EMA" --seed "$SEED"
-        --workers "$WORKERS" --threads "$THREADS" --device "$DEVICE" --sample-every 500 --save-every 250)
+        --workers "$WORKERS" --threads "$THREADS" --device "$DEVICE" --sample-every 500 --save-every 250 "${init[@]}")
 
 pg2-train synth --out "$DATA" --identities "$IDENTITIES" --test-identities "$TEST_IDENTITIES" \
     --poses-per-identity "$POSES" --seed "$SEED" --size 256x176 --style deepfashion --engine "$ENGINE"
