@@ -30,6 +30,7 @@ from pg2_server.keypoints import KeypointError
 from . import bench, pairs, prepare, sample_set, synth
 from .data import DataError
 from .state import StateError
+from .trainer import VALIDATION_METRICS
 
 log = logging.getLogger("training")
 
@@ -287,8 +288,7 @@ def _add_fit(sub) -> None:
     v.add_argument("--val-annotations", metavar="CSV", help="its annotation CSV")
     v.add_argument("--val-pairs", metavar="CSV", help="its pairs CSV")
     v.add_argument("--val-limit", type=int, metavar="N", help="score the first N pairs (default 64)")
-    v.add_argument("--val-metric", choices=["ssim_pg2", "ssim_patn", "mask_ssim", "psnr", "l1", "pckh", "pckh_limbs",
-                                            "pckh_limbs_agree", "detected"],
+    v.add_argument("--val-metric", choices=list(VALIDATION_METRICS),
                    help="the metric that picks the best checkpoint (default ssim_pg2; l1: lower is better; the "
                         "pose metrics, e.g. pckh_limbs_agree, detect the generated person as --val-pckh does)")
     v.add_argument("--val-pckh", action="store_true", default=None,

@@ -33,7 +33,7 @@ WORKERS=${WORKERS:-1}
 THREADS=${THREADS:-2}     # torch CPU threads; ignored by CUDA runs
 INIT=${INIT:-}            # a model or run to fine-tune (both stages start from its weights), e.g.
                           # INIT=pg2_server/default/pg2_default.json LR=1e-4 STEPS1=3000 STEPS2=500
-DATA=$WORK/data
+DATA=${DATA:-$WORK/data}  # the renders; another run's folder reuses them (synth skips what exists)
 RUN=$WORK/run
 CSV="$DATA/fasion-resize"
 init=(); [ -n "$INIT" ] && init=(--init "$INIT")
