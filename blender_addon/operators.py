@@ -499,72 +499,66 @@ class PG2_OT_add_pose_rig(bpy.types.Operator):
         return {"FINISHED"}
 
 
-class PG2_OT_override_add(bpy.types.Operator):
+class _ListAdd:
+    """Append an item to one of the scene settings' lists and select it."""
+    collection = index = ""
+    bl_options = {"REGISTER", "UNDO"}
+
+    def execute(self, context):
+        settings = context.scene.pg2
+        items = getattr(settings, self.collection)
+        items.add()
+        setattr(settings, self.index, len(items) - 1)
+        return {"FINISHED"}
+
+
+class _ListRemove:
+    """Remove the selected item of one of the scene settings' lists."""
+    collection = index = what = ""
+    bl_options = {"REGISTER", "UNDO"}
+
+    @classmethod
+    def poll(cls, context):
+        settings = context.scene.pg2
+        return 0 <= getattr(settings, cls.index) < len(getattr(settings, cls.collection))
+
+    def execute(self, context):
+        settings = context.scene.pg2
+        items, selected = getattr(settings, self.collection), getattr(settings, self.index)
+        if not 0 <= selected < len(items):
+            self.report({"ERROR"}, f"select {self.what} to remove")
+            return {"CANCELLED"}
+        items.remove(selected)
+        setattr(settings, self.index, max(0, selected - 1))
+        return {"FINISHED"}
+
+
+class PG2_OT_override_add(_ListAdd, bpy.types.Operator):
     """Take one keypoint from a bone of your choice"""
     bl_idname = "pg2.override_add"
     bl_label = "Add Bone Override"
-    bl_options = {"REGISTER", "UNDO"}
-
-    def execute(self, context):
-        settings = context.scene.pg2
-        settings.overrides.add()
-        settings.override_index = len(settings.overrides) - 1
-        return {"FINISHED"}
+    collection, index = "overrides", "override_index"
 
 
-class PG2_OT_override_remove(bpy.types.Operator):
+class PG2_OT_override_remove(_ListRemove, bpy.types.Operator):
     """Remove the selected bone override"""
     bl_idname = "pg2.override_remove"
     bl_label = "Remove Bone Override"
-    bl_options = {"REGISTER", "UNDO"}
-
-    @classmethod
-    def poll(cls, context):
-        settings = context.scene.pg2
-        return 0 <= settings.override_index < len(settings.overrides)
-
-    def execute(self, context):
-        settings = context.scene.pg2
-        if not 0 <= settings.override_index < len(settings.overrides):
-            self.report({"ERROR"}, "select an override to remove")
-            return {"CANCELLED"}
-        settings.overrides.remove(settings.override_index)
-        settings.override_index = max(0, settings.override_index - 1)
-        return {"FINISHED"}
+    collection, index, what = "overrides", "override_index", "an override"
 
 
-class PG2_OT_person_add(bpy.types.Operator):
+class PG2_OT_person_add(_ListAdd, bpy.types.Operator):
     """Add a person: another armature with its own photo"""
     bl_idname = "pg2.person_add"
     bl_label = "Add Person"
-    bl_options = {"REGISTER", "UNDO"}
-
-    def execute(self, context):
-        settings = context.scene.pg2
-        settings.people.add()
-        settings.person_index = len(settings.people) - 1
-        return {"FINISHED"}
+    collection, index = "people", "person_index"
 
 
-class PG2_OT_person_remove(bpy.types.Operator):
+class PG2_OT_person_remove(_ListRemove, bpy.types.Operator):
     """Remove the selected person"""
     bl_idname = "pg2.person_remove"
     bl_label = "Remove Person"
-    bl_options = {"REGISTER", "UNDO"}
-
-    @classmethod
-    def poll(cls, context):
-        settings = context.scene.pg2
-        return 0 <= settings.person_index < len(settings.people)
-
-    def execute(self, context):
-        settings = context.scene.pg2
-        if not 0 <= settings.person_index < len(settings.people):
-            self.report({"ERROR"}, "select a person to remove")
-            return {"CANCELLED"}
-        settings.people.remove(settings.person_index)
-        settings.person_index = max(0, settings.person_index - 1)
-        return {"FINISHED"}
+    collection, index, what = "people", "person_index", "a person"
 
 
 def add_menu(self, context):

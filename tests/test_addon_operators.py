@@ -250,10 +250,15 @@ def test_buttons_grey_out_without_an_armature_or_a_camera(shot):
     assert bpy.ops.pg2.generate.poll()
     # The list buttons: Remove needs a selected row.
     assert not bpy.ops.pg2.person_remove.poll() and not bpy.ops.pg2.override_remove.poll()
-    assert bpy.ops.pg2.person_add() == {"FINISHED"}
+    assert bpy.ops.pg2.person_add() == {"FINISHED"} and bpy.ops.pg2.person_add() == {"FINISHED"}
+    assert (len(settings.people), settings.person_index) == (2, 1)   # the new row is selected
     assert bpy.ops.pg2.person_remove.poll()
     assert bpy.ops.pg2.person_remove() == {"FINISHED"}
+    assert (len(settings.people), settings.person_index) == (1, 0)
+    assert bpy.ops.pg2.person_remove() == {"FINISHED"}
     assert not bpy.ops.pg2.person_remove.poll()
+    assert bpy.ops.pg2.override_add() == {"FINISHED"} and len(settings.overrides) == 1
+    assert bpy.ops.pg2.override_remove() == {"FINISHED"} and len(settings.overrides) == 0
 
 
 @pytest.mark.parametrize("problem,message", [
