@@ -198,3 +198,47 @@ def test_pose_scores_compare_with_the_annotations_and_with_the_real_targets_dete
     # turned: the back views read with sides swapped, not the front view, and nobody found is not counted
     assert views["back"]["target"]["turned"] == 1.0 and views["front"]["g1+g2"]["turned"] == 0.0
     assert rows["g1+g2"]["turned"] == 0.5 and rows["g1"]["turned"] == 0.0 and rows["blank"]["turned"] is None
+
+
+# An upright person as fractions of the image's width and height, in the 18-keypoint order.
+PERSON = np.array([(.5, .1), (.5, .2), (.4, .2), (.35, .35), (.33, .5), (.6, .2), (.65, .35), (.67, .5),
+                   (.45, .55), (.45, .72), (.45, .9), (.55, .55), (.55, .72), (.55, .9),
+                   (.48, .08), (.52, .08), (.46, .09), (.54, .09)])
+
+
+class _ExactDetector:
+    """Finds PERSON in any image, at that image's size: what a perfect detector would."""
+    visibility = 0.5
+
+    def detect(self, image):
+        from types import SimpleNamespace
+        return SimpleNamespace(keypoints=PERSON * (image.shape[1], image.shape[0]))
+
+
+def test_copy_source_detections_are_kept_per_target_size(tmp_path):
+    import cv2
+    from pg2_server.keypoints import write_annotations
+
+    rng = np.random.default_rng(0)
+    sizes = {"source.jpg": (64, 128), "target.jpg": (64, 128), "target-large.jpg": (128, 256)}
+    for name, (w, h) in sizes.items():
+        cv2.imwrite(str(tmp_path / name), rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    write_annotations(tmp_path / "annotations.csv", [(n, PERSON * s) for n, s in sizes.items()])
+    (tmp_path / "pairs.csv").write_text("from,to\nsource.jpg,target.jpg\nsource.jpg,target-large.jpg\n")
+    split = load_split(tmp_path, tmp_path / "annotations.csv", tmp_path / "pairs.csv")
+    metrics = evaluate(Pipeline.random("tiny", seed=1), split, tmp_path / "eval", save_images=False,
+                       progress=False, detector=_ExactDetector())
+    # the source taken to each target's size is found where that target's person is, both times
+    assert metrics["rows"]["copy-source"]["pckh"] == 1.0 and metrics["rows"]["target"]["pckh"] == 1.0
+
+
+def test_loose_shot_sets_the_photo_in_a_wider_frame_and_keeps_a_panorama_whole():
+    from training.evaluate import loose_shot
+
+    photo = np.zeros((256, 176, 3), np.uint8)
+    photo[100:110, 80:90] = 255
+    wide = loose_shot(photo)
+    assert wide.shape == (426, 639, 3)                       # the photo is 60 % of a 3:2 frame's height
+    assert wide[185:195, 311:321].min() == 255 and wide.sum() == photo.sum()   # centred, backdrop repeated
+    panorama = loose_shot(np.zeros((100, 300, 3), np.uint8))
+    assert panorama.shape == (166, 300, 3)

@@ -203,7 +203,7 @@ def loose_shot(image: np.ndarray) -> np.ndarray:
     the height of a 3:2 landscape photo, the backdrop going on around it (edge pixels repeated)."""
     h, w = image.shape[:2]
     height = int(h / 0.6)
-    width = int(height * 1.5)
+    width = max(w, int(height * 1.5))   # a panorama keeps its width
     top, left = (height - h) // 2, (width - w) // 2
     return cv2.copyMakeBorder(image, top, height - h - top, left, width - w - left, cv2.BORDER_REPLICATE)
 
@@ -346,7 +346,7 @@ def evaluate(pipeline: Pipeline, split: PairSplit, out_dir: str | Path, batch_si
         result["target"] = {"detail": detail(target, mask)}
         found = None
         if detector is not None:
-            keys = {"copy-source": ("source", source_name), "target": ("target", target_name),
+            keys = {"copy-source": ("source", source_name, target.shape), "target": ("target", target_name),
                     "blank": ("blank", source_name, target.shape), "canvas": ("canvas", target_name)}
             found = {row: detect(image, keys.get(row)) for row, image in {**images, "target": target}.items()}
         if save_images:
