@@ -143,12 +143,18 @@ def read_annotations(path: str | Path, strict: bool = True) -> tuple[dict[str, n
     path = Path(path)
     rows: dict[str, np.ndarray] = {}
     problems: list[str] = []
-    with open(path, encoding="utf-8") as f:
+    first = True
+    with open(path, encoding="utf-8-sig") as f:   # -sig: a byte-order mark (Excel) is read past
         for number, line in enumerate(f, start=1):
-            if not line.strip() or (number == 1 and line.replace(" ", "").startswith("name:keypoints")):
+            if not line.strip():
+                continue
+            header, first = first and _is_header(line), False
+            if header:
                 continue
             try:
                 name, array = parse_annotation_row(line)
+                if name in rows:
+                    raise AnnotationError(f"{name} is annotated twice; the first row is kept")
             except AnnotationError as e:
                 if strict:
                     raise AnnotationError(f"{path}:{number}: {e}") from None
@@ -156,6 +162,16 @@ def read_annotations(path: str | Path, strict: bool = True) -> tuple[dict[str, n
                 continue
             rows[name] = array
     return rows, problems
+
+
+def _is_header(line: str) -> bool:
+    return "[" not in line and line.replace(" ", "").lower().startswith("name:")
+
+
+def first_line(path: str | Path) -> str:
+    """The first non-blank line of a text file, stripped ('' if there is none)."""
+    with open(path, encoding="utf-8-sig") as f:
+        return next((line.strip() for line in f if line.strip()), "")
 
 
 def write_annotations(path: str | Path, rows: Iterable[tuple[str, Sequence | np.ndarray]]) -> None:

@@ -269,3 +269,52 @@ def test_a_batch_larger_than_the_split_is_refused(tmp_path):
     with pytest.raises(DataError, match="24 pairs each of 2 processes"):
         make_loader(dataset, 25, PairSampler(len(dataset), world_size=2), workers=0)
     assert len(next(iter(make_loader(dataset, 48, PairSampler(len(dataset)), workers=0)))["source"]) == 48
+
+
+def test_headers_after_blank_lines_or_a_byte_order_mark_are_read_as_headers(tmp_path):
+    data = write_dataset(tmp_path)
+    reference = read_annotation_file(data["annotations"], DataReport())
+    swapped = tmp_path / "x-first.csv"   # as Excel saves it: a byte-order mark, then a blank line
+    swapped.write_text("\nName:Keypoints_X:Keypoints_Y\n" + "".join(
+        format_annotation_row(name, points[:, ::-1]) + "\n" for name, points in reference.items()),
+        encoding="utf-8-sig")
+    report = DataReport()
+    rows = read_annotation_file(swapped, report)
+    assert report.total == 0 and rows.keys() == reference.keys()
+    for name in rows:
+        np.testing.assert_array_equal(rows[name], reference[name])
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("to,from\nb.jpg,a.jpg\n", encoding="utf-8-sig")
+    assert read_pairs(pairs, DataReport()) == [("a.jpg", "b.jpg")]
+
+
+def test_image_names_may_reach_into_subfolders(tmp_path):
+    data = write_dataset(tmp_path, identities=2, views=2)
+    (data["images"] / "WOMEN").mkdir()
+    moved = {}
+    for name in [n for group in data["names"].values() for n in group]:
+        (data["images"] / name).rename(data["images"] / "WOMEN" / name)
+        moved[name] = f"WOMEN/{name}"
+    for path in (data["annotations"], data["pairs"]):
+        text = path.read_text()
+        for name, inside in moved.items():
+            text = text.replace(name, inside)
+        path.write_text(text)
+    split = load_split(data["images"], data["annotations"], data["pairs"], strict=True)
+    assert len(split.pairs) == 4 and all(a.startswith("WOMEN/") for a, _ in split.pairs)
+
+
+def test_a_sideways_phone_photo_is_measured_upright(tmp_path):
+    from PIL import Image
+
+    data = write_dataset(tmp_path, identities=1, views=2)
+    name = data["names"][0][0]
+    upright = read_rgb(data["images"] / name)                  # 32 wide, 64 high
+    stored = Image.fromarray(np.rot90(upright, 1))              # kept sideways: 64 wide, 32 high
+    exif = Image.Exif()
+    exif[0x0112] = 6                                            # "rotate 90° clockwise to show"
+    stored.save(data["images"] / name, exif=exif, quality=95)
+    assert read_rgb(data["images"] / name).shape == upright.shape
+    split = load_split(data["images"], data["annotations"], data["pairs"], strict=True)
+    assert split.report.total == 0                             # no keypoint falls outside a 64×32 frame
+    assert not np.isnan(split.keypoints[name][INDEX["right_ankle"]]).any()

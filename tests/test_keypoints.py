@@ -81,6 +81,22 @@ def test_malformed_rows_are_reported_or_raised(tmp_path):
         kp.read_annotations(path, strict=True)
 
 
+def test_header_byte_order_mark_and_a_name_annotated_twice(tmp_path):
+    name, points = kp.parse_annotation_row(MARKET_ROW)
+    other = MARKET_ROW.replace(name, "other.jpg").replace("[14,", "[15,", 1)
+    path = tmp_path / "excel.csv"
+    path.write_text("\n" + "Name:Keypoints_Y:Keypoints_X\n" + MARKET_ROW + "\n" + other + "\n",
+                    encoding="utf-8-sig")
+    rows, problems = kp.read_annotations(path)
+    assert problems == [] and list(rows) == [name, "other.jpg"] and rows["other.jpg"][0, 1] == 15
+    assert kp.first_line(path) == "Name:Keypoints_Y:Keypoints_X"
+    path.write_text(MARKET_ROW + "\n" + MARKET_ROW.replace("[14,", "[99,", 1) + "\n")
+    rows, problems = kp.read_annotations(path, strict=False)
+    assert rows[name][0, 1] == 14 and len(problems) == 1 and "annotated twice" in problems[0]
+    with pytest.raises(kp.AnnotationError, match="excel.csv:2: .* annotated twice"):
+        kp.read_annotations(path)
+
+
 @pytest.mark.parametrize("bad, message", [
     ([(1, 2)] * 17, "expected 18 keypoints"),
     ([(1, 2)] * 17 + [(float("nan"), 2)], "non-finite"),

@@ -101,14 +101,17 @@ def test_market_drops_junk_and_distractors(tmp_path, capsys):
         for name in files:
             cv2.imwrite(str(raw / folder / name), np.full((128, 64, 3), 90, np.uint8))
     annotations = tmp_path / "market-annotation-test.csv"
-    annotations.write_text("name:keypoints_y:keypoints_x\n"
-                           "0001_c1s1_001051_00.jpg: [14, 28, 29, 50, 65, 28, 41, 27, 68, 96, 112, 67, 93, 119, 12, -1, 14, -1]: "
-                           "[45, 30, 20, 18, 31, 40, 54, 48, 26, 20, 2, 44, 51, 53, 41, -1, 30, -1]\n")
+    lists = ("[14, 28, 29, 50, 65, 28, 41, 27, 68, 96, 112, 67, 93, 119, 12, -1, 14, -1]: "
+             "[45, 30, 20, 18, 31, 40, 54, 48, 26, 20, 2, 44, 51, 53, 41, -1, 30, -1]")
+    # PATN's test annotations list the distractors too
+    annotations.write_text(f"name:keypoints_y:keypoints_x\n0001_c1s1_001051_00.jpg: {lists}\n"
+                           f"0000_c1s1_000151_01.jpg: {lists}\n")
     pairs = tmp_path / "market-pairs-test.csv"
     pairs.write_text("from,to\n0001_c1s1_001051_00.jpg,0001_c2s1_000301_00.jpg\n")
     out = tmp_path / "out"
     assert main(["prepare", "market", "--raw", str(raw), "--out", str(out), "--annotations", str(annotations),
-                 "--pairs", str(pairs)]) == 0
+                 "--pairs", str(pairs), "--strict"]) == 0
+    assert (out / "market-annotation-test.csv").read_text().count(".jpg") == 1
     assert sorted(p.name for p in (out / "train").iterdir()) == sorted(names["bounding_box_train"][:2])
     assert sorted(p.name for p in (out / "test").iterdir()) == ["0001_c1s1_001051_00.jpg", "0001_c2s1_000301_00.jpg"]
     printed = capsys.readouterr().out

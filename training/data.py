@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pg2_server.drawing import read_rgb
-from pg2_server.keypoints import AnnotationError, read_annotations
+from pg2_server.keypoints import AnnotationError, first_line, read_annotations
 from pg2_server.model import ModelConfig
 from pg2_server.pose import fit_frame, flip_horizontal, heatmaps, pose_coordinates, pose_mask, \
     to_unit_range
@@ -34,6 +34,7 @@ log = logging.getLogger("training")
 # PATN reads its CSVs with pandas and picks the columns by these names, so the header decides
 # which list holds x and which y.
 ANNOTATION_COLUMNS = {("keypoints_y", "keypoints_x"): False, ("keypoints_x", "keypoints_y"): True}
+EXIF_ORIENTATION = 0x0112
 PAIR_COLUMNS = {("from", "to"): False, ("to", "from"): True}
 
 
@@ -86,7 +87,7 @@ def read_pairs(path: str | Path, report: DataReport, strict: bool = False) -> li
         raise DataError(f"pairs file {path} does not exist")
     pairs = []
     swapped = False
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:   # -sig: a byte-order mark (Excel) is read past
         for number, row in enumerate(csv.reader(f), start=1):
             cells = [c.strip() for c in row]
             if number == 1 and _looks_like_header(cells):
@@ -112,13 +113,12 @@ def annotation_order(path: str | Path) -> bool:
 
     No header means PATN's order (y, then x); a header with other column names is an error.
     """
-    with open(path, encoding="utf-8") as f:
-        first = f.readline()
-    if "[" in first or not first.strip():   # a data row (or an empty file): no header
+    first = first_line(path)
+    if "[" in first or not first:   # a data row (or an empty file): no header
         return False
-    columns = tuple(c.strip().lower() for c in first.strip().split(":"))
+    columns = tuple(c.strip().lower() for c in first.split(":"))
     if columns[:1] != ("name",) or columns[1:] not in ANNOTATION_COLUMNS:
-        raise DataError(f"{path}:1: header {first.strip()!r} is not an annotation header: write "
+        raise DataError(f"{path}: header {first!r} is not an annotation header: write "
                         f"`name:keypoints_y:keypoints_x` (PATN's) or `name:keypoints_x:keypoints_y`")
     return ANNOTATION_COLUMNS[columns[1:]]
 
@@ -149,7 +149,11 @@ def image_size(path: str | Path) -> tuple[int, int] | None:
 
     try:
         with Image.open(path) as image:
-            return image.size
+            width, height = image.size
+            # A phone photo stored sideways with an EXIF orientation of 5–8 is decoded upright
+            # (read_rgb, OpenCV), and its keypoints are in that upright frame.
+            turned = image.format == "JPEG" and image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+            return (height, width) if turned else (width, height)
     except (UnidentifiedImageError, OSError):
         return None
 
@@ -208,12 +212,16 @@ def load_split(image_dir: str | Path, annotations: str | Path, pairs: str | Path
     keypoints = read_annotation_file(annotations, report, strict)
     rows = read_pairs(pairs, report, strict)
     files = {entry.name for entry in os.scandir(image_dir) if entry.is_file()}
+
+    def exists(name: str) -> bool:   # a name may reach into a subfolder (`WOMEN/bob_01.jpg`)
+        return name in files or (len(Path(name).parts) > 1 and (image_dir / name).is_file())
+
     sizes: dict[str, tuple[int, int] | None] = {}
     kept = []
     for source, target in rows:
         problem = None
         for name in (source, target):
-            if name not in files:
+            if not exists(name):
                 problem = ("missing images", f"{image_dir / name} (pair {source},{target})")
                 break
             if name not in keypoints:

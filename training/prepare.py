@@ -9,7 +9,8 @@ sides, as the low-resolution release is) and, by default, cropped 40 px each sid
 256×176. A 256×256 image kept at 256×256 is copied byte for byte. The published annotations are
 in 256×176 coordinates; for `--size 256x256` their x is shifted by 40. Without annotation CSVs the
 split comes from the release's `Eval/list_eval_partition.txt` (train → train/, query and gallery
-→ test/, as PATN's split); without that file every image goes to train/.
+→ test/: In-shop's own split by item, about half the images each, not PATN's 48,674 / 4,038, which
+only its annotation CSVs carry); without that file every image goes to train/.
 Market-1501: `bounding_box_train/` → train, `bounding_box_test/` → test, dropping junk (`-1_…`)
 and distractor (`0000_…`) images.
 The split of each annotation/pairs file is read from its name (`…-train.csv`, `…-test.csv`).
@@ -63,7 +64,7 @@ def read_partition(path: str | Path) -> dict[str, str]:
     """In-shop's `list_eval_partition.txt` as {flattened name: 'train' | 'test'}.
 
     Rows are `img/GENDER/CATEGORY/id_X/FILE item_id status` after a count and a header line;
-    status train → train, query and gallery → test (PATN's split).
+    status train → train, query and gallery → test (In-shop's split by item, not PATN's).
     """
     path = Path(path)
     split: dict[str, str] = {}
@@ -102,11 +103,14 @@ def _check(report: DataReport, strict: bool, kind: str, message: str) -> None:
 
 
 def _write_annotations_for(out: Path, csv_path: Path, sizes: dict[str, tuple[int, int]], report: DataReport,
-                           strict: bool, x_shift: int = 0) -> int:
-    """Copy one annotation CSV into `out`, keeping rows whose image exists; returns rows kept."""
+                           strict: bool, x_shift: int = 0, dropped: frozenset[str] = frozenset()) -> int:
+    """Copy one annotation CSV into `out`, keeping rows whose image exists; returns rows kept.
+    Rows of `dropped` images (left out on purpose) go without a word."""
     rows = read_annotation_file(csv_path, report, strict)
     kept = []
     for name, keypoints in rows.items():
+        if name in dropped:
+            continue
         if name not in sizes:
             _check(report, strict, "annotated images missing", f"{name} ({csv_path.name})")
             continue
@@ -116,10 +120,13 @@ def _write_annotations_for(out: Path, csv_path: Path, sizes: dict[str, tuple[int
     return len(kept)
 
 
-def _write_pairs_for(out: Path, csv_path: Path, names: set[str], report: DataReport, strict: bool) -> int:
+def _write_pairs_for(out: Path, csv_path: Path, names: set[str], report: DataReport, strict: bool,
+                     dropped: frozenset[str] = frozenset()) -> int:
     pairs = read_pairs(csv_path, report, strict)
     kept = []
     for a, b in pairs:
+        if a in dropped or b in dropped:
+            continue
         if a in names and b in names:
             kept.append((a, b))
         else:
@@ -201,6 +208,7 @@ def prepare_market(raw: str | Path, out: str | Path, annotations=(), pairs=(),
     report = DataReport()
     sizes: dict[str, tuple[int, int]] = {}
     counts = {"junk or distractor images dropped": 0}
+    dropped: set[str] = set()
     for split, folder in (("train", "bounding_box_train"), ("test", "bounding_box_test")):
         source = raw / folder
         if not source.is_dir():
@@ -210,6 +218,7 @@ def prepare_market(raw: str | Path, out: str | Path, annotations=(), pairs=(),
         for path in sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
             if path.name.startswith(("-1", "0000")):
                 counts["junk or distractor images dropped"] += 1
+                dropped.add(path.name)
                 continue
             image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
             if image is None:
@@ -219,10 +228,14 @@ def prepare_market(raw: str | Path, out: str | Path, annotations=(), pairs=(),
             sizes[path.name] = (image.shape[1], image.shape[0])
             copied += 1
         counts[f"{split} images"] = copied
+    # PATN's market-annotation-test.csv annotates the junk and distractors too: their rows are not problems
+    dropped = frozenset(dropped)
     for csv_path in annotations:
-        counts[f"rows in {Path(csv_path).name}"] = _write_annotations_for(out, Path(csv_path), sizes, report, strict)
+        counts[f"rows in {Path(csv_path).name}"] = _write_annotations_for(out, Path(csv_path), sizes, report, strict,
+                                                                          dropped=dropped)
     for csv_path in pairs:
-        counts[f"pairs in {Path(csv_path).name}"] = _write_pairs_for(out, Path(csv_path), set(sizes), report, strict)
+        counts[f"pairs in {Path(csv_path).name}"] = _write_pairs_for(out, Path(csv_path), set(sizes), report, strict,
+                                                                     dropped)
     return counts, report
 
 
