@@ -2,7 +2,9 @@
 bound to the armature, with the synthetic renderer's rule (docs/synthetic.md): a keypoint is
 hidden when the first body surface on its camera ray lies more than a tolerance in front of
 it (0.04 m for face points, which lie on the surface; 0.15 m for joints, inside the limbs).
-The neck, the shoulders' midpoint deep inside the body, stays when a shoulder is visible.
+The tolerances are for an adult whose shoulders are 0.38 m apart and scale with the rig: a
+character modelled in centimetres, or scaled, keeps the same rule. The neck, the shoulders'
+midpoint deep inside the body, stays when a shoulder is visible.
 """
 from __future__ import annotations
 
@@ -15,18 +17,38 @@ FACE_TOLERANCE = 0.04
 JOINT_TOLERANCE = 0.15
 # How far a face point may move to reach the surface (metres).
 SURFACE_REACH = 0.06
+SHOULDERS = 0.38   # the shoulder width the three lengths above are for (metres)
 _FACE = {INDEX[n] for n in FACE}
 _SHOULDERS = (INDEX["right_shoulder"], INDEX["left_shoulder"])
 
 
-def bound_meshes(armature) -> list:
-    """Visible mesh objects deformed by `armature`: an Armature modifier pointing at it, or
-    parented to it with the Armature parent type."""
+def rendered_objects(view_layer) -> set:
+    """The objects `view_layer` renders: in a collection neither excluded from the layer nor
+    disabled for renders (nor inside one that is), and not disabled for renders themselves."""
+    found = set()
+
+    def walk(layer_collection):
+        if layer_collection.exclude or layer_collection.collection.hide_render:
+            return
+        found.update(o for o in layer_collection.collection.objects if not o.hide_render)
+        for child in layer_collection.children:
+            walk(child)
+
+    walk(view_layer.layer_collection)
+    return found
+
+
+def bound_meshes(armature, view_layer=None) -> list:
+    """Rendered mesh objects deformed by `armature` (an Armature modifier pointing at it, or
+    parented to it with the Armature parent type), in `view_layer` (default: the context's).
+    An outfit kept in an excluded or unrendered collection, or in another scene, hides nothing."""
     import bpy
-    return [obj for obj in bpy.data.objects
-            if obj.type == "MESH" and not obj.hide_render and (
-                any(m.type == "ARMATURE" and m.object == armature for m in obj.modifiers)
-                or (obj.parent == armature and obj.parent_type == "ARMATURE"))]
+    rendered = rendered_objects(view_layer or bpy.context.view_layer)
+    return sorted((obj for obj in rendered
+                   if obj.type == "MESH" and (
+                       any(m.type == "ARMATURE" and m.object == armature for m in obj.modifiers)
+                       or (obj.parent == armature and obj.parent_type == "ARMATURE"))),
+                  key=lambda obj: obj.name)
 
 
 class Occluder:
@@ -43,6 +65,13 @@ class Occluder:
         self.meshes = bound_meshes(armature)
         self._triangles: dict[str, tuple] = {}
         self._cached = None
+
+    def unit(self, mapping) -> float:
+        """The rig's size against the adult the tolerances are for: its shoulder width in world
+        units over SHOULDERS (1 for an adult modelled in metres, 100 for one in centimetres)."""
+        if mapping is None or not mapping.rest_scale:
+            return 1.0
+        return mapping.rest_scale * float(np.mean(np.abs(self.armature.matrix_world.to_scale()))) / SHOULDERS
 
     def _world_mesh(self, depsgraph) -> tuple[np.ndarray, np.ndarray]:
         """The deformed vertices of every bound mesh in world space (V, 3) and the triangles
@@ -80,6 +109,7 @@ class Occluder:
             return list(points_3d)
         triangles = vertices[indices]
         left, _, forward = (np.array(v) for v in axes)
+        reach = SURFACE_REACH * self.unit(self.mapping)
         out = list(points_3d)
         # Each ray is 2 × SURFACE_REACH long: only triangles whose bounding box meets the
         # ray's own box can be hit (elementwise min/max: reductions over a 3-long axis are slow).
@@ -91,8 +121,8 @@ class Occluder:
                 continue
             point = np.array(point)
             outward = {"right_ear": -left, "left_ear": left}.get(name, forward)
-            origin = point + outward * SURFACE_REACH
-            end = point - outward * SURFACE_REACH
+            origin = point + outward * reach
+            end = point - outward * reach
             ray_lo, ray_hi = np.minimum(origin, end), np.maximum(origin, end)
             meets = ((lo[:, 0] <= ray_hi[0]) & (hi[:, 0] >= ray_lo[0]) & (lo[:, 1] <= ray_hi[1])
                      & (hi[:, 1] >= ray_lo[1]) & (lo[:, 2] <= ray_hi[2]) & (hi[:, 2] >= ray_lo[2]))
@@ -101,7 +131,7 @@ class Occluder:
                 continue
             a = near[:, 0]
             t = _first_hit(a, near[:, 1] - a, near[:, 2] - a, origin, -outward)
-            if t is not None and t <= 2 * SURFACE_REACH:
+            if t is not None and t <= 2 * reach:
                 out[INDEX[name]] = Vector(origin - outward * t)
         return out
 
@@ -109,20 +139,23 @@ class Occluder:
         """`keypoints` (pixels or None) with the hidden ones set to None; unchanged without a mesh."""
         if not self.meshes:
             return list(keypoints)
+        mapping = self.mapping or _mapping(scene, self.armature)
         if points_3d is None:
-            points_3d = keypoints_3d(self.armature, self.mapping or _mapping(scene, self.armature))
+            points_3d = keypoints_3d(self.armature, mapping)
         candidates = [k for k, p in enumerate(points_3d)
                       if keypoints[k] is not None and p is not None and k != INDEX["neck"]]
         out = list(keypoints)
         camera = scene.camera
-        to_camera = np.array(camera.matrix_world.inverted(), np.float32)
+        # normalized(): a scaled camera (parented to a rig imported at 0.01) sees the same depths
+        to_camera = np.array(camera.matrix_world.normalized().inverted(), np.float32)
         ortho = camera.data.type == "ORTHO"
         vertices, indices = self.triangles(scene)
         if len(indices) and candidates:
             points = np.array([tuple(points_3d[k]) for k in candidates], np.float32)
             corners = _view(vertices, to_camera, ortho)[indices]
             hidden = _hidden(corners, _view(points, to_camera, ortho),
-                             np.array([FACE_TOLERANCE if k in _FACE else JOINT_TOLERANCE for k in candidates]),
+                             np.array([FACE_TOLERANCE if k in _FACE else JOINT_TOLERANCE for k in candidates])
+                             * self.unit(mapping),
                              ortho)
             for k, h in zip(candidates, hidden):
                 if h:
@@ -175,7 +208,8 @@ def _hidden(corners: np.ndarray, points: np.ndarray, tolerance: np.ndarray, orth
 
     All rays start at the camera, so in (u, v) they are points and the triangles are flat:
     a bounding-box test keeps a few triangles per ray, then barycentric coordinates give
-    coverage and (1/depth being affine in u, v) the depth of the surface there.
+    coverage and the depth of the surface there (affine in u, v in an orthographic view; in a
+    perspective one 1/depth is).
     """
     tri = corners.reshape(-1, 3, 3)
     # Triangles reaching behind the camera are dropped (their u, v are NaN there); elementwise
@@ -201,8 +235,10 @@ def _hidden(corners: np.ndarray, points: np.ndarray, tolerance: np.ndarray, orth
         inside = ok & (w0 >= 0) & (w1 >= 0) & (w2 >= 0)
         if not inside.any():
             continue
-        inverse = w0 / a[:, 2] + w1 / b[:, 2] + w2 / c[:, 2]
-        surface = 1.0 / inverse[inside]
+        if ortho:   # depth is linear across a triangle in an orthographic view, 1/depth in a perspective one
+            surface = (w0 * a[:, 2] + w1 * b[:, 2] + w2 * c[:, 2])[inside]
+        else:
+            surface = 1.0 / (w0 / a[:, 2] + w1 / b[:, 2] + w2 / c[:, 2])[inside]
         # Depths along the same ray scale with the distance: convert the tolerance.
         stretch = 1.0 if ortho else float(np.sqrt(u * u + v * v + 1.0))
         out[i] = bool((surface < depth - tolerance[i] / stretch).any())

@@ -97,3 +97,68 @@ def test_face_points_move_onto_the_bound_head(scene):
     assert moved[INDEX["nose"]].y < nose.y  # pulled forward onto the face (the body faces -Y)
     assert moved[INDEX["right_ear"]].x < points[INDEX["right_ear"]].x + 0.06
     assert moved[INDEX["right_shoulder"]] == points[INDEX["right_shoulder"]]
+
+
+def test_a_rig_in_centimetres_seen_by_a_scaled_camera_keeps_the_same_rule(scene):
+    """Everything 100× larger (a scene modelled in centimetres), the camera inheriting the
+    scale: the same joints are hidden as in metres."""
+    scene, arm, camera = scene
+    mapping = armature_mapping(arm)
+    in_metres = plan_frame(scene, arm, mapping, keep_outside=False, occlusion=occlusion.Occluder(arm, mapping))
+    world = bpy.data.objects.new("centimetres", None)
+    scene.collection.objects.link(world)
+    world.scale = (100, 100, 100)
+    for obj in scene.objects:
+        if obj is not world:
+            obj.parent = world
+    bpy.context.view_layer.update()
+    mapping = armature_mapping(arm)
+    occluder = occlusion.Occluder(arm, mapping)
+    assert occluder.unit(mapping) == pytest.approx(100)
+    hidden = [k is None for k in in_metres]
+    assert hidden[INDEX["left_wrist"]] and not hidden[INDEX["right_wrist"]]
+    assert [k is None for k in plan_frame(scene, arm, mapping, keep_outside=False, occlusion=occluder)] == hidden
+    placed = camera.matrix_world.copy()          # the camera alone back at scale 1, where it was
+    camera.parent = None
+    camera.matrix_world = placed.normalized()
+    bpy.context.view_layer.update()
+    assert tuple(camera.scale) == pytest.approx((1, 1, 1))
+    assert [k is None for k in plan_frame(scene, arm, mapping, keep_outside=False, occlusion=occluder)] == hidden
+    camera.scale = (0.5, 0.5, 0.5)               # and scaled down
+    bpy.context.view_layer.update()
+    assert [k is None for k in plan_frame(scene, arm, mapping, keep_outside=False, occlusion=occluder)] == hidden
+
+
+def test_meshes_that_are_not_rendered_hide_nothing(scene):
+    scene, arm, camera = scene
+    shield = bpy.data.objects["shield"]
+    outfits = bpy.data.collections.new("spare outfits")
+    scene.collection.children.link(outfits)
+    scene.collection.objects.unlink(shield)
+    outfits.objects.link(shield)
+    mapping = armature_mapping(arm)
+    assert [m.name for m in occlusion.bound_meshes(arm)] == ["shield"]
+    layer = bpy.context.view_layer.layer_collection.children["spare outfits"]
+    for switch_off, switch_on in ((lambda: setattr(layer, "exclude", True), lambda: setattr(layer, "exclude", False)),
+                                  (lambda: setattr(outfits, "hide_render", True),
+                                   lambda: setattr(outfits, "hide_render", False)),
+                                  (lambda: setattr(shield, "hide_render", True),
+                                   lambda: setattr(shield, "hide_render", False))):
+        switch_off()
+        bpy.context.view_layer.update()
+        assert occlusion.bound_meshes(arm) == []
+        keypoints = plan_frame(scene, arm, mapping, keep_outside=False, occlusion=occlusion.Occluder(arm, mapping))
+        assert keypoints[INDEX["left_wrist"]] is not None
+        switch_on()
+
+
+def test_an_orthographic_view_reads_depth_linearly_across_a_triangle():
+    import numpy as np
+
+    # One slanted triangle in (u, v, depth): depth 1 at u = 0, 3 at u = 2; the point at u = 1 lies
+    # 0.2 behind the surface (depth 2), within a 0.5 tolerance.
+    corners = np.array([[0.0, -1.0, 1.0], [2.0, -1.0, 3.0], [0.0, 1.0, 1.0],
+                        [2.0, -1.0, 3.0], [2.0, 1.0, 3.0], [0.0, 1.0, 1.0]], np.float32)
+    point = np.array([[1.0, 0.0, 2.2]], np.float32)
+    assert not occlusion._hidden(corners, point, np.array([0.5]), ortho=True)[0]
+    assert occlusion._hidden(corners, np.array([[1.0, 0.0, 2.6]], np.float32), np.array([0.5]), ortho=True)[0]
