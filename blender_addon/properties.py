@@ -5,10 +5,12 @@ import bpy
 from bpy.props import (BoolProperty, CollectionProperty, EnumProperty, FloatProperty,
                        FloatVectorProperty, IntProperty, PointerProperty, StringProperty)
 
-from .mapping import NAMES, PRESETS, BoneMapping, Override, armature_mapping
+from .mapping import HEAD, NAMES, PRESETS, BoneMapping, Override, armature_mapping
 
 KEYPOINT_ITEMS = [(name, name.replace("_", " ").title(), f"COCO-18 keypoint {i}: {name}")
-                  for i, name in enumerate(NAMES)]
+                  for i, name in enumerate(NAMES)] + [
+    (HEAD, "Head (Face)", "The head bone the face points (nose, eyes, ears) are placed from, for a rig "
+                          "whose preset finds none; empty: no face")]
 PRESET_ITEMS = [("auto", "Automatic", "Recognise the rig from its bone names")] + [
     (p.name, p.label, f"Bone names of the {p.label} rig") for p in PRESETS.values()]
 

