@@ -41,8 +41,12 @@ def missing_for_poses(context) -> str | None:
     greys their buttons out and says this."""
     if _scene_armature(context) is None:
         return "choose the armature to pose in the PG2 panel (3D Viewport sidebar, PG2 tab)"
-    if context.scene.camera is None:
+    camera = context.scene.camera
+    if camera is None:
         return "the scene has no active camera; add one and make it active"
+    if getattr(camera.data, "type", None) == "PANO":
+        return (f"the active camera {camera.name} is panoramic; make it Perspective or Orthographic "
+                "(Camera properties › Lens › Type)")
     return None
 
 

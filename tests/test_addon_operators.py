@@ -17,6 +17,7 @@ import addon_utils  # noqa: E402
 from mathutils import Euler  # noqa: E402
 
 from blender_addon import imaging, rig  # noqa: E402
+from blender_addon.operators import missing_for_poses  # noqa: E402
 from pg2_server.wire.client import Client, ServerError  # noqa: E402
 from conftest import free_port
 
@@ -248,6 +249,10 @@ def test_buttons_grey_out_without_an_armature_or_a_camera(shot):
     assert not bpy.ops.pg2.generate.poll() and not bpy.ops.pg2.generate_frames.poll()
     shot.camera = camera
     assert bpy.ops.pg2.generate.poll()
+    camera.data.type = "PANO"          # a panorama is not projected as a photo
+    assert not bpy.ops.pg2.generate.poll()
+    assert "panoramic" in missing_for_poses(bpy.context)
+    camera.data.type = "PERSP"
     # The list buttons: Remove needs a selected row.
     assert not bpy.ops.pg2.person_remove.poll() and not bpy.ops.pg2.override_remove.poll()
     assert bpy.ops.pg2.person_add() == {"FINISHED"} and bpy.ops.pg2.person_add() == {"FINISHED"}
