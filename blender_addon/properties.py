@@ -79,8 +79,8 @@ class PG2SceneSettings(bpy.types.PropertyGroup):
                                      options=_RELATIVE,
                                      description="Export Poses: skeleton images; each gets a NAME_keypoints.json "
                                                  "(OpenPose) beside it; #### becomes the frame number")
-    frame_start: IntProperty(name="Start", default=1, min=0)
-    frame_end: IntProperty(name="End", default=250, min=0)
+    frame_start: IntProperty(name="Start", default=1, min=-1048574)   # Blender's own frame limits
+    frame_end: IntProperty(name="End", default=250, min=-1048574)
     frame_step: IntProperty(name="Step", default=1, min=1)
     use_scene_range: BoolProperty(name="Scene Range", default=True,
                                   description="Use the scene's frame range and step")

@@ -215,6 +215,10 @@ def test_step_and_custom_range(shot, server):
     assert bpy.ops.pg2.generate_frames() == {"FINISHED"}
     out = Path(settings.output_path).parent
     assert sorted(f.name for f in out.glob("step_*")) == ["step_02.png", "step_05.png", "step_08.png"]
+    settings.frame_start, settings.frame_end = -4, 0    # an animation that starts before frame 0
+    settings.output_path = str(out / "before_##")
+    assert bpy.ops.pg2.generate_frames() == {"FINISHED"}
+    assert sorted(f.name for f in out.glob("before_*")) == ["before_-1.png", "before_-4.png"]   # step 3
 
 
 def test_server_down_fails_within_the_timeout_and_writes_nothing(shot):
