@@ -32,3 +32,15 @@ def write_atomic(path: str | Path, write: Callable[[str], None]) -> Path:
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     """`write_atomic` of a bytes payload."""
     return write_atomic(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def write_tensors_atomic(path: str | Path, tensors: dict, metadata: dict[str, str]) -> Path:
+    """`write_atomic` of a safetensors file; a failed write (a full disk, a file-size limit)
+    raises OSError naming the file, as any other write would, not safetensors' own error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    except SafetensorError as e:
+        raise OSError(f"could not write {path}: {e}") from None

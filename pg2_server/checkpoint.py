@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .atomic import write_atomic
+from .atomic import write_atomic, write_tensors_atomic
 from .keypoints import NAMES
 from .model import Generator1, Generator2, ModelConfig
 
@@ -70,6 +70,10 @@ def save_checkpoint(path: str | Path, config: ModelConfig, g1: torch.nn.Module,
         state = getattr(module, "_orig_mod", module).state_dict()  # unwrap torch.compile
         for key, value in state.items():
             tensors[prefix + key] = value.detach().to("cpu", DTYPES[dtype]).contiguous()
+            if tensors[prefix + key].is_floating_point() and not torch.isfinite(tensors[prefix + key]).all():
+                hint = ("beyond float16's range (±65504): export as float32 or bfloat16"
+                        if torch.isfinite(value).all() else "NaN or inf: the training diverged; export an earlier state")
+                raise CheckpointError(f"{prefix + key} is not finite in {dtype}: {hint}")
     description = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -81,7 +85,7 @@ def save_checkpoint(path: str | Path, config: ModelConfig, g1: torch.nn.Module,
         "provenance": provenance or {},
         "metrics": metrics or {},
     }
-    write_atomic(weights_path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    write_tensors_atomic(weights_path, tensors, {"format": FORMAT})
     write_atomic(json_path, lambda tmp: Path(tmp).write_text(json.dumps(description, indent=2) + "\n"))
     return json_path, weights_path
 

@@ -144,10 +144,39 @@ def test_mismatched_config_and_weights(tmp_path):
 
 
 def test_non_finite_weights_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    config = preset("tiny")
+    save_checkpoint(tmp_path / "nan", config, Generator1(config))
+    tensors = load_file(tmp_path / "nan.safetensors")          # spoilt after it was written
+    tensors["g1.out.bias"][0] = float("nan")
+    save_file(tensors, tmp_path / "nan.safetensors", metadata={"format": "pg2-checkpoint"})
+    with pytest.raises(CheckpointError, match="NaN or inf"):
+        load_checkpoint(tmp_path / "nan")
+
+
+def test_weights_that_do_not_fit_the_export_dtype_are_refused(tmp_path):
     config = preset("tiny")
     g1 = Generator1(config)
     with torch.no_grad():
-        g1.out.bias[0] = float("nan")
-    save_checkpoint(tmp_path / "nan", config, g1)
-    with pytest.raises(CheckpointError, match="NaN or inf"):
-        load_checkpoint(tmp_path / "nan")
+        next(g1.parameters()).view(-1)[0] = 70000.0          # beyond float16
+    with pytest.raises(CheckpointError, match="not finite in float16: beyond float16's range"):
+        save_checkpoint(tmp_path / "big", config, g1, dtype="float16")
+    save_checkpoint(tmp_path / "big", config, g1, dtype="bfloat16")   # bfloat16 holds it
+    with torch.no_grad():
+        next(g1.parameters()).view(-1)[0] = float("nan")      # a diverged run
+    with pytest.raises(CheckpointError, match="NaN or inf: the training diverged"):
+        save_checkpoint(tmp_path / "nan", config, g1)
+    assert not (tmp_path / "nan.safetensors").exists() and not (tmp_path / "nan.json").exists()
+
+
+def test_a_failed_write_is_an_os_error_naming_the_file(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(File too large)")
+
+    monkeypatch.setattr("safetensors.torch.save_file", full_disk)
+    config = preset("tiny")
+    with pytest.raises(OSError, match="could not write .*model.safetensors: .*File too large"):
+        save_checkpoint(tmp_path / "model", config, Generator1(config))

@@ -235,6 +235,10 @@ def test_g2_levels_deepen_g2_over_a_trained_g1_and_stay_with_the_run(tmp_path, d
     assert "G2 of 3 levels" in capsys.readouterr().err
     assert main(_fit_args(dataset, out, 2, "--steps", "2", "--resume", "--no-bf16")) == 0
     assert load_run_state(out, 2)["step"] == 2
+    # a stage 1 fine-tuned from another run keeps the G2 depth asked for the stage 2 to come
+    init = tmp_path / "init"
+    assert main(_fit_args(dataset, init, 1, "--steps", "1", "--init", str(out), "--g2-levels", "2")) == 0
+    assert load_run_state(init, 1)["model_config"]["g2_levels"] == 2
 
 
 def test_init_fine_tunes_from_a_checkpoint_or_a_run(tmp_path, dataset, capsys):
@@ -425,7 +429,7 @@ def test_ema_is_kept_resumed_and_exported(tmp_path, dataset, split):
     assert all(torch.equal(load_run_state(out, 2)["g1"][k], ema[k]) for k in ema)
 
 
-def test_validation_scores_the_held_out_split_and_keeps_the_best(tmp_path, dataset, capsys):
+def test_validation_scores_the_held_out_split_and_keeps_the_best(tmp_path, dataset, capsys, caplog):
     from pg2_server.pipeline import Pipeline
 
     held_out = write_dataset(tmp_path / "val", split="test", identities=2, seed=1)
@@ -438,13 +442,55 @@ def test_validation_scores_the_held_out_split_and_keeps_the_best(tmp_path, datas
     assert {"ssim_pg2", "ssim_patn", "mask_ssim", "psnr", "l1"} <= set(records[0])
     best = max(records, key=lambda r: r["ssim_pg2"])
     state = load_run_state(out, 1)
-    assert state["best"] == {"step": best["step"], "metric": "ssim_pg2", "value": best["ssim_pg2"]}
+    assert {k: state["best"][k] for k in ("step", "metric", "value")} == {
+        "step": best["step"], "metric": "ssim_pg2", "value": best["ssim_pg2"]}
     pipeline = Pipeline.from_checkpoint(out / "best-stage1.json")
     assert pipeline.provenance["step"] == best["step"]
     assert pipeline.metrics["rows"]["g1"]["ssim_pg2"] == pytest.approx(best["ssim_pg2"])
     assert "best ssim_pg2" in capsys.readouterr().err
     assert main(_fit_args(dataset, tmp_path / "other", 1, "--steps", "2", "--val-every", "2")) == 2
     assert "held-out split" in capsys.readouterr().err
+    # Scored on other pairs, the saved best does not compare: the next validation starts anew.
+    validation[-1] = "3"
+    assert main(_fit_args(dataset, out, 1, "--steps", "6", "--lr", "1e-3", *validation, "--resume")) == 0
+    assert "the next validation starts a new best" in caplog.text
+    assert load_run_state(out, 1)["best"]["step"] == 6
+    assert Pipeline.from_checkpoint(out / "best-stage1.json").provenance["step"] == 6
+
+
+def test_a_best_checkpoint_that_could_not_be_written_is_not_remembered(tmp_path, dataset, capsys):
+    held_out = write_dataset(tmp_path / "val", split="test", identities=2, seed=1)
+    out = tmp_path / "run"
+    (out / "best-stage1.json").mkdir(parents=True)       # the write fails, as on a full disk
+    validation = ["--val-every", "2", "--val-data-root", str(held_out["images"]), "--val-annotations",
+                  str(held_out["annotations"]), "--val-pairs", str(held_out["pairs"]), "--val-limit", "4"]
+    assert main(_fit_args(dataset, out, 1, "--steps", "2", *validation)) == 2
+    assert "best-stage1.json" in capsys.readouterr().err
+    assert "best" not in load_run_state(out, 1)
+
+
+def test_a_log_line_cut_short_by_a_kill_neither_stops_resume_nor_export(tmp_path, dataset, caplog):
+    out = tmp_path / "run"
+    assert main(_fit_args(dataset, out, 1, "--steps", "2")) == 0
+    with open(out / "stage1-log.jsonl", "a") as f:
+        f.write('{"step": 3, "recon": 2.4')            # killed mid-write
+    assert main(["export", str(out), "--out", str(tmp_path / "model")]) == 0
+    assert main(_fit_args(dataset, out, 1, "--steps", "3", "--resume")) == 0
+    assert "stage1-log.jsonl:3 is not a whole log entry" in caplog.text
+    steps = [json.loads(line)["step"] for line in (out / "stage1-log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+def test_a_resumed_stage_two_refuses_another_g1_or_model(tmp_path, dataset, capsys):
+    first, other = tmp_path / "first", tmp_path / "other"
+    for run in (first, other):
+        assert main(_fit_args(dataset, run, 1, "--steps", "1")) == 0
+    assert main(_fit_args(dataset, first, 2, "--steps", "1")) == 0
+    assert main(_fit_args(dataset, first, 2, "--steps", "2", "--resume", "--g1", str(other))) == 2
+    assert "trains stage 2 over the G1 of" in capsys.readouterr().err
+    assert main(_fit_args(dataset, first, 2, "--steps", "2", "--resume", "--width", "64")) == 2
+    assert "a different --width" in capsys.readouterr().err
+    assert main(_fit_args(dataset, first, 2, "--steps", "2", "--resume", "--g1", str(first))) == 0
 
 
 @pytest.mark.skipif(not detection_available(), reason="the pose extra (mediapipe 0.10.14) is not installed")

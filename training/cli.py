@@ -102,11 +102,21 @@ def cmd_fit(args: argparse.Namespace) -> int:
             if g1_config.preset != args.preset:
                 raise ValueError(f"G1 was trained with preset {g1_config.preset!r}, not {args.preset!r}")
             model_config = g1_config.replace(**g2_levels)   # G2's depth is stage 2's own choice
-        elif args.stage == 2:  # resuming stage 2: the model is the one saved
-            model_config = ModelConfig.from_dict(load_run_state(run_dir, 2)["model_config"])
+        elif args.stage == 2:  # resuming stage 2: the model is the one saved, with its G1
+            saved = load_run_state(run_dir, 2)
+            model_config = ModelConfig.from_dict(saved["model_config"])
             if g2_levels and model_config.g2_levels != args.g2_levels:
                 raise ValueError(f"{run_dir} trains a G2 of {model_config.g2_levels} levels; resume it without "
                                  f"--g2-levels {args.g2_levels}, or start a new run with another --out")
+            changed = sorted(k for k, v in model_overrides.items() if getattr(model_config, k) != v)
+            if changed:
+                raise ValueError(f"{run_dir} trains stage 2 over a G1 with {model_config.pose_embedding}, "
+                                 f"{model_config.heatmap_kind}, width {model_config.base_width}; resume it without "
+                                 f"a different {', '.join(FLAG_OF[k] for k in changed)}")
+            g1_from = saved.get("data", {}).get("g1_from")
+            if args.g1 and g1_from and Path(args.g1).resolve() != Path(g1_from):
+                raise ValueError(f"{run_dir} trains stage 2 over the G1 of {g1_from}; resume it without --g1 "
+                                 f"{args.g1}, or start a new run with another --out")
         init_state = None
         if args.init:   # its config also when resuming; its weights only at the start
             init_config, weights = initial_weights(args.init, args.stage)
@@ -119,7 +129,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
                 if init_config.preset != args.preset:
                     raise ValueError(f"--init {args.init} was trained with preset {init_config.preset!r}, "
                                      f"not {args.preset!r}")
-                model_config = init_config
+                model_config = init_config.replace(**g2_levels)   # a G2 depth for the stage 2 to come
             elif init_config != model_config:
                 raise ValueError(f"--init {args.init} has model config {init_config.to_dict()}, but G1 has "
                                  f"{model_config.to_dict()}: stage 2 starts from a G2 made for the same G1 config")
@@ -493,6 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_parser(sub)
     sample_set.add_parser(sub)
     return parser
+
+
+FLAG_OF = {"pose_embedding": "--pose-embedding", "heatmap_kind": "--heatmap-kind", "base_width": "--width"}
 
 
 def main(argv: list[str] | None = None) -> int:

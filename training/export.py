@@ -8,22 +8,21 @@ last weights).
 from __future__ import annotations
 
 import datetime
-import json
 from pathlib import Path
 
 from pg2_server.checkpoint import read_description, save_checkpoint
 from pg2_server.model import Generator1, Generator2, ModelConfig
 
 from .state import StateError
-from .trainer import load_run_state, state_path
+from .trainer import load_run_state, read_log, state_path
 
 
 def _last_logged(run_dir: Path, stage: int) -> dict:
     log = run_dir / f"stage{stage}-log.jsonl"
     if not log.is_file():
         return {}
-    lines = [line for line in log.read_text().splitlines() if line.strip()]
-    return json.loads(lines[-1]) if lines else {}
+    entries = read_log(log)
+    return entries[-1] if entries else {}
 
 
 def _stage_record(run_dir: Path, stage: int, state: dict) -> dict:

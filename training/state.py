@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from pg2_server.atomic import write_atomic
+from pg2_server.atomic import write_tensors_atomic
 
 _TENSOR = "__tensor__"
 _META_KEY = "pg2_train_state"
@@ -59,7 +59,7 @@ def save_state(path: str | Path, state: dict) -> Path:
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _flatten(state, "s", tensors)
-    return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={_META_KEY: json.dumps(skeleton)}))
+    return write_tensors_atomic(path, tensors, {_META_KEY: json.dumps(skeleton)})
 
 
 def remove_partial_saves(folder: str | Path) -> list[Path]:

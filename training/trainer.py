@@ -12,6 +12,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import logging
 import math
 import resource
 import signal
@@ -26,6 +27,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from pg2_server.atomic import write_atomic
 from pg2_server.checkpoint import load_checkpoint, save_checkpoint
 from pg2_server.drawing import draw_pose, image_grid, write_rgb
 from pg2_server.model import Generator1, Generator2, ModelConfig
@@ -39,6 +41,8 @@ from .distributed import Distributed, any_rank, barrier, mean_over_ranks, synchr
 from .losses import RECONSTRUCTION_LOSSES, discriminator_logits, discriminator_loss, \
     generator_adversarial_loss, reconstruction_loss
 from .state import StateError, load_state, remove_partial_saves, rng_state, save_state, set_rng_state
+
+logger = logging.getLogger(__name__)
 
 # Validation metrics (training/evaluate.py's) and whether larger is better.
 # Those that need the pose detector (the `pose` extra) on the generated images.
@@ -418,8 +422,14 @@ class Trainer:
             self.opt_d.load_state_dict(state["opt_d"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
-        if state.get("best", {}).get("metric") == self.config.val_metric:
-            self.best = state["best"]
+        best = state.get("best", {})
+        if best.get("metric") == self.config.val_metric:
+            if best.get("scored_on") in (None, self._scored_on()):
+                self.best = best
+            else:   # another validation set: its scores do not compare with the saved best
+                logger.warning("the validation pairs or --val-limit changed since the best checkpoint (step %s, "
+                               "%s %.4g): the next validation starts a new best", best.get("step"), best["metric"],
+                               best["value"])
         set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.skipped_images = int(state.get("skipped_images", 0))
@@ -447,8 +457,8 @@ class Trainer:
         # Signals can only be caught on the main thread; elsewhere (a notebook's worker thread)
         # the caller owns interruption.
         catch = threading.current_thread() is threading.main_thread()
-        previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGTERM, signal.SIGINT)} if catch else {}
         log = _LossLog(self.run_dir, c.stage, self.step, self.job.is_main)
+        previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGTERM, signal.SIGINT)} if catch else {}
         bar = tqdm(total=c.steps, initial=self.step, desc=f"stage {c.stage}", unit="step",
                    disable=not self.job.is_main, dynamic_ncols=True)
         last: dict[str, float] = {}
@@ -560,14 +570,21 @@ class Trainer:
             larger = VALIDATION_METRICS[metric]
             if value is not None and (self.best is None or (value > self.best["value"] if larger
                                                             else value < self.best["value"])):
-                self.best = {"step": self.step, "metric": metric, "value": value}
                 save_checkpoint(self.run_dir / f"best-stage{self.config.stage}", self.model_config, g1, g2,
                                 provenance={"trained_by": "pg2-train", "stage": self.config.stage, "step": self.step,
                                             "ema": self.ema is not None, "data": self.data_provenance,
                                             "train_config": self.config.to_dict()},
                                 metrics=metrics)
+                self.best = {"step": self.step, "metric": metric, "value": value,   # once it is on disk
+                             "scored_on": self._scored_on()}
         barrier(self.job)
         return self.best
+
+    def _scored_on(self) -> str | None:
+        """What validation scores: the held-out pairs' digest and how many are scored."""
+        if self.validation is None:
+            return None
+        return f"{self.validation.pairs_digest}:{self.config.val_limit}"
 
     def _logged(self, losses: dict[str, torch.Tensor], skipped: int) -> dict[str, float]:
         """The step's losses averaged over the ranks, and the images skipped so far by all ranks."""
@@ -617,6 +634,24 @@ class Trainer:
         return image_grid(rows, header)
 
 
+def read_log(path: Path) -> list[dict]:
+    """The entries of a JSONL log; a line cut short (a kill or a full disk mid-write) is left
+    out with a warning rather than stopping a resume or an export."""
+    entries = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            entry = None
+        if not isinstance(entry, dict):
+            logger.warning("%s:%d is not a whole log entry (cut short?); left out", path, number)
+            continue
+        entries.append(entry)
+    return entries
+
+
 class _LossLog:
     """Rank 0's record of a stage: `stageN-log.jsonl`, TensorBoard scalars and sample grids.
 
@@ -635,9 +670,9 @@ class _LossLog:
         self.validation_path = run_dir / f"stage{stage}-validation.jsonl"
         for path in (self.path, self.validation_path):
             if path.exists():
-                kept = [line for line in path.read_text().splitlines()
-                        if line.strip() and json.loads(line)["step"] <= start_step]
-                path.write_text("".join(line + "\n" for line in kept))
+                kept = [entry for entry in read_log(path) if entry.get("step", 0) <= start_step]
+                write_atomic(path, lambda tmp, kept=kept: Path(tmp).write_text(
+                    "".join(json.dumps(entry) + "\n" for entry in kept), encoding="utf-8"))
         self.file = open(self.path, "a", encoding="utf-8")
         try:
             from torch.utils.tensorboard import SummaryWriter
