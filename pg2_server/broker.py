@@ -88,6 +88,23 @@ class Pending:
         return self.envelope[0].bytes if isinstance(self.envelope[0], zmq.Frame) else bytes(self.envelope[0])
 
 
+def _ready(ready) -> tuple[dict, int]:
+    """A worker's READY payload → (info, capacity); ValueError when it is not what workers send,
+    so that one stray message on the worker port cannot break the broker's `info` or its loop."""
+    if not isinstance(ready, dict) or not isinstance(ready.get("info", {}), dict):
+        raise ValueError("READY must be a map with an `info` map")
+    info = ready.get("info", {})
+    for key, kind in (("workers", list), ("devices", list), ("models", list), ("limits", dict)):
+        if not isinstance(info.get(key, kind()), kind):
+            raise ValueError(f"READY info.{key} must be a {kind.__name__}")
+    if not all(isinstance(w, dict) for w in info.get("workers", [])):
+        raise ValueError("READY info.workers must hold maps")
+    capacity = ready.get("capacity", 1)
+    if not isinstance(capacity, int) or isinstance(capacity, bool):
+        raise ValueError("READY capacity must be an integer")
+    return info, capacity
+
+
 class Broker:
     """Routes client requests to the least-busy live worker and their replies back."""
 
@@ -268,6 +285,9 @@ class Broker:
         if deadline_ms is not None:
             entry.deadline = now + deadline_ms / 1000
             heapq.heappush(self.deadlines, (entry.deadline, key))
+            if len(self.deadlines) > 2 * len(self.pending) + 64:   # answered and cancelled ones go
+                self.deadlines = [d for d in self.deadlines if d[1] in self.pending]
+                heapq.heapify(self.deadlines)
         self.pending[key] = entry
         self.by_peer.setdefault(entry.peer, set()).add(key)
         self.waiting.append(key)
@@ -328,8 +348,7 @@ class Broker:
         expires = now + self.config.heartbeat_s * self.config.liveness
         if command == READY:
             try:
-                ready = msgpack.unpackb(frames[2].bytes, raw=False) if len(frames) > 2 else {}
-                info, capacity = ready.get("info", {}), int(ready.get("capacity", 1))
+                info, capacity = _ready(msgpack.unpackb(frames[2].bytes, raw=False) if len(frames) > 2 else {})
             except Exception:
                 log.warning("ignoring a malformed READY from a worker")
                 return
@@ -352,9 +371,10 @@ class Broker:
         if command == HEARTBEAT:
             if len(frames) > 2:
                 try:
-                    worker.counters = msgpack.unpackb(frames[2].bytes, raw=False)
+                    counters = msgpack.unpackb(frames[2].bytes, raw=False)
                 except Exception:
-                    worker.counters = {}
+                    counters = None
+                worker.counters = counters if isinstance(counters, dict) else {}
         elif command == REPLY and len(frames) >= 4:
             key = frames[2].bytes
             worker.in_flight.discard(key)

@@ -249,3 +249,32 @@ def test_broker_deadlines_cancel_and_clients_that_go():
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def test_stray_messages_on_the_worker_port_do_not_break_the_broker():
+    from pg2_server.worker_protocol import HEARTBEAT, READY
+
+    frontend, backend = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    broker = cli("broker", "--frontend", frontend, "--backend", backend, "--heartbeat-ms", "200")
+    try:
+        with Client(frontend, timeout=30) as client:
+            assert client.info()["ready"] is False
+        stray = zmq.Context.instance().socket(zmq.DEALER)
+        stray.setsockopt(zmq.LINGER, 0)
+        stray.connect(backend)
+        for payload in ({"info": 5}, {"info": {"workers": [1]}}, {"info": {"devices": "cpu"}}, [1, 2],
+                        {"capacity": "many"}):
+            stray.send_multipart([READY, msgpack.packb(payload)])
+        stray.send_multipart([READY, msgpack.packb({"info": {"workers": [{"host": "h"}]}, "capacity": 1})])
+        stray.send_multipart([HEARTBEAT, msgpack.packb([1, 2])])   # counters that are not a map
+        time.sleep(0.5)
+        with Client(frontend, timeout=30) as client:
+            info = client.info()
+        assert broker.poll() is None and len(info["workers"]) == 1 and info["counters"]["batches"] == 0
+        stray.close()
+    finally:
+        broker.send_signal(signal.SIGTERM)
+        try:
+            broker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            broker.kill()

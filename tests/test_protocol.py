@@ -70,6 +70,9 @@ def test_defaults_of_output_and_simple_ops():
     (msgpack.packb({"v": 1, "id": 1}), "bad_request", '"op"'),
     (msgpack.packb({"v": 1, "op": "ping", "id": [1]}), "bad_request", "id must be"),
     (msgpack.packb({"v": 1, "op": "ping"}) + b"\x00", "bad_request", "more than one"),
+    # a header bomb: millions of empty maps would take seconds and gigabytes to build
+    (msgpack.packb({"v": 1, "op": "ping", "id": 1, "x": [{}] * 100_000}), "too_large", "over 65536"),
+    (msgpack.packb({"v": 1, "op": "ping", "id": 1, "x": [0] * 300}), "bad_request", "longer than a request has"),
 ])
 def test_header_errors(bad, code, words):
     error = error_of([bad])

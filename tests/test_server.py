@@ -489,6 +489,24 @@ def test_curve_authorised_key_is_served_unknown_key_is_not(tmp_path):
     assert code == 0, out
 
 
+def test_a_client_key_folder_no_client_could_pass_is_refused_at_start(tmp_path):
+    from pg2_server.wire.curve import ServerKeys
+
+    keys = tmp_path / "keys"
+    for name in ("server", "alice"):
+        assert run_cli("keys", str(keys), name).returncode == 0
+    authorised = tmp_path / "authorised"
+    authorised.mkdir()
+    server = ServerKeys(keys / "server.key_secret", authorised)
+    with pytest.raises(ValueError, match="holds no NAME.key public keys"):
+        server.check()
+    (authorised / "alice.key").write_bytes((keys / "alice.key").read_bytes())
+    server.check()
+    (authorised / "bob.key").write_text("nonsense\n")       # one bad key would lock out alice too
+    with pytest.raises(ValueError, match="holds a key that cannot be read"):
+        server.check()
+
+
 # ---------------------------------------------------------------------------------------------
 # Under abuse: far keypoints, clients that never read or go away, deadlines, cancel, readiness
 

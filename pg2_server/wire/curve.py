@@ -53,9 +53,21 @@ class ServerKeys:
             raise ValueError(f"CURVE secret certificate {self.secret_file} does not exist; create one with "
                              "`pg2-server keys DIR server`")
         for what, folder in (("client", self.clients_dir), ("worker", self.workers_dir)):
-            if folder is not None and not Path(folder).is_dir():
+            if folder is None:
+                continue
+            if not Path(folder).is_dir():
                 raise ValueError(f"CURVE {what} key directory {folder} does not exist; put the {what}s' "
                                  "NAME.key files there")
+            # pyzmq loads a folder with one unreadable key as no keys at all (and only logs it):
+            # every client would be refused by a server that seemed to start well.
+            try:
+                keys = zmq.auth.load_certificates(str(folder))
+            except Exception as e:
+                raise ValueError(f"CURVE {what} key directory {folder} holds a key that cannot be read ({e}); "
+                                 "remove or replace it (`pg2-server keys` writes them)") from None
+            if not keys:
+                raise ValueError(f"CURVE {what} key directory {folder} holds no NAME.key public keys: no {what} "
+                                 "could connect; copy the authorised ones there")
 
     @property
     def domains(self) -> dict[str, Path]:

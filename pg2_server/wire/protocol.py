@@ -42,6 +42,9 @@ _OUTPUT_KEYS = {"format", "alpha", "stages", "quality"}
 # Deeper nesting than any valid header needs; bounds msgpack's recursion on hostile input.
 _MAX_DEPTH = 8
 _MAX_ID_LENGTH = 256
+# A request's header holds 18 keypoints and a few fields (a few hundred bytes); refused above this
+# before it is unpacked, so no header makes the server build millions of objects.
+MAX_HEADER_BYTES = 64 * 1024
 MAX_DEADLINE_MS = 86_400_000  # a day
 MIB = 2 ** 20
 
@@ -132,11 +135,18 @@ class Request:
 # ---------------------------------------------------------------------------------------------
 # Header decoding
 
-def _unpack(frame) -> object:
+def _unpack(frame, request: bool = False) -> object:
+    # A request header's arrays and maps are short (18 keypoints, a handful of keys).
+    limits = {"max_array_len": 256, "max_map_len": 64} if request else {}
     try:
-        return msgpack.unpackb(frame, raw=False, strict_map_key=True, use_list=True)
+        return msgpack.unpackb(frame, raw=False, strict_map_key=True, use_list=True, **limits)
     except msgpack.ExtraData:
         raise ProtocolError(BAD_REQUEST, "the header frame holds more than one MessagePack object") from None
+    except ValueError as e:
+        if "exceeds max_" in str(e):
+            raise ProtocolError(BAD_REQUEST, f"the header holds a list or map longer than a request has ({e})") from None
+        raise ProtocolError(BAD_REQUEST, f"the header frame is not valid MessagePack ({type(e).__name__}); "
+                                         "frame 0 must be a MessagePack map") from None
     except (msgpack.FormatError, msgpack.StackError, ValueError, UnicodeDecodeError, TypeError) as e:
         raise ProtocolError(BAD_REQUEST, f"the header frame is not valid MessagePack ({type(e).__name__}); "
                                          "frame 0 must be a MessagePack map") from None
@@ -168,7 +178,10 @@ def _readable_id(header: dict) -> str | int | None:
 
 def decode_header(frame) -> dict:
     """Frame 0 → a header map with a valid `v`, `op` and `id`; raises ProtocolError."""
-    header = _unpack(frame)
+    if len(frame) > MAX_HEADER_BYTES:
+        raise ProtocolError(TOO_LARGE, f"the header frame is {len(frame)} bytes, over {MAX_HEADER_BYTES}: frame 0 "
+                                       "holds the request's fields, images go in the frames after it")
+    header = _unpack(frame, request=True)
     if not isinstance(header, dict):
         raise ProtocolError(BAD_REQUEST, f"the header must be a MessagePack map, got {type(header).__name__}")
     request_id = _readable_id(header)
