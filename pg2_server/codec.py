@@ -58,6 +58,9 @@ def declared_size(data, fmt: str) -> tuple[int, int] | None:
     return _png_size(data) if fmt == "png" else _jpeg_size(data)
 
 
+MAX_JPEG_SCANS = 100   # scans a source JPEG may have (encoders write about ten)
+
+
 def decode_image(data, spec: ImageSpec, max_side: int, request_id=None) -> np.ndarray:
     """A source payload → uint8 RGB (H, W, 3); raises ProtocolError (bad_request / too_large)."""
     if spec.format == "raw":
@@ -80,6 +83,14 @@ def decode_image(data, spec: ImageSpec, max_side: int, request_id=None) -> np.nd
     if (spec.width is not None and spec.width != width) or (spec.height is not None and spec.height != height):
         raise ProtocolError(BAD_REQUEST, f"the source header says {spec.width}×{spec.height} but the "
                                          f"{spec.format.upper()} file is {width}×{height}", request_id)
+    if spec.format == "jpeg":
+        # A progressive JPEG decodes every scan over the whole image: thousands of empty scans
+        # in a small file hold the decoder for minutes. Encoders write ten or so (libjpeg), and
+        # a scan's marker cannot occur inside the coded data (an 0xFF there is followed by 0x00).
+        scans = bytes(data).count(b"\xff\xda")
+        if scans > MAX_JPEG_SCANS:
+            raise ProtocolError(BAD_REQUEST, f"the source JPEG has {scans} scans, over {MAX_JPEG_SCANS}; save it "
+                                             "again as a baseline or ordinary progressive JPEG", request_id)
     image = decode_photo(data)
     # A phone's portrait photo stores landscape pixels and an EXIF orientation; it is decoded
     # upright, as every photo viewer shows it, so its size is the header's transposed.
@@ -108,14 +119,16 @@ def decode_photo(data) -> np.ndarray | None:
         return None
     if image is None:
         return None
+    # OpenCV's saturating uint8 arithmetic, no float copies: a 4096² 16-bit RGBA PNG took 1.1 GB
+    # more memory through numpy's float64.
     if image.dtype == np.uint16:
-        image = np.round(image / 257.0).astype(np.uint8)
+        image = cv2.convertScaleAbs(image, alpha=1 / 257)
     if image.ndim == 2:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
-    if image.shape[2] == 4:
-        alpha = image[:, :, 3:].astype(np.float32) / 255
-        over = image[:, :, :3].astype(np.float32) * alpha + BACKDROP * (1 - alpha)
-        image = np.round(over).astype(np.uint8)
+    if image.shape[2] == 4:   # colour × alpha + the backdrop × (1 − alpha), the backdrop being white
+        alpha = cv2.cvtColor(np.ascontiguousarray(image[:, :, 3]), cv2.COLOR_GRAY2BGR)
+        backdrop = cv2.convertScaleAbs(cv2.bitwise_not(alpha), alpha=BACKDROP / 255)   # 255 − alpha, scaled
+        image = cv2.add(cv2.multiply(np.ascontiguousarray(image[:, :, :3]), alpha, scale=1 / 255), backdrop)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 

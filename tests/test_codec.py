@@ -94,6 +94,10 @@ def test_sixteen_bit_and_grey_pngs_become_8_bit_rgb():
     ok, data = cv2.imencode(".png", np.full((3, 5, 3), 40000, np.uint16))
     assert ok
     assert np.array_equal(decode_photo(data.tobytes()), np.full((3, 5, 3), round(40000 / 257), np.uint8))
+    bgra = np.zeros((2, 4, 4), np.uint16)             # the cut-out person, 16 bits a channel
+    bgra[:, 0], bgra[:, 1] = (0, 0, 200 * 257, 65535), (0, 0, 200 * 257, 128 * 257)
+    ok, data = cv2.imencode(".png", bgra)
+    assert np.array_equal(decode_photo(data.tobytes()), decode_photo(cut_out_png()))
     ok, data = cv2.imencode(".png", np.arange(15, dtype=np.uint8).reshape(3, 5))
     assert ok
     grey = decode_photo(data.tobytes())
@@ -193,3 +197,17 @@ def test_source_cache_off_decodes_every_time():
     first = encoded(rgb(), ".png")
     off = SourceCache(0)
     assert off.decode(first, ImageSpec("png"), 4096) is not off.decode(first, ImageSpec("png"), 4096)
+
+
+def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding():
+    image = rgb(64, 48)
+    ok, progressive = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    progressive = progressive.tobytes()
+    assert 1 < progressive.count(b"\xff\xda") <= 20                # an encoder's own progressive file
+    assert decode_image(progressive, ImageSpec("jpeg"), 4096).shape == (48, 64, 3)
+    # empty scans repeated before the end: each would be decoded over the whole image
+    scan = progressive[progressive.rindex(b"\xff\xda"):-2]
+    bomb = progressive[:-2] + scan * 200 + b"\xff\xd9"
+    with pytest.raises(ProtocolError, match="has 2.. scans, over 100") as refused:
+        decode_image(bomb, ImageSpec("jpeg"), 4096)
+    assert refused.value.code == "bad_request"
