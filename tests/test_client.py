@@ -132,6 +132,28 @@ def test_generate_many_pipelines_and_matches_replies_out_of_order():
     assert [r.request.tag for r in results][:4] == [3, 2, 1, 0]
 
 
+def test_a_call_in_the_middle_of_generate_many_keeps_its_replies():
+    """A ping (or a cancel) between two results reads the pipeline's replies off the socket:
+    they are kept for it, not dropped and sent again after the timeout."""
+    def respond(number, header, frames):
+        if header["op"] == "ping":
+            return [protocol.encode_reply(header["id"], {"pong": True})]
+        return [image_reply(header["id"], header["size"][0], header["size"][1])]
+
+    requests = [GenerateRequest(PNG, KEYPOINTS, (i + 1, 2), tag=i) for i in range(8)]
+    with StandIn(respond) as server, Client(server.endpoint, timeout=5, retries=1) as client:
+        started, results = time.monotonic(), []
+        for result in client.generate_many(requests, in_flight=8):
+            results.append(result)
+            if len(results) == 1:
+                time.sleep(0.2)              # the other seven replies are waiting on the socket
+                assert client.ping() > 0
+        elapsed = time.monotonic() - started
+        generates = [h for h in server.received if h["op"] == "generate"]
+    assert sorted(r.request.tag for r in results) == list(range(8)) and elapsed < 3
+    assert len(generates) == 8                # none sent twice
+
+
 def test_generate_many_resends_outstanding_requests_and_drops_duplicates():
     # Every request is answered twice, the first ones only after a delay that triggers a re-send.
     def respond(number, header, frames):

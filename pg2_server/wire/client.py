@@ -121,6 +121,10 @@ class Client:
         self.context = context or zmq.Context.instance()
         self._ids = itertools.count(1)
         self._socket: zmq.Socket | None = None
+        # Replies that a call made while generate_many runs (a cancel, a ping) received for the
+        # pipeline's requests, kept for it: id → reply.
+        self._awaited: set[int] = set()
+        self._held: dict[int, protocol.Reply] = {}
 
     # -- socket --------------------------------------------------------------------------------
 
@@ -165,7 +169,9 @@ class Client:
                 reply = self._decode(sock.recv_multipart(), max_image_side)
                 if reply.id == request_id:
                     return reply
-                # A late reply to an earlier request: ignore it.
+                if reply.id in self._awaited:   # generate_many's: it takes it from here
+                    self._held[reply.id] = reply
+                # Otherwise a late reply to an earlier request: ignore it.
             self._reset()
         raise ServerTimeout("timeout", f"no reply from {self.endpoint} after {self.retries} attempt(s) of "
                                        f"{self.timeout:g} s; is `pg2-server serve` running there and reachable?",
@@ -242,41 +248,46 @@ class Client:
         """
         if in_flight < 1:
             raise ValueError(f"in_flight must be at least 1, got {in_flight}")
-        pending = iter(requests)
-        # id → (request, frames, attempts), in the order sent (dicts keep insertion order)
-        outstanding: dict[int, tuple[GenerateRequest, list, int]] = {}
-        exhausted = False
-        while True:
-            while not exhausted and len(outstanding) < in_flight:
-                try:
-                    request = next(pending)
-                except StopIteration:
-                    exhausted = True
-                    break
-                request_id = next(self._ids)
-                frames = request.frames(request_id)
-                outstanding[request_id] = (request, frames, 1)
-                self._open().send_multipart(frames)
-            if not outstanding:
-                return
-            sock = self._open()
-            if sock.poll(self.timeout * 1000, zmq.POLLIN):
-                reply = self._decode(sock.recv_multipart(), 1 << 16)
-                entry = outstanding.pop(reply.id, None)
-                if entry is None:
-                    continue  # a duplicate reply to a request that was re-sent
-                result = self._result(entry[0], reply)
-                if result.error is not None and raise_errors:
-                    raise result.error
-                yield result
-                continue
-            # Nothing within the timeout: Lazy Pirate for everything still outstanding.
-            self._reset()
-            if any(attempts >= self.retries for _, _, attempts in outstanding.values()):
-                raise ServerTimeout("timeout", f"no reply from {self.endpoint} for {len(outstanding)} request(s) "
-                                               f"after {self.retries} attempt(s) of {self.timeout:g} s",
-                                    self.endpoint)
-            sock = self._open()
-            for request_id, (request, frames, attempts) in list(outstanding.items()):
-                outstanding[request_id] = (request, frames, attempts + 1)
-                sock.send_multipart(frames)
+        try:
+            pending = iter(requests)
+            # id → (request, frames, attempts), in the order sent (dicts keep insertion order)
+            outstanding: dict[int, tuple[GenerateRequest, list, int]] = {}
+            exhausted = False
+            while True:
+                while not exhausted and len(outstanding) < in_flight:
+                    try:
+                        request = next(pending)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    request_id = next(self._ids)
+                    frames = request.frames(request_id)
+                    outstanding[request_id] = (request, frames, 1)
+                    self._open().send_multipart(frames)
+                self._awaited = set(outstanding)
+                if not outstanding:
+                    return
+                held = next((i for i in outstanding if i in self._held), None)
+                sock = self._open()
+                if held is not None or sock.poll(self.timeout * 1000, zmq.POLLIN):
+                    reply = self._held.pop(held) if held is not None else self._decode(sock.recv_multipart(), 1 << 16)
+                    entry = outstanding.pop(reply.id, None)
+                    if entry is None:
+                        continue  # a duplicate reply to a request that was re-sent
+                    result = self._result(entry[0], reply)
+                    if result.error is not None and raise_errors:
+                        raise result.error
+                    yield result
+                    continue
+                # Nothing within the timeout: Lazy Pirate for everything still outstanding.
+                self._reset()
+                if any(attempts >= self.retries for _, _, attempts in outstanding.values()):
+                    raise ServerTimeout("timeout", f"no reply from {self.endpoint} for {len(outstanding)} request(s) "
+                                                   f"after {self.retries} attempt(s) of {self.timeout:g} s",
+                                        self.endpoint)
+                sock = self._open()
+                for request_id, (request, frames, attempts) in list(outstanding.items()):
+                    outstanding[request_id] = (request, frames, attempts + 1)
+                    sock.send_multipart(frames)
+        finally:   # done, failed or abandoned: nothing more to keep for it
+            self._awaited, self._held = set(), {}
