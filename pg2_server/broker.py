@@ -221,6 +221,18 @@ class Broker:
     def _error(self, envelope: list, request_id, code: str, message: str) -> None:
         self._reply(envelope, protocol.encode_error(request_id, code, message), code)
 
+    @property
+    def message_limit(self) -> int:
+        """The largest request admitted: the broker's own limit, or a registered worker's if
+        smaller (a worker's socket drops a connection that brings a larger one, and with it
+        every request in flight there)."""
+        limits = [self.config.max_message_bytes]
+        for worker in self.workers.values():
+            value = worker.info.get("limits", {}).get("max_message_bytes")
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                limits.append(value)
+        return min(limits)
+
     def on_client(self, frames: list) -> None:
         for peer in self.tracker.seen(frames):
             self.peer_gone(peer)
@@ -228,11 +240,12 @@ class Broker:
         try:
             if not message:
                 raise ProtocolError(protocol.BAD_REQUEST, "empty message: frame 0 must be the header")
+            header = protocol.decode_header(message[0].buffer)   # ≤ 64 KiB: it names the id to answer
             total = sum(len(f) for f in message)
-            if total > self.config.max_message_bytes:
-                raise ProtocolError(protocol.TOO_LARGE, f"the message is {total} bytes, over the limit of "
-                                                        f"{self.config.max_message_bytes}")
-            header = protocol.decode_header(message[0].buffer)
+            limit = self.message_limit
+            if total > limit:
+                raise ProtocolError(protocol.TOO_LARGE, f"the message is {total} bytes, over the limit of {limit}",
+                                    protocol.readable_id(header))
         except ProtocolError as e:
             self.counters.request(None)
             self._error(envelope, e.id, e.code, e.message)
@@ -459,7 +472,7 @@ class Broker:
                         cancelled=self.cancelled, **self.delivery.stats())
         first = next(iter(self.workers.values()), None)
         limits = dict(first.info.get("limits", {})) if first else {}
-        limits.update(max_message_bytes=self.config.max_message_bytes, max_queue=self.config.max_queue)
+        limits.update(max_message_bytes=self.message_limit, max_queue=self.config.max_queue)
         if not self.config.info_details:
             models = [{k: v for k, v in m.items() if k != "provenance"} for m in models]
         return {"protocol_versions": list(protocol.SUPPORTED_VERSIONS),

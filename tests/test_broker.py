@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import zmq
 
-from pg2_server.wire.client import Client, GenerateRequest, ServerTimeout
+from pg2_server.wire.client import Client, GenerateRequest, ServerError, ServerTimeout
 from pg2_server.wire.curve import ClientKeys
 from pg2_server.bench import BENCH_KEYPOINTS as KEYPOINTS
 from conftest import free_port
@@ -278,3 +278,30 @@ def test_stray_messages_on_the_worker_port_do_not_break_the_broker():
             broker.wait(timeout=30)
         except subprocess.TimeoutExpired:
             broker.kill()
+
+
+def test_the_broker_admits_no_request_larger_than_its_workers_take():
+    frontend, backend = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    broker = cli("broker", "--frontend", frontend, "--backend", backend, "--heartbeat-ms", "200",
+                 "--max-message-mb", "4")
+    worker = cli("worker", "--connect", backend, "--preset", "tiny", "--random-weights", "--heartbeat-ms", "200",
+                 "--max-message-mb", "1")
+    try:
+        info = wait_for_workers(frontend, 1)
+        assert info["limits"]["max_message_bytes"] == 2 ** 20
+        big = cv2.imencode(".png", np.random.default_rng(0).integers(0, 256, (900, 900, 3), np.uint8))[1].tobytes()
+        assert 2 ** 20 < len(big) < 4 * 2 ** 20
+        with Client(frontend, timeout=30) as client:
+            with pytest.raises(ServerError, match="over the limit of 1048576") as refused:
+                client.generate(big, KEYPOINTS, (176, 256))      # answered, to its id
+            assert refused.value.code == "too_large"
+            assert client.generate(SOURCE_PNG, KEYPOINTS, (176, 256)).image.width == 176
+            assert len(client.info()["workers"]) == 1          # the worker kept its connection
+    finally:
+        for process in (broker, worker):
+            process.send_signal(signal.SIGTERM)
+        for process in (broker, worker):
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()

@@ -165,7 +165,7 @@ def _depth(value, limit: int) -> int:
     return 0
 
 
-def _readable_id(header: dict) -> str | int | None:
+def readable_id(header: dict) -> str | int | None:
     value = header.get("id")
     if isinstance(value, bool):
         return None
@@ -184,7 +184,7 @@ def decode_header(frame) -> dict:
     header = _unpack(frame, request=True)
     if not isinstance(header, dict):
         raise ProtocolError(BAD_REQUEST, f"the header must be a MessagePack map, got {type(header).__name__}")
-    request_id = _readable_id(header)
+    request_id = readable_id(header)
     if _depth(header, _MAX_DEPTH) > _MAX_DEPTH:
         raise ProtocolError(BAD_REQUEST, "the header is nested too deeply", request_id)
     if "id" in header and header["id"] is not None and request_id is None:
@@ -313,13 +313,13 @@ def decode_request(frames, limits: Limits = Limits()) -> Request:
         request_id = None
         if len(frames[0]) <= limits.max_message_bytes:
             try:
-                request_id = _readable_id(decode_header(frames[0]))
+                request_id = readable_id(decode_header(frames[0]))
             except ProtocolError:
                 pass  # the size is the error to report; the header's own faults come second
         raise ProtocolError(TOO_LARGE, f"the message is {total} bytes, over the server's limit of "
                                        f"{limits.max_message_bytes}", request_id)
     header = decode_header(frames[0])
-    request_id = _readable_id(header)
+    request_id = readable_id(header)
     op = header["op"]
     payloads = frames[1:]
     if op != "generate":
@@ -327,7 +327,7 @@ def decode_request(frames, limits: Limits = Limits()) -> Request:
             raise ProtocolError(BAD_REQUEST, f"op {op} takes no payload frames, got {len(payloads)}", request_id)
         target = None
         if op == "cancel" and header.get("target") is not None:
-            target = _readable_id({"id": header["target"]})
+            target = readable_id({"id": header["target"]})
             if target is None:
                 raise ProtocolError(BAD_REQUEST, "cancel's target must be the id (string or integer) of a request "
                                                  "sent on this connection, or absent for all of them", request_id)
@@ -429,7 +429,7 @@ def decode_reply(frames, max_image_side: int = 1 << 16) -> Reply:
     header = _unpack(frames[0])
     if not isinstance(header, dict) or not isinstance(header.get("ok"), bool):
         raise ProtocolError(BAD_REQUEST, "the server's reply header is not a map with \"ok\"")
-    request_id = _readable_id(header)
+    request_id = readable_id(header)
     payloads = list(frames[1:])
     if not header["ok"]:
         error = header.get("error")
