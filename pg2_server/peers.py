@@ -9,8 +9,9 @@ drops (and counts) a reply past either budget. What a peer had waiting is freed 
 
 `PeerTracker` tells which peers went away, so their queued work can be cancelled: libzmq's
 ROUTER_NOTIFY is a draft API missing from the usual builds, so it watches the socket monitor's
-DISCONNECTED events (which name the connection's file descriptor) and the file descriptor each
-message came from (ZMQ_SRCFD). One connection of a ROUTER has exactly one routing id.
+ACCEPTED and DISCONNECTED events (which name the connection's file descriptor) and the file
+descriptor each message came from (ZMQ_SRCFD). One connection of a ROUTER has exactly one
+routing id.
 """
 from __future__ import annotations
 
@@ -170,42 +171,55 @@ class Delivery:
 
 
 class PeerTracker:
-    """Which peers of a ROUTER went away: call `seen` for every message, `gone` every loop."""
+    """Which peers of a ROUTER went away: call `seen` for every message, `gone` every loop.
+
+    The monitor reports each connection's start (accepted, or connected) and end with its file
+    descriptor; a descriptor is reused by the next connection once one closes. So each
+    descriptor keeps its connections in order, oldest first, each with the peer that spoke on
+    it, and a closing connection is always the oldest of its descriptor: one that never spoke
+    (a port probe, a client refused by CURVE) ends without naming any peer.
+    """
 
     def __init__(self, sock: zmq.Socket):
         self._sock = sock
-        self.monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self._by_fd: dict[int, bytes] = {}
-        # Disconnects already inferred from a reused file descriptor, whose event is still to come.
-        self._inferred: dict[int, int] = {}
+        self.monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self._connections: dict[int, deque] = {}   # fd → [peer or None] per connection, oldest first
 
-    def seen(self, frames: list) -> list[bytes]:
-        """Note the connection a message came on; returns peers known gone because their
-        file descriptor now carries another peer."""
-        fd = frames[0].get(zmq.SRCFD)
-        peer = frames[0].bytes
-        previous = self._by_fd.get(fd)
-        self._by_fd[fd] = peer
-        if previous is None or previous == peer:
-            return []
-        self._inferred[fd] = self._inferred.get(fd, 0) + 1
-        return [previous]
-
-    def gone(self) -> list[bytes]:
-        """Peers whose connection closed since the last call."""
-        peers = []
+    def _events(self) -> list[bytes]:
+        """Apply the monitor's queued events; returns the peers whose connection closed."""
+        gone = []
         while True:
             try:
                 event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
-                return peers
+                return gone
             fd = event["value"]
-            if self._inferred.get(fd):
-                self._inferred[fd] -= 1
+            if event["event"] in (zmq.EVENT_ACCEPTED, zmq.EVENT_CONNECTED):
+                self._connections.setdefault(fd, deque()).append([None])
                 continue
-            peer = self._by_fd.pop(fd, None)
+            connections = self._connections.get(fd)
+            if not connections:
+                continue
+            peer = connections.popleft()[0]
+            if not connections:
+                del self._connections[fd]
             if peer is not None:
-                peers.append(peer)
+                gone.append(peer)
+
+    def seen(self, frames: list) -> list[bytes]:
+        """Note the connection a message came on; returns the peers known gone by now (events
+        are read first, so the message's own connection is known)."""
+        gone = self._events()
+        fd = frames[0].get(zmq.SRCFD)
+        connections = self._connections.setdefault(fd, deque())
+        if not connections:   # accepted before the monitor started
+            connections.append([None])
+        connections[-1][0] = frames[0].bytes
+        return gone
+
+    def gone(self) -> list[bytes]:
+        """Peers whose connection closed since the last call."""
+        return self._events()
 
     def close(self) -> None:
         try:

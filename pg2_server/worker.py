@@ -92,8 +92,8 @@ class WorkerConfig:
 class Job:
     """One admitted generate request on its way through decode → batch → encode.
 
-    `claimed` once a batcher took it for the device (too late to cancel); `done` once its one
-    reply is decided (both change under the worker's lock)."""
+    `claimed` once a batcher took it for the device (too late to cancel), or a cancel took it
+    from the batchers; `done` once its one reply is decided (both change under the worker's lock)."""
     __slots__ = ("request", "_reply", "received", "enqueued", "started", "prepared", "pipeline", "done",
                  "peer", "deadline", "claimed")
 
@@ -400,7 +400,7 @@ class Worker:
         if job.done or self._expired(job):
             return False
         with self._in_flight_lock:
-            if job.done:
+            if job.done or job.claimed:   # claimed: being cancelled
                 return False
             job.claimed = True
         return True
@@ -411,6 +411,8 @@ class Worker:
         with self._in_flight_lock:
             jobs = [job for job in self._by_peer.get(peer, ())
                     if not job.claimed and (request_id is None or job.request.id == request_id)]
+            for job in jobs:   # taken from the batchers before they are answered: none starts now
+                job.claimed = True
         cancelled = 0
         for job in jobs:
             cancelled += self._finish_job(job, protocol.encode_error(

@@ -145,3 +145,46 @@ def test_waiting_reads_what_is_queued_and_returns_without_blocking(router):
     assert list(peers.waiting(sock)) == []                       # nothing queued: returns at once
     assert time.monotonic() - started < 0.5
     dealer.close()
+
+
+def test_a_connection_that_never_spoke_does_not_write_off_the_next_client(router):
+    """A client leaves; a port probe connects and closes on the same file descriptor; a live
+    client takes it and speaks before the tracker has read any of those events: only the one
+    that left is gone. (The monitor's events are fed by hand, in the order libzmq sends them.)"""
+    import struct
+
+    sock, _ = router
+    tracker = peers.PeerTracker(sock)
+    feed = CONTEXT["context"].socket(zmq.PAIR)
+    tracker.monitor.close(linger=0)
+    tracker.monitor = CONTEXT["context"].socket(zmq.PAIR)
+    tracker.monitor.bind("inproc://events")
+    feed.connect("inproc://events")
+
+    def event(kind, fd):
+        feed.send_multipart([struct.pack("=hi", kind, fd), b"tcp://127.0.0.1:1"])
+
+    class Message:   # a received frame: its routing id and the descriptor it came on
+        def __init__(self, peer, fd):
+            self.bytes, self.fd = peer, fd
+
+        def get(self, option):
+            assert option == zmq.SRCFD
+            return self.fd
+
+    try:
+        event(zmq.EVENT_ACCEPTED, 15)
+        time.sleep(0.05)
+        assert tracker.seen([Message(b"A", 15)]) == []
+        for kind in (zmq.EVENT_DISCONNECTED, zmq.EVENT_ACCEPTED, zmq.EVENT_DISCONNECTED, zmq.EVENT_ACCEPTED):
+            event(kind, 15)                  # A goes; the probe comes and goes; C comes
+        time.sleep(0.05)
+        assert tracker.seen([Message(b"C", 15)]) == [b"A"]
+        assert tracker.gone() == []
+        event(zmq.EVENT_DISCONNECTED, 15)
+        time.sleep(0.05)
+        assert tracker.gone() == [b"C"]
+    finally:
+        sock.disable_monitor()
+        feed.close(linger=0)
+        tracker.monitor.close(linger=0)

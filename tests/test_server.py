@@ -268,8 +268,10 @@ BAD_REQUESTS = {
     "missing frame": (_frames(generate_header(12)), "bad_request", 12),
     "extra frame": (_frames(generate_header(13), SOURCE_PNG, b"more"), "bad_request", 13),
     "unknown model": (_frames(generate_header(14, model="deepfashion-v9"), SOURCE_PNG), "unknown_model", 14),
-    "over the message limit": (_frames(generate_header(15, pad="x" * 300_000), SOURCE_PNG + b"\x00" * 800_000),
+    # each frame under the 1 MiB a frame may have, the two together over the message's 1 MiB
+    "over the message limit": (_frames(generate_header(15, pad="x" * 60_000), b"\x00" * 1_000_000),
                                "too_large", 15),
+    "header over 64 KiB": (_frames(generate_header(16, pad="x" * 70_000), SOURCE_PNG), "too_large", None),
 }
 
 
