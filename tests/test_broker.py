@@ -24,6 +24,17 @@ def cli(*args):
                             stderr=subprocess.STDOUT, text=True)
 
 
+def stop(*processes):
+    """SIGTERM, then the time to drain, then kill."""
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
 def wait_for_workers(endpoint, count, timeout=60, curve=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -48,14 +59,7 @@ def cluster():
     try:
         yield frontend, broker, workers
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop(*(process for process in processes if process.poll() is None))
 
 
 def test_broker_answers_like_a_server_and_survives_a_killed_worker(cluster):
@@ -242,13 +246,7 @@ def test_broker_deadlines_cancel_and_clients_that_go():
         assert counters["cancelled"] >= 20, counters  # never left the broker, so never computed
         assert waited < 5, waited
     finally:
-        for process in (broker, worker):
-            process.send_signal(signal.SIGTERM)
-        for process in (broker, worker):
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop(broker, worker)
 
 
 def test_stray_messages_on_the_worker_port_do_not_break_the_broker():
@@ -273,11 +271,7 @@ def test_stray_messages_on_the_worker_port_do_not_break_the_broker():
         assert broker.poll() is None and len(info["workers"]) == 1 and info["counters"]["batches"] == 0
         stray.close()
     finally:
-        broker.send_signal(signal.SIGTERM)
-        try:
-            broker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            broker.kill()
+        stop(broker)
 
 
 def test_the_broker_admits_no_request_larger_than_its_workers_take():
@@ -298,10 +292,4 @@ def test_the_broker_admits_no_request_larger_than_its_workers_take():
             assert client.generate(SOURCE_PNG, KEYPOINTS, (176, 256)).image.width == 176
             assert len(client.info()["workers"]) == 1          # the worker kept its connection
     finally:
-        for process in (broker, worker):
-            process.send_signal(signal.SIGTERM)
-        for process in (broker, worker):
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop(broker, worker)
