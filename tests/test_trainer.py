@@ -481,6 +481,15 @@ def test_a_log_line_cut_short_by_a_kill_neither_stops_resume_nor_export(tmp_path
     assert steps == [1, 2, 3]
 
 
+def test_resume_without_steps_continues_to_the_runs_own_target(tmp_path, dataset):
+    out = tmp_path / "run"
+    assert main(_fit_args(dataset, out, 1, "--steps", "2")) == 0
+    assert main(_fit_args(dataset, out, 1, "--resume")) == 0     # not the preset's thousands of steps
+    assert load_run_state(out, 1)["step"] == 2
+    assert main(_fit_args(dataset, out, 1, "--resume", "--steps", "3")) == 0
+    assert load_run_state(out, 1)["step"] == 3
+
+
 def test_a_resumed_stage_two_refuses_another_g1_or_model(tmp_path, dataset, capsys):
     first, other = tmp_path / "first", tmp_path / "other"
     for run in (first, other):

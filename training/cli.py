@@ -72,8 +72,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     job = init_distributed(args.device)
     try:
+        steps = args.steps
+        if args.resume and steps is None and state_path(Path(args.out), args.stage).is_file():
+            # the run's own target, not the preset's: `--resume` alone continues what was started
+            steps = load_run_state(Path(args.out), args.stage)["train_config"]["steps"]
         config = train_config(
-            args.preset, args.stage, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+            args.preset, args.stage, steps=steps, batch_size=args.batch_size, lr=args.lr,
             lambda_l1=args.lambda_l1, reconstruction=args.loss, one_stage=args.one_stage,
             discriminator=args.discriminator, flip=not args.no_flip, color_jitter=args.color_jitter,
             seed=args.seed, workers=args.workers,
