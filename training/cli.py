@@ -72,10 +72,15 @@ def cmd_fit(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     job = init_distributed(args.device)
     try:
-        steps = args.steps
-        if args.resume and steps is None and state_path(Path(args.out), args.stage).is_file():
-            # the run's own target, not the preset's: `--resume` alone continues what was started
-            steps = load_run_state(Path(args.out), args.stage)["train_config"]["steps"]
+        run_dir = Path(args.out)
+        existing = state_path(run_dir, args.stage)
+        saved = None   # the resumed run's settings (its weights are the trainer's to load)
+        if args.resume and existing.is_file():
+            state = load_run_state(run_dir, args.stage)
+            saved = {k: state.get(k, {}) for k in ("train_config", "model_config", "data")}
+            del state
+        # `--resume` alone goes on to the run's own target, not the preset's
+        steps = saved["train_config"]["steps"] if args.steps is None and saved is not None else args.steps
         config = train_config(
             args.preset, args.stage, steps=steps, batch_size=args.batch_size, lr=args.lr,
             lambda_l1=args.lambda_l1, reconstruction=args.loss, one_stage=args.one_stage,
@@ -85,8 +90,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
             bf16=not args.no_bf16, compile=args.compile, accumulate=args.accumulate, ema=args.ema,
             val_every=args.val_every, val_limit=args.val_limit, val_metric=args.val_metric,
             val_pckh=args.val_pckh)
-        run_dir = Path(args.out)
-        existing = state_path(run_dir, args.stage)
         if existing.is_file() and not args.resume:
             raise StateError(f"{existing} exists: pass --resume to continue that run, or choose another --out")
         if args.resume and not existing.is_file():
@@ -107,7 +110,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
                 raise ValueError(f"G1 was trained with preset {g1_config.preset!r}, not {args.preset!r}")
             model_config = g1_config.replace(**g2_levels)   # G2's depth is stage 2's own choice
         elif args.stage == 2:  # resuming stage 2: the model is the one saved, with its G1
-            saved = load_run_state(run_dir, 2)
             model_config = ModelConfig.from_dict(saved["model_config"])
             if g2_levels and model_config.g2_levels != args.g2_levels:
                 raise ValueError(f"{run_dir} trains a G2 of {model_config.g2_levels} levels; resume it without "
