@@ -1,15 +1,19 @@
 """The checkpoint format: `NAME.safetensors` (weights) + `NAME.json` (config and provenance).
 
-Loading never unpickles. Every failure names the file and what is wrong with it.
+Loading never unpickles. Every failure names the file and what is wrong with it. Each save gives
+both files one random `save_id` (in the weights' metadata and the JSON), so weights and a
+description from different saves — a save killed between its two renames, a file copied over
+from another run — are refused instead of served together.
 """
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from .atomic import write_atomic, write_tensors_atomic
@@ -74,6 +78,7 @@ def save_checkpoint(path: str | Path, config: ModelConfig, g1: torch.nn.Module,
                 hint = ("beyond float16's range (±65504): export as float32 or bfloat16"
                         if torch.isfinite(value).all() else "NaN or inf: the training diverged; export an earlier state")
                 raise CheckpointError(f"{prefix + key} is not finite in {dtype}: {hint}")
+    save_id = uuid.uuid4().hex
     description = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -84,8 +89,9 @@ def save_checkpoint(path: str | Path, config: ModelConfig, g1: torch.nn.Module,
         "value_ranges": VALUE_RANGES,
         "provenance": provenance or {},
         "metrics": metrics or {},
+        "save_id": save_id,
     }
-    write_tensors_atomic(weights_path, tensors, {"format": FORMAT})
+    write_tensors_atomic(weights_path, tensors, {"format": FORMAT, "save_id": save_id})
     write_atomic(json_path, lambda tmp: Path(tmp).write_text(json.dumps(description, indent=2) + "\n"))
     return json_path, weights_path
 
@@ -143,9 +149,17 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"weights file {weights_path} does not exist (next to {json_path.name})")
     try:
         tensors = load_file(str(weights_path))
+        with safe_open(str(weights_path), "pt") as f:
+            weights_save_id = (f.metadata() or {}).get("save_id")
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights_path} is not a readable safetensors file ({e}); "
                               "the file is corrupt or truncated") from None
+    if "save_id" in description and weights_save_id != description["save_id"]:
+        raise CheckpointError(
+            f"{weights_path.name} and {json_path.name} come from different saves (save_id "
+            f"{weights_save_id!r} against {description['save_id']!r}): a save was cut off between "
+            "its two files, one was copied from another checkpoint, or the weights were rewritten without "
+            "their metadata; export or copy both files again")
     stages = description.get("stages", ["g1", "g2"])
     g1 = Generator1(config)
     _load_module(g1, tensors, "g1.", weights_path)

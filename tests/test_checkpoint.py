@@ -143,14 +143,47 @@ def test_mismatched_config_and_weights(tmp_path):
         load_checkpoint(tmp_path / "model")
 
 
+def test_weights_and_description_from_different_saves_are_refused(tmp_path, monkeypatch):
+    """A kill between the weights' rename and the JSON's leaves new weights beside the old JSON."""
+    import pg2_server.checkpoint as checkpoint
+
+    _save(tmp_path)
+    old_json = (tmp_path / "model.json").read_text()
+    _save(tmp_path)                                   # the next save, finished
+    assert load_checkpoint(tmp_path / "model").config == preset("tiny")
+    (tmp_path / "model.json").write_text(old_json)    # as if cut off before its JSON landed
+    with pytest.raises(CheckpointError, match="come from different saves"):
+        load_checkpoint(tmp_path / "model")
+
+    def killed(path, write):
+        raise KeyboardInterrupt
+    _save(tmp_path)
+    monkeypatch.setattr(checkpoint, "write_atomic", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path)                               # weights replaced, JSON not
+    with pytest.raises(CheckpointError, match="model.safetensors and model.json come from different saves"):
+        load_checkpoint(tmp_path / "model")
+
+
+def test_a_checkpoint_saved_before_save_ids_still_loads(tmp_path):
+    _, _, _, (json_path, _) = _save(tmp_path)
+    description = json.loads(json_path.read_text())
+    del description["save_id"]
+    json_path.write_text(json.dumps(description))
+    assert load_checkpoint(tmp_path / "model").g2 is not None
+
+
 def test_non_finite_weights_are_refused(tmp_path):
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     config = preset("tiny")
     save_checkpoint(tmp_path / "nan", config, Generator1(config))
     tensors = load_file(tmp_path / "nan.safetensors")          # spoilt after it was written
     tensors["g1.out.bias"][0] = float("nan")
-    save_file(tensors, tmp_path / "nan.safetensors", metadata={"format": "pg2-checkpoint"})
+    with safe_open(tmp_path / "nan.safetensors", "pt") as f:
+        metadata = f.metadata()
+    save_file(tensors, tmp_path / "nan.safetensors", metadata=metadata)
     with pytest.raises(CheckpointError, match="NaN or inf"):
         load_checkpoint(tmp_path / "nan")
 
