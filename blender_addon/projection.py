@@ -1,7 +1,8 @@
 """Camera projection of the mapped joints into render-frame pixels, and the "person" crop.
 
 Pixels: x right, y down, origin at the frame's top-left corner; the frame is the render
-resolution times its percentage (the target frame of docs/protocol.md).
+resolution times its percentage (the target frame of docs/protocol.md), or the render border
+when the scene crops its renders to it: the frame is what Blender writes.
 """
 from __future__ import annotations
 
@@ -20,17 +21,38 @@ class ProjectionError(ValueError):
     """A scene that cannot be projected (no camera)."""
 
 
+def _full_frame(render) -> tuple[int, int]:
+    """The camera's whole frame (W, H): resolution × percentage."""
+    scale = render.resolution_percentage / 100.0
+    return max(1, int(render.resolution_x * scale)), max(1, int(render.resolution_y * scale))
+
+
+def frame_region(scene) -> tuple[int, int, int, int]:
+    """(x, y, W, H): where the written render lies in the camera's full frame, in pixels from
+    its top-left corner. The full frame is resolution × percentage; with Render Region and Crop
+    to Render Region on, Blender writes only the region, its edges truncated to whole pixels
+    (in float32, as Blender computes them; its y runs from the bottom)."""
+    import numpy as np
+    render = scene.render
+    full_w, full_h = _full_frame(render)
+    if not (render.use_border and render.use_crop_to_border):
+        return 0, 0, full_w, full_h
+    f32 = np.float32
+    x0, x1 = (int(f32(v) * f32(full_w)) for v in (render.border_min_x, render.border_max_x))
+    y0, y1 = (int(f32(v) * f32(full_h)) for v in (render.border_min_y, render.border_max_y))
+    return x0, full_h - y1, max(1, x1 - x0), max(1, y1 - y0)
+
+
 def frame_size(scene) -> tuple[int, int]:
-    """Render frame (W, H) in pixels: resolution × percentage, as Blender sizes its renders."""
-    scale = scene.render.resolution_percentage / 100.0
-    return (max(1, int(scene.render.resolution_x * scale)),
-            max(1, int(scene.render.resolution_y * scale)))
+    """Render frame (W, H) in pixels, as Blender sizes its renders (`frame_region`)."""
+    return frame_region(scene)[2:]
 
 
 def project_points(scene, camera, points, keep_outside: bool = False) -> list[Point | None]:
     """Project world points (None passes through) to frame pixels; None behind the camera,
     and outside the frame unless `keep_outside`."""
-    width, height = frame_size(scene)
+    x0, y0, width, height = frame_region(scene)
+    full_w, full_h = _full_frame(scene.render)
     result: list[Point | None] = []
     for point in points:
         if point is None:
@@ -40,10 +62,11 @@ def project_points(scene, camera, points, keep_outside: bool = False) -> list[Po
         if depth <= 0.0 or not (math.isfinite(x) and math.isfinite(y)):
             result.append(None)
             continue
-        if not keep_outside and not (0.0 <= x <= 1.0 and 0.0 <= y <= 1.0):
+        x, y = x * full_w - x0, (1.0 - y) * full_h - y0
+        if not keep_outside and not (0.0 <= x <= width and 0.0 <= y <= height):
             result.append(None)
             continue
-        result.append((x * width, (1.0 - y) * height))
+        result.append((x, y))
     return result
 
 

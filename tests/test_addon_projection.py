@@ -10,8 +10,8 @@ from mathutils import Euler, Vector  # noqa: E402
 
 from blender_addon import rig  # noqa: E402
 from blender_addon.mapping import INDEX, NAMES  # noqa: E402
-from blender_addon.projection import (Crop, ProjectionError, frame_size, person_crop,  # noqa: E402
-                                      project_armature, project_points)
+from blender_addon.projection import (Crop, ProjectionError, frame_region, frame_size,  # noqa: E402
+                                      person_crop, project_armature, project_points)
 
 POINTS = [Vector(p) for p in [(0, 0, 1.0), (0.3, 0.1, 1.5), (-0.4, 0.2, 0.2), (0.1, -0.3, 1.8),
                               (-0.2, 0.4, 0.9), (0.5, 0.0, 1.2)]]
@@ -89,6 +89,78 @@ def test_behind_camera_and_off_frame_are_none(scene):
     kept = project_points(scene, camera, [behind, far_right], keep_outside=True)
     assert kept[0] is None  # behind the camera is never kept
     assert kept[1][0] > 400
+
+
+def _render_spots(scene, points, path):
+    """Render small glowing spheres at `points` with Cycles; the spot centres in the written file."""
+    import bmesh
+    import cv2
+    import numpy as np
+
+    material = bpy.data.materials.new("glow")
+    nodes = material.node_tree.nodes
+    nodes.remove(nodes["Principled BSDF"])
+    emission = nodes.new("ShaderNodeEmission")
+    material.node_tree.links.new(emission.outputs[0], nodes["Material Output"].inputs[0])
+    spheres = []
+    for point in points:
+        mesh = bpy.data.meshes.new("spot")
+        bm = bmesh.new()
+        bmesh.ops.create_uvsphere(bm, u_segments=16, v_segments=8, radius=0.04)
+        bm.to_mesh(mesh)
+        bm.free()
+        mesh.materials.append(material)
+        sphere = bpy.data.objects.new("spot", mesh)
+        sphere.location = point
+        scene.collection.objects.link(sphere)
+        spheres.append(sphere)
+    scene.render.engine, scene.cycles.samples, scene.cycles.device = "CYCLES", 4, "CPU"
+    scene.render.filepath, scene.render.image_settings.file_format = str(path), "PNG"
+    try:
+        bpy.ops.render.render(write_still=True)
+    finally:
+        for sphere in spheres:
+            bpy.data.objects.remove(sphere)
+    image = bpy.data.images.load(str(path), check_existing=False)
+    width, height = image.size
+    pixels = np.empty(width * height * 4, np.float32)
+    image.pixels.foreach_get(pixels)
+    bpy.data.images.remove(image)
+    bright = (pixels.reshape(height, width, 4)[::-1, :, 0] > 0.5).astype(np.uint8)   # top row first
+    count, _, _, centres = cv2.connectedComponentsWithStats(bright)
+    return (width, height), sorted((x + 0.5, y + 0.5) for x, y in centres[1:])  # pixel centres
+
+
+def test_a_render_cropped_to_its_region_gets_keypoints_in_its_own_pixels(scene, tmp_path):
+    """Blender writes only the Render Region when Crop to Render Region is on: the frame is that
+    region, and a joint lands where Blender draws it in the written file."""
+    camera = scene.camera
+    camera.data.lens, camera.data.sensor_fit = 35, "AUTO"
+    camera.data.shift_x = camera.data.shift_y = 0.0
+    camera.location, camera.rotation_euler = (0.0, -5.0, 1.0), Euler((math.radians(90), 0, 0))
+    render = scene.render
+    render.resolution_x, render.resolution_y, render.resolution_percentage = 203, 151, 100
+    render.border_min_x, render.border_max_x, render.border_min_y, render.border_max_y = 0.13, 0.71, 0.22, 0.93
+    points = [Vector((-0.5, 0.0, 1.6)), Vector((0.4, 0.3, 0.6))]
+    try:
+        render.use_border, render.use_crop_to_border = True, False
+        assert frame_region(scene) == (0, 0, 203, 151)        # a region without cropping keeps the frame
+        render.use_crop_to_border = True
+        bpy.context.view_layer.update()
+        x0, y0, width, height = frame_region(scene)
+        assert (x0, y0, width, height) == (26, 151 - 140, 144 - 26, 140 - 33)
+        written, spots = _render_spots(scene, points, tmp_path / "region.png")
+        assert written == (width, height) == frame_size(scene)
+        projected = sorted(project_points(scene, camera, points))
+        assert len(spots) == 2
+        for got, drawn in zip(projected, spots):
+            assert got == pytest.approx(drawn, abs=0.75), (projected, spots)
+        # A joint outside the region but inside the camera's frame is out of this frame.
+        assert project_points(scene, camera, [Vector((-2.2, 0.0, 1.0))]) == [None]
+        render.use_border = False
+        assert project_points(scene, camera, [Vector((-2.2, 0.0, 1.0))])[0] is not None
+    finally:
+        render.use_border = render.use_crop_to_border = False
 
 
 def test_project_armature_uses_the_scene_camera(scene):
