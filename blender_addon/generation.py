@@ -170,6 +170,12 @@ def plan_frame(scene, armature, mapping: BoneMapping, keep_outside: bool,
     points far outside the frame (near the camera plane) are still dropped: they would make
     a person crop thousands of pixels wide. `occlusion` (occlusion.Occluder) drops joints
     hidden behind the body."""
+    return frame_keypoints(scene, armature, mapping, keep_outside, occlusion)[1]
+
+
+def frame_keypoints(scene, armature, mapping: BoneMapping, keep_outside: bool, occlusion=None):
+    """`plan_frame`'s keypoints and the world points they were projected from (the face
+    points moved onto the body's surface when `occlusion` has meshes)."""
     if scene.camera is None:
         raise ProjectionError("the scene has no camera: add one and make it the active camera")
     points = keypoints_3d(armature, mapping)
@@ -182,7 +188,7 @@ def plan_frame(scene, armature, mapping: BoneMapping, keep_outside: bool,
                      else p for p in keypoints]
     if occlusion is not None:
         keypoints = occlusion.visible(scene, keypoints, points)
-    return keypoints
+    return points, keypoints
 
 
 def plan_frames(scene, armature, mapping: BoneMapping, frames: Sequence[int],
