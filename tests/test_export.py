@@ -80,6 +80,24 @@ def test_stage_two_over_another_runs_g1_keeps_how_that_g1_was_trained(run, tmp_p
         assert list(provenance["stages"]) == ["stage1", "stage2"]
 
 
+def test_stage_one_resumed_after_stage_two_began_does_not_rewrite_the_frozen_g1s_record(run, tmp_path):
+    """Stage 2 froze the G1 of stage 1's step 3; stage 1 going on in the same folder changes
+    the folder's stage-1 state, not the G1 inside the exported model."""
+    import shutil
+
+    root, data = run
+    shutil.copytree(root / "run", tmp_path / "run", ignore=shutil.ignore_patterns("stage2*"))
+    common = ["--preset", "tiny", "--data-root", str(data["images"]), "--annotations", str(data["annotations"]),
+              "--pairs", str(data["pairs"]), "--workers", "0", "--out", str(tmp_path / "run"), "--log-every", "1"]
+    assert main(["fit", "--stage", "2", "--steps", "2", *common]) == 0
+    assert main(["fit", "--stage", "1", "--steps", "5", "--resume", *common]) == 0
+    assert load_run_state(tmp_path / "run", 1)["step"] == 5
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "model")]) == 0
+    provenance = json.loads((tmp_path / "model.json").read_text())["provenance"]
+    assert provenance["stages"]["stage1"]["steps"] == 3 and provenance["steps"] == 5
+    assert list(provenance["stages"]) == ["stage1", "stage2"] and "g1_stage1" not in provenance["data"]
+
+
 def test_a_fine_tuned_model_keeps_how_its_starting_weights_were_trained(run, tmp_path):
     root, data = run
     assert main(["export", str(root / "run"), "--out", str(tmp_path / "first")]) == 0

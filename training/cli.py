@@ -146,7 +146,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
                       "pairs_used": len(split.pairs), "images": len(split.names),
                       "skipped": {k: len(v) for k, v in split.report.problems.items()}}
         if g1_state is not None:
+            from .export import stage1_history
             provenance["g1_from"] = str(Path(args.g1 or run_dir).resolve())
+            # How this G1 was trained, now: stage 1 may be resumed in its folder after this starts.
+            if record := stage1_history(provenance["g1_from"]):
+                provenance["g1_stage1"] = record
         if init_state is not None:
             provenance["init_from"] = str(Path(args.init).resolve())
         validation = None

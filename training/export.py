@@ -47,9 +47,10 @@ def _history_of(source: str, stages: tuple[int, ...] = (1, 2)) -> dict:
     return {"steps": sum(h["steps"] for h in records.values()), "stages": records} if records else {}
 
 
-def _stage1_history(g1_from: str | None) -> dict:
-    """Stage 1's record from where a stage-2 run took its G1 (a checkpoint or a run directory),
-    with `g1_from` naming it; {} when that is gone or holds no record of stage 1."""
+def stage1_history(g1_from: str | None) -> dict:
+    """Stage 1's record from where a stage-2 run takes its G1 (a checkpoint or a run directory),
+    with `g1_from` naming it; {} when that is gone or holds no record of stage 1. A stage-2 run
+    keeps it from its start (`data.g1_stage1`): stage 1 may go on training afterwards."""
     if not g1_from:
         return {}
     stage1 = _history_of(g1_from, stages=(1,)).get("stages", {}).get("stage1")
@@ -80,15 +81,16 @@ def export_run(run_dir: str | Path, out: str | Path, dtype: str = "float32",
         init_from = state.get("data", {}).get("init_from")
         if init_from and init_from not in started_from:   # fine-tuned: keep how its start was trained
             started_from[init_from] = _history_of(init_from)
-    if 1 not in stages:   # stage 2 over a G1 trained elsewhere: say how that G1 was trained
-        g1_history = _stage1_history(newest.get("data", {}).get("g1_from"))
+    if "g2" in newest:   # how the G1 that stage 2 froze was trained, as it was when stage 2 began
+        g1_history = newest.get("data", {}).get("g1_stage1") or (
+            history.get("stage1") or stage1_history(newest.get("data", {}).get("g1_from")))   # runs before the record
         if g1_history:
-            history = {"stage1": g1_history, **history}
+            history = {"stage1": g1_history, **{k: v for k, v in history.items() if k != "stage1"}}
     provenance = {
         "trained_by": "pg2-train",
         "run_dir": str(run_dir.resolve()),
         "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "data": newest.get("data", {}),
+        "data": {k: v for k, v in newest.get("data", {}).items() if k != "g1_stage1"},   # in "stages"
         "steps": sum(h["steps"] for h in history.values()),
         "ema": average is not None,
         "stages": history,
