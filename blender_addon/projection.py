@@ -22,9 +22,11 @@ class ProjectionError(ValueError):
 
 
 def _full_frame(render) -> tuple[int, int]:
-    """The camera's whole frame (W, H): resolution × percentage."""
-    scale = render.resolution_percentage / 100.0
-    return max(1, int(render.resolution_x * scale)), max(1, int(render.resolution_y * scale))
+    """The camera's whole frame (W, H): resolution × percentage, in whole numbers as Blender
+    computes it (800 px at 29 % is 232 px; in floats, 0.29 × 800 truncates to 231)."""
+    percentage = render.resolution_percentage
+    return (max(1, render.resolution_x * percentage // 100),
+            max(1, render.resolution_y * percentage // 100))
 
 
 def frame_region(scene) -> tuple[int, int, int, int]:

@@ -67,7 +67,7 @@ def test_projection_matches_pinhole_math(scene, lens, fit, sw, sh, shift_x, shif
     scene.render.resolution_percentage = percentage
     bpy.context.view_layer.update()
     width, height = frame_size(scene)
-    assert (width, height) == (int(resolution[0] * percentage / 100), int(resolution[1] * percentage / 100))
+    assert (width, height) == (resolution[0] * percentage // 100, resolution[1] * percentage // 100)
     projected = project_points(scene, camera, POINTS, keep_outside=True)
     for point, got in zip(POINTS, projected):
         u, v = pinhole(camera, width, height, point)
@@ -161,6 +161,15 @@ def test_a_render_cropped_to_its_region_gets_keypoints_in_its_own_pixels(scene, 
         assert project_points(scene, camera, [Vector((-2.2, 0.0, 1.0))])[0] is not None
     finally:
         render.use_border = render.use_crop_to_border = False
+
+
+@pytest.mark.parametrize("resolution,percentage", [((800, 600), 29), ((1280, 720), 35)])
+def test_the_frame_is_the_size_blender_writes(scene, tmp_path, resolution, percentage):
+    """Percentages whose product is whole in integers but not in floats (0.29 × 800 = 231.99…)."""
+    scene.render.resolution_x, scene.render.resolution_y = resolution
+    scene.render.resolution_percentage = percentage
+    written, _ = _render_spots(scene, [], tmp_path / "frame.png")
+    assert frame_size(scene) == written == (resolution[0] * percentage // 100, resolution[1] * percentage // 100)
 
 
 def test_project_armature_uses_the_scene_camera(scene):
