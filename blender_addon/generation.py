@@ -99,14 +99,17 @@ def read_photo(path_setting: str) -> tuple[bytes, None]:
 
 def render_result_png(image) -> bytes:
     """The Render Result as PNG bytes: its pixels are not readable from Python, so Blender
-    saves it (with the scene's colour management) to a temporary file, read back at once."""
+    saves it (with the scene's colour management) to a temporary file, read back at once.
+    The scene's output format is switched to PNG for that and restored in full after (colour
+    depth, codec, quality: switching formats resets them)."""
     import tempfile
     folder = tempfile.mkdtemp(prefix="pg2-render-")
     path = os.path.join(folder, "source.png")
     scene = bpy.context.scene
-    saved = scene.render.image_settings.file_format
+    settings = scene.render.image_settings
+    saved = _plain_settings(settings)
     try:
-        scene.render.image_settings.file_format = "PNG"
+        settings.file_format = "PNG"
         image.save_render(path, scene=scene)
         with open(path, "rb") as file:
             return file.read()
@@ -114,10 +117,47 @@ def render_result_png(image) -> bytes:
         raise GenerationError("the Render Result holds no image: render a frame first (Render › "
                               "Render Image) or choose another source") from None
     finally:
-        scene.render.image_settings.file_format = saved
+        settings.file_format = saved.pop("file_format")
+        for name, value in saved.items():
+            try:
+                setattr(settings, name, value)
+            except (TypeError, ValueError, AttributeError):
+                pass   # a setting the restored format does not take
         for name in os.listdir(folder):
             os.unlink(os.path.join(folder, name))
         os.rmdir(folder)
+
+
+def _plain_settings(struct) -> dict:
+    """The writable single-valued settings of a Blender struct (file_format first)."""
+    values = {}
+    for prop in struct.bl_rna.properties:
+        if prop.is_readonly or prop.type not in {"BOOLEAN", "INT", "FLOAT", "STRING", "ENUM"}:
+            continue
+        if getattr(prop, "is_array", False):
+            continue
+        values[prop.identifier] = getattr(struct, prop.identifier)
+    return {"file_format": values.pop("file_format"), **values}
+
+
+def display_rgba(image, pixels, what: str):
+    """Blender's float pixels of `image` as an 8-bit file holds them: straight alpha, sRGB-encoded,
+    0..1. Byte images already are. 16-bit PNG and TIFF are read by Blender into linear light
+    with premultiplied alpha: that is undone exactly. Linear files (EXR, HDR) would need the
+    scene's view transform, so they are refused with what to do instead."""
+    import numpy as np
+    if not image.is_float:
+        return pixels
+    colorspace = image.colorspace_settings.name
+    if colorspace != "sRGB":
+        raise GenerationError(
+            f"{what} is a float image in {colorspace} ({image.file_format}): its look depends on the "
+            "view transform; save it as 8- or 16-bit PNG, TIFF or JPEG (Output Properties › Output)")
+    rgba = pixels.reshape(-1, 4)
+    alpha = rgba[:, 3:4]
+    linear = np.clip(np.divide(rgba[:, :3], alpha, out=np.zeros_like(rgba[:, :3]), where=alpha > 0), 0.0, 1.0)
+    encoded = np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * np.power(linear, 1 / 2.4) - 0.055)
+    return np.concatenate([encoded, np.clip(alpha, 0.0, 1.0)], axis=1).astype(np.float32).reshape(pixels.shape)
 
 
 def _image_pixels(image) -> tuple[bytes, tuple[int, int]]:
@@ -127,7 +167,7 @@ def _image_pixels(image) -> tuple[bytes, tuple[int, int]]:
         raise GenerationError(f"the source image {image.name!r} has no pixels (missing file?)")
     pixels = np.empty(width * height * 4, np.float32)
     image.pixels.foreach_get(pixels)
-    rgba = pixels.reshape(height, width, 4)[::-1]
+    rgba = display_rgba(image, pixels, f"the source image {image.name!r}").reshape(height, width, 4)[::-1]
     # transparency over white, as the server does with a PNG's: the datasets' studio backdrop
     rgb = rgba[:, :, :3] * rgba[:, :, 3:] + (1 - rgba[:, :, 3:])
     data = np.clip(np.rint(rgb * 255), 0, 255).astype(np.uint8).tobytes()
@@ -433,6 +473,7 @@ def load_render(path: str, size: tuple[int, int] | None = None):
                                   f"{size[0]}x{size[1]}; render it again")
         pixels = np.empty(width * height * 4, np.float32)
         image.pixels.foreach_get(pixels)
+        pixels = display_rgba(image, pixels, f"the render {path}")
     finally:
         bpy.data.images.remove(image)
     return pixels.reshape(height, width, 4)

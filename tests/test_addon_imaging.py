@@ -77,3 +77,31 @@ def test_source_from_an_image_datablock(tmp_path):
     Settings.source_image = None
     with pytest.raises(generation.GenerationError, match="choose a source image"):
         generation.read_source(Settings)
+
+
+def test_renders_of_every_depth_read_as_their_8_bit_look(tmp_path):
+    """16-bit PNG and TIFF renders come back from Blender in linear light, premultiplied: they
+    are composited under the person as the 8-bit render of the same frame would be. Linear
+    EXR is refused with what to do (its look depends on the view transform)."""
+    scene = bpy.context.scene
+    scene.view_settings.view_transform = "Standard"
+    image = bpy.data.images.new("frame", 4, 2, alpha=True, float_buffer=True)
+    rgba = np.zeros((2, 4, 4), np.float32)
+    rgba[..., :3] = np.linspace(0.02, 0.9, 8, dtype=np.float32).reshape(2, 4, 1)
+    rgba[..., 3] = 1.0
+    rgba[0, 0, 3] = 0.5
+    image.pixels.foreach_set(rgba.ravel())
+    settings = scene.render.image_settings
+    read = {}
+    for name, fmt, depth in (("8.png", "PNG", "8"), ("16.png", "PNG", "16"), ("16.tif", "TIFF", "16")):
+        settings.file_format, settings.color_mode, settings.color_depth = fmt, "RGBA", depth
+        image.save_render(str(tmp_path / name), scene=scene)
+        read[name] = generation.render_pixels(str(tmp_path / name)).astype(int)
+    assert read["8.png"][..., :3].std() > 50 and read["8.png"][1, 0, 3] == 128   # the half-transparent pixel
+    for name in ("16.png", "16.tif"):
+        assert np.abs(read[name] - read["8.png"]).max() <= 1, name
+    settings.file_format = "OPEN_EXR"
+    image.save_render(str(tmp_path / "f.exr"), scene=scene)
+    with pytest.raises(generation.GenerationError, match="float image in Linear.*save it as 8- or 16-bit PNG"):
+        generation.render_pixels(str(tmp_path / "f.exr"))
+    settings.file_format, settings.color_depth = "PNG", "8"

@@ -634,10 +634,14 @@ def test_render_result_as_the_source(shot, server):
     # Render Result appears once something is rendered.
     bpy.ops.render.render()
     settings.source_image = bpy.data.images["Render Result"]
+    output = shot.render.image_settings   # the user's own output format survives the PNG save
+    output.file_format, output.color_depth, output.exr_codec = "OPEN_EXR", "32", "DWAA"
     from blender_addon import generation
     data, size = generation.read_source(settings)
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and size is None
     assert png_size_bytes(data) == (WIDTH, HEIGHT)
+    assert (output.file_format, output.color_depth, output.exr_codec) == ("OPEN_EXR", "32", "DWAA")
+    output.file_format, output.color_depth = "PNG", "8"
     assert bpy.ops.pg2.generate() == {"FINISHED"}
 
 
