@@ -605,6 +605,10 @@ class Run:
         except (GenerationError, ProjectionError, RuntimeError) as e:
             self.error = str(e)
             self.batch.cancel()
+        except ReferenceError:
+            self.error = ("an object of this run (the armature, a person's armature or a mesh bound to one) "
+                          "was deleted while it ran; generate again")
+            self.batch.cancel()
         finally:
             if moved:
                 scene.frame_set(current[0], subframe=current[1])

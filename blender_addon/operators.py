@@ -133,20 +133,27 @@ STRIP_NAME = "PG2 Frames"
 
 def load_strip(scene, paths, frames):
     """Put the generated frame files into the scene's Video Sequencer as one image strip
-    (replacing the previous PG2 strip), starting at the first frame; files in one folder only."""
-    existing = [p for p in paths if os.path.isfile(p)]
-    if not existing:
+    (replacing the previous PG2 strip) that shows each file at its own frame: with a frame
+    step over 1, or a frame without a file, the last file before it is held. Files in the
+    first file's folder only."""
+    files = sorted((frame, path) for frame, path in zip(frames, paths) if os.path.isfile(path))
+    if not files:
         return None
+    folder = os.path.dirname(files[0][1])
+    files = [(frame, path) for frame, path in files if os.path.dirname(path) == folder]
     editor = scene.sequence_editor or scene.sequence_editor_create()
     old = editor.strips.get(STRIP_NAME)
     channel = old.channel if old is not None else 1 + max((s.channel for s in editor.strips), default=0)
     if old is not None:
         editor.strips.remove(old)
-    folder = os.path.dirname(existing[0])
-    strip = editor.strips.new_image(STRIP_NAME, existing[0], channel, frames[paths.index(existing[0])])
-    for path in existing[1:]:
-        if os.path.dirname(path) == folder:
-            strip.elements.append(os.path.basename(path))
+    first, last = files[0][0], files[-1][0]
+    strip = editor.strips.new_image(STRIP_NAME, files[0][1], channel, first)
+    shown, following = files[0][1], iter(files[1:])
+    upcoming = next(following, None)
+    for frame in range(first + 1, last + 1):
+        if upcoming is not None and upcoming[0] == frame:
+            shown, upcoming = upcoming[1], next(following, None)
+        strip.elements.append(os.path.basename(shown))
     return strip
 
 
@@ -196,13 +203,18 @@ def prepare_run(context, frames, paths, on_result=None, export: bool = False) ->
     if len(settings.people):
         if settings.framing != "PERSON":
             raise GenerationError("several people need Person framing (each is generated in its own crop)")
-        people = []
-        for person in [(armature, settings.source_path)] + [(p.armature, p.source_path) for p in settings.people]:
-            body, path = person
+        # The main armature with the panel's source (a file or an image), then each row's photo.
+        people = [(armature, mapping, occlusion.Occluder(armature, mapping) if settings.occlusion else None,
+                   source, source_size)]
+        for person in settings.people:
+            body = person.armature
             if body is None:
                 raise GenerationError("a row of the People list has no armature; choose one or remove the row")
             body_mapping = settings.bone_mapping(body)
-            photo, _ = generation.read_photo(path)
+            if all(n in body_mapping.missing() for n in LIMBS):
+                raise GenerationError(f"no limb of {body.name} (People list) is mapped with the Rig preset "
+                                      f"{settings.preset!r}; set the Rig preset to Automatic or to {body.name}'s rig")
+            photo, _ = generation.read_photo(person.source_path)
             people.append((body, body_mapping, occlusion.Occluder(body, body_mapping) if settings.occlusion else None,
                            photo, None))
     renders = None
@@ -242,8 +254,9 @@ class _GenerationRun:
         return self._go(context)
 
     def _go(self, context):
-        """Run the prepared `self._run`: blocking in background mode, else from a modal timer."""
-        settings = context.scene.pg2
+        """Run the prepared `self._run`: blocking in background mode, else from a modal timer.
+        Progress and results go to the run's scene, whichever scene is shown meanwhile."""
+        settings = self._run.scene.pg2
         if self._run.unmapped:
             self.report({"WARNING"}, "unmapped keypoints (left out): " + ", ".join(self._run.unmapped))
         settings.progress, settings.status = 0.0, self._run.progress_text()
@@ -263,7 +276,7 @@ class _GenerationRun:
         show_result(event.pixels, event.size, self._camera)
 
     def _update(self, context) -> None:
-        settings = context.scene.pg2
+        settings = self._run.scene.pg2
         run = self._run
         settings.progress = run.done / max(1, run.total)
         settings.status = run.progress_text()
@@ -279,7 +292,7 @@ class _GenerationRun:
         _redraw(context)
 
     def _end(self, context):
-        settings = context.scene.pg2
+        settings = self._run.scene.pg2
         self._update(context)
         self._cleanup(context)
         run = self._run
@@ -310,7 +323,12 @@ class _GenerationRun:
             self._run.cancel()
             return self._end(context)
         if event.type == "TIMER":
-            ended = self._run.step()
+            try:
+                ended = self._run.step()
+            except Exception as e:   # never leave a run behind that says "already generating"
+                self._run.error = self._run.error or f"{type(e).__name__}: {e}"
+                self._run.cancel()
+                return self._end(context)
             self._update(context)
             context.window_manager.progress_update(self._run.done)
             if context.workspace is not None:
@@ -378,8 +396,9 @@ class PG2_OT_generate_frames(_NeedsPoses, _GenerationRun, bpy.types.Operator):
         return self._start(context, [f for f, _ in todo], [p for _, p in todo])
 
     def _finished(self, context) -> None:
-        if context.scene.pg2.load_into_sequencer:
-            load_strip(context.scene, self._all_paths, self._all_frames)
+        scene = self._run.scene
+        if scene.pg2.load_into_sequencer:
+            load_strip(scene, self._all_paths, self._all_frames)
 
     def _summary(self) -> str:
         skipped = f", skipped {self._skipped} existing" if self._skipped else ""

@@ -645,6 +645,23 @@ def test_render_result_as_the_source(shot, server):
     assert bpy.ops.pg2.generate() == {"FINISHED"}
 
 
+def test_a_strip_shows_each_file_at_its_own_frame(shot, tmp_path):
+    """A frame step of 2 and a frame without a file: the last file before is held, so scene
+    frame N shows frame N's file wherever there is one."""
+    from blender_addon.operators import load_strip
+    frames = [3, 5, 7, 9, 11]
+    paths = [str(tmp_path / f"f_{f:04d}.png") for f in frames]
+    for frame, path in zip(frames, paths):
+        if frame != 7:                                     # frame 7 was skipped
+            imaging.write_atomic(path, imaging.encode_png(np.zeros((2, 2, 3), np.uint8)))
+    strip = load_strip(shot, paths, frames)
+    assert strip.frame_final_start == 3 and strip.frame_final_duration == 9
+    shown = {3 + i: e.filename for i, e in enumerate(strip.elements)}
+    assert shown[3] == shown[4] == "f_0003.png" and shown[5] == "f_0005.png"
+    assert shown[7] == shown[8] == "f_0005.png" and shown[9] == "f_0009.png" and shown[11] == "f_0011.png"
+    shot.sequence_editor.strips.remove(strip)
+
+
 def png_size_bytes(data):
     return struct.unpack(">II", data[16:24])
 
@@ -695,6 +712,22 @@ def test_several_people_composited_back_to_front(shot, server, tmp_path):
     with pytest.raises(RuntimeError, match="several people need Person framing"):
         bpy.ops.pg2.generate()
     settings.framing = "PERSON"
+    # The main armature's source is the panel's: an image datablock when Source is Image.
+    settings.source_path = str(red)
+    settings.source_kind, settings.source_image = "IMAGE", bpy.data.images.new("blue person", 6, 10)
+    run = operators.prepare_run(bpy.context, [1], [None])
+    run.cancel()
+    drive(run)
+    assert run.people[0][4] == (6, 10) and run.people[1][3] == red.read_bytes()
+    settings.source_kind = "FILE"
+    # A rig preset the main armature matches but a row's armature does not: refused, not left out.
+    settings.preset = "pg2"
+    stranger = rig.build_armature(shot.collection, bpy.context.view_layer, "stranger",
+                                  [("Hips", (0, 0, 1), (0, 0, 1.2), None, False)])
+    settings.people[1].armature = stranger
+    with pytest.raises(RuntimeError, match="no limb of stranger .People list. is mapped with the Rig preset 'pg2'"):
+        bpy.ops.pg2.generate()
+    settings.preset = "auto"
     settings.people[0].armature = None
     with pytest.raises(RuntimeError, match="has no armature"):
         bpy.ops.pg2.generate()
@@ -898,3 +931,70 @@ def test_frames_with_few_visible_joints_are_warned_about(shot, server):
     assert bpy.ops.pg2.generate_frames() == {"FINISHED"}
     assert len(list(Path(settings.output_path).parent.glob("*.png"))) == 5
     assert "fewer than 6 joints visible on 5 frame(s) (1, 2, 3, 4, 5)" in settings.status
+
+
+def _modal_layer(operator):
+    """The generation operators' modal layer, driven as Blender's timer would drive it."""
+    from blender_addon import operators
+
+    class Layer(operators._GenerationRun):
+        def __init__(self):
+            self.reports, self._camera = [], None
+
+        def report(self, kind, text):
+            self.reports.append((next(iter(kind)), text))
+    Layer._finished, Layer._summary = operator._finished, lambda self: "done"
+    return Layer()
+
+
+class _Timer:
+    type, value = "TIMER", "NOTHING"
+
+
+def test_deleting_the_armature_while_frames_generate_ends_the_run(shot, server, tmp_path):
+    """Deleted mid-run: an error that says so, and nothing left running ("already generating")."""
+    from blender_addon import operators
+    connect(server)
+    frames = list(range(1, 6)) * 8
+    layer = _modal_layer(operators.PG2_OT_generate_frames)
+    layer._all_frames, layer._all_paths = frames, [str(tmp_path / f"d{i:03d}.png") for i in range(len(frames))]
+    layer._run = operators.prepare_run(bpy.context, frames, layer._all_paths)
+    layer._run.lookahead = 1
+    operators._RUNS.add(layer._run)
+    layer.modal(bpy.context, _Timer())
+    bpy.data.objects.remove(shot.pg2.armature)
+    answer = {"PASS_THROUGH"}
+    deadline = time.monotonic() + 20
+    while answer == {"PASS_THROUGH"}:
+        assert time.monotonic() < deadline, "the run did not end"
+        answer = layer.modal(bpy.context, _Timer())
+    assert answer == {"CANCELLED"} and "was deleted while it ran" in layer._run.error
+    assert not operators.running() and ("ERROR", layer._run.error) in layer.reports
+    layer._run.batch.thread.join(5)
+    assert not layer._run.batch.thread.is_alive()
+
+
+def test_progress_and_the_strip_go_to_the_generating_scene(shot, server, tmp_path):
+    """The user switches to another scene while frames generate: the run's scene keeps its
+    status and gets the Sequencer strip; the other scene is left alone."""
+    from types import SimpleNamespace
+
+    from blender_addon import operators
+    connect(server)
+    shot.pg2.load_into_sequencer = True
+    other = bpy.data.scenes.new("Edit")
+    other.pg2.load_into_sequencer = True
+    frames = [1, 2, 3]
+    layer = _modal_layer(operators.PG2_OT_generate_frames)
+    layer._all_frames, layer._all_paths = frames, [str(tmp_path / f"s{f:04d}.png") for f in frames]
+    layer._run = operators.prepare_run(bpy.context, frames, layer._all_paths)
+    operators._RUNS.add(layer._run)
+    shown = SimpleNamespace(scene=other, window_manager=bpy.context.window_manager, workspace=None, screen=None)
+    deadline = time.monotonic() + 30
+    while (answer := layer.modal(shown, _Timer())) == {"PASS_THROUGH"}:
+        assert time.monotonic() < deadline, "the run did not end"
+        time.sleep(0.01)
+    assert answer == {"FINISHED"} and shot.pg2.status.startswith("done")
+    assert shot.sequence_editor.strips.get("PG2 Frames") is not None
+    assert other.pg2.status == "" and other.sequence_editor is None
+    bpy.data.scenes.remove(other)
