@@ -14,6 +14,7 @@ import queue
 import re
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -44,11 +45,17 @@ def frame_path(pattern: str, frame: int) -> str:
         last = matches[-1]
         base = base[:last.start()] + f"{frame:0{len(last.group())}d}" + base[last.end():]
     else:
-        stem, ext = os.path.splitext(base)
-        base = f"{stem}{frame:04d}{ext}"
-    if not os.path.splitext(base)[1]:
+        ext = _extension(base)
+        base = f"{base[:len(base) - len(ext)]}{frame:04d}{ext}"
+    if not _extension(base):
         base += ".png"
     return os.path.join(head, base)
+
+
+def _extension(name: str) -> str:
+    """A file name's extension: letters after the last dot ("shot_v1.2_0005" has none)."""
+    ext = os.path.splitext(name)[1]
+    return ext if re.fullmatch(r"\.[A-Za-z]+", ext) else ""
 
 
 def file_format(path: str) -> str:
@@ -174,6 +181,11 @@ def _image_pixels(image) -> tuple[bytes, tuple[int, int]]:
     return data, (width, height)
 
 
+# Renders loaded ahead of the worker (float RGBA, 16 bytes a pixel) stay within this: 12 frames
+# of 1080p, 3 of 4K.
+RENDERS_QUEUED = 512 * 1024 * 1024
+# Step timings a run keeps for benchmarks (about 1 h 20 min of the UI's 20 steps a second).
+STEPS_KEPT = 100_000
 # Fewer visible keypoints than this on a frame: the run still goes, with a warning.
 FEW_VISIBLE = 6
 # The connection check before a long job: a dead server is reported after this long, not
@@ -190,6 +202,7 @@ class FrameJob:
     path: str | None = None  # None: the single-frame result, kept as pixels
     render: object = None  # the frame's render as Blender's float pixels, to composite over
     blank: bool = False  # nothing to pose: write the background only
+    encoded: bytes | None = None  # a blank frame's file, made on the main thread (JPEG needs Blender)
     # Several people: one (keypoints, source, source_size, camera distance) per person in
     # view; `keypoints` is then unused. Composited back to front.
     people: list | None = None
@@ -362,8 +375,14 @@ class Batch:
     def _requests(self, canvas, max_side: int):
         person = self.framing.mode == "PERSON"
         while (job := self._next_job()) is not None:
+            if job.render is not None:
+                self._background(job)   # held as bytes while its request is in flight
             if job.blank:
-                self._write(job, self._background(job))
+                if job.encoded is not None:
+                    imaging.write_atomic(job.path, job.encoded)
+                    self._frame_done(Event("frame", job))
+                else:
+                    self._write(job, self._background(job))
                 continue
             parts = job.people if job.people is not None else [(job.keypoints, self.source, self.source_size, 0.0)]
             crops = []
@@ -394,7 +413,9 @@ class Batch:
     def _background(self, job: FrameJob):
         width, height = job.frame_size
         if job.render is not None:
-            return render_array(job.render, width, height)
+            if job.render.dtype.kind == "f":   # float from Blender: a quarter of the memory as bytes
+                job.render = render_array(job.render, width, height)
+            return job.render
         color = self.framing.background
         return imaging.background(width, height, (1.0, 1.0, 1.0) if color == "RENDER" else color)
 
@@ -479,6 +500,28 @@ def load_render(path: str, size: tuple[int, int] | None = None):
     return pixels.reshape(height, width, 4)
 
 
+def jpeg_bytes(size: tuple[int, int], color) -> bytes:
+    """A JPEG file of one RGB colour (0..1), encoded by Blender (main thread)."""
+    import tempfile
+
+    import numpy as np
+    width, height = size
+    image = bpy.data.images.new("PG2 blank frame", width, height)
+    folder = tempfile.mkdtemp(prefix="pg2-blank-")
+    path = os.path.join(folder, "blank.jpg")
+    try:
+        image.pixels.foreach_set(np.tile(np.array([*color[:3], 1.0], np.float32), width * height))
+        image.filepath_raw, image.file_format = path, "JPEG"
+        image.save(quality=95)
+        with open(path, "rb") as file:
+            return file.read()
+    finally:
+        bpy.data.images.remove(image)
+        if os.path.exists(path):
+            os.unlink(path)
+        os.rmdir(folder)
+
+
 def render_array(pixels, width: int, height: int):
     """Blender's float pixels of a render as an (H, W, 4) uint8 array, top row first."""
     import numpy as np
@@ -540,13 +583,19 @@ class Run:
         self.error: str | None = None
         self.planned = 0
         self.ended = False
-        self.step_times: list[float] = []  # wall-clock seconds of each step
-        # Main-thread CPU seconds of each step: the step's own work, without the time other
+        # Wall-clock seconds of each step (the latest STEPS_KEPT: a run of a night ticks 20 times
+        # a second), and its main-thread CPU seconds: the step's own work, without the time other
         # processes (or this worker thread, holding the GIL) took the core.
-        self.step_cpu_times: list[float] = []
-        # Frames planned ahead of the worker; bounds the renders held in memory.
+        self.step_times: deque[float] = deque(maxlen=STEPS_KEPT)
+        self.step_cpu_times: deque[float] = deque(maxlen=STEPS_KEPT)
+        # Frames planned ahead of the worker; bounds the renders held in memory: Blender's
+        # float pixels until the worker takes a job, within RENDERS_QUEUED bytes.
         self.lookahead = 2 * batch.in_flight + 4
+        if self.renders:
+            width, height = frame_size(scene)
+            self.lookahead = max(1, min(self.lookahead, RENDERS_QUEUED // (width * height * 16)))
         self._render = None  # the next frame's render, loaded a step before the frame is posed
+        self._blank_files: dict = {}
         batch.start()
 
     @property
@@ -625,13 +674,24 @@ class Run:
         if visible < 2:
             if self.unprojectable == "BLANK" and path:
                 self.report.blank.append(frame)
-                return FrameJob(frame, keypoints, size, path, render, blank=True)
+                return self._blank(FrameJob(frame, keypoints, size, path, render, blank=True))
             self.report.skipped.append((frame, f"fewer than two joints of {self.armature.name} are in "
                                                "front of the camera"))
             return None
         if visible < FEW_VISIBLE:
             self.report.few_visible.append(frame)
         return FrameJob(frame, keypoints, size, path, render)
+
+    def _blank(self, job: FrameJob) -> FrameJob:
+        """A blank frame for a JPEG file gets its bytes here: the worker writes PNG itself, but
+        encoding a JPEG takes Blender (main thread). One per size, reused."""
+        color = self.batch.framing.background
+        if job.path and file_format(job.path) == "jpeg" and isinstance(color, tuple):
+            key = (job.frame_size, color)
+            if key not in self._blank_files:
+                self._blank_files[key] = jpeg_bytes(job.frame_size, color)
+            job.encoded = self._blank_files[key]
+        return job
 
     def _people_job(self, frame: int, path, size, render) -> FrameJob | None:
         camera = self.scene.camera.matrix_world.translation
@@ -643,12 +703,12 @@ class Run:
                 continue  # this person is out of view on this frame
             distance = (sum(points, points[0] * 0) / len(points) - camera).length
             parts.append((keypoints, source, source_size, distance))
-            if sum(p is not None for p in keypoints) < FEW_VISIBLE:
-                self.report.few_visible.append(frame)
+            if sum(p is not None for p in keypoints) < FEW_VISIBLE and frame not in self.report.few_visible[-1:]:
+                self.report.few_visible.append(frame)   # once per frame, however many people
         if not parts:
             if self.unprojectable == "BLANK" and path:
                 self.report.blank.append(frame)
-                return FrameJob(frame, [None] * 18, size, path, render, blank=True)
+                return self._blank(FrameJob(frame, [None] * 18, size, path, render, blank=True))
             self.report.skipped.append((frame, "no chosen armature is in front of the camera"))
             return None
         return FrameJob(frame, [], size, path, render, people=parts)

@@ -62,6 +62,8 @@ class _NeedsPoses:
 
 
 def _framing(settings) -> Framing:
+    if settings.framing == "CAMERA":   # the Background setting is Person framing's (hidden here):
+        return Framing("CAMERA", settings.margin, (1.0, 1.0, 1.0))   # blank frames are plain white
     background = {"TRANSPARENT": None, "RENDER": "RENDER"}.get(settings.background,
                                                                 tuple(settings.background_color))
     return Framing(settings.framing, settings.margin, background)
@@ -101,6 +103,16 @@ def check_output(pattern: str, paths) -> None:
                                   "choose another output path") from None
         if not os.access(folder, os.W_OK):
             raise GenerationError(f"the output folder {folder} is not writable; choose another output path")
+
+
+def check_not_renders(scene, frames, paths) -> None:
+    """Refuse output files that are the scene's own renders (Output Properties › Output path):
+    writing there would replace the renders, and with Person framing over the Render, the very
+    frames it composites over."""
+    for frame, path in zip(frames, paths):
+        if path and os.path.abspath(path) == os.path.abspath(bpy.path.abspath(scene.render.frame_path(frame=frame))):
+            raise GenerationError(f"the PG2 output {path} is the scene's render of frame {frame}: choose another "
+                                  "output path in the PG2 panel, so that the renders are kept")
 
 
 def show_result(pixels, size, camera=None):
@@ -188,6 +200,7 @@ def prepare_run(context, frames, paths, on_result=None, export: bool = False) ->
     if all(n in unmapped for n in LIMBS):
         raise GenerationError(f"no limb of {armature.name} is mapped; pick the rig preset "
                               "or map the bones by hand in the PG2 panel")
+    check_not_renders(scene, frames, paths)
     if export:
         check_output(settings.pose_output_path, paths)
         occluder = occlusion.Occluder(armature, mapping) if settings.occlusion else None
@@ -432,6 +445,12 @@ class PG2_OT_export_poses(_NeedsPoses, _GenerationRun, bpy.types.Operator):
             return {"CANCELLED"}
         paths = [os.path.splitext(generation.frame_path(settings.pose_output_path, f))[0] + ".png"
                  for f in frames]
+        todo = [(f, p) for f, p in zip(frames, paths) if settings.overwrite or not os.path.exists(p)]
+        if not todo:
+            self.report({"INFO"}, f"PG2: all {len(frames)} pose files exist; tick Overwrite to "
+                                  "write them again")
+            return {"FINISHED"}
+        frames, paths = [f for f, _ in todo], [p for _, p in todo]
         if running():
             self.report({"ERROR"}, "PG2 is already generating; wait for it or press Esc")
             return {"CANCELLED"}

@@ -51,6 +51,10 @@ def test_frame_paths_follow_blenders_hash_pattern(tmp_path):
     assert generation.frame_path(str(tmp_path / "a##_b###"), 12) == str(tmp_path / "a##_b012.png")
     assert generation.frame_path(str(tmp_path / "shot.jpg"), 3) == str(tmp_path / "shot0003.jpg")
     assert generation.frame_path(str(tmp_path) + os.sep, 5) == str(tmp_path / "0005.png")
+    # A dot in the name is not an extension unless letters follow it.
+    assert generation.frame_path(str(tmp_path / "shot_v1.2_####"), 5) == str(tmp_path / "shot_v1.2_0005.png")
+    assert generation.frame_path(str(tmp_path / "shot_v1.2"), 5) == str(tmp_path / "shot_v1.20005.png")
+    assert generation.frame_path(str(tmp_path / "v1.5_####.JPG"), 5) == str(tmp_path / "v1.5_0005.JPG")
 
 
 def test_source_from_an_image_datablock(tmp_path):

@@ -65,3 +65,30 @@ def test_export_poses_operator_writes_json_and_images(shot, tmp_path):
     settings.pose_output_path = str(tmp_path / "one" / "p_##")
     assert bpy.ops.pg2.export_poses(frames="CURRENT") == {"FINISHED"}
     assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["p_02.png", "p_02_keypoints.json"]
+
+
+def test_export_poses_keeps_existing_files_unless_overwrite(shot, tmp_path):
+    settings = shot.pg2
+    settings.pose_output_path = str(tmp_path / "poses" / "pose_####.png")
+    folder = tmp_path / "poses"
+    folder.mkdir()
+    (folder / "pose_0002.png").write_bytes(b"kept")           # e.g. a pose edited by hand
+    (folder / "pose_0002_keypoints.json").write_text("{}")
+    assert bpy.ops.pg2.export_poses(frames="RANGE") == {"FINISHED"}
+    assert (folder / "pose_0002.png").read_bytes() == b"kept"
+    assert (folder / "pose_0002_keypoints.json").read_text() == "{}"
+    assert png_size(folder / "pose_0003.png") == (WIDTH, HEIGHT)
+    settings.overwrite = True
+    assert bpy.ops.pg2.export_poses(frames="RANGE") == {"FINISHED"}
+    assert png_size(folder / "pose_0002.png") == (WIDTH, HEIGHT)
+    settings.overwrite = False
+
+
+def test_output_that_is_the_scenes_renders_is_refused(shot, tmp_path):
+    """The PG2 output path set to the render output: refused before anything is written."""
+    settings = shot.pg2
+    shot.render.filepath = str(tmp_path / "render" / "r_####")
+    settings.pose_output_path = str(tmp_path / "render" / "r_####.png")
+    with pytest.raises(RuntimeError, match="is the scene's render of frame 1: choose another output path"):
+        bpy.ops.pg2.export_poses(frames="RANGE")
+    assert not (tmp_path / "render").exists()

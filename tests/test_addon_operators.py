@@ -512,6 +512,14 @@ def test_frame_the_camera_cannot_see_is_skipped_or_blank(shot, server):
     from blender_addon.generation import render_pixels
     assert (render_pixels(str(blank))[..., :3] == 255).all()  # the white background only
     assert "written blank" in shot.pg2.status
+    # JPEG frames: the blank one is a JPEG too, white whatever Person framing's hidden Background says.
+    shot.pg2.output_path = str(out / "jpeg_####.jpg")
+    shot.pg2.background = "TRANSPARENT"
+    assert bpy.ops.pg2.generate_frames() == {"FINISHED"}
+    for frame in range(1, 6):
+        assert (out / f"jpeg_{frame:04d}.jpg").read_bytes()[:3] == b"\xff\xd8\xff", frame
+    blank = render_pixels(str(out / "jpeg_0003.jpg"))
+    assert blank.shape == (HEIGHT, WIDTH, 4) and (blank[..., :3] >= 250).all()
 
 
 def test_dead_server_is_reported_fast_whatever_the_timeout(shot):
@@ -917,6 +925,23 @@ def test_image_work_runs_on_the_worker_thread(shot, server, tmp_path, monkeypatc
     assert threads == {"load_render": {True}, "render_array": {False}, "composite": {False},
                        "encode_png": {False}, "to_blender_pixels": {False}}
     assert len(results) == 1 and results[0].size == (WIDTH, HEIGHT)
+
+
+def test_renders_loaded_ahead_stay_within_their_memory_budget(shot, server):
+    """Blender's float renders wait for the worker: 12 frames ahead at most, fewer at 4K."""
+    from blender_addon import generation
+    from blender_addon.mapping import armature_mapping
+    from blender_addon.preferences import Connection
+    shot.render.resolution_x, shot.render.resolution_y, shot.render.resolution_percentage = 3840, 2160, 100
+    for in_flight, renders, expected in ((4, None, 12), (4, ["r.png"], 4), (64, ["r.png"], 4)):
+        batch = generation.Batch(Connection(server, 20.0), b"", None, generation.Framing("PERSON", 0.1, "RENDER"),
+                                 in_flight)
+        run = generation.Run(shot, shot.pg2.armature, armature_mapping(shot.pg2.armature), [], [], batch,
+                             renders=renders)
+        assert run.lookahead == expected == min(2 * in_flight + 4, generation.RENDERS_QUEUED // (3840 * 2160 * 16)
+                                                 if renders else 10**9)
+        run.cancel()
+        drive(run)
 
 
 def test_frames_with_few_visible_joints_are_warned_about(shot, server):
