@@ -363,6 +363,16 @@ def test_annotate_writes_patn_rows_and_scores_against_truth(tmp_path):
     assert set(table["keypoint"].replace(" ", "").split("|")[2:-1]) == {"all", "back", "front"}
     overall = float(table["pckh"].split("|")[2].strip(" *"))
     assert overall >= PCKH_FLOOR
+    # The same truth written x first (its header says so) scores the same, as training reads it.
+    rows = truth_csv.read_text().splitlines()
+    swapped = ["name:keypoints_x:keypoints_y"] + [":".join([n, x, y]) for n, y, x in
+                                                  (row.split(":") for row in rows[1:])]
+    (tmp_path / "truth_x_first.csv").write_text("\n".join(swapped) + "\n")
+    again = run("training.cli", "annotate", "--images", str(images), "--out", str(tmp_path / "again.csv"),
+                "--truth", str(tmp_path / "truth_x_first.csv"))
+    assert again.returncode == 0, again.stderr
+    scored = {line.split("|")[1].strip(): line for line in again.stdout.splitlines() if line.startswith("| ")}
+    assert scored["pckh"] == table["pckh"] and scored["pckh_limbs"] == table["pckh_limbs"]
 
 
 def test_annotate_refuses_a_missing_or_empty_folder(tmp_path, capsys):

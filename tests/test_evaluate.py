@@ -147,6 +147,31 @@ def test_delta_e_and_detail(images):
     assert math.isnan(delta_e(generated, target, np.zeros_like(mask)))
 
 
+def test_a_target_without_a_limb_has_no_mask_ssim(images):
+    """An empty mask would compare two black images (SSIM 1 whatever was generated): NaN, left
+    out of the means as ΔE00 and detail are."""
+    from training.evaluate import _mean, mask_ssim, score
+
+    target, generated = images
+    empty = np.zeros(target.shape[:2], np.uint8)
+    assert math.isnan(mask_ssim(generated, target, empty))
+    row = score(generated, target, empty)
+    assert math.isnan(row["mask_ssim"]) and math.isnan(row["delta_e"]) and math.isfinite(row["ssim_pg2"])
+    assert _mean([0.5, row["mask_ssim"]]) == 0.5
+
+
+def test_saved_image_names_and_views_of_names_in_subfolders():
+    from training.evaluate import _file_stem, view_of
+
+    a = _file_stem("WOMEN/Dresses/id_00000002/02_1_front.jpg", "WOMEN/Dresses/id_00000002/02_2_side.jpg")
+    b = _file_stem("MEN/Shirts/id_00000007/02_1_front.jpg", "MEN/Shirts/id_00000007/02_2_side.jpg")
+    assert a != b and a == "WOMEN__Dresses__id_00000002__02_1_front___WOMEN__Dresses__id_00000002__02_2_side"
+    assert _file_stem("fashionWOMENid01_1front.jpg", "fashionWOMENid01_2side.jpg") == \
+        "fashionWOMENid01_1front___fashionWOMENid01_2side"         # PATN's flat names as before
+    assert view_of("WOMEN/Dresses/id_00000002/02_4_full.jpg") == "full"
+    assert view_of("fashionWOMENid01_7additional.jpg") == "additional" and view_of("0002_c1s1_000451_03.jpg") is None
+
+
 def test_pckh_follows_patn_head_box_rule_side_aware():
     from training.evaluate import head_size, pckh_counts
 

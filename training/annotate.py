@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pg2_server.keypoints import NAMES, read_annotations, write_annotations
+from pg2_server.keypoints import NAMES, write_annotations
 
 
 def detect_folder(images: str | Path, visibility: float = 0.5, several_people: bool = True,
@@ -119,7 +119,9 @@ def annotate_folder(images: str | Path, out: str | Path, visibility: float = 0.5
           f"(the largest taken); {per_image * 1000:.0f} ms per image ({cpu_per_image * 1000:.0f} ms CPU; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     if truth:
-        expected, _ = read_annotations(truth, strict=False)
+        from .data import DataReport, read_annotation_file
+        # As training reads it: PATN's y-first rows, or x first where the header says so.
+        expected = read_annotation_file(truth, DataReport())
         expected = {name: keypoints for name, keypoints in expected.items()
                     if (Path(images) / name).is_file()}
         print(f"PCKh@0.5 against {truth} ({len(expected)} images):")

@@ -65,7 +65,7 @@ LIMB_JOINTS = tuple(range(INDEX["right_shoulder"], INDEX["left_ankle"] + 1))
 # Head box per torso length (shoulder midpoint to hip midpoint), the medians over the synthetic
 # test set's annotations (width 0.27, height 0.44): the size used when the head is not annotated.
 TORSO_HEAD = (0.27, 0.44)
-_VIEW = re.compile(r"_\d+(front|side|back|full|additional|flat)\.[^.]+$")
+_VIEW = re.compile(r"_\d+_?(front|side|back|full|additional|flat)\.[^.]+$")   # PATN's and In-shop's names
 
 
 def ssim_pg2(generated: np.ndarray, target: np.ndarray) -> float:
@@ -82,7 +82,11 @@ def ssim_patn(generated: np.ndarray, target: np.ndarray) -> float:
 
 
 def mask_ssim(generated: np.ndarray, target: np.ndarray, mask: np.ndarray) -> float:
-    """PG2's SSIM of both images multiplied by a {0, 1} mask (H, W)."""
+    """PG2's SSIM of both images multiplied by a {0, 1} mask (H, W); NaN for an empty mask (a
+    target with no limb annotated at both ends), which would score two black images 1 whatever
+    was generated, as ΔE00 and detail are NaN there."""
+    if not (mask > 0).any():
+        return math.nan
     m = (mask > 0).astype(np.uint8)[..., None]
     return ssim_pg2(generated * m, target * m)
 
@@ -165,7 +169,8 @@ def pckh_counts(predicted: np.ndarray | None, truth: np.ndarray, alpha: float = 
 
 
 def view_of(name: str) -> str | None:
-    """DeepFashion's view from an image name (`…_1front.jpg` → front), or None."""
+    """DeepFashion's view from an image name (PATN's `…_1front.jpg`, In-shop's `…/02_1_front.jpg`
+    → front), or None."""
     match = _VIEW.search(name)
     return match[1] if match else None
 
@@ -183,7 +188,11 @@ def _mean(values: list[float]) -> float | None:
 
 
 def _file_stem(source: str, target: str) -> str:
-    return f"{Path(source).stem}___{Path(target).stem}"
+    """`SOURCE___TARGET` of a pair's file names without extensions; names in subfolders keep
+    their folders, joined by `__`, so pairs from different folders get different files."""
+    def flat(name: str) -> str:
+        return "__".join(Path(name).with_suffix("").parts)
+    return f"{flat(source)}___{flat(target)}"
 
 
 def backdrop(image: np.ndarray) -> np.ndarray:
