@@ -167,6 +167,11 @@ def display_rgba(image, pixels, what: str):
     return np.concatenate([encoded, np.clip(alpha, 0.0, 1.0)], axis=1).astype(np.float32).reshape(pixels.shape)
 
 
+# An image datablock sent as raw pixels (no PNG/JPEG file behind it) is shrunk by a whole factor
+# (box average) to at most this many pixels a side: 12 MB, far more than the model's canvas uses.
+RAW_SOURCE_SIDE = 2048
+
+
 def _image_pixels(image) -> tuple[bytes, tuple[int, int]]:
     import numpy as np
     width, height = image.size
@@ -177,6 +182,10 @@ def _image_pixels(image) -> tuple[bytes, tuple[int, int]]:
     rgba = display_rgba(image, pixels, f"the source image {image.name!r}").reshape(height, width, 4)[::-1]
     # transparency over white, as the server does with a PNG's: the datasets' studio backdrop
     rgb = rgba[:, :, :3] * rgba[:, :, 3:] + (1 - rgba[:, :, 3:])
+    factor = -(-max(width, height) // RAW_SOURCE_SIDE)
+    if factor > 1:   # a 24 MP photo is 72 MB raw: past the server's message limit (32 MiB by default)
+        width, height = width // factor, height // factor
+        rgb = rgb[:height * factor, :width * factor].reshape(height, factor, width, factor, 3).mean(axis=(1, 3))
     data = np.clip(np.rint(rgb * 255), 0, 255).astype(np.uint8).tobytes()
     return data, (width, height)
 

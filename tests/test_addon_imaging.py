@@ -83,6 +83,25 @@ def test_source_from_an_image_datablock(tmp_path):
         generation.read_source(Settings)
 
 
+def test_a_large_raw_source_is_shrunk_to_fit_a_request():
+    """An unsaved 24 MP image would be 72 MB raw, past the server's message limit: it goes as
+    box averages over whole blocks, at most RAW_SOURCE_SIDE a side."""
+    width, height = 2 * generation.RAW_SOURCE_SIDE + 5, 7
+    image = bpy.data.images.new("big", width, height)
+    pixels = np.zeros((height, width, 4), np.float32)
+    pixels[..., 3] = 1.0
+    pixels[:, 0::3, 0] = 1.0                    # red in every third column: 1/3 red after a 3-block
+    image.pixels.foreach_set(pixels.ravel())
+
+    class Settings:
+        source_kind, source_image, source_path = "IMAGE", image, ""
+    data, size = generation.read_source(Settings)
+    assert size == (width // 3, height // 3) and max(size) <= generation.RAW_SOURCE_SIDE
+    rgb = np.frombuffer(data, np.uint8).reshape(size[1], size[0], 3)
+    assert (rgb[..., 0] == 85).all() and (rgb[..., 1:] == 0).all()
+    bpy.data.images.remove(image)
+
+
 def test_renders_of_every_depth_read_as_their_8_bit_look(tmp_path):
     """16-bit PNG and TIFF renders come back from Blender in linear light, premultiplied: they
     are composited under the person as the 8-bit render of the same frame would be. Linear
