@@ -9,6 +9,8 @@ composites and writes the frame files, and hands events back through a queue.
 """
 from __future__ import annotations
 
+import heapq
+import itertools
 import os
 import queue
 import re
@@ -193,6 +195,8 @@ def _image_pixels(image) -> tuple[bytes, tuple[int, int]]:
 # Renders loaded ahead of the worker (float RGBA, 16 bytes a pixel) stay within this: 12 frames
 # of 1080p, 3 of 4K.
 RENDERS_QUEUED = 512 * 1024 * 1024
+# A request a busy server answers `overloaded` is sent again for up to this many seconds in all.
+OVERLOADED_PATIENCE = 300.0
 # Step timings a run keeps for benchmarks (about 1 h 20 min of the UI's 20 steps a second).
 STEPS_KEPT = 100_000
 # Fewer visible keypoints than this on a frame: the run still goes, with a warning.
@@ -300,6 +304,9 @@ class Batch:
         self.thread: threading.Thread | None = None
         self.done = 0  # frames finished; written by the worker thread alone (_frame_done)
         self.waiting = False  # the server answers but is not ready yet (loading its model)
+        self._retries: list = []   # heap of (when, order, request) answered `overloaded`, to send again
+        self._retry_order = itertools.count()
+        self._overloaded: dict = {}  # id(request) → (tries, seconds waited)
 
     def add(self, job: FrameJob) -> None:
         self.jobs.put(job)
@@ -338,9 +345,15 @@ class Batch:
                     info = server.info()
                     canvas = model_canvas(info, self.connection.endpoint)
                     max_side = int((info.get("limits") or {}).get("max_image_side", max_side))
-                for result in server.generate_many(self._requests(canvas, max_side), in_flight=self.in_flight):
+                requests = self._with_retries(self._requests(canvas, max_side))
+                for result in server.generate_many(requests, in_flight=self.in_flight, raise_errors=False):
                     if self.cancelled.is_set():
                         break
+                    if result.error is not None:
+                        if not self._retry_later(result):
+                            raise result.error
+                        continue
+                    self._overloaded.pop(id(result.request), None)
                     self._finish(result)
         except zmq.ZMQError:
             if not self.cancelled.is_set():
@@ -355,6 +368,41 @@ class Batch:
         finally:
             self._terminate()  # after a cancel: waits for the cancel's own term, a no-op then
             self.events.put(Event("end"))
+
+    def _retry_later(self, result) -> bool:
+        """An `overloaded` reply (a shared server's queue is full): send the request again after
+        a backoff (1, 2, 4 … 30 s) instead of ending the run; False once a request has waited
+        OVERLOADED_PATIENCE seconds in all, or for any other error."""
+        if result.error.code != "overloaded":
+            return False
+        request = result.request
+        tries, waited = self._overloaded.get(id(request), (0, 0.0))
+        delay = min(30.0, 2.0 ** tries)
+        if waited + delay > OVERLOADED_PATIENCE:
+            return False
+        self._overloaded[id(request)] = (tries + 1, waited + delay)
+        heapq.heappush(self._retries, (time.monotonic() + delay, next(self._retry_order), request))
+        return True
+
+    @property
+    def retrying(self) -> int:
+        """Requests answered `overloaded` that wait to be sent again."""
+        return len(self._retries)
+
+    def _with_retries(self, requests):
+        """`requests`, with the overloaded ones sent again once their backoff has passed."""
+        for request in requests:
+            yield from self._due(wait=False)
+            yield request
+        while self._retries and not self.cancelled.is_set():
+            yield from self._due(wait=True)
+
+    def _due(self, wait: bool):
+        while self._retries and (wait or self._retries[0][0] <= time.monotonic()):
+            due, _, request = heapq.heappop(self._retries)
+            if self.cancelled.wait(max(0.0, due - time.monotonic())):
+                return
+            yield request
 
     def _wait_until_ready(self, check) -> bool:
         """Ping until the server takes work: a server answers while it loads its model, and its
@@ -618,6 +666,8 @@ class Run:
     def progress_text(self) -> str:
         if self.batch.waiting:
             return f"waiting for the server to be ready (loading its model); posed {self.planned} / {self.total}"
+        if self.batch.retrying:
+            return f"{self.done} / {self.total}: the server is busy; {self.batch.retrying} request(s) wait to be sent again"
         if self.planned < self.total:
             return f"posing {self.planned} / {self.total}, generated {self.done}"
         return f"{self.done} / {self.total - len(self.report.skipped)}"

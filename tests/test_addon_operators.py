@@ -1023,3 +1023,28 @@ def test_progress_and_the_strip_go_to_the_generating_scene(shot, server, tmp_pat
     assert shot.sequence_editor.strips.get("PG2 Frames") is not None
     assert other.pg2.status == "" and other.sequence_editor is None
     bpy.data.scenes.remove(other)
+
+
+def test_a_busy_server_is_asked_again_not_given_up_on(shot, tmp_path, monkeypatch):
+    """A shared server whose queue is full answers `overloaded`: those frames are sent again
+    after a backoff and the run finishes; past the patience, the run ends with the server's word."""
+    from blender_addon import generation
+    process, endpoint = start_server("serve", "--preset", "tiny", "--random-weights", "--threads", "1",
+                                     "--max-queue", "1", "--max-batch", "1")
+    try:
+        wait_for(process, endpoint)
+        frames = [1, 2, 3, 4, 5, 1, 2, 3]
+        run = _run(shot, frames, tmp_path / "busy", endpoint, in_flight=4)
+        texts = []
+        deadline = time.monotonic() + 90
+        while not run.step():
+            texts.append(run.progress_text())
+            assert time.monotonic() < deadline, "the run did not end"
+            time.sleep(0.005)
+        assert run.error is None and run.done == len(frames)
+        assert any("the server is busy" in t for t in texts)     # some were answered `overloaded`
+        monkeypatch.setattr(generation, "OVERLOADED_PATIENCE", 0.5)
+        run = drive(_run(shot, frames, tmp_path / "impatient", endpoint, in_flight=4))
+        assert run.error is not None and "overloaded" in run.error
+    finally:
+        stop(process)
