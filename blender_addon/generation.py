@@ -77,6 +77,8 @@ def read_source(settings) -> tuple[bytes, tuple[int, int] | None]:
             raise GenerationError("choose a source image of the person in the PG2 panel")
         if image.type == "RENDER_RESULT":
             return render_result_png(image), None
+        if image.is_dirty:   # painted or edited in Blender and not saved: the file is not what is shown
+            return _image_pixels(image)
         if image.packed_file is not None:
             data = bytes(image.packed_file.data)
         elif image.source == "FILE" and os.path.isfile(bpy.path.abspath(image.filepath)):

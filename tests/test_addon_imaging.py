@@ -78,6 +78,11 @@ def test_source_from_an_image_datablock(tmp_path):
     Settings.source_image = bpy.data.images.load(str(png))
     data, size = generation.read_source(Settings)
     assert size is None and data == png.read_bytes()  # a file's own bytes travel as they are
+    edited = np.ones(3 * 4 * 4, np.float32)           # painted white in Blender, not saved
+    Settings.source_image.pixels.foreach_set(edited)
+    assert Settings.source_image.is_dirty
+    data, size = generation.read_source(Settings)
+    assert size == (4, 3) and data == bytes([255]) * 36
     Settings.source_image = None
     with pytest.raises(generation.GenerationError, match="choose a source image"):
         generation.read_source(Settings)
