@@ -91,6 +91,27 @@ def test_eval_writes_images_metrics_and_table(tmp_path, capsys):
     assert not (tmp_path / "cli" / "images").exists()
 
 
+def test_shown_sources_are_made_once_per_run_of_pairs_and_not_all_kept(tmp_path, monkeypatch):
+    """--loose-sources / --frame-sources: each source is shown once while its pairs follow one
+    another; only the latest SHOWN_KEPT are held, so a whole test set's do not pile up."""
+    import training.evaluate as evaluation
+
+    data = write_dataset(tmp_path, "market", identities=2, views=3)
+    split = load_split(data["images"], data["annotations"], data["pairs"])
+    a, b = sorted({s for s, _ in split.pairs})[:2]
+    targets = [t for _, t in split.pairs][:3]
+    split.pairs = [(a, targets[0]), (a, targets[1]), (b, targets[2]), (a, targets[2])]
+    made = []
+
+    def shown(image):
+        made.append(image.shape)
+        return image
+    monkeypatch.setattr(evaluation, "SHOWN_KEPT", 1)
+    evaluate(Pipeline.random("tiny", seed=1), split, tmp_path / "eval", batch_size=2, save_images=False,
+             progress=False, shown_source=shown)
+    assert len(made) == 3           # a, b, then a again: only the latest one was kept
+
+
 def test_mask_ssim_uses_the_mask_drawn_at_the_images_own_resolution(tmp_path):
     from pg2_server.drawing import read_rgb
     from pg2_server.pose import fit_frame, pose_mask

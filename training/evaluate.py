@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -59,6 +60,7 @@ HEADERS = {"ssim_pg2": "SSIM (PG2)", "ssim_patn": "SSIM (PATN)", "mask_ssim": "m
            "pckh": "PCKh", "pckh_limbs": "limb PCKh", "detected": "detected",
            "pckh_limbs_agree": "limb PCKh vs the detected target", "turned": "turned",
            "is": "IS", "mask_is": "mask-IS", "fid": "FID (train)", "lpips": "LPIPS"}
+SHOWN_KEPT = 256  # shown sources (--loose-sources, --frame-sources) kept for the pairs that follow
 MASK_RADIUS = 4  # px at the image's own resolution, as PG2 draws its mask
 HEAD_JOINTS = tuple(INDEX[n] for n in ("nose", "neck", "right_eye", "left_eye", "right_ear", "left_ear"))
 LIMB_JOINTS = tuple(range(INDEX["right_shoulder"], INDEX["left_ankle"] + 1))
@@ -364,7 +366,9 @@ def evaluate(pipeline: Pipeline, split: PairSplit, out_dir: str | Path, batch_si
             write_rgb(out_dir / "images" / "g1" / f"{stem}.png", generation.g1)
         return result, found, keypoints, view_of(target_name)
 
-    shown_sources: dict[str, np.ndarray] = {}
+    # The latest SHOWN_KEPT shown sources (a test set's pairs list each source's pairs together):
+    # all of DeepFashion's would be gigabytes of enlarged photos.
+    shown_sources: OrderedDict[str, np.ndarray] = OrderedDict()
     bar = tqdm(total=len(pairs), desc="eval", unit="pair", disable=not progress, dynamic_ncols=True)
     with ThreadPoolExecutor(max(1, workers)) as pool:  # skimage's filters release the GIL
         for start in range(0, len(pairs), batch_size):
@@ -375,10 +379,14 @@ def evaluate(pipeline: Pipeline, split: PairSplit, out_dir: str | Path, batch_si
             sizes = [(t.shape[1], t.shape[0]) for t in targets]
             shown = sources
             if shown_source is not None:   # once per source photo: framing one detects its person
+                shown = []
                 for (name, _), source in zip(chunk, sources):
                     if name not in shown_sources:
                         shown_sources[name] = shown_source(source)
-                shown = [shown_sources[name] for name, _ in chunk]
+                        if len(shown_sources) > SHOWN_KEPT:
+                            shown_sources.popitem(last=False)
+                    shown_sources.move_to_end(name)
+                    shown.append(shown_sources[name])
             generations = pipeline.generate(shown, keypoints, sizes, with_g1=True, batch_size=batch_size)
             baselines = [source if source.shape == target.shape else
                          cv2.resize(source, (target.shape[1], target.shape[0]), interpolation=cv2.INTER_AREA)
