@@ -2,8 +2,8 @@
 
 The torch networks are converted once with `openvino.convert_model` (batch left dynamic) and
 the converted model is cached next to the checkpoint as `NAME.openvino/stages.xml` + `.bin`,
-with `key.json` holding a hash of the weights and config: a checkpoint whose weights change
-gets a fresh conversion. Inference precision is bf16 where the CPU has bf16 units, else fp32.
+with `key.json` holding a hash of the weights and config, the network and conversion code and the
+torch and OpenVINO versions: new weights or an upgrade get a fresh conversion. Inference precision is bf16 where the CPU has bf16 units, else fp32.
 `Pipeline` keeps the preparation and output code; only `forward` runs here.
 
 A batch size that keeps coming back (a server's full batch, a render's batch) gets a copy of
@@ -73,8 +73,14 @@ class _Stages(torch.nn.Module):
 
 
 def weights_key(config, g1, g2) -> str:
-    """A hash of the model config and every weight: the cache's validity key."""
+    """A hash of the model config, every weight and the code that builds the networks: the
+    cache's validity key (an upgrade that changes the networks converts again)."""
+    from . import model
+
     digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
+    for source in (model.__file__, __file__):   # the networks, and how they are converted
+        digest.update(Path(source).read_bytes())
+    digest.update(torch.__version__.encode())
     for prefix, module in (("g1.", g1), ("g2.", g2)):
         if module is None:
             continue

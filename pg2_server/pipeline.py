@@ -113,7 +113,12 @@ class Generation:
 
 def resolve_device(device: str | torch.device) -> torch.device:
     """A torch.device for 'cpu', 'cuda', 'cuda:N' or 'mps', with a clear error if unavailable."""
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise RuntimeError(device.type)
+    except RuntimeError:
+        raise SetupError(f"unknown device {str(device)!r}; use cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SetupError(f"device {device} requested but CUDA is not available on this machine; use --device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -134,7 +139,8 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device = torch.device(
     return DTYPES[dtype]
 
 
-def resolve_backend(backend: str, device: torch.device, fast: "FastPath | None") -> str:
+def resolve_backend(backend: str, device: torch.device, fast: "FastPath | None",
+                    dtype: torch.dtype = torch.float32) -> str:
     """'torch' or 'openvino' for a --backend choice; "auto" is OpenVINO on the CPU when installed
     (a candidate: `Pipeline` then times both and keeps the faster).
 
@@ -146,11 +152,15 @@ def resolve_backend(backend: str, device: torch.device, fast: "FastPath | None")
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "openvino" and device.type != "cpu":
         raise ValueError(f"the OpenVINO backend runs on the CPU, not {device}; use --backend torch")
+    if backend == "openvino" and dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"the OpenVINO backend runs float32 or bfloat16, not {dtype}; use --dtype bfloat16 "
+                         "or --backend torch")
     if backend == "auto":
         from . import openvino_backend
 
         compiled = fast is not None and fast.compile
-        return "openvino" if device.type == "cpu" and not compiled and openvino_backend.available() else "torch"
+        return ("openvino" if device.type == "cpu" and not compiled and dtype in (torch.float32, torch.bfloat16)
+                and openvino_backend.available() else "torch")
     return backend
 
 
@@ -185,7 +195,7 @@ class Pipeline:
         self.provenance = provenance or {}
         self.metrics = metrics or {}
         self.fast = fast
-        self.backend = resolve_backend(backend, self.device, fast)
+        self.backend = resolve_backend(backend, self.device, fast, self.dtype)
         # On the CPU, bf16 weights are converted once here: autocast would recast every weight on
         # every call, which shows at small batches. bf16 convolutions only reach the matrix
         # units in channels_last.

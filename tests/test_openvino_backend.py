@@ -64,6 +64,12 @@ def test_conversion_is_cached_next_to_the_checkpoint_and_redone_when_weights_cha
     changed = Pipeline.from_checkpoint(tmp_path / "model.json", dtype="float32", backend="openvino")
     assert conversions == [1]
     assert np.abs(changed.run(prepared)[1] - other.run(prepared)[1]).max() <= FAST_PATH_TOLERANCE["float32"]
+    # An upgrade of the code that builds the networks converts again: same weights.
+    from pg2_server import model
+    monkeypatch.setattr(model, "__file__", str(tmp_path / "model_upgraded.py"))
+    (tmp_path / "model_upgraded.py").write_text("# the networks, changed\n")
+    Pipeline.from_checkpoint(tmp_path / "model.json", dtype="float32", backend="openvino")
+    assert conversions == [1, 1]
 
 
 def test_auto_backend_keeps_whichever_is_measured_faster(monkeypatch):
@@ -91,6 +97,9 @@ def test_auto_backend_is_openvino_on_the_cpu_but_torch_when_compiling():
     assert resolve_backend("auto", cpu, None) == "openvino"
     assert resolve_backend("auto", cpu, FastPath(compile=True)) == "torch"
     assert resolve_backend("torch", cpu, None) == "torch"
+    assert resolve_backend("auto", cpu, None, torch.float16) == "torch"   # OpenVINO has no fp16 on the CPU
+    with pytest.raises(ValueError, match="not torch.float16; use --dtype bfloat16 or --backend torch"):
+        resolve_backend("openvino", cpu, None, torch.float16)
     with pytest.raises(ValueError, match="runs on the CPU"):
         resolve_backend("openvino", torch.device("cuda"), None)
     with pytest.raises(ValueError, match="backend must be one of"):

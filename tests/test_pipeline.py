@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from pg2_server.errors import SetupError
 from pg2_server.keypoints import KeypointError
 from pg2_server.pipeline import FAST_PATH_TOLERANCE, FastPath, Pipeline
 from pg2_server.pose import pose_mask
@@ -109,6 +110,9 @@ def test_unavailable_device_is_explained():
         Pipeline.random("tiny", device="cuda")
     with pytest.raises(ValueError, match="dtype must be one of"):
         Pipeline.random("tiny", dtype="int8")
+    for name in ("gpu", "CPU", "xpu", "cuda,cpu"):
+        with pytest.raises(SetupError, match=f"unknown device .{name}.; use cpu, cuda, cuda:N or mps"):
+            Pipeline.random("tiny", device=name)
 
 
 def test_describe(tiny):
