@@ -158,7 +158,8 @@ def test_two_stages_write_logs_samples_and_tensorboard(tmp_path, dataset):
     assert main(_fit_args(dataset, out, 2, "--steps", "3", "--sample-every", "3", "--discriminator", "pair")) == 0
     assert sorted(p.name for p in (out / "samples").iterdir()) == [
         "stage1-step0000002.png", "stage1-step0000004.png", "stage2-step0000003.png"]
-    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (out / "tensorboard").iterdir()) == ["stage1", "stage2"]
+    assert list((out / "tensorboard" / "stage2").glob("events.out.tfevents.*"))
     stage2 = load_run_state(out, 2)
     assert stage2["step"] == 3 and {"g1", "g2", "d", "opt_g", "opt_d", "rng"} <= set(stage2)
     stage1 = load_run_state(out, 1)
@@ -608,3 +609,42 @@ def test_pg2_train_keeps_a_bugs_traceback(monkeypatch):
     monkeypatch.setattr(training.cli, "cmd_export", broken)
     with pytest.raises(TypeError, match="a bug"):
         main(["export", "run", "--out", "ckpt"])
+
+
+def test_images_skipped_since_the_last_log_line_survive_a_stop_and_resume(tmp_path):
+    """A stop between two log lines saves the skipped-image count with it: a resumed run ends
+    with the same count as one that ran straight through."""
+    data = write_dataset(tmp_path / "data")
+    for group in list(data["names"].values())[:2]:
+        break_after_header(data["images"] / group[0])        # their pairs are skipped when loaded
+    split = load_split(data["images"], data["annotations"], data["pairs"])
+    settings = dict(steps=12, batch_size=4, workers=0, log_every=4, sample_every=1000, save_every=1000)
+    straight = Trainer(train_config("tiny", 1, **settings), preset("tiny"), tmp_path / "straight", split).fit()
+
+    class StopsDuringStep6(Trainer):     # as SIGTERM arriving then would
+        def train_step(self, batch):
+            if self.step == 5:
+                self.stop_requested = True
+            return super().train_step(batch)
+    StopsDuringStep6(train_config("tiny", 1, **settings), preset("tiny"), tmp_path / "halves", split).fit()
+    assert load_run_state(tmp_path / "halves", 1)["step"] == 6
+    resumed = Trainer(train_config("tiny", 1, **settings), preset("tiny"), tmp_path / "halves", split,
+                      resume=True).fit()
+    assert straight["skipped_images"] > 0 and resumed["skipped_images"] == straight["skipped_images"]
+    assert resumed["recon"] == straight["recon"]
+    assert sorted(p.name for p in (tmp_path / "halves" / "tensorboard").iterdir()) == ["stage1"]
+
+
+def test_out_of_memory_saves_and_exits_with_status_2(tmp_path, dataset, monkeypatch, capsys):
+    real = Trainer.train_step
+
+    def step(self, batch):
+        if self.step == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, batch)
+    monkeypatch.setattr(Trainer, "train_step", step)
+    out = tmp_path / "run"
+    assert main(_fit_args(dataset, out, 1, "--steps", "5")) == 2
+    assert "error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB); lower --batch-size" \
+        in capsys.readouterr().err
+    assert load_run_state(out, 1)["step"] == 2

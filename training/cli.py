@@ -529,6 +529,15 @@ def main(argv: list[str] | None = None) -> int:
         # What the user can fix; anything else is a bug and keeps its traceback.
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        import torch
+        if not isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)):
+            raise
+        # The run's state was saved before this reached here.
+        print(f"error: out of memory ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+              "lower --batch-size (with --accumulate to keep the batch) or --workers, then --resume",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

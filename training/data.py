@@ -375,7 +375,8 @@ def _worker_init(_: int) -> None:
 
 def make_loader(dataset: PairDataset, batch_size: int, sampler: PairSampler, workers: int,
                 pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over the endless sampler, full batches only, each pair at most once per batch."""
+    """A DataLoader over the endless sampler, full batches only (a batch that spans the end of an
+    epoch may hold a pair of each epoch, rarely the same one)."""
     if batch_size > len(sampler):
         share = f"the {len(sampler)} pairs" + (f" each of {sampler.world_size} processes gets"
                                                if sampler.world_size > 1 else f" of the split")

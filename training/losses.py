@@ -55,5 +55,9 @@ def discriminator_loss(real: torch.Tensor, source: torch.Tensor | None, generate
 
 
 def generator_adversarial_loss(generated: torch.Tensor) -> torch.Tensor:
-    """BCE(D(G), 1): the generator wants its images called real."""
+    """BCE(D(G), 1): the generator wants its images called real (the paper, and the Market code).
+
+    The DeepFashion code averages BCE(·, 1) over [D(G); D(I_A)]: the source half is a constant
+    for G, so its GAN gradient is half of this one, and its λ = 50 weighs L1 as λ = 100 does here.
+    """
     return _bce(generated, True)

@@ -492,6 +492,7 @@ class Trainer:
                     self.validate(log)
                     window_start += time.perf_counter() - began   # samples/s counts training only
                 if self.step % c.save_every == 0 and self.step < c.steps:
+                    window_skipped = self._count_skipped(window_skipped)
                     self.save()
                 stop = self.stop_requested
                 if self.job.enabled:  # all ranks must stop at the same step; checking costs a sync
@@ -499,6 +500,7 @@ class Trainer:
                 if stop:
                     last["interrupted"] = 1.0
                     break
+            window_skipped = self._count_skipped(window_skipped)   # a stop between two log lines
             self.save()
             barrier(self.job)
         except Exception:
@@ -594,6 +596,14 @@ class Trainer:
         self.skipped_images += round(values[-1] * self.job.world_size)
         return {**dict(zip(names, values[:-1])), "skipped_images": self.skipped_images}
 
+    def _count_skipped(self, skipped: int) -> int:
+        """Add the images skipped since the last log line (all ranks) to the run's count before a
+        save, so a resume does not lose them; returns the window's new count, 0. Every rank
+        calls it at the same step."""
+        total = mean_over_ranks(torch.tensor([float(skipped)], device=self.device), self.job).item()
+        self.skipped_images += round(total * self.job.world_size)
+        return 0
+
     def _save_after_failure(self) -> None:
         if not self.job.is_main:
             return
@@ -676,7 +686,9 @@ class _LossLog:
         self.file = open(self.path, "a", encoding="utf-8")
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+            # A folder per stage: a resume purges the events past its step, which in a shared
+            # folder would cut the other stage's curves too; a restart from 0 purges a killed run's.
+            self.writer = SummaryWriter(str(run_dir / "tensorboard" / f"stage{stage}"), purge_step=start_step + 1)
         except ImportError:  # TensorBoard is an optional extra; the JSONL log is always written
             self.writer = None
 
