@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SetupError
-from .keypoints import KeypointError, PoseFileError, load_pose_file
+from .keypoints import KeypointError, NoPersonError, PoseFileError, load_pose_file
 from .worker_protocol import DRAIN_S, HEARTBEAT_S, SUMMARY_S
 
 log = logging.getLogger("pg2_server")
@@ -163,11 +163,35 @@ def cmd_generate_local(args: argparse.Namespace) -> int:
 
 
 def pose_files(folder: Path) -> list[Path]:
-    """The pose JSON files of a batch folder, sorted by name."""
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".json" and p.is_file())
+    """The pose JSON files of a batch folder, sorted by name: hidden files (macOS's `._NAME`)
+    left out, and `NAME_keypoints.json` too where `NAME.json` is there (`pose --openpose`
+    writes the same pose in both formats)."""
+    files = sorted(p for p in folder.iterdir()
+                   if p.suffix.lower() == ".json" and p.is_file() and not p.name.startswith("."))
+    names = {p.name for p in files}
+    files = [p for p in files if not (p.stem.endswith("_keypoints")
+                                      and p.stem.removesuffix("_keypoints") + p.suffix in names)]
     if not files:
         raise PoseFileError(f"{folder} holds no pose .json files")
     return files
+
+
+def read_batch_poses(args: argparse.Namespace,
+                     files: list[Path]) -> list[tuple[Path, tuple[int, int], np.ndarray]]:
+    """(file, size, keypoints) of every pose file, all read before any work: a bad file stops the
+    batch; a frame in which nobody was found (an add-on export's blank frame) is left out, and said."""
+    poses, empty = [], []
+    for path in files:
+        try:
+            poses.append((path, *load_pose_file(path, args.size)))
+        except NoPersonError:
+            empty.append(path.name)
+    if empty:
+        print(f"{len(empty)} pose file(s) with no person left out: {', '.join(empty[:5])}"
+              f"{' …' if len(empty) > 5 else ''}", file=sys.stderr)
+    if not poses:
+        raise PoseFileError(f"{args.pose}: no pose file has a person in it")
+    return poses
 
 
 def cmd_generate_batch_local(args: argparse.Namespace) -> int:
@@ -176,8 +200,9 @@ def cmd_generate_batch_local(args: argparse.Namespace) -> int:
     from .drawing import read_rgb, write_rgb
 
     source = read_rgb(args.source)
-    files = pose_files(Path(args.pose))
-    poses = [load_pose_file(f) for f in files]  # every file checked before the model loads
+    poses = read_batch_poses(args, pose_files(Path(args.pose)))   # every file checked before the model loads
+    files = [path for path, _, _ in poses]
+    poses = [(size, keypoints) for _, size, keypoints in poses]
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     pipeline = load_pipeline(args)
@@ -278,9 +303,9 @@ def cmd_generate_server(args: argparse.Namespace) -> int:
             return 0
         from tqdm import tqdm
 
-        files = pose_files(pose)
         # Read every pose first: a bad file is reported before any work is sent.
-        poses = [(path, *load_pose_file(path)) for path in files]
+        poses = read_batch_poses(args, pose_files(pose))
+        files = [path for path, _, _ in poses]
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
         extension = ".jpg" if output_format == "jpeg" else ".png"
@@ -364,7 +389,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def target_pose(args: argparse.Namespace):
     """(size, keypoints) of the target: from --pose's file, or detected in --pose-from's photo."""
     if not args.pose_from:
-        return load_pose_file(args.pose)
+        return load_pose_file(args.pose, args.size)
     from .detection import PoseDetector
 
     with PoseDetector() as detector:
@@ -376,6 +401,9 @@ def target_pose(args: argparse.Namespace):
     return detection.size, detection.keypoints
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.local == bool(args.server):
         raise SystemExit("error: pass either --local (run the model here) or --server ENDPOINT")
@@ -384,6 +412,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     batch = bool(args.pose) and Path(args.pose).is_dir()
     if args.grid and not (args.local and not batch):
         raise SystemExit("error: --grid works for one pose with --local")
+    out = Path(args.out)
+    if not batch and (out.is_dir() or out.suffix.lower() not in IMAGE_SUFFIXES):
+        raise ValueError(f"--out {args.out} must name an image file ({', '.join(IMAGE_SUFFIXES)}); "
+                         "a folder is for a folder of poses")
+    if batch and args.alpha and args.format == "jpeg":
+        raise ValueError("--alpha needs PNG; drop --format jpeg")
     if args.local:
         return cmd_generate_batch_local(args) if batch else cmd_generate_local(args)
     return cmd_generate_server(args)
@@ -660,6 +694,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", action="store_true", help="add the person mask as alpha (PNG only, --server)")
     p.add_argument("--format", choices=["png", "jpeg"], default="png", help="image format in batch mode")
     p.add_argument("--in-flight", type=int, default=8, help="requests in flight in batch mode (default 8)")
+    p.add_argument("--size", type=int, nargs=2, metavar=("W", "H"),
+                   help="the frame size the keypoints are in, for pose files that do not give one (OpenPose's own "
+                        "JSON has no canvas size)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("pose", help="detect the pose (COCO-18 keypoints) of the person in photos with MediaPipe "

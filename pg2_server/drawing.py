@@ -91,5 +91,9 @@ def read_rgb(path) -> np.ndarray:
 def write_rgb(path, image: np.ndarray) -> None:
     """Write a uint8 RGB (or RGBA) image; the format follows the file extension."""
     code = cv2.COLOR_RGBA2BGRA if image.ndim == 3 and image.shape[2] == 4 else cv2.COLOR_RGB2BGR
-    if not cv2.imwrite(str(path), cv2.cvtColor(image, code)):
-        raise ValueError(f"cannot write image {path}: unknown extension or unwritable folder")
+    try:
+        written = cv2.imwrite(str(path), cv2.cvtColor(image, code))
+    except cv2.error:   # no extension, one OpenCV has no writer for, or a folder
+        written = False
+    if not written:
+        raise ValueError(f"cannot write image {path}: name a .png or .jpg file in a writable folder")

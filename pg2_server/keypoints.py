@@ -192,28 +192,64 @@ class PoseFileError(ValueError):
     """A pose JSON file that is neither of the accepted formats."""
 
 
-def parse_pose(data: object, where: str = "pose") -> tuple[tuple[int, int], np.ndarray]:
+class NoPersonError(PoseFileError):
+    """An OpenPose file with nobody in it (a frame in which no person was found)."""
+
+
+# OpenPose's default BODY_25 model: COCO-18's joints in the same order, with MidHip (8) and the
+# six foot points (19-24) added; COCO-18 is BODY_25 without them.
+BODY_25_TO_COCO = (0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18)
+
+
+def _openpose_person(person: object, where: str) -> list:
+    """One OpenPose person's 18 COCO points ([x, y] or None, confidence 0 = missing)."""
+    flat = person.get("pose_keypoints_2d") if isinstance(person, dict) else None
+    if not isinstance(flat, list) or len(flat) not in (COUNT * 3, 25 * 3):
+        raise PoseFileError(
+            f"{where}: pose_keypoints_2d must hold 54 numbers (COCO-18 × x, y, confidence) or 75 (BODY_25), "
+            f"got {len(flat) if isinstance(flat, list) else type(flat).__name__}")
+    order = BODY_25_TO_COCO if len(flat) == 25 * 3 else range(COUNT)
+    return [None if flat[3 * i + 2] == 0 else [flat[3 * i], flat[3 * i + 1]] for i in order]
+
+
+def _extent(points: list) -> float:
+    """The area of the box around a person's points (0 for fewer than two)."""
+    present = [p for p in points if p is not None]
+    if len(present) < 2:
+        return 0.0
+    xs, ys = [float(p[0]) for p in present], [float(p[1]) for p in present]
+    return (max(xs) - min(xs)) * (max(ys) - min(ys)) + len(present) * 1e-9
+
+
+def parse_pose(data: object, where: str = "pose", frame: tuple[int, int] | None = None
+               ) -> tuple[tuple[int, int], np.ndarray]:
     """Read a pose object: `{"size": [W, H], "keypoints": [...]}` or OpenPose JSON.
 
-    OpenPose JSON means `people[0].pose_keypoints_2d` (COCO-18, x, y, confidence; confidence 0 =
-    missing) with `canvas_width` / `canvas_height`. Returns ((W, H), (18, 2) array).
+    OpenPose JSON means `people[].pose_keypoints_2d`: COCO-18 or BODY_25 (OpenPose's default,
+    mapped to COCO-18), x, y, confidence (0 = missing); of several people the largest is taken
+    (OpenPose lists them in no order). Its frame size is `canvas_width` / `canvas_height` (the
+    ControlNet editors write them; OpenPose itself does not), else `frame`. Coordinates are
+    pixels: a pose whose points all lie within ±1 (OpenPose's `--keypoint_scale 3/4`) is refused.
+    Returns ((W, H), (18, 2) array).
     """
     if not isinstance(data, dict):
         raise PoseFileError(f"{where}: expected a JSON object, got {type(data).__name__}")
     if "people" in data:
         people = data["people"]
+        if not isinstance(people, list):
+            raise PoseFileError(f"{where}: OpenPose \"people\" must be a list, got {type(people).__name__}")
         if not people:
-            raise PoseFileError(f"{where}: OpenPose file has no people")
-        flat = people[0].get("pose_keypoints_2d")
-        if not isinstance(flat, list) or len(flat) != COUNT * 3:
-            raise PoseFileError(
-                f"{where}: pose_keypoints_2d must hold 54 numbers (18 × x, y, confidence), "
-                f"got {len(flat) if isinstance(flat, list) else type(flat).__name__}")
+            raise NoPersonError(f"{where}: OpenPose file has no people")
+        points = max((_openpose_person(person, where) for person in people), key=_extent)
         try:
             size = (int(data["canvas_width"]), int(data["canvas_height"]))
         except (KeyError, TypeError, ValueError):
-            raise PoseFileError(f"{where}: OpenPose file needs canvas_width and canvas_height") from None
-        points = [None if flat[3 * i + 2] == 0 else [flat[3 * i], flat[3 * i + 1]] for i in range(COUNT)]
+            if frame is None:
+                raise PoseFileError(
+                    f"{where}: OpenPose file without canvas_width and canvas_height (OpenPose does not write "
+                    "them): give the frame size the keypoints are in (generate --size W H), or add both to "
+                    "the file") from None
+            size = (int(frame[0]), int(frame[1]))
     else:
         if "size" not in data or "keypoints" not in data:
             raise PoseFileError(
@@ -228,21 +264,29 @@ def parse_pose(data: object, where: str = "pose") -> tuple[tuple[int, int], np.n
     if size[0] <= 0 or size[1] <= 0:
         raise PoseFileError(f"{where}: size must be positive, got {list(size)}")
     try:
-        return size, as_array(points)
+        keypoints = as_array(points)
     except KeypointError as e:
         raise PoseFileError(f"{where}: {e}") from None
+    present = keypoints[~np.isnan(keypoints[:, 0])]
+    if len(present) >= 2 and np.abs(present).max() <= 1.0 and min(size) > 4:
+        raise PoseFileError(
+            f"{where}: every keypoint lies within ±1 in a {size[0]}×{size[1]} frame: these look like normalised "
+            "coordinates (OpenPose --keypoint_scale 3 or 4); write pixels (x × width, y × height)")
+    return size, keypoints
 
 
-def load_pose_file(path: str | Path) -> tuple[tuple[int, int], np.ndarray]:
-    """Load a pose JSON file (see `parse_pose`)."""
+def load_pose_file(path: str | Path, frame: tuple[int, int] | None = None) -> tuple[tuple[int, int], np.ndarray]:
+    """Load a pose JSON file (see `parse_pose`; `frame`: the size for files that give none)."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))   # a byte-order mark: Notepad, PowerShell
     except FileNotFoundError:
         raise PoseFileError(f"pose file {path} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise PoseFileError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); is it a pose JSON?") from None
     except json.JSONDecodeError as e:
         raise PoseFileError(f"{path} is not valid JSON: {e}") from None
-    return parse_pose(data, str(path))
+    return parse_pose(data, str(path), frame)
 
 
 def pose_to_json(size: tuple[int, int], keypoints: Sequence | np.ndarray) -> dict:

@@ -156,3 +156,38 @@ def test_serving_flags_default_to_the_configs_and_the_configs_check_values():
     with pytest.raises(SystemExit, match="error: max_batch must be at least 1, got 0"):
         from pg2_server.cli import build_worker
         build_worker(build_parser().parse_args(["serve", "--max-batch", "0"]), "serve")
+
+
+def test_generate_local_batch_of_poses_as_exports_and_openpose_leave_them(tmp_path, inputs):
+    """A pose folder as the tools leave it: `pose --openpose` pairs (NAME.json + NAME_keypoints.json,
+    generated once), an add-on export's blank frame (no people: left out, said), macOS's hidden
+    `._` files, OpenPose's own files without a canvas size (--size gives it)."""
+    source, pose = inputs
+    poses = tmp_path / "poses"
+    poses.mkdir()
+    ours = json.loads(pose.read_text())
+    (poses / "a.json").write_text(json.dumps(ours))
+    flat = [v for p in ours["keypoints"] for v in ((p[0], p[1], 0.9) if p else (0, 0, 0))]
+    (poses / "a_keypoints.json").write_text(json.dumps({"people": [{"pose_keypoints_2d": flat}],
+                                                        "canvas_width": 1920, "canvas_height": 1080}))
+    (poses / "b_keypoints.json").write_text(json.dumps({"people": [{"pose_keypoints_2d": flat}]}))
+    (poses / "c_keypoints.json").write_text(json.dumps({"people": [], "canvas_width": 1920, "canvas_height": 1080}))
+    (poses / "._a.json").write_bytes(b"\x00\x05\x16\x07\xb0 AppleDouble")
+    common = ["generate", "--local", "--preset", "tiny", "--random-weights", "--source", str(source),
+              "--pose", str(poses), "--out", str(tmp_path / "frames")]
+    result = _run(*common, check=False)
+    assert result.returncode == 2 and "b_keypoints.json: OpenPose file without canvas_width" in result.stderr
+    result = _run(*common, "--size", "1920", "1080")
+    assert "1 pose file(s) with no person left out: c_keypoints.json" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == ["a.png", "b_keypoints.png"]
+    assert cv2.imread(str(tmp_path / "frames" / "b_keypoints.png")).shape == (1080, 1920, 3)
+
+
+@pytest.mark.parametrize("out", ["result", "result.gif", "folder"])
+def test_an_output_that_is_not_an_image_file_is_refused_before_the_model_runs(tmp_path, inputs, out):
+    source, pose = inputs
+    (tmp_path / "folder").mkdir()
+    result = _run("generate", "--local", "--preset", "tiny", "--random-weights", "--source", str(source),
+                  "--pose", str(pose), "--out", str(tmp_path / out), check=False)
+    assert result.returncode == 2 and "must name an image file (.png, .jpg" in result.stderr
+    assert "Traceback" not in result.stderr

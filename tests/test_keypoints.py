@@ -129,6 +129,34 @@ def test_pose_files_both_formats(tmp_path):
     assert tuple(array[3]) == (6.0, 9.0) and np.isnan(array[4]).all()
 
 
+def test_openpose_files_as_openpose_writes_them(tmp_path):
+    """BODY_25 (OpenPose's default model), several people in no order, no canvas size (OpenPose
+    writes none: the frame comes from the caller), a byte-order mark."""
+    def body25(scale: float, offset: float) -> list:
+        flat = []
+        for i in range(25):
+            flat += [offset + i * scale, offset + i * 2 * scale, 0.0 if i == 4 else 0.8]
+        return flat
+    path = tmp_path / "frame_000000000000_keypoints.json"
+    path.write_text(json.dumps({"version": 1.3, "people": [{"pose_keypoints_2d": body25(1.0, 5.0)},     # a bystander
+                                                          {"pose_keypoints_2d": body25(10.0, 50.0)}]}),
+                    encoding="utf-8-sig")
+    with pytest.raises(kp.PoseFileError, match="without canvas_width and canvas_height.*generate --size W H"):
+        kp.load_pose_file(path)
+    size, array = kp.load_pose_file(path, frame=(640, 480))
+    assert size == (640, 480)
+    assert tuple(array[1]) == (60.0, 70.0)                    # neck: BODY_25's 1
+    assert tuple(array[8]) == (140.0, 230.0)                  # right hip: BODY_25's 9 (8 is MidHip)
+    assert tuple(array[17]) == (230.0, 410.0) and np.isnan(array[4]).all()   # left ear: 18; 4 missing
+
+
+def test_normalised_coordinates_are_refused(tmp_path):
+    path = tmp_path / "pose.json"
+    path.write_text(json.dumps({"size": [176, 256], "keypoints": [[0.4, 0.2], [0.5, 0.3]] + [None] * 16}))
+    with pytest.raises(kp.PoseFileError, match="look like normalised coordinates .OpenPose --keypoint_scale"):
+        kp.load_pose_file(path)
+
+
 @pytest.mark.parametrize("content, message", [
     ("{", "not valid JSON"),
     ('{"size": [10, 10]}', "expected"),
@@ -136,10 +164,13 @@ def test_pose_files_both_formats(tmp_path):
     ('{"size": [10.5, 10], "keypoints": []}', "integers"),
     ('{"size": [10, 10], "keypoints": [[1, 2]]}', "expected 18 keypoints"),
     ('{"people": [], "canvas_width": 1, "canvas_height": 1}', "no people"),
+    ('{"people": {"pose_keypoints_2d": []}}', "must be a list"),
+    ('{"people": ["nobody"]}', "must hold 54 numbers .COCO-18 × x, y, confidence. or 75 .BODY_25."),
+    (b'{"size": [10, 10], "keypoints": "\xb0"}', "is not UTF-8 text"),
 ])
 def test_bad_pose_files(tmp_path, content, message):
     path = tmp_path / "pose.json"
-    path.write_text(content)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(kp.PoseFileError, match=message):
         kp.load_pose_file(path)
     with pytest.raises(kp.PoseFileError, match="does not exist"):
