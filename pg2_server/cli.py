@@ -144,11 +144,22 @@ def framed_source(args: argparse.Namespace, source: np.ndarray, canvas) -> np.nd
     return framed
 
 
+def check_frame(size: tuple[int, int], where) -> None:
+    """The server's own limit on a target frame's side, kept by the local runs too."""
+    from .wire.protocol import Limits
+
+    side = Limits().max_image_side
+    if max(size) > side:
+        raise ValueError(f"{where}: the target frame {size[0]}×{size[1]} is over {side} px a side (the server's "
+                         "limit); scale the pose down")
+
+
 def cmd_generate_local(args: argparse.Namespace) -> int:
     from .drawing import read_rgb, write_rgb
 
     source = read_rgb(args.source)
     size, keypoints = target_pose(args)
+    check_frame(size, args.pose or args.pose_from)
     pipeline = load_pipeline(args)
     source = framed_source(args, source, pipeline.config.canvas)
     [generation] = pipeline.generate([source], [keypoints], [size], with_g1=args.grid)
@@ -201,6 +212,8 @@ def cmd_generate_batch_local(args: argparse.Namespace) -> int:
 
     source = read_rgb(args.source)
     poses = read_batch_poses(args, pose_files(Path(args.pose)))   # every file checked before the model loads
+    for path, size, _ in poses:
+        check_frame(size, path)
     files = [path for path, _, _ in poses]
     poses = [(size, keypoints) for _, size, keypoints in poses]
     out_dir = Path(args.out)
@@ -268,10 +281,17 @@ def write_result(path: Path, image) -> Path:
 
 
 def cmd_generate_server(args: argparse.Namespace) -> int:
-    from .wire.client import GenerateRequest
     from .keypoints import as_list
+    from .wire.client import GenerateRequest
+    from .wire.images import sniff_format
 
     source = Path(args.source).read_bytes()
+    if not args.frame_source and sniff_format(source) is None:   # BMP, WebP, TIFF: sent as PNG
+        from .codec import encode_image
+        from .drawing import read_rgb
+        from .wire.protocol import OutputSpec
+
+        source, _ = encode_image(read_rgb(args.source), None, OutputSpec("png"), "source")
     output_format = "jpeg" if args.format == "jpeg" else "png"
     pose = Path(args.pose or args.pose_from)
     with client_from_args(args) as client:

@@ -183,6 +183,15 @@ def test_generate_local_batch_of_poses_as_exports_and_openpose_leave_them(tmp_pa
     assert cv2.imread(str(tmp_path / "frames" / "b_keypoints.png")).shape == (1080, 1920, 3)
 
 
+def test_a_frame_over_the_servers_side_limit_is_refused_locally_too(tmp_path, inputs):
+    source, _ = inputs
+    huge = tmp_path / "huge.json"
+    huge.write_text(json.dumps({"size": [60000, 60000], "keypoints": [[100 + i, 200 + 9 * i] for i in range(18)]}))
+    result = _run("generate", "--local", "--preset", "tiny", "--random-weights", "--source", str(source),
+                  "--pose", str(huge), "--out", str(tmp_path / "x.png"), check=False)
+    assert result.returncode == 2 and "60000×60000 is over 4096 px a side" in result.stderr
+
+
 @pytest.mark.parametrize("out", ["result", "result.gif", "folder"])
 def test_an_output_that_is_not_an_image_file_is_refused_before_the_model_runs(tmp_path, inputs, out):
     source, pose = inputs

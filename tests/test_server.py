@@ -348,6 +348,12 @@ def test_cli_generate_ping_info(server, tmp_path):
     done = run_cli("generate", "--server", server, "--source", str(source), "--pose", str(pose), "--out", str(out))
     assert done.returncode == 0, done.stderr
     assert cv2.imread(str(out)).shape == (128, 88, 3)
+    bmp = tmp_path / "person.bmp"          # a format the wire does not take: sent as PNG by the client
+    cv2.imwrite(str(bmp), cv2.imread(str(source)))
+    done = run_cli("generate", "--server", server, "--source", str(bmp), "--pose", str(pose), "--out",
+                   str(tmp_path / "from_bmp.png"))
+    assert done.returncode == 0, done.stderr
+    assert cv2.imread(str(tmp_path / "from_bmp.png")).shape == (128, 88, 3)
     done = run_cli("ping", "--server", server)
     assert done.returncode == 0 and "pong from" in done.stdout
     done = run_cli("info", "--server", server, "--json")
