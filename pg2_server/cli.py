@@ -240,8 +240,7 @@ def client_keys(args: argparse.Namespace):
     if not (args.curve_server_key or args.curve_client_key):
         return None
     if not (args.curve_server_key and args.curve_client_key):
-        raise SystemExit("error: CURVE needs both --curve-server-key SERVER.key and "
-                         "--curve-client-key NAME.key_secret")
+        raise ValueError("CURVE needs both --curve-server-key SERVER.key and --curve-client-key NAME.key_secret")
     return ClientKeys.from_files(args.curve_server_key, args.curve_client_key)
 
 
