@@ -118,3 +118,37 @@ def test_synchronised_batch_norm_is_plain_batch_norm_in_one_process():
     x = torch.randn(6, 3, 32, 16)
     torch.testing.assert_close(synced(x), plain(x))
     assert synced.state_dict().keys() == plain.state_dict().keys()
+
+
+@pytest.mark.timeout(240)
+def test_sigterm_under_torchrun_saves_before_torchrun_gives_up(tmp_path):
+    """torchrun forwards SIGTERM to its workers and kills them soon after: every rank stops at
+    the next step and the state is saved, however far off the next log line is."""
+    import signal
+    import time
+
+    data = write_dataset(tmp_path)
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+         "training.cli", "fit", "--stage", "1", "--preset", "tiny", "--steps", "100000", "--log-every", "100000",
+         "--save-every", "100000", "--workers", "0", "--threads", "1", "--device", "cpu",
+         "--data-root", str(data["images"]), "--annotations", str(data["annotations"]),
+         "--pairs", str(data["pairs"]), "--out", str(out)],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "tensorboard").exists():      # training has begun on rank 0
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "fit did not start"
+            time.sleep(0.2)
+        time.sleep(2.0)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    state = load_run_state(out, 1)
+    assert 0 < state["step"] < 100_000, stderr[-3000:]
+    assert "interrupted at step" in stderr

@@ -495,8 +495,11 @@ class Trainer:
                     window_skipped = self._count_skipped(window_skipped)
                     self.save()
                 stop = self.stop_requested
-                if self.job.enabled:  # all ranks must stop at the same step; checking costs a sync
-                    stop = any_rank(stop, self.job) if self.step % c.log_every == 0 else False
+                if self.job.enabled:
+                    # All ranks stop at the same step, the one after the signal: torchrun kills its
+                    # workers ~30 s after SIGTERM, sooner than --log-every steps may take. The check is
+                    # one scalar all-reduce, beside the step's own gradient all-reduce.
+                    stop = any_rank(stop, self.job)
                 if stop:
                     last["interrupted"] = 1.0
                     break
