@@ -208,6 +208,8 @@ def _openpose_person(person: object, where: str) -> list:
         raise PoseFileError(
             f"{where}: pose_keypoints_2d must hold 54 numbers (COCO-18 × x, y, confidence) or 75 (BODY_25), "
             f"got {len(flat) if isinstance(flat, list) else type(flat).__name__}")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in flat):
+        raise PoseFileError(f"{where}: pose_keypoints_2d must hold numbers only")
     order = BODY_25_TO_COCO if len(flat) == 25 * 3 else range(COUNT)
     return [None if flat[3 * i + 2] == 0 else [flat[3 * i], flat[3 * i + 1]] for i in order]
 

@@ -166,6 +166,7 @@ def test_normalised_coordinates_are_refused(tmp_path):
     ('{"people": [], "canvas_width": 1, "canvas_height": 1}', "no people"),
     ('{"people": {"pose_keypoints_2d": []}}', "must be a list"),
     ('{"people": ["nobody"]}', "must hold 54 numbers .COCO-18 × x, y, confidence. or 75 .BODY_25."),
+    ('{"people": [{"pose_keypoints_2d": ' + json.dumps(["a"] * 54) + '}]}', "must hold numbers only"),
     (b'{"size": [10, 10], "keypoints": "\xb0"}', "is not UTF-8 text"),
 ])
 def test_bad_pose_files(tmp_path, content, message):
