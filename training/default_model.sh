@@ -7,9 +7,10 @@
 #
 # Every step resumes: rerun the same command after an interruption and it goes on where it
 # stopped (synth skips the images it has, fit continues from its saved state, the rest is quick).
-# Defaults train from scratch (a 2-core CPU with bf16 units: about 30 min of rendering and
-# 2 h 10 min of training). The bundled model is this recipe run on renders made with the studio's
-# earlier lights, then fine-tuned with INIT on today's (its model card has both commands).
+# Defaults train from scratch (a 2-core CPU with bf16 units: about 27 min of rendering and
+# 2 h 50 min of training, measured; its figures are in the model card, below the bundled model's).
+# The bundled model is this recipe run on renders made with the studio's earlier lights, then
+# fine-tuned with INIT on today's (its model card has both commands).
 # A GPU user reruns it larger, e.g.
 #   PRESET=fashion WIDTH=32 DEVICE=cuda IDENTITIES=4000 TEST_IDENTITIES=100 STEPS1=22000 STEPS2=38000 \
 #     bash training/default_model.sh runs/synthetic-fashion
