@@ -5,6 +5,7 @@ that claims a huge image is refused before OpenCV allocates anything for it.
 """
 from __future__ import annotations
 
+import re
 import struct
 import threading
 import zlib
@@ -85,9 +86,8 @@ def decode_image(data, spec: ImageSpec, max_side: int, request_id=None) -> np.nd
                                          f"{spec.format.upper()} file is {width}×{height}", request_id)
     if spec.format == "jpeg":
         # A progressive JPEG decodes every scan over the whole image: thousands of empty scans
-        # in a small file hold the decoder for minutes. Encoders write ten or so (libjpeg), and
-        # a scan's marker cannot occur inside the coded data (an 0xFF there is followed by 0x00).
-        scans = bytes(data).count(b"\xff\xda")
+        # in a small file hold the decoder for minutes. Encoders write ten or so (libjpeg).
+        scans = jpeg_scans(bytes(data))
         if scans > MAX_JPEG_SCANS:
             raise ProtocolError(BAD_REQUEST, f"the source JPEG has {scans} scans, over {MAX_JPEG_SCANS}; save it "
                                              "again as a baseline or ordinary progressive JPEG", request_id)
@@ -98,6 +98,39 @@ def decode_image(data, spec: ImageSpec, max_side: int, request_id=None) -> np.nd
         raise ProtocolError(BAD_REQUEST, f"the source {spec.format.upper()} file cannot be decoded "
                                          "(truncated or corrupt)", request_id)
     return image
+
+
+# The next marker inside a scan's coded data: 0xFF there is followed by 0x00 (a stuffed byte),
+# a restart marker (D0-D7) or more 0xFF (fill); anything else ends the scan.
+_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+
+
+def jpeg_scans(data: bytes) -> int:
+    """The scans a decoder meets in a JPEG: its segments walked from the start to the end-of-image
+    marker, as libjpeg reads them. Bytes after the end (a phone's motion-photo video) and inside
+    other segments (an EXIF thumbnail in APP1) are not scans, whatever bytes they hold."""
+    pos, scans, size = 2, 0, len(data)
+    while pos < size and data[pos] == 0xFF:
+        while pos < size and data[pos] == 0xFF:   # fill bytes before a marker
+            pos += 1
+        if pos + 1 > size:
+            break
+        marker = data[pos]
+        pos += 1
+        if marker == 0xD9:                         # end of image
+            break
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:   # markers without a length
+            continue
+        if pos + 2 > size:
+            break
+        pos += int.from_bytes(data[pos:pos + 2], "big")
+        if marker == 0xDA:
+            scans += 1
+            found = _NEXT_MARKER.search(data, pos)
+            if found is None:
+                break
+            pos = found.start()
+    return scans
 
 
 BACKDROP = 255   # what a transparent background becomes: the white studio backdrop of the datasets

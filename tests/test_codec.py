@@ -211,3 +211,25 @@ def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding():
     with pytest.raises(ProtocolError, match="has 2.. scans, over 100") as refused:
         decode_image(bomb, ImageSpec("jpeg"), 4096)
     assert refused.value.code == "bad_request"
+
+
+def test_bytes_after_the_end_or_inside_a_segment_are_not_scans():
+    """A phone's motion photo appends its video after the JPEG's end; an EXIF thumbnail sits in an
+    APP1 segment: scan markers in either are not scans, and the photo decodes."""
+    from pg2_server.codec import jpeg_scans
+
+    image = rgb(64, 48)
+    _, progressive = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    progressive = progressive.tobytes()
+    own = jpeg_scans(progressive)
+    assert own == progressive.count(b"\xff\xda") and own > 1
+    video = np.random.default_rng(0).integers(0, 256, 10 * 2**20, dtype=np.uint8).tobytes()
+    assert video.count(b"\xff\xda") > 100
+    motion = progressive + video
+    assert jpeg_scans(motion) == own
+    assert decode_image(motion, ImageSpec("jpeg"), 4096).shape == (48, 64, 3)
+    thumbnail = b"Exif\x00\x00" + b"\xff\xda\x00\x02" * 300
+    app1 = b"\xff\xe1" + (len(thumbnail) + 2).to_bytes(2, "big") + thumbnail
+    with_exif = progressive[:2] + app1 + progressive[2:]
+    assert jpeg_scans(with_exif) == own
+    assert decode_image(with_exif, ImageSpec("jpeg"), 4096).shape == (48, 64, 3)
