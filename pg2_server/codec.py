@@ -145,9 +145,12 @@ def decode_photo(data) -> np.ndarray | None:
     (often black). The server, `pg2-server generate --local`, pose detection and training all
     read photos through this.
     """
-    png = sniff_format(data) == "png"   # PNGs keep their alpha; OpenCV orients JPEGs only in colour mode
+    # PNGs and WebPs keep their alpha; OpenCV orients JPEGs only in colour mode.
+    head = bytes(data[:12])
+    with_alpha = sniff_format(data) == "png" or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
     try:
-        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED if png else cv2.IMREAD_COLOR)
+        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8),
+                             cv2.IMREAD_UNCHANGED if with_alpha else cv2.IMREAD_COLOR)
     except cv2.error:  # some corrupt files make the codec raise instead of returning None
         return None
     if image is None:

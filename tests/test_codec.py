@@ -80,6 +80,13 @@ def test_a_cut_out_persons_transparent_background_becomes_the_white_backdrop():
     assert (image[:, 2:] == 255).all()                                     # not the hidden black
 
 
+def test_a_transparent_webp_is_over_the_white_backdrop_too():
+    bgra = cv2.imdecode(np.frombuffer(cut_out_png(), np.uint8), cv2.IMREAD_UNCHANGED)
+    ok, webp = cv2.imencode(".webp", bgra, [cv2.IMWRITE_WEBP_QUALITY, 101])   # lossless
+    assert ok
+    assert np.array_equal(decode_photo(webp.tobytes()), decode_photo(cut_out_png()))
+
+
 @pytest.mark.parametrize("read", [read_rgb, read_photo], ids=["read_rgb", "detection.read_photo"])
 def test_every_photo_reader_sees_a_file_as_the_server_does(read, tmp_path):
     path = tmp_path / "cut-out.png"
