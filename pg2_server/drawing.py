@@ -22,7 +22,8 @@ def draw_pose(keypoints, size: tuple[int, int], background: np.ndarray | None = 
         canvas = np.zeros((height, width, 3), np.uint8)
     else:
         canvas = np.ascontiguousarray(background[..., :3]).copy()
-    points = as_array(keypoints)
+    # OpenCV draws with int32 coordinates; points a million pixels out are off the image anyway.
+    points = np.clip(as_array(keypoints), -(1 << 20), 1 << 20)
     if thickness is None:
         thickness = max(1, round(min(width, height) / 64))
     radius = thickness + 1
