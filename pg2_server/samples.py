@@ -40,7 +40,10 @@ def load_samples(folder: str | Path = BUNDLED) -> list[Sample]:
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{index} must hold a non-empty list of {{source, pose, target}} entries")
     samples = []
-    for entry in entries:
+    for number, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("source", "pose")):
+            raise ValueError(f"{index}: entry {number} must name its \"source\" and \"pose\" files "
+                             f"(and optionally \"target\"), got {entry!r}")
         size, keypoints = load_pose_file(folder / entry["pose"])
         target = read_rgb(folder / entry["target"]) if entry.get("target") else None
         samples.append(Sample(read_rgb(folder / entry["source"]), size, keypoints, target))

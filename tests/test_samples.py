@@ -43,3 +43,6 @@ def test_bad_sample_sets_are_named(tmp_path):
     (tmp_path / "samples.json").write_text("[]")
     with pytest.raises(ValueError, match="non-empty list"):
         load_samples(tmp_path)
+    (tmp_path / "samples.json").write_text('[{"source": "a.jpg"}]')
+    with pytest.raises(ValueError, match="entry 1 must name its .source. and .pose. files"):
+        load_samples(tmp_path)
