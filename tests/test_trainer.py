@@ -491,6 +491,15 @@ def test_resume_without_steps_continues_to_the_runs_own_target(tmp_path, dataset
     assert load_run_state(out, 1)["step"] == 3
 
 
+def test_resume_auto_is_one_command_for_the_first_start_and_every_restart(tmp_path, dataset):
+    out = tmp_path / "run"
+    assert main(_fit_args(dataset, out, 1, "--steps", "2", "--resume", "auto")) == 0    # nothing saved: starts
+    assert load_run_state(out, 1)["step"] == 2
+    assert main(_fit_args(dataset, out, 1, "--steps", "3", "--resume", "auto")) == 0    # saved: continues
+    assert load_run_state(out, 1)["step"] == 3
+    assert main(_fit_args(dataset, out, 1, "--steps", "3", "--resume")) == 0           # plain --resume still works
+
+
 def test_a_resumed_stage_two_refuses_another_g1_or_model(tmp_path, dataset, capsys):
     first, other = tmp_path / "first", tmp_path / "other"
     for run in (first, other):

@@ -74,6 +74,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     try:
         run_dir = Path(args.out)
         existing = state_path(run_dir, args.stage)
+        args.resume = existing.is_file() if args.resume == "auto" else args.resume == "yes"
         saved = None   # the resumed run's settings (its weights are the trainer's to load)
         if args.resume and existing.is_file():
             state = load_run_state(run_dir, args.stage)
@@ -270,7 +271,10 @@ def _add_fit(sub) -> None:
                         "--g1); required")
     _add_data_arguments(p, "image folder of the training split (required)", required=False)
     p.add_argument("--out", help="run directory (state, logs, samples); required")
-    p.add_argument("--resume", action="store_true", help="continue the stage from the run directory's state")
+    p.add_argument("--resume", nargs="?", const="yes", choices=["yes", "auto"],
+                   help="continue the stage from the run directory's state; `--resume auto` continues it when "
+                        "there is one and starts otherwise (one command for a scheduler that requeues or "
+                        "torchrun --max-restarts)")
     p.add_argument("--g1", help="stage 2: G1 from this run directory or checkpoint (default: --out's stage 1)")
     p.add_argument("--init", metavar="RUN_OR_CHECKPOINT",
                    help="fine-tune: start the stage's generator (G1 in stage 1, G2 in stage 2) from this checkpoint "
