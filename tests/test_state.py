@@ -1,7 +1,9 @@
 """training/state.py: nested state round trips through one safetensors file, atomically, no pickle."""
 from __future__ import annotations
 
+import os
 import random
+import time
 
 import numpy as np
 import pytest
@@ -57,7 +59,11 @@ def test_partial_saves_are_removed_and_nothing_else(tmp_path):
     save_state(tmp_path / "stage1.safetensors", {"step": 1})
     partial = tmp_path / ".stage1.safetensors.abc123.tmp"     # the name save_state's temporary file has
     partial.write_bytes(b"\0" * 100)
-    others = [tmp_path / "notes.tmp", tmp_path / ".hidden.tmp", tmp_path / "stage1.safetensors"]
+    an_hour_ago = time.time() - 3600
+    os.utime(partial, (an_hour_ago, an_hour_ago))               # left by a kill long ago
+    writing = tmp_path / ".stage2.safetensors.def456.tmp"     # another run's save, being written now
+    writing.write_bytes(b"\0" * 100)
+    others = [tmp_path / "notes.tmp", tmp_path / ".hidden.tmp", tmp_path / "stage1.safetensors", writing]
     others[0].write_text("x"), others[1].write_text("x")
     assert remove_partial_saves(tmp_path) == [partial]
     assert all(p.exists() for p in others) and not partial.exists()

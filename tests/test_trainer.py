@@ -350,6 +350,7 @@ def test_a_run_removes_what_a_killed_save_left(tmp_path, dataset):
     out.mkdir()
     leftover = out / ".stage1.safetensors.k2x9a1.tmp"
     leftover.write_bytes(b"\0" * 1000)
+    os.utime(leftover, (time.time() - 3600, time.time() - 3600))   # the kill was an hour ago
     unrelated = out / "notes.tmp"
     unrelated.write_text("mine")
     assert main(_fit_args(dataset, out, 1, "--steps", "1")) == 0

@@ -62,16 +62,28 @@ def save_state(path: str | Path, state: dict) -> Path:
     return write_tensors_atomic(path, tensors, {_META_KEY: json.dumps(skeleton)})
 
 
-def remove_partial_saves(folder: str | Path) -> list[Path]:
+PARTIAL_AGE_S = 600.0   # a save writes its temporary file in seconds: one this old was left by a kill
+
+
+def remove_partial_saves(folder: str | Path, older_than: float = PARTIAL_AGE_S) -> list[Path]:
     """Delete temporary files that a save killed mid-write left in `folder`; returns them.
 
-    Only names `save_state` makes (`.NAME.safetensors.XXXX.tmp`, from `write_atomic`) are touched.
+    Only names `save_state` makes (`.NAME.safetensors.XXXX.tmp`, from `write_atomic`) are touched,
+    and only those not written to for `older_than` seconds: another run in the same folder (stage 1
+    resumed while stage 2 trains) may be writing its own right now.
     """
+    import time
+
     folder = Path(folder)
     if not folder.is_dir():
         return []
     removed = []
     for path in folder.glob(".*.safetensors.*.tmp"):
+        try:
+            if time.time() - path.stat().st_mtime < older_than:
+                continue
+        except FileNotFoundError:   # its save just finished and renamed it
+            continue
         path.unlink(missing_ok=True)
         removed.append(path)
     return removed
