@@ -31,7 +31,7 @@ import numpy as np
 
 from .drawing import read_rgb
 from .errors import SetupError
-from .keypoints import COUNT, INDEX, NAMES, pose_to_json
+from .keypoints import COUNT, INDEX, NAMES, box_area, pose_to_json
 from .pose import crop_box, person_box
 
 # BlazePose landmark index per COCO-18 keypoint, in NAMES order; None = derived (the neck).
@@ -144,14 +144,6 @@ def landmarks_to_coco(landmarks: np.ndarray, size: tuple[int, int],
     return points, seen
 
 
-def _box_area(points: np.ndarray) -> float:
-    kept = points[~np.isnan(points[:, 0])]
-    if len(kept) < 2:
-        return 0.0
-    extent = kept.max(axis=0) - kept.min(axis=0)
-    return float(extent[0] * extent[1])
-
-
 def check_photo(image: np.ndarray, where: str = "image") -> np.ndarray:
     """An RGB uint8 (H, W, 3) image large enough to detect a person in, or a DetectionError."""
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
@@ -227,7 +219,7 @@ class PoseDetector:
         people = [landmarks_to_coco(first[0], size, self.visibility)]
         if self.several_people:
             people += self._others(image, first, size)
-        areas = [_box_area(points) for points, _ in people]
+        areas = [box_area(points) for points, _ in people]
         best = int(np.argmax(areas))
         points, seen = people[best]
         notes = []

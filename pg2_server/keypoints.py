@@ -214,13 +214,14 @@ def _openpose_person(person: object, where: str) -> list:
     return [None if flat[3 * i + 2] == 0 else [flat[3 * i], flat[3 * i + 1]] for i in order]
 
 
-def _extent(points: list) -> float:
-    """The area of the box around a person's points (0 for fewer than two)."""
-    present = [p for p in points if p is not None]
-    if len(present) < 2:
+def box_area(points: np.ndarray) -> float:
+    """The area of the box around a person's present keypoints ((18, 2), NaN = missing); 0 for
+    fewer than two: how the largest of several people is chosen."""
+    kept = points[~np.isnan(points[:, 0])]
+    if len(kept) < 2:
         return 0.0
-    xs, ys = [float(p[0]) for p in present], [float(p[1]) for p in present]
-    return (max(xs) - min(xs)) * (max(ys) - min(ys)) + len(present) * 1e-9
+    extent = kept.max(axis=0) - kept.min(axis=0)
+    return float(extent[0] * extent[1])
 
 
 def parse_pose(data: object, where: str = "pose", frame: tuple[int, int] | None = None
@@ -242,7 +243,10 @@ def parse_pose(data: object, where: str = "pose", frame: tuple[int, int] | None 
             raise PoseFileError(f"{where}: OpenPose \"people\" must be a list, got {type(people).__name__}")
         if not people:
             raise NoPersonError(f"{where}: OpenPose file has no people")
-        points = max((_openpose_person(person, where) for person in people), key=_extent)
+        try:
+            points = max((as_array(_openpose_person(person, where)) for person in people), key=box_area)
+        except KeypointError as e:
+            raise PoseFileError(f"{where}: {e}") from None
         try:
             size = (int(data["canvas_width"]), int(data["canvas_height"]))
         except (KeyError, TypeError, ValueError):
