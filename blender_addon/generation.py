@@ -25,7 +25,8 @@ import zmq
 
 from . import imaging, openpose
 from .mapping import BoneMapping, keypoints_3d
-from .projection import Crop, Point, ProjectionError, frame_size, person_crop, project_points
+from .projection import (Crop, Point, ProjectionError, frame_size, person_crop, project_points,
+                         square_scale)
 from .wire import client, images, protocol
 
 _HASHES = re.compile(r"#+")
@@ -230,6 +231,9 @@ class Framing:
     mode: str = "CAMERA"  # "CAMERA" | "PERSON"
     margin: float = 0.15
     background: tuple | str | None = (1.0, 1.0, 1.0)  # RGB 0..1, "RENDER", None = transparent
+    # Width over height of a frame pixel (projection.pixel_aspect). Requests are made in square
+    # pixels, as the model draws people, and results stretched back to the frame's pixels.
+    pixel_aspect: float = 1.0
 
 
 def plan_frame(scene, armature, mapping: BoneMapping, keep_outside: bool,
@@ -433,6 +437,8 @@ class Batch:
 
     def _requests(self, canvas, max_side: int):
         person = self.framing.mode == "PERSON"
+        sx, sy = square_scale(self.framing.pixel_aspect)
+        square = (sx, sy) == (1.0, 1.0)
         while (job := self._next_job()) is not None:
             if job.render is not None:
                 self._background(job)   # held as bytes while its request is in flight
@@ -444,6 +450,9 @@ class Batch:
                     self._write(job, self._background(job))
                 continue
             parts = job.people if job.people is not None else [(job.keypoints, self.source, self.source_size, 0.0)]
+            if not square:
+                parts = [([None if p is None else (p[0] * sx, p[1] * sy) for p in keypoints], *rest)
+                         for keypoints, *rest in parts]
             crops = []
             for keypoints, _, _, _ in parts:
                 crop = None
@@ -460,10 +469,11 @@ class Batch:
                     job.results = {}
                 for index, ((keypoints, source, source_size, _), crop) in enumerate(zip(parts, crops)):
                     keypoints = crop.shift(keypoints) if crop else keypoints
-                    size = (crop.width, crop.height) if crop else job.frame_size
-                    # Files in camera framing take the server's PNG/JPEG as is; anything
-                    # composited or shown in Blender needs pixels.
-                    fmt = file_format(job.path) if job.path and not person else "raw"
+                    size = (crop.width, crop.height) if crop else \
+                        (max(1, round(job.frame_size[0] * sx)), max(1, round(job.frame_size[1] * sy)))
+                    # Files in camera framing of square pixels take the server's PNG/JPEG as is;
+                    # anything composited, stretched or shown in Blender needs pixels.
+                    fmt = file_format(job.path) if job.path and not person and square else "raw"
                     yield client.GenerateRequest(
                         source, [None if p is None else [float(p[0]), float(p[1])] for p in keypoints],
                         list(size), source_size=source_size, output_format=fmt, alpha=person,
@@ -506,18 +516,31 @@ class Batch:
                 return
             frame = self._background(job)
             for i in sorted(job.results, key=lambda i: -job.people[i][3]):
-                crop, pixels = job.results[i]
-                frame = imaging.composite(frame, pixels, crop.x, crop.y)
+                pixels, (x, y) = self._in_frame(job, *job.results[i])
+                frame = imaging.composite(frame, pixels, x, y)
             self._write(job, frame)
             return
         if image.format != "raw" and job.path:
             imaging.write_atomic(job.path, image.data)
             self._frame_done(Event("frame", job))
             return
-        pixels = imaging.raw_image(image.data, image.width, image.height, image.channels)
+        pixels, (x, y) = self._in_frame(job, crop, imaging.raw_image(image.data, image.width, image.height,
+                                                                     image.channels))
         if crop is not None:
-            pixels = imaging.composite(self._background(job), pixels, crop.x, crop.y)
+            pixels = imaging.composite(self._background(job), pixels, x, y)
         self._write(job, pixels)
+
+    def _in_frame(self, job: FrameJob, crop: Crop | None, pixels):
+        """A result, drawn in square pixels, in the frame's pixels: (pixels, top-left corner)."""
+        sx, sy = square_scale(self.framing.pixel_aspect)
+        if (sx, sy) == (1.0, 1.0):
+            return pixels, ((crop.x, crop.y) if crop else (0, 0))
+        if crop is None:
+            return imaging.resize(pixels, *job.frame_size), (0, 0)
+        x, y = round(crop.x / sx), round(crop.y / sy)
+        width = max(1, round((crop.x + crop.width) / sx) - x)
+        height = max(1, round((crop.y + crop.height) / sy) - y)
+        return imaging.resize(pixels, width, height), (x, y)
 
 
 class PoseExport(Batch):

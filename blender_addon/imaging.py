@@ -46,6 +46,26 @@ def composite(frame: np.ndarray, image: np.ndarray, x: int, y: int) -> np.ndarra
     return out
 
 
+def resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """`image` (H, W, C uint8; alpha, if any, is coverage) resampled bilinearly to
+    width × height, pixel centres aligned as OpenCV's INTER_LINEAR does. For enlarging:
+    shrinking by more than 2× would alias."""
+    src = image.astype(np.float32)
+    if src.shape[2] == 4:   # premultiplied, so that uncovered pixels lend no colour to edges
+        src[..., :3] *= src[..., 3:4] / 255.0
+    for axis, size in ((0, height), (1, width)):
+        n = src.shape[axis]
+        at = np.clip((np.arange(size, dtype=np.float32) + 0.5) * (n / size) - 0.5, 0, n - 1)
+        lo = np.floor(at).astype(np.intp)
+        hi = np.minimum(lo + 1, n - 1)
+        t = (at - lo).reshape((-1, 1, 1) if axis == 0 else (1, -1, 1))
+        src = np.take(src, lo, axis) * (1 - t) + np.take(src, hi, axis) * t
+    if src.shape[2] == 4:
+        alpha = src[..., 3:4]
+        src[..., :3] = np.where(alpha > 0, src[..., :3] * 255.0 / np.maximum(alpha, 1e-6), 0)
+    return np.clip(np.rint(src), 0, 255).astype(np.uint8)
+
+
 def background(width: int, height: int, color=None) -> np.ndarray:
     """A frame of one RGB colour (0..1 floats), or fully transparent RGBA when `color` is None."""
     if color is None:

@@ -17,6 +17,7 @@ from . import generation, occlusion, rig
 from .generation import Batch, Framing, GenerationError
 from .mapping import LIMBS, MappingError
 from .preferences import connection, describe_info, preferences
+from .projection import pixel_aspect
 from .wire import client
 
 RESULT_IMAGE = "PG2 Result"
@@ -61,12 +62,13 @@ class _NeedsPoses:
         return missing is None
 
 
-def _framing(settings) -> Framing:
+def _framing(scene) -> Framing:
+    settings, aspect = scene.pg2, pixel_aspect(scene)
     if settings.framing == "CAMERA":   # the Background setting is Person framing's (hidden here):
-        return Framing("CAMERA", settings.margin, (1.0, 1.0, 1.0))   # blank frames are plain white
+        return Framing("CAMERA", settings.margin, (1.0, 1.0, 1.0), aspect)   # blank frames are plain white
     background = {"TRANSPARENT": None, "RENDER": "RENDER"}.get(settings.background,
                                                                 tuple(settings.background_color))
-    return Framing(settings.framing, settings.margin, background)
+    return Framing(settings.framing, settings.margin, background, aspect)
 
 
 def _render_paths(scene, frames, render_missing: bool) -> list[str]:
@@ -234,7 +236,7 @@ def prepare_run(context, frames, paths, on_result=None, export: bool = False) ->
     if settings.framing == "PERSON" and settings.background == "RENDER":
         renders = _render_paths(scene, frames, render_missing=len(frames) == 1 and paths[0] is None)
     occluder = occlusion.Occluder(armature, mapping) if settings.occlusion else None
-    batch = Batch(conn, source, source_size, _framing(settings), settings.in_flight)
+    batch = Batch(conn, source, source_size, _framing(scene), settings.in_flight)
     run = generation.Run(scene, armature, mapping, frames, paths, batch,
                          keep_outside=settings.framing == "PERSON", unprojectable=settings.unprojectable,
                          renders=renders, occlusion=occluder, on_result=on_result, people=people)

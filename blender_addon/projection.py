@@ -50,6 +50,20 @@ def frame_size(scene) -> tuple[int, int]:
     return frame_region(scene)[2:]
 
 
+def pixel_aspect(scene) -> float:
+    """Width over height of one render pixel: Blender's Pixel Aspect X / Y (1 for square
+    pixels; anamorphic and some video presets differ)."""
+    render = scene.render
+    return render.pixel_aspect_x / render.pixel_aspect_y
+
+
+def square_scale(aspect: float) -> tuple[float, float]:
+    """(sx, sy) that take frame pixels of `pixel_aspect` to square pixels showing the same
+    picture. One axis shrinks and none grows, so a frame within the server's size limit stays
+    within it."""
+    return (aspect, 1.0) if aspect < 1.0 else (1.0, 1.0 / aspect)
+
+
 def project_points(scene, camera, points, keep_outside: bool = False) -> list[Point | None]:
     """Project world points (None passes through) to frame pixels; None behind the camera,
     and outside the frame unless `keep_outside`."""

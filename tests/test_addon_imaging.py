@@ -133,3 +133,22 @@ def test_renders_of_every_depth_read_as_their_8_bit_look(tmp_path):
     with pytest.raises(generation.GenerationError, match="float image in Linear.*save it as 8- or 16-bit PNG"):
         generation.render_pixels(str(tmp_path / "f.exr"))
     settings.file_format, settings.color_depth = "PNG", "8"
+
+
+def test_resize_matches_opencv_bilinear():
+    import cv2
+    image = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
+    for width, height in ((5, 14), (12, 7), (11, 19)):
+        ours = imaging.resize(image, width, height).astype(int)
+        theirs = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR).astype(int)
+        assert ours.shape == (height, width, 3) and np.abs(ours - theirs).max() <= 1
+
+
+def test_resize_keeps_uncovered_colour_out_of_edges():
+    """An RGBA person over nothing: the edge keeps the person's colour, fading in alpha only."""
+    image = np.zeros((2, 2, 4), np.uint8)
+    image[:, 0] = (200, 40, 10, 255)   # covered, left column; right column transparent black
+    out = imaging.resize(image, 8, 2)
+    edge = out[0, 3:6]
+    assert list(edge[:, 3]) == sorted(edge[:, 3], reverse=True) and 0 < edge[1, 3] < 255
+    assert (edge[edge[:, 3] > 0, :3] == (200, 40, 10)).all()

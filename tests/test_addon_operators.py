@@ -1048,3 +1048,35 @@ def test_a_busy_server_is_asked_again_not_given_up_on(shot, tmp_path, monkeypatc
         assert run.error is not None and "overloaded" in run.error
     finally:
         stop(process)
+
+
+@pytest.mark.parametrize("framing", ["CAMERA", "PERSON"])
+@pytest.mark.parametrize("pixel_aspect", [(2.0, 1.0), (1.0, 2.0)])
+def test_pixels_that_are_not_square_get_the_person_unstretched(shot, server, tmp_path, pixel_aspect, framing):
+    """A frame of 2:1 (or 1:2) pixels shows the picture of a square-pixel frame half as tall (or
+    wide): its result is that frame's result stretched to the frame's pixels."""
+    import cv2
+    connect(server)
+    settings = shot.pg2
+    settings.framing, settings.background, settings.background_color = framing, "COLOR", (0, 1, 0)
+    shot.frame_end = 2
+    render = shot.render
+    pax, pay = pixel_aspect
+    out = Path(settings.output_path).parent
+
+    def first_frame():
+        assert bpy.ops.pg2.generate_frames() == {"FINISHED"}
+        return cv2.imread(str(out / "frame_0001.png"), cv2.IMREAD_COLOR)
+
+    # The same picture in square pixels: half as many rows (wide pixels) or columns (tall ones).
+    render.resolution_x, render.resolution_y = (WIDTH * 2, HEIGHT) if pax > pay else (WIDTH, HEIGHT * 2)
+    square = first_frame()
+    settings.output_path = str(tmp_path / "stretched" / "frame_####.png")
+    out = tmp_path / "stretched"
+    render.resolution_x, render.resolution_y = WIDTH * 2, HEIGHT * 2
+    render.pixel_aspect_x, render.pixel_aspect_y = pax, pay
+    stretched = first_frame()
+    assert stretched.shape[:2] == (HEIGHT, WIDTH) and square.shape[:2] != (HEIGHT, WIDTH)
+    expected = imaging.resize(square[..., ::-1], WIDTH, HEIGHT)[..., ::-1]
+    difference = np.abs(stretched.astype(np.int16) - expected.astype(np.int16))
+    assert difference.mean() < 1.0, difference.mean()
