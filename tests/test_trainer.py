@@ -207,6 +207,27 @@ def test_cpu_trains_in_bf16_channels_last_only_with_bf16_units(tmp_path, split, 
     assert torch.isfinite(losses["recon"])
 
 
+def test_a_resume_on_other_hardware_records_and_warns_of_the_precision_change(tmp_path, dataset, monkeypatch,
+                                                                             caplog):
+    out = tmp_path / "run"
+    monkeypatch.setattr("pg2_server.pipeline.cpu_bf16_units", lambda: None)
+    assert main(_fit_args(dataset, out, 1, "--steps", "2")) == 0
+    assert load_run_state(out, 1)["precisions"] == [[0, "float32"]]
+    monkeypatch.setattr("pg2_server.pipeline.cpu_bf16_units", lambda: "amx_bf16")   # another machine
+    with caplog.at_level("WARNING"):
+        assert main(_fit_args(dataset, out, 1, "--steps", "3", "--resume")) == 0
+    assert "trained in float32 up to step 2 and goes on in bfloat16" in caplog.text
+    assert load_run_state(out, 1)["precisions"] == [[0, "float32"], [2, "bfloat16"]]
+    caplog.clear()
+    with caplog.at_level("WARNING"):   # the same machine again: nothing new
+        assert main(_fit_args(dataset, out, 1, "--steps", "4", "--resume")) == 0
+    assert "goes on in" not in caplog.text
+    assert load_run_state(out, 1)["precisions"] == [[0, "float32"], [2, "bfloat16"]]
+    assert main(["export", str(out), "--out", str(tmp_path / "model" / "pg2")]) == 0
+    provenance = json.loads((tmp_path / "model" / "pg2.json").read_text())["provenance"]
+    assert provenance["stages"]["stage1"]["precisions"] == [[0, "float32"], [2, "bfloat16"]]
+
+
 def test_width_overrides_the_preset_and_is_saved_with_the_run(tmp_path, dataset):
     out = tmp_path / "wide"
     assert main(_fit_args(dataset, out, 1, "--steps", "1", "--width", "4", "--no-bf16")) == 0

@@ -28,7 +28,7 @@ def _last_logged(run_dir: Path, stage: int) -> dict:
 def _stage_record(run_dir: Path, stage: int, state: dict) -> dict:
     """What the checkpoint's provenance keeps of one trained stage."""
     return {"steps": int(state["step"]), "processes": int(state["world_size"]),
-            "train_config": state["train_config"],
+            "train_config": state["train_config"], "precisions": state.get("precisions"),
             "last_losses": {k: v for k, v in _last_logged(run_dir, stage).items() if k != "step"}}
 
 

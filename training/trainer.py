@@ -235,6 +235,9 @@ class Trainer:
                                                    config.discriminator)) if config.adversarial else None
         # bf16 reaches a CPU's matrix units only in channels_last; fp32 CPU runs keep NCHW.
         self.bf16 = config.bf16 and bf16_native(self.device)
+        # [first step, precision] of each stretch of the run: `--bf16` asks for bf16 where the
+        # device has the units, so a resume on other hardware can change it.
+        self.precisions = [[0, self.precision]]
         channels_last = config.channels_last and (self.cuda or self.bf16)
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if self.d is not None and job.enabled:  # batch statistics over all ranks, as one process
@@ -263,6 +266,11 @@ class Trainer:
         if self.job.enabled:
             module = DistributedDataParallel(module, device_ids=[self.device.index] if self.cuda else None)
         return torch.compile(module) if self.config.compile else module
+
+    @property
+    def precision(self) -> str:
+        """What the steps compute in: "bfloat16" (autocast) or "float32"."""
+        return "bfloat16" if self.bf16 else "float32"
 
     def _autocast(self):
         if self.bf16:
@@ -370,7 +378,7 @@ class Trainer:
             "train_config": self.config.to_dict(), "model_config": self.model_config.to_dict(),
             "data": self.data_provenance,
             "g1": self.g1.state_dict(), "opt_g": self.opt_g.state_dict(),
-            "rng": rng_state(),
+            "rng": rng_state(), "precisions": self.precisions,
         }
         if self.g2 is not None:
             state["g2"] = self.g2.state_dict()
@@ -434,6 +442,13 @@ class Trainer:
         self.step = int(state["step"])
         self.skipped_images = int(state.get("skipped_images", 0))
         self.data_provenance = {**self.data_provenance, **saved_data}
+        self.precisions = [list(p) for p in state.get("precisions", [[0, None]])]
+        if self.precisions[-1][1] != self.precision:
+            if self.precisions[-1][1] is not None:
+                logger.warning("the run trained in %s up to step %d and goes on in %s: this %s %s bf16 units "
+                               "(--no-bf16 keeps float32 everywhere)", self.precisions[-1][1], self.step,
+                               self.precision, self.device.type, "has" if bf16_native(self.device) else "lacks")
+            self.precisions.append([self.step, self.precision])
 
     # -- the loop ------------------------------------------------------------------------------
 
