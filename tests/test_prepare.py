@@ -7,6 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
+from pg2_server.detection import available as detection_available
 from pg2_server.drawing import read_rgb
 from training.cli import main
 from training.data import DataError, DataReport, read_annotation_file, read_pairs
@@ -88,7 +89,7 @@ def test_deepfashion_square_shifts_keypoints_and_strict_stops(tmp_path):
     assert report.count("keypoints outside the image") == 0     # 180 + 40 fits in 256
     with pytest.raises(DataError):
         prepare_deepfashion(raw, tmp_path / "strict", "256x176", csvs[:2], csvs[2:], strict=True)
-    with pytest.raises(DataError, match="no img/"):
+    with pytest.raises(DataError, match="holds none of img"):
         prepare_deepfashion(tmp_path / "nothing", tmp_path / "x")
 
 
@@ -140,6 +141,46 @@ def test_without_csvs_the_release_partition_decides_the_split(tmp_path):
     (raw / "Eval" / "list_eval_partition.txt").write_text("4\nimage_name item_id evaluation_status\nnonsense\n")
     with pytest.raises(DataError, match="list_eval_partition.txt:3"):
         prepare_deepfashion(raw, tmp_path / "again")
+
+
+def test_the_release_unpacked_in_place_is_found_from_its_root_or_its_img_folder(tmp_path, capsys):
+    """In-shop ships Img/img.zip beside Eval/: unpacked in place, the images are in Img/img/."""
+    release = tmp_path / "In-shop Clothes Retrieval Benchmark"
+    _raw_deepfashion(tmp_path / "unpacked")
+    (release / "Img").mkdir(parents=True)
+    (tmp_path / "unpacked" / "img").rename(release / "Img" / "img")
+    (release / "Eval").mkdir()
+    (release / "Eval" / "list_eval_partition.txt").write_text(
+        "2\nimage_name item_id evaluation_status\n"
+        "img/WOMEN/Tees_Tanks/id_00005085/45_1_front.jpg   id_00005085 train\n"
+        "img/MEN/Denim/id_00000080/01_1_front.jpg          id_00000080 gallery\n")
+    # The blank test images have no person for the detector to annotate: that fails the command.
+    failed = 2 if detection_available() else 0
+    for raw in (release, release / "Img"):
+        out = tmp_path / ("out-" + raw.name.split()[0])
+        assert main(["prepare", "deepfashion", "--raw", str(raw), "--out", str(out)]) == failed
+        err = capsys.readouterr().err
+        assert "Eval/list_eval_partition.txt" in err and (not failed or "no person found" in err)
+        assert [p.name for p in (out / "train").iterdir()] == ["fashionWOMENTees_Tanksid0000508545_1front.jpg"]
+        assert [p.name for p in (out / "test").iterdir()] == ["fashionMENDenimid0000008001_1front.jpg"]
+    (release / "Eval" / "list_eval_partition.txt").unlink()
+    assert main(["prepare", "deepfashion", "--raw", str(release), "--out", str(tmp_path / "all")]) == failed
+    assert "every image goes to train/" in capsys.readouterr().err
+    empty = tmp_path / "empty" / "img" / "WOMEN"
+    empty.mkdir(parents=True)
+    assert main(["prepare", "deepfashion", "--raw", str(empty.parent.parent), "--out", str(tmp_path / "none")]) == 2
+    assert "no image was prepared" in capsys.readouterr().err
+
+
+def test_published_csvs_are_never_overwritten_by_their_prepared_copies(tmp_path, capsys):
+    raw = tmp_path / "raw"
+    csvs = _raw_deepfashion(raw)
+    before = [p.read_bytes() for p in csvs]
+    args = ["prepare", "deepfashion", "--raw", str(raw), "--out", str(raw), "--size", "256x256",
+            "--annotations", *map(str, csvs[:2]), "--pairs", *map(str, csvs[2:])]
+    assert main(args) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+    assert [p.read_bytes() for p in csvs] == before and not (raw / "train").exists()
 
 
 def test_a_non_square_image_keeps_its_aspect_ratio(tmp_path):

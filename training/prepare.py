@@ -37,6 +37,9 @@ DEEPFASHION_SIZES = {"256x176": Size(176, 256), "256x256": Size(256, 256)}  # fl
 PATN_CROP = 40  # px cut from each side of the 256×256 image for 256×176
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 PARTITION_FILES = ("Eval/list_eval_partition.txt", "list_eval_partition.txt")
+# Where the release's images are, below --raw: the zip unpacks to Img/img/ beside Eval/.
+IMAGE_FOLDERS = ("img", "Img/img", "img_highres", "Img/img_highres")
+GENDERS = ("WOMEN", "MEN")
 PARTITION_SPLITS = {"train": "train", "query": "test", "gallery": "test"}
 WHITE = (255, 255, 255)
 
@@ -82,6 +85,36 @@ def read_partition(path: str | Path) -> dict[str, str]:
     if not split:
         raise DataError(f"{path} lists no image; is it In-shop's Eval/list_eval_partition.txt?")
     return split
+
+
+def image_root(raw: Path) -> Path:
+    """The folder holding In-shop's GENDER/CATEGORY/id_X/ tree: RAW/img, RAW/Img/img (the
+    release unpacked in place), their img_highres, or RAW itself."""
+    for folder in IMAGE_FOLDERS:
+        if (raw / folder).is_dir():
+            return raw / folder
+    if any((raw / gender).is_dir() for gender in GENDERS):
+        return raw
+    raise DataError(f"{raw} holds none of {', '.join(IMAGE_FOLDERS)} nor WOMEN/ or MEN/: give --raw the "
+                    "unpacked In-shop release (the folder with Img/img/WOMEN/…/id_…/*.jpg)")
+
+
+def find_partition(raw: Path) -> Path | None:
+    """In-shop's list_eval_partition.txt in RAW (or Eval/ there), or beside RAW when RAW is Img/."""
+    for base in (raw, raw.parent):
+        for name in PARTITION_FILES:
+            if (base / name).is_file():
+                return base / name
+    return None
+
+
+def refuse_overwriting(out: Path, csv_paths) -> None:
+    """The prepared CSVs go to OUT under their own names: never over the published inputs."""
+    for csv_path in csv_paths:
+        target = out / Path(csv_path).name
+        if target.exists() and target.resolve() == Path(csv_path).resolve():
+            raise DataError(f"--out {out} would overwrite the input {csv_path} with its prepared copy: keep the "
+                            "published CSVs in another folder, or choose another --out")
 
 
 def fit_square(image: np.ndarray, side: int = 256) -> np.ndarray:
@@ -142,9 +175,8 @@ def prepare_deepfashion(raw: str | Path, out: str | Path, size: str = "256x176",
     The split comes from the annotation CSVs, else from `partition` (default: the release's
     list_eval_partition.txt when present), else everything is train."""
     raw, out = Path(raw), Path(out)
-    root = raw / "img" if (raw / "img").is_dir() else raw
-    if not root.is_dir():
-        raise DataError(f"{raw} has no img/ folder (the In-shop 'img' tree: img/WOMEN/…/id_…/*.jpg)")
+    root = image_root(raw)
+    refuse_overwriting(out, [*annotations, *pairs])
     if size not in DEEPFASHION_SIZES:
         raise DataError(f"--size must be one of {list(DEEPFASHION_SIZES)}, got {size!r}")
     width, height = DEEPFASHION_SIZES[size]
@@ -154,7 +186,7 @@ def prepare_deepfashion(raw: str | Path, out: str | Path, size: str = "256x176",
         names = set(read_annotation_file(csv_path, DataReport(), False))
         split_names.setdefault(split_of(csv_path), set()).update(names)
     if partition is None and not annotations:
-        partition = next((raw / f for f in PARTITION_FILES if (raw / f).is_file()), None)
+        partition = find_partition(raw)
     split_by_name = read_partition(partition) if partition is not None and not annotations else None
     sizes: dict[str, tuple[int, int]] = {}
     written = {"train": 0, "test": 0}
@@ -205,6 +237,7 @@ def prepare_market(raw: str | Path, out: str | Path, annotations=(), pairs=(),
                    strict: bool = False) -> tuple[dict, DataReport]:
     """Copy Market-1501's train/test crops without junk and distractors; returns (counts, problems)."""
     raw, out = Path(raw), Path(out)
+    refuse_overwriting(out, [*annotations, *pairs])
     report = DataReport()
     sizes: dict[str, tuple[int, int]] = {}
     counts = {"junk or distractor images dropped": 0}
@@ -241,16 +274,29 @@ def prepare_market(raw: str | Path, out: str | Path, annotations=(), pairs=(),
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     if args.dataset == "deepfashion":
+        partition = args.partition
+        if partition is None and not args.annotations:
+            partition = find_partition(Path(args.raw))
+            print(f"split: {partition} (train → train/, query and gallery → test/)" if partition else
+                  f"split: no list_eval_partition.txt in {args.raw}, its Eval/ or beside it: every image goes to "
+                  "train/ (give --partition to split by In-shop's items)", file=sys.stderr)
         counts, report = prepare_deepfashion(args.raw, args.out, args.size, args.annotations, args.pairs, args.strict,
-                                             args.partition)
+                                             partition)
     else:
         counts, report = prepare_market(args.raw, args.out, args.annotations, args.pairs, args.strict)
     print(f"prepared {args.dataset} in {args.out}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     print(report.summary())
     if report.total:
         print(report.details(), file=sys.stderr)
+    if counts.get("train images", 0) + counts.get("test images", 0) == 0:
+        print(f"error: no image was prepared from {args.raw}; the problems above say why", file=sys.stderr)
+        return 2
     if not args.annotations:
-        annotate_splits(Path(args.out), "fasion-resize" if args.dataset == "deepfashion" else "market")
+        from pg2_server.detection import available
+        needed = [s for s in ("train", "test") if (Path(args.out) / s).is_dir() and any((Path(args.out) / s).iterdir())]
+        written = annotate_splits(Path(args.out), "fasion-resize" if args.dataset == "deepfashion" else "market")
+        if available() and len(written) < len(needed):   # without the detector: a hint, not a failure
+            return 2
     return 0
 
 
