@@ -61,3 +61,28 @@ def test_command_line(tmp_path):
     assert json.loads((tmp_path / "set" / "samples.json").read_text())[0]["dataset_pair"] == [a, b]
     done = subprocess.run(command + ["--pair", a, "nope.jpg"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "error: " in done.stderr and "nope.jpg" in done.stderr
+
+
+def test_poses_are_read_as_training_reads_them(tmp_path):
+    """An x-first header and a sideways phone photo: the sample's pose is training's."""
+    from PIL import Image
+
+    from pg2_server.drawing import read_rgb
+    from training.data import DataReport, read_annotation_file
+
+    data = write_dataset(tmp_path / "data", identities=1, views=2, split="test")
+    a, b = data["names"][0]
+    lines = data["annotations"].read_text().splitlines()
+    swapped = ["name:keypoints_x:keypoints_y"] + [":".join([n, xs, ys]) for n, ys, xs in
+                                                 (line.split(":") for line in lines[1:])]
+    data["annotations"].write_text("\n".join(swapped) + "\n")
+    stored = Image.fromarray(np.rot90(read_rgb(data["images"] / b), 1))   # kept sideways: 64 wide, 32 high
+    exif = Image.Exif()
+    exif[0x0112] = 6                                                     # "rotate 90° clockwise to show"
+    stored.save(data["images"] / b, exif=exif, quality=95)
+    write_sample_set(tmp_path / "set", data["images"], data["annotations"], [(a, b)])
+    sample = load_samples(tmp_path / "set")[0]
+    assert sample.size == (32, 64)
+    np.testing.assert_array_equal(sample.keypoints, read_annotation_file(data["annotations"], DataReport())[b])
+    rows, _ = read_annotations(data["annotations"])   # the file as written: y first would be wrong
+    assert not np.array_equal(sample.keypoints, rows[b], equal_nan=True)

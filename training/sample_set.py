@@ -14,10 +14,10 @@ import json
 import sys
 from pathlib import Path
 
-import cv2
-
 from pg2_server.atomic import write_bytes_atomic
-from pg2_server.keypoints import pose_to_json, read_annotations
+from pg2_server.keypoints import pose_to_json
+
+from .data import DataReport, image_size, read_annotation_file
 
 INDEX = "samples.json"
 
@@ -32,7 +32,7 @@ def write_sample_set(out: str | Path, data_root: str | Path, annotations: str | 
     out, data_root = Path(out), Path(data_root)
     if not pairs:
         raise SampleSetError("give at least one --pair SOURCE TARGET")
-    rows, _ = read_annotations(annotations, strict=True)
+    rows = read_annotation_file(annotations, DataReport(), strict=True)   # x or y first, as its header says
     entries, files = [], []  # files: (source path, target path, pose JSON) per entry
     for number, (source, target) in enumerate(pairs):
         for name in (source, target):
@@ -40,10 +40,10 @@ def write_sample_set(out: str | Path, data_root: str | Path, annotations: str | 
                 raise SampleSetError(f"{data_root / name} does not exist")
         if target not in rows:
             raise SampleSetError(f"{target} has no row in {annotations}: its pose is unknown")
-        image = cv2.imread(str(data_root / target), cv2.IMREAD_UNCHANGED)
-        if image is None:
-            raise SampleSetError(f"{data_root / target} is not an image OpenCV can read")
-        height, width = image.shape[:2]
+        size = image_size(data_root / target)   # upright, as training reads it (EXIF orientation)
+        if size is None:
+            raise SampleSetError(f"{data_root / target} is not a readable image")
+        width, height = size
         stem = f"person{number}"
         entries.append({"source": f"{stem}_source{Path(source).suffix}", "pose": f"{stem}_pose.json",
                         "target": f"{stem}_target{Path(target).suffix}", "dataset_pair": [source, target]})
