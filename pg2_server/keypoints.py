@@ -5,6 +5,8 @@ Annotation rows are PATN's `name:[y0, ..., y17]:[x0, ..., x17]` with -1 for a mi
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import json
 import math
 import re
@@ -104,7 +106,7 @@ class AnnotationError(ValueError):
 
 def _ints(text: str, what: str, line: str) -> list[int]:
     try:
-        values = [int(float(v)) for v in text.split(",") if v.strip()]
+        values = [int(round(float(v))) for v in text.split(",") if v.strip()]   # a detector's floats: nearest
     except ValueError:
         raise AnnotationError(f"{what} list is not integers in row {line!r}") from None
     if len(values) != COUNT:
@@ -144,7 +146,7 @@ def read_annotations(path: str | Path, strict: bool = True) -> tuple[dict[str, n
     rows: dict[str, np.ndarray] = {}
     problems: list[str] = []
     first = True
-    with open(path, encoding="utf-8-sig") as f:   # -sig: a byte-order mark (Excel) is read past
+    with utf8_text(path) as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -170,8 +172,20 @@ def _is_header(line: str) -> bool:
 
 def first_line(path: str | Path) -> str:
     """The first non-blank line of a text file, stripped ('' if there is none)."""
-    with open(path, encoding="utf-8-sig") as f:
+    with utf8_text(path) as f:
         return next((line.strip() for line in f if line.strip()), "")
+
+
+@contextmanager
+def utf8_text(path: str | Path):
+    """A CSV opened as UTF-8 text (a byte-order mark, as Excel writes, is read past); a file in
+    another encoding is an AnnotationError naming it, wherever in the file the bad byte is."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            yield f
+    except UnicodeDecodeError as e:
+        raise AnnotationError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): "
+                              "save it as UTF-8") from None
 
 
 def write_annotations(path: str | Path, rows: Iterable[tuple[str, Sequence | np.ndarray]]) -> None:

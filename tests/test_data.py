@@ -286,6 +286,20 @@ def test_headers_after_blank_lines_or_a_byte_order_mark_are_read_as_headers(tmp_
     pairs = tmp_path / "pairs.csv"
     pairs.write_text("to,from\nb.jpg,a.jpg\n", encoding="utf-8-sig")
     assert read_pairs(pairs, DataReport()) == [("a.jpg", "b.jpg")]
+    for blank in ("\n", "\r\n", " \n\n"):   # the header is the first non-blank line
+        pairs.write_bytes(f"{blank}to,from\r\nb.jpg,a.jpg\r\n".encode())
+        report = DataReport()
+        assert read_pairs(pairs, report) == [("a.jpg", "b.jpg")] and report.total == 0
+
+
+def test_csvs_in_another_encoding_are_named(tmp_path):
+    annotations = tmp_path / "fasion-resize-annotation-train.csv"
+    pairs = tmp_path / "fasion-resize-pairs-train.csv"
+    annotations.write_bytes("name:keypoints_y:keypoints_x\nJosé_01.jpg: [1]: [2]\n".encode("latin-1"))
+    pairs.write_bytes("from,to\nJosé_01.jpg,José_02.jpg\n".encode("latin-1"))
+    for read, path in ((read_annotation_file, annotations), (read_pairs, pairs)):
+        with pytest.raises(DataError, match=f"{path.name} is not UTF-8 text .*0xe9.*save it as UTF-8"):
+            read(path, DataReport())
 
 
 def test_image_names_may_reach_into_subfolders(tmp_path):

@@ -56,6 +56,11 @@ def test_parse_annotation_rows_in_both_spacing_styles(row, name, first, missing)
     assert [i for i in range(18) if np.isnan(points[i]).any()] == missing
 
 
+def test_fractional_coordinates_round_to_the_nearest_pixel():
+    _, points = kp.parse_annotation_row(MARKET_ROW.replace("[14,", "[14.7,", 1))
+    assert points[0, 1] == 15
+
+
 def test_annotation_row_round_trip_and_file(tmp_path):
     name, points = kp.parse_annotation_row(MARKET_ROW)
     assert kp.format_annotation_row(name, points) == MARKET_ROW

@@ -20,6 +20,9 @@ from training.pairs import build_pairs, identity
     ("0364_c2s1_084546_01.jpg", "0364"),
     ("-1_c1s1_000401_03.jpg", None),        # Market junk
     ("0000_c1s1_000151_01.jpg", None),      # Market distractor
+    ("bounding_box_test/0364_c2s1_084546_01.jpg", "0364"),   # names with a subfolder
+    ("bounding_box_test/-1_c1s1_000401_03.jpg", None),
+    ("bounding_box_test/0000_c1s1_000151_01.jpg", None),
     ("alice_01.png", "alice"),
     ("noidentity.png", None),
 ])

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pg2_server.drawing import read_rgb
-from pg2_server.keypoints import AnnotationError, first_line, read_annotations
+from pg2_server.keypoints import AnnotationError, first_line, read_annotations, utf8_text
 from pg2_server.model import ModelConfig
 from pg2_server.pose import fit_frame, flip_horizontal, heatmaps, pose_coordinates, pose_mask, \
     to_unit_range
@@ -87,24 +87,30 @@ def read_pairs(path: str | Path, report: DataReport, strict: bool = False) -> li
         raise DataError(f"pairs file {path} does not exist")
     pairs = []
     swapped = False
-    with open(path, newline="", encoding="utf-8-sig") as f:   # -sig: a byte-order mark (Excel) is read past
-        for number, row in enumerate(csv.reader(f), start=1):
-            cells = [c.strip() for c in row]
-            if number == 1 and _looks_like_header(cells):
-                if tuple(c.lower() for c in cells) not in PAIR_COLUMNS:
-                    raise DataError(f"{path}:1: header {','.join(row)!r} is not a pairs header: write "
-                                    f"`from,to` (PATN's) or `to,from` above the rows")
-                swapped = PAIR_COLUMNS[tuple(c.lower() for c in cells)]
-                continue
-            if not row or not any(cells):
-                continue
-            if len(row) != 2 or not cells[0] or not cells[1]:
-                message = f"{path}:{number}: expected `from,to`, got {','.join(row)!r}"
-                if strict:
-                    raise DataError(message)
-                report.add("malformed pair rows", message)
-                continue
-            pairs.append((cells[1], cells[0]) if swapped else (cells[0], cells[1]))
+    first = True
+    try:
+        with utf8_text(path) as f:
+            lines = f.read().splitlines()
+    except AnnotationError as e:
+        raise DataError(str(e)) from None
+    for number, row in enumerate(csv.reader(lines), start=1):
+        cells = [c.strip() for c in row]
+        if not row or not any(cells):
+            continue
+        header, first = first and _looks_like_header(cells), False   # the first non-blank line
+        if header:
+            if tuple(c.lower() for c in cells) not in PAIR_COLUMNS:
+                raise DataError(f"{path}:{number}: header {','.join(row)!r} is not a pairs header: write "
+                                f"`from,to` (PATN's) or `to,from` above the rows")
+            swapped = PAIR_COLUMNS[tuple(c.lower() for c in cells)]
+            continue
+        if len(row) != 2 or not cells[0] or not cells[1]:
+            message = f"{path}:{number}: expected `from,to`, got {','.join(row)!r}"
+            if strict:
+                raise DataError(message)
+            report.add("malformed pair rows", message)
+            continue
+        pairs.append((cells[1], cells[0]) if swapped else (cells[0], cells[1]))
     return pairs
 
 
@@ -131,8 +137,8 @@ def read_annotation_file(path: str | Path, report: DataReport, strict: bool = Fa
     path = Path(path)
     if not path.is_file():
         raise DataError(f"annotation file {path} does not exist")
-    x_first = annotation_order(path)
     try:
+        x_first = annotation_order(path)
         rows, problems = read_annotations(path, strict=strict)
     except AnnotationError as e:
         raise DataError(str(e)) from None

@@ -35,7 +35,7 @@ def identity(name: str) -> str | None:
     match = _DEEPFASHION.match(name)
     if match:
         return match[1]
-    match = _MARKET.match(name)
+    match = _MARKET.match(Path(name).name)   # in any subfolder: Market's ids are the dataset's own
     if match:
         return None if match[1] in ("-1", "0000") else match[1]
     stem = Path(name).stem
