@@ -131,7 +131,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                      "right_eye": (("eye.R", "head"),), "left_eye": (("eye.L", "head"),),
                      "right_ear": (("ear.R", "head"),), "left_ear": (("ear.L", "head"),)},
                neck=("spine.004",)),
-        head=("spine.006",), canonical=_rigify_name, head_drop=0.07,
+        head=("spine.006",), canonical=_rigify_name, head_drop=0.14,
     ),
     Preset(
         "mpfb", "Anny / MakeHuman (MPFB) default",
@@ -261,9 +261,11 @@ def resolve(bone_names: Sequence[str], preset: str | None = None,
     for an unknown preset or an override naming a bone the armature lacks.
     """
     names = list(bone_names)
+    recognised = True
     if preset in (None, "", "auto"):
         preset = detect_preset(names)
         if preset is None:
+            recognised = False
             if not overrides:
                 raise MappingError(
                     "could not recognise the armature's bones (Rigify, Mixamo, Unreal, VRoid/VRM, "
@@ -299,7 +301,10 @@ def resolve(bone_names: Sequence[str], preset: str | None = None,
     shoulders = sources[INDEX["right_shoulder"]] and sources[INDEX["left_shoulder"]]
     if shoulders and "neck" not in overridden and (spec.neck_from_shoulders or sources[INDEX["neck"]] is None):
         sources[INDEX["neck"]] = Source("shoulders")
-    mapping = BoneMapping(preset, sources, head_bone, head_drop=spec.head_drop)
+    # head_drop is measured for the preset's own head bone; one chosen by hand (or the PG2
+    # preset's stand-in on a rig it does not know) is taken to start at the skull, as MPFB's does.
+    own_head = head_bone is not None and head_bone in (lookup.get(b) for b in spec.head) and recognised
+    mapping = BoneMapping(preset, sources, head_bone, head_drop=spec.head_drop if own_head else 0.0)
     if head_bone:
         for name in FACE:
             if sources[INDEX[name]] is None and name not in overridden:

@@ -71,7 +71,11 @@ class Occluder:
         units over SHOULDERS (1 for an adult modelled in metres, 100 for one in centimetres)."""
         if mapping is None or not mapping.rest_scale:
             return 1.0
-        return mapping.rest_scale * float(np.mean(np.abs(self.armature.matrix_world.to_scale()))) / SHOULDERS
+        scale = float(np.mean(np.abs(self.armature.matrix_world.to_scale())))
+        head = self.armature.pose.bones.get(mapping.head_bone) if mapping.head_bone else None
+        if head is not None:   # a character sized by a pose bone (Rigify's root or torso), as the face is
+            scale *= head.matrix.to_3x3().median_scale
+        return mapping.rest_scale * scale / SHOULDERS
 
     def _world_mesh(self, depsgraph) -> tuple[np.ndarray, np.ndarray]:
         """The deformed vertices of every bound mesh in world space (V, 3) and the triangles

@@ -185,6 +185,21 @@ def _on_load_pre(*_args) -> None:
     cancel_all()
 
 
+def check_evaluated(context, armatures, occlusion_on: bool) -> None:
+    """Blender poses and deforms only what is enabled in viewports (the monitor icon, on an object
+    or its collection): an armature or bound mesh turned off there would keep a stale pose."""
+    evaluated = [i.original for i in context.evaluated_depsgraph_get().ids if isinstance(i, bpy.types.Object)]
+    for armature in armatures:
+        off = [armature] if armature not in evaluated else []
+        if occlusion_on:
+            off += [m for m in occlusion.bound_meshes(armature) if m not in evaluated]
+        if off:
+            names = ", ".join(o.name for o in off)
+            raise GenerationError(f"{names} is disabled in viewports (the monitor icon, on the object or its "
+                                  "collection), so Blender does not pose it: enable it in viewports"
+                                  + (" or turn Occlusion off" if armature not in off else ""))
+
+
 def prepare_run(context, frames, paths, on_result=None, export: bool = False) -> generation.Run:
     """Validate the scene's settings and start a Run (its worker starts at once); `export`
     writes pose files instead of asking a server.
@@ -203,6 +218,7 @@ def prepare_run(context, frames, paths, on_result=None, export: bool = False) ->
         raise GenerationError(f"no limb of {armature.name} is mapped; pick the rig preset "
                               "or map the bones by hand in the PG2 panel")
     check_not_renders(scene, frames, paths)
+    check_evaluated(context, [armature], settings.occlusion)
     if export:
         check_output(settings.pose_output_path, paths)
         occluder = occlusion.Occluder(armature, mapping) if settings.occlusion else None
@@ -225,13 +241,17 @@ def prepare_run(context, frames, paths, on_result=None, export: bool = False) ->
             body = person.armature
             if body is None:
                 raise GenerationError("a row of the People list has no armature; choose one or remove the row")
-            body_mapping = settings.bone_mapping(body)
+            try:
+                body_mapping = settings.bone_mapping(body)
+            except MappingError as e:
+                raise GenerationError(f"{body.name} (People list): {e}") from None
             if all(n in body_mapping.missing() for n in LIMBS):
                 raise GenerationError(f"no limb of {body.name} (People list) is mapped with the Rig preset "
                                       f"{settings.preset!r}; set the Rig preset to Automatic or to {body.name}'s rig")
             photo, _ = generation.read_photo(person.source_path)
             people.append((body, body_mapping, occlusion.Occluder(body, body_mapping) if settings.occlusion else None,
                            photo, None))
+    check_evaluated(context, [p[0] for p in (people or [])[1:]], settings.occlusion)
     renders = None
     if settings.framing == "PERSON" and settings.background == "RENDER":
         renders = _render_paths(scene, frames, render_missing=len(frames) == 1 and paths[0] is None)

@@ -106,9 +106,14 @@ class PG2SceneSettings(bpy.types.PropertyGroup):
     status: StringProperty(name="Status", default="")
 
     def bone_mapping(self, armature=None) -> BoneMapping:
-        """The mapping of `armature` (default: the chosen one) under this preset and overrides."""
+        """The mapping of `armature` (default: the chosen one) under this preset and overrides.
+        The overrides are the chosen armature's: another one (a People row) takes those whose
+        bone it has, and those that leave a keypoint out."""
+        armature = armature if armature is not None else self.armature
         overrides = [Override(o.keypoint, o.bone, o.end) for o in self.overrides]
-        return armature_mapping(armature if armature is not None else self.armature, self.preset, overrides)
+        if armature != self.armature:
+            overrides = [o for o in overrides if not o.bone or o.bone in armature.data.bones]
+        return armature_mapping(armature, self.preset, overrides)
 
 
 CLASSES = (PG2BoneOverride, PG2Person, PG2SceneSettings)

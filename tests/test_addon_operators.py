@@ -736,9 +736,56 @@ def test_several_people_composited_back_to_front(shot, server, tmp_path):
     with pytest.raises(RuntimeError, match="no limb of stranger .People list. is mapped with the Rig preset 'pg2'"):
         bpy.ops.pg2.generate()
     settings.preset = "auto"
+    with pytest.raises(RuntimeError, match="stranger .People list.: could not recognise the armature's bones"):
+        bpy.ops.pg2.generate()
+    settings.people[1].armature = third
+    # The overrides are the main armature's: a row's armature lacking the bone goes without it.
+    override = settings.overrides.add()
+    override.keypoint, override.bone = "left_wrist", "left_elbow"
+    hand = rig.build_armature(shot.collection, bpy.context.view_layer, "hand",
+                              [("Hand", (0, 0, 1), (0, 0, 1.1), None, False)])
+    override.bone = "Hand"   # not the main armature's: refused for it
+    with pytest.raises(RuntimeError, match="'Hand' chosen for left_wrist is not in the armature"):
+        bpy.ops.pg2.generate()
+    bpy.data.objects.remove(hand)
+    override.bone = ""       # left out: for every armature
+    run = operators.prepare_run(bpy.context, [1], [None])
+    run.cancel()
+    drive(run)
+    from blender_addon.mapping import INDEX
+    assert all(mp.sources[INDEX["left_wrist"]] is None for _, mp, *_ in run.people)
+    settings.overrides.clear()
     settings.people[0].armature = None
     with pytest.raises(RuntimeError, match="has no armature"):
         bpy.ops.pg2.generate()
+
+
+def test_armatures_and_bodies_disabled_in_viewports_are_refused(shot, server):
+    """Blender does not pose what is disabled in viewports: its keypoints would be a stale pose."""
+    import bmesh
+    connect(server)
+    arm = shot.pg2.armature
+    arm.hide_viewport = True
+    with pytest.raises(RuntimeError, match="PG2 Pose Rig is disabled in viewports"):
+        bpy.ops.pg2.generate()
+    with pytest.raises(RuntimeError, match="disabled in viewports"):
+        bpy.ops.pg2.export_poses()
+    arm.hide_set(True); arm.hide_viewport = False   # hidden with the eye icon: still posed
+    assert bpy.ops.pg2.generate() == {"FINISHED"}
+    arm.hide_set(False)
+    mesh = bpy.data.meshes.new("body")
+    bm = bmesh.new()
+    bmesh.ops.create_cube(bm, size=0.3)
+    bm.to_mesh(mesh)
+    body = bpy.data.objects.new("body", mesh)
+    shot.collection.objects.link(body)
+    body.modifiers.new("Armature", "ARMATURE").object = arm
+    body.hide_viewport = True
+    shot.pg2.occlusion = True
+    with pytest.raises(RuntimeError, match="body is disabled in viewports .* or turn Occlusion off"):
+        bpy.ops.pg2.generate()
+    shot.pg2.occlusion = False
+    assert bpy.ops.pg2.generate() == {"FINISHED"}
 
 
 def test_composite_order_puts_the_nearer_person_on_top(tmp_path):
