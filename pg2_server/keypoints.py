@@ -104,9 +104,14 @@ class AnnotationError(ValueError):
     """A malformed annotation row."""
 
 
+# A value as numpy 2 prints it in a list (`np.int64(39)`): what scripts built on PATN's write today.
+_NUMPY_SCALAR = re.compile(r"^\s*np\.\w+\((?P<value>[^()]*)\)\s*$")
+
+
 def _ints(text: str, what: str, line: str) -> list[int]:
     try:
-        values = [int(round(float(v))) for v in text.split(",") if v.strip()]   # a detector's floats: nearest
+        values = [int(round(float(_NUMPY_SCALAR.sub(r"\g<value>", v))))   # a detector's floats: nearest
+                  for v in text.split(",") if v.strip()]
     except ValueError:
         raise AnnotationError(f"{what} list is not integers in row {line!r}") from None
     if len(values) != COUNT:

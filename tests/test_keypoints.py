@@ -1,5 +1,6 @@
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -56,9 +57,14 @@ def test_parse_annotation_rows_in_both_spacing_styles(row, name, first, missing)
     assert [i for i in range(18) if np.isnan(points[i]).any()] == missing
 
 
-def test_fractional_coordinates_round_to_the_nearest_pixel():
+def test_fractional_coordinates_round_to_the_nearest_pixel_and_numpy_scalars_read():
     _, points = kp.parse_annotation_row(MARKET_ROW.replace("[14,", "[14.7,", 1))
     assert points[0, 1] == 15
+    name, reference = kp.parse_annotation_row(MARKET_ROW)
+    lists = MARKET_ROW.split(":", 1)[1]
+    numpy2 = re.sub(r"-?\d+", lambda m: f"np.int64({m[0]})", lists)   # `print(list(array))` under numpy 2
+    _, points = kp.parse_annotation_row(name + ":" + numpy2)
+    np.testing.assert_array_equal(points, reference)
 
 
 def test_annotation_row_round_trip_and_file(tmp_path):

@@ -172,6 +172,24 @@ def test_the_release_unpacked_in_place_is_found_from_its_root_or_its_img_folder(
     assert "no image was prepared" in capsys.readouterr().err
 
 
+def test_an_image_annotated_in_both_splits_stays_in_test_only(tmp_path):
+    raw = tmp_path / "raw"
+    annotations_train, annotations_test, pairs_train, pairs_test = _raw_deepfashion(raw)
+    leaked = next(n for n, s in RAW_DF.values() if s == "test")
+    row = next(line for line in annotations_test.read_text().splitlines() if line.startswith(leaked))
+    annotations_train.write_text(annotations_train.read_text() + row + "\n")
+    first_train = next(n for n, s in RAW_DF.values() if s == "train")
+    pairs_train.write_text(pairs_train.read_text() + f"{first_train},{leaked}\n")
+    counts, report = prepare_deepfashion(raw, tmp_path / "out", "256x176", [annotations_train, annotations_test],
+                                         [pairs_train, pairs_test])
+    out = tmp_path / "out"
+    assert report.count("images annotated in both splits (kept in test only)") == 1
+    assert (out / "test" / leaked).exists() and not (out / "train" / leaked).exists()
+    assert leaked not in read_annotation_file(out / annotations_train.name, DataReport())
+    assert all(leaked not in pair for pair in read_pairs(out / pairs_train.name, DataReport()))
+    assert leaked in read_annotation_file(out / annotations_test.name, DataReport())
+
+
 def test_published_csvs_are_never_overwritten_by_their_prepared_copies(tmp_path, capsys):
     raw = tmp_path / "raw"
     csvs = _raw_deepfashion(raw)

@@ -185,6 +185,11 @@ def prepare_deepfashion(raw: str | Path, out: str | Path, size: str = "256x176",
     for csv_path in annotations:
         names = set(read_annotation_file(csv_path, DataReport(), False))
         split_names.setdefault(split_of(csv_path), set()).update(names)
+    # An image in both splits would be trained on and then scored: it stays in test only.
+    leaked = frozenset(split_names.get("train", set()) & split_names.get("test", set()))
+    for name in sorted(leaked):
+        _check(report, strict, "images annotated in both splits (kept in test only)", name)
+        split_names["train"].discard(name)
     if partition is None and not annotations:
         partition = find_partition(raw)
     split_by_name = read_partition(partition) if partition is not None and not annotations else None
@@ -226,10 +231,13 @@ def prepare_deepfashion(raw: str | Path, out: str | Path, size: str = "256x176",
                if split_by_name is not None else "images in no split"): skipped_unlisted}
     x_shift = PATN_CROP if width == 256 else 0  # published keypoints are in 256×176 coordinates
     for csv_path in annotations:
+        dropped = leaked if split_of(csv_path) == "train" else frozenset()
         counts[f"rows in {Path(csv_path).name}"] = _write_annotations_for(out, Path(csv_path), sizes, report,
-                                                                          strict, x_shift)
+                                                                          strict, x_shift, dropped)
     for csv_path in pairs:
-        counts[f"pairs in {Path(csv_path).name}"] = _write_pairs_for(out, Path(csv_path), set(sizes), report, strict)
+        dropped = leaked if split_of(csv_path) == "train" else frozenset()
+        counts[f"pairs in {Path(csv_path).name}"] = _write_pairs_for(out, Path(csv_path), set(sizes), report, strict,
+                                                                     dropped)
     return counts, report
 
 
