@@ -553,7 +553,7 @@ class PoseExport(Batch):
     def run(self) -> None:
         try:
             while (job := self._next_job()) is not None:
-                people = [] if job.blank else [job.keypoints]
+                people = [] if job.blank else [job.keypoints] if job.people is None else [p[0] for p in job.people]
                 stem = os.path.splitext(job.path)[0]
                 imaging.write_atomic(stem + "_keypoints.json", openpose.pose_json_bytes(people, job.frame_size))
                 self._write(job, openpose.draw_skeleton(people, job.frame_size))
@@ -781,7 +781,7 @@ class Run:
         camera = self.scene.camera.matrix_world.translation
         parts = []
         for armature, mapping, occluder, source, source_size in self.people:
-            keypoints = plan_frame(self.scene, armature, mapping, True, occluder)
+            keypoints = plan_frame(self.scene, armature, mapping, self.keep_outside, occluder)
             points = [p for p in keypoints_3d(armature, mapping) if p is not None]
             if sum(p is not None for p in keypoints) < 2 or not points:
                 continue  # this person is out of view on this frame

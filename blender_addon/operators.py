@@ -200,6 +200,26 @@ def check_evaluated(context, armatures, occlusion_on: bool) -> None:
                                   + (" or turn Occlusion off" if armature not in off else ""))
 
 
+def _more_people(context, settings) -> list[tuple]:
+    """(row, armature, mapping, occluder or None) of each row of the People list, checked."""
+    rows = []
+    for person in settings.people:
+        body = person.armature
+        if body is None:
+            raise GenerationError("a row of the People list has no armature; choose one or remove the row")
+        try:
+            body_mapping = settings.bone_mapping(body)
+        except MappingError as e:
+            raise GenerationError(f"{body.name} (People list): {e}") from None
+        if all(n in body_mapping.missing() for n in LIMBS):
+            raise GenerationError(f"no limb of {body.name} (People list) is mapped with the Rig preset "
+                                  f"{settings.preset!r}; set the Rig preset to Automatic or to {body.name}'s rig")
+        rows.append((person, body, body_mapping,
+                     occlusion.Occluder(body, body_mapping) if settings.occlusion else None))
+    check_evaluated(context, [row[1] for row in rows], settings.occlusion)
+    return rows
+
+
 def prepare_run(context, frames, paths, on_result=None, export: bool = False) -> generation.Run:
     """Validate the scene's settings and start a Run (its worker starts at once); `export`
     writes pose files instead of asking a server.
@@ -222,8 +242,13 @@ def prepare_run(context, frames, paths, on_result=None, export: bool = False) ->
     if export:
         check_output(settings.pose_output_path, paths)
         occluder = occlusion.Occluder(armature, mapping) if settings.occlusion else None
+        people = None
+        if len(settings.people):   # every person's pose in each file, as OpenPose lists them
+            people = [(armature, mapping, occluder, b"", None)] + [
+                (body, body_mapping, body_occluder, b"", None)
+                for _, body, body_mapping, body_occluder in _more_people(context, settings)]
         run = generation.Run(scene, armature, mapping, frames, paths, generation.PoseExport(),
-                             unprojectable=settings.unprojectable, occlusion=occluder)
+                             unprojectable=settings.unprojectable, occlusion=occluder, people=people)
         run.unmapped = unmapped
         return run
     conn = connection(context)
@@ -237,21 +262,8 @@ def prepare_run(context, frames, paths, on_result=None, export: bool = False) ->
         # The main armature with the panel's source (a file or an image), then each row's photo.
         people = [(armature, mapping, occlusion.Occluder(armature, mapping) if settings.occlusion else None,
                    source, source_size)]
-        for person in settings.people:
-            body = person.armature
-            if body is None:
-                raise GenerationError("a row of the People list has no armature; choose one or remove the row")
-            try:
-                body_mapping = settings.bone_mapping(body)
-            except MappingError as e:
-                raise GenerationError(f"{body.name} (People list): {e}") from None
-            if all(n in body_mapping.missing() for n in LIMBS):
-                raise GenerationError(f"no limb of {body.name} (People list) is mapped with the Rig preset "
-                                      f"{settings.preset!r}; set the Rig preset to Automatic or to {body.name}'s rig")
-            photo, _ = generation.read_photo(person.source_path)
-            people.append((body, body_mapping, occlusion.Occluder(body, body_mapping) if settings.occlusion else None,
-                           photo, None))
-    check_evaluated(context, [p[0] for p in (people or [])[1:]], settings.occlusion)
+        for person, body, body_mapping, body_occluder in _more_people(context, settings):
+            people.append((body, body_mapping, body_occluder, generation.read_photo(person.source_path)[0], None))
     renders = None
     if settings.framing == "PERSON" and settings.background == "RENDER":
         renders = _render_paths(scene, frames, render_missing=len(frames) == 1 and paths[0] is None)

@@ -92,3 +92,22 @@ def test_output_that_is_the_scenes_renders_is_refused(shot, tmp_path):
     with pytest.raises(RuntimeError, match="is the scene's render of frame 1: choose another output path"):
         bpy.ops.pg2.export_poses(frames="RANGE")
     assert not (tmp_path / "render").exists()
+
+
+def test_export_poses_lists_every_person_in_view(shot, tmp_path):
+    from blender_addon import rig
+    settings = shot.pg2
+    second = rig.create_pose_rig(shot.collection, bpy.context.view_layer)
+    second.location.x = 0.8                      # beside the first, in view
+    third = rig.create_pose_rig(shot.collection, bpy.context.view_layer)
+    third.location.x = 40.0                      # far out of view: not in the file
+    for body in (second, third):
+        settings.people.add().armature = body    # no photo needed to export poses
+    bpy.context.view_layer.update()
+    settings.pose_output_path = str(tmp_path / "poses" / "pose_####.png")
+    shot.frame_current = 1
+    assert bpy.ops.pg2.export_poses(frames="CURRENT") == {"FINISHED"}
+    data = json.loads((tmp_path / "poses" / "pose_0001_keypoints.json").read_text())
+    assert len(data["people"]) == 2
+    necks = [person["pose_keypoints_2d"][3] for person in data["people"]]
+    assert necks[1] - necks[0] > 10              # the main armature first, then the row to its right
