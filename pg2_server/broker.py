@@ -4,14 +4,17 @@ Clients connect to the frontend exactly as to `pg2-server serve`. Workers (`pg2-
 worker`, worker.connect_to_broker) connect a DEALER to the backend and speak worker_protocol.py.
 
 A worker silent for `liveness` heartbeats is dropped; the requests it held are sent once more
-to another worker (generation is idempotent), and answered `overloaded` if that fails too.
-Each request is answered once: a late reply for a request already answered is dropped.
+to another worker (generation is idempotent), and answered `overloaded` if that fails too;
+those their client cancelled (or left) meanwhile are not sent again. A request goes only to a
+worker whose message limit it fits. Each request is answered once, by the worker that holds it:
+any other reply (late, after a re-send, or for a key of a broker before a restart) is dropped.
 """
 from __future__ import annotations
 
 import heapq
 import itertools
 import logging
+import secrets
 import threading
 import time
 from collections import deque
@@ -63,12 +66,17 @@ class WorkerState:
     info: dict
     capacity: int
     expires: float
+    max_message_bytes: int  # its socket drops the connection that brings a larger message
     in_flight: set = field(default_factory=set)
     counters: dict = field(default_factory=dict)
 
     @property
     def models(self) -> list[str]:
         return [m.get("name") for m in self.info.get("models", []) if isinstance(m, dict)]
+
+    def serves(self, model: str | None) -> bool:
+        """Whether it serves `model` (None: any model)."""
+        return model is None or model in self.models
 
 
 @dataclass
@@ -78,19 +86,22 @@ class Pending:
     request_id: object
     model: str | None
     received: float
+    size: int                      # bytes of its frames, against the workers' message limits
     attempts: int = 0
     worker: bytes | None = None
     header: dict | None = None
     deadline: float | None = None  # monotonic; from the header's deadline_ms
+    cancelled: bool = False        # its client cancelled it (or went away) while a worker held it
 
     @property
     def peer(self) -> bytes:
         return self.envelope[0].bytes if isinstance(self.envelope[0], zmq.Frame) else bytes(self.envelope[0])
 
 
-def _ready(ready) -> tuple[dict, int]:
-    """A worker's READY payload → (info, capacity); ValueError when it is not what workers send,
-    so that one stray message on the worker port cannot break the broker's `info` or its loop."""
+def _ready(ready) -> tuple[dict, int, int | None]:
+    """A worker's READY payload → (info, capacity, max_message_bytes if given); ValueError when it
+    is not what workers send, so that one stray message on the worker port cannot break the
+    broker's `info` or its loop."""
     if not isinstance(ready, dict) or not isinstance(ready.get("info", {}), dict):
         raise ValueError("READY must be a map with an `info` map")
     info = ready.get("info", {})
@@ -102,7 +113,10 @@ def _ready(ready) -> tuple[dict, int]:
     capacity = ready.get("capacity", 1)
     if not isinstance(capacity, int) or isinstance(capacity, bool):
         raise ValueError("READY capacity must be an integer")
-    return info, capacity
+    limit = info.get("limits", {}).get("max_message_bytes")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise ValueError("READY info.limits.max_message_bytes must be a positive integer")
+    return info, capacity, limit
 
 
 class Broker:
@@ -143,9 +157,12 @@ class Broker:
         self.workers: dict[bytes, WorkerState] = {}
         self.pending: dict[bytes, Pending] = {}
         self.waiting: deque[bytes] = deque()
-        self.keys = (i.to_bytes(8, "big") for i in itertools.count(1))
+        # Unique across broker processes too: a worker that outlives a broker still answers its keys.
+        prefix = secrets.token_bytes(8)
+        self.keys = (prefix + i.to_bytes(8, "big") for i in itertools.count(1))
         self.counters = Counters()
         self.resent = 0
+        self.stray_replies = 0  # replies from a worker for a request it does not hold
         self.accepting = True
 
     # -- clients -------------------------------------------------------------------------------
@@ -174,8 +191,8 @@ class Broker:
 
     def cancel(self, peer: bytes, request_id=None, answer: bool = True) -> tuple[int, int]:
         """Cancel `peer`'s requests (one id, or all): those waiting here are answered `cancelled`;
-        for those a worker holds, the worker is asked to cancel them if not started.
-        Returns (cancelled here, forwarded to workers)."""
+        for those a worker holds, the worker is asked to cancel them if not started, and they are
+        not sent again if that worker stops. Returns (cancelled here, forwarded to workers)."""
         here = forwarded = 0
         for key in list(self.by_peer.get(peer, ())):
             entry = self.pending[key]
@@ -190,6 +207,7 @@ class Broker:
                                 "the request was cancelled before it started")
             else:
                 forwarded += 1
+                entry.cancelled = True
                 try:
                     self.backend.send_multipart([entry.worker, CANCEL, key], zmq.NOBLOCK)
                 except zmq.ZMQError:
@@ -209,7 +227,7 @@ class Broker:
             _, key = heapq.heappop(self.deadlines)
             entry = self.pending.get(key)
             if entry is None or entry.worker is not None:
-                continue  # answered, or a worker has it (with the time that was left)
+                continue  # answered, or a worker has it (with the time that was left; drop() re-arms it)
             self._expired(key, entry)
 
     def _expired(self, key: bytes, entry: Pending) -> None:
@@ -226,12 +244,7 @@ class Broker:
         """The largest request admitted: the broker's own limit, or a registered worker's if
         smaller (a worker's socket drops a connection that brings a larger one, and with it
         every request in flight there)."""
-        limits = [self.config.max_message_bytes]
-        for worker in self.workers.values():
-            value = worker.info.get("limits", {}).get("max_message_bytes")
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                limits.append(value)
-        return min(limits)
+        return min([self.config.max_message_bytes, *(w.max_message_bytes for w in self.workers.values())])
 
     def on_client(self, frames: list) -> None:
         for peer in self.tracker.seen(frames):
@@ -294,7 +307,7 @@ class Broker:
             return
         key = next(self.keys)
         now = time.monotonic()
-        entry = Pending(envelope, message, request_id, model, now, header=header)
+        entry = Pending(envelope, message, request_id, model, now, total, header=header)
         if deadline_ms is not None:
             entry.deadline = now + deadline_ms / 1000
             heapq.heappush(self.deadlines, (entry.deadline, key))
@@ -307,12 +320,13 @@ class Broker:
 
     # -- workers -------------------------------------------------------------------------------
 
-    def _choose(self, model: str | None) -> WorkerState | None:
+    def _choose(self, entry: Pending) -> WorkerState | None:
+        """The least-busy worker with room that serves the request's model and takes its size."""
         best = None
         for worker in self.workers.values():
             if len(worker.in_flight) >= worker.capacity:
                 continue
-            if model is not None and model not in worker.models:
+            if not worker.serves(entry.model) or entry.size > worker.max_message_bytes:
                 continue
             if best is None or len(worker.in_flight) < len(best.in_flight):
                 best = worker
@@ -328,8 +342,16 @@ class Broker:
             entry = self.pending.get(key)
             if entry is None:
                 continue
-            worker = self._choose(entry.model)
+            worker = self._choose(entry)
             if worker is None:
+                limits = [w.max_message_bytes for w in self.workers.values() if w.serves(entry.model)]
+                if limits and entry.size > max(limits):
+                    # Admitted while no worker (or a larger one) was registered: none now can take it.
+                    self._take(key)
+                    self._error(entry.envelope, entry.request_id, protocol.TOO_LARGE,
+                                f"the message is {entry.size} bytes, over the limit of {max(limits)} of the "
+                                f"workers serving it")
+                    continue
                 held.append(key)
                 if not any(len(w.in_flight) < w.capacity for w in self.workers.values()):
                     break
@@ -361,13 +383,14 @@ class Broker:
         expires = now + self.config.heartbeat_s * self.config.liveness
         if command == READY:
             try:
-                info, capacity = _ready(msgpack.unpackb(frames[2].bytes, raw=False) if len(frames) > 2 else {})
+                info, capacity, limit = _ready(msgpack.unpackb(frames[2].bytes, raw=False) if len(frames) > 2 else {})
             except Exception:
                 log.warning("ignoring a malformed READY from a worker")
                 return
             if worker is not None:
                 self.drop(identity, "it registered again")
-            self.workers[identity] = WorkerState(identity, info, max(1, capacity), expires)
+            self.workers[identity] = WorkerState(identity, info, max(1, capacity), expires,
+                                                 limit or self.config.max_message_bytes)
             hosts = [w.get("host") for w in info.get("workers", [])]
             log.info("worker %s ready: %s on %s, capacity %d (%d workers)", identity.hex(), info.get("devices"),
                      ", ".join(map(str, hosts)), capacity, len(self.workers))
@@ -390,17 +413,21 @@ class Broker:
                 worker.counters = counters if isinstance(counters, dict) else {}
         elif command == REPLY and len(frames) >= 4:
             key = frames[2].bytes
-            worker.in_flight.discard(key)
+            if key not in worker.in_flight:
+                # Answered already, re-sent to another worker, or a key of a broker before a
+                # restart (which may name another client's request here): one reply, from its holder.
+                self.stray_replies += 1
+                log.debug("dropping a reply from worker %s for a request it does not hold", identity.hex())
+                return
             entry = self._take(key)
-            if entry is None:
-                return  # answered already (after a re-send); exactly one reply per request
             reply = frames[3:]
             self._reply(entry.envelope, reply, _error_code(reply[0].bytes))
         elif command == DISCONNECT:
             self.drop(identity, "it is shutting down")
 
     def drop(self, identity: bytes, why: str) -> None:
-        """Forget a worker; re-send its requests once, or answer them `overloaded`."""
+        """Forget a worker; re-send its requests once, or answer them `overloaded` (or `cancelled`
+        when their client cancelled them meanwhile)."""
         worker = self.workers.pop(identity, None)
         if worker is None:
             return
@@ -410,10 +437,17 @@ class Broker:
             entry = self.pending.get(key)
             if entry is None:
                 continue
-            if entry.attempts < self.config.max_attempts:
+            if entry.cancelled:
+                self._take(key)
+                self.cancelled += 1
+                self._error(entry.envelope, entry.request_id, protocol.CANCELLED,
+                            "the request was cancelled, and the worker that held it stopped")
+            elif entry.attempts < self.config.max_attempts:
                 self.resent += 1
                 entry.worker = None
                 self.waiting.appendleft(key)  # oldest first, ahead of newer requests
+                if entry.deadline is not None:  # expire() let go of it when the worker took it
+                    heapq.heappush(self.deadlines, (entry.deadline, key))
             else:
                 self._take(key)
                 self._error(entry.envelope, entry.request_id, protocol.OVERLOADED,
@@ -469,7 +503,7 @@ class Broker:
         counters.update(totals, mean_batch=round(totals["batched_requests"] / totals["batches"], 3)
                         if totals["batches"] else 0.0, waiting=len(self.waiting),
                         in_flight=sum(1 for e in self.pending.values() if e.worker is not None), resent=self.resent,
-                        cancelled=self.cancelled, **self.delivery.stats())
+                        cancelled=self.cancelled, stray_replies=self.stray_replies, **self.delivery.stats())
         first = next(iter(self.workers.values()), None)
         limits = dict(first.info.get("limits", {})) if first else {}
         limits.update(max_message_bytes=self.message_limit, max_queue=self.config.max_queue)

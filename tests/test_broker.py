@@ -1,9 +1,13 @@
-"""Broker + workers as real subprocesses: load balancing, a worker killed mid-stream, shutdown."""
+"""Broker + workers as real subprocesses: load balancing, a worker killed mid-stream, shutdown.
+Then a broker in this process with workers whose every message the test writes: which worker
+gets a request, and which reply counts."""
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 
 import cv2
 import msgpack
@@ -11,8 +15,12 @@ import numpy as np
 import pytest
 import zmq
 
+from pg2_server.broker import Broker, BrokerConfig
+from pg2_server.wire import protocol
 from pg2_server.wire.client import Client, GenerateRequest, ServerError, ServerTimeout
 from pg2_server.wire.curve import ClientKeys
+from pg2_server.wire.protocol import MIB, Limits
+from pg2_server.worker_protocol import CANCEL, DISCONNECT, HEARTBEAT, READY, REPLY, REQUEST
 from pg2_server.bench import BENCH_KEYPOINTS as KEYPOINTS
 from conftest import free_port
 
@@ -250,8 +258,6 @@ def test_broker_deadlines_cancel_and_clients_that_go():
 
 
 def test_stray_messages_on_the_worker_port_do_not_break_the_broker():
-    from pg2_server.worker_protocol import HEARTBEAT, READY
-
     frontend, backend = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     broker = cli("broker", "--frontend", frontend, "--backend", backend, "--heartbeat-ms", "200")
     try:
@@ -293,3 +299,185 @@ def test_the_broker_admits_no_request_larger_than_its_workers_take():
             assert len(client.info()["workers"]) == 1          # the worker kept its connection
     finally:
         stop(broker, worker)
+
+
+# -- a broker in this process, workers written by hand ------------------------------------------
+
+
+@contextmanager
+def broker_in_thread():
+    """A Broker routing in a thread of this process: yields (frontend, backend). Hand workers
+    send no heartbeats, so it writes none off for silence."""
+    frontend, backend = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    broker = Broker(frontend, backend, BrokerConfig(liveness=1000, drain_s=0.2))
+    stop, ready = threading.Event(), threading.Event()
+    thread = threading.Thread(target=broker.run, args=(stop, ready), daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    try:
+        yield frontend, backend
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
+def dealer(endpoint):
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    return sock
+
+
+def hand_worker(backend, capacity=1, max_message_bytes=Limits.max_message_bytes):
+    """A worker that only registers: the test receives its requests and writes its replies."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes + 4096)   # as worker.connect_to_broker sets it
+    sock.connect(backend)
+    info = {"workers": [{"host": "hand"}], "limits": {"max_message_bytes": max_message_bytes}}
+    sock.send_multipart([READY, msgpack.packb({"info": info, "capacity": capacity})])
+    return sock
+
+
+def next_from_broker(worker, timeout=5.0):
+    """(command, key, request header or None) of the next REQUEST or CANCEL, heartbeats skipped."""
+    deadline = time.monotonic() + timeout
+    while worker.poll(max(0.0, deadline - time.monotonic()) * 1000):
+        frames = worker.recv_multipart()
+        if frames[0] != HEARTBEAT:
+            return frames[0], frames[1], msgpack.unpackb(frames[2]) if frames[0] == REQUEST else None
+    raise AssertionError("nothing came from the broker")
+
+
+def quiet(worker, seconds=0.5):
+    """True when nothing but heartbeats comes from the broker for `seconds`."""
+    try:
+        next_from_broker(worker, seconds)
+    except AssertionError:
+        return True
+    return False
+
+
+def answer(worker, key, request_id, by):
+    worker.send_multipart([REPLY, key, *protocol.encode_reply(request_id, {"by": by})])
+
+
+def send_generate(client, request_id, source=SOURCE_PNG, **header):
+    client.send_multipart([msgpack.packb({"v": 1, "op": "generate", "id": request_id, "keypoints": KEYPOINTS,
+                                          "size": [176, 256], "source": {"format": "png"}, **header}), source])
+
+
+def next_reply(client, timeout=5.0):
+    assert client.poll(timeout * 1000), "no reply"
+    return msgpack.unpackb(client.recv_multipart()[0])
+
+
+def counters(frontend):
+    with Client(frontend, timeout=5, retries=1) as client:
+        return client.info()["counters"]
+
+
+def test_a_reply_counts_only_from_the_worker_that_holds_the_request():
+    with broker_in_thread() as (frontend, backend):
+        workers = [hand_worker(backend), hand_worker(backend)]
+        wait_for_workers(frontend, 2)
+        client = dealer(frontend)
+        send_generate(client, "a")
+        send_generate(client, "b")
+        (_, key0, header0), (_, key1, header1) = (next_from_broker(w) for w in workers)  # one each
+        answer(workers[0], key1, header1["id"], "impostor")
+        answer(workers[1], key1, header1["id"], "holder")
+        answer(workers[0], key0, header0["id"], "holder")
+        replies = [next_reply(client), next_reply(client)]
+        assert {r["id"]: r["by"] for r in replies} == {"a": "holder", "b": "holder"}
+        assert not client.poll(300)
+        assert counters(frontend)["stray_replies"] == 1
+
+
+def test_a_worker_outliving_its_broker_cannot_answer_the_next_brokers_requests():
+    """Every client numbers its requests from 1, and every broker starts afresh: a worker still
+    computing for a broker that stopped brings its late reply to the next one."""
+    with broker_in_thread() as (frontend, backend):
+        worker = hand_worker(backend)
+        wait_for_workers(frontend, 1)
+        send_generate(dealer(frontend), 1)
+        _, old_key, _ = next_from_broker(worker)
+    with broker_in_thread() as (frontend, backend):
+        worker = hand_worker(backend)
+        wait_for_workers(frontend, 1)
+        client = dealer(frontend)
+        send_generate(client, 1)
+        _, key, _ = next_from_broker(worker)
+        answer(worker, old_key, 1, "the client of the stopped broker")
+        answer(worker, key, 1, "this client")
+        assert next_reply(client)["by"] == "this client"
+        assert not client.poll(300)
+
+
+def test_a_request_goes_only_to_a_worker_whose_message_limit_it_fits():
+    """Admitted while a worker with room for it was registered; then a narrower worker joins."""
+    big = np.random.default_rng(0).bytes(2 * MIB)
+    with broker_in_thread() as (frontend, backend):
+        roomy = hand_worker(backend)
+        wait_for_workers(frontend, 1)
+        client = dealer(frontend)
+        send_generate(client, "small")
+        _, small_key, _ = next_from_broker(roomy)
+        send_generate(client, "big", source=big)   # waits: the one worker that takes it is busy
+        deadline = time.monotonic() + 5
+        while counters(frontend)["waiting"] < 1:
+            assert time.monotonic() < deadline, "the big request did not reach the broker"
+            time.sleep(0.05)
+        narrow = hand_worker(backend, max_message_bytes=MIB)
+        wait_for_workers(frontend, 2)
+        assert quiet(narrow)                       # free, but its socket would drop the connection
+        answer(roomy, small_key, "small", "roomy")
+        assert next_reply(client)["id"] == "small"
+        assert next_from_broker(roomy)[2]["id"] == "big"
+
+        roomy.send_multipart([DISCONNECT])         # it stops: no worker left can ever take the big one
+        refused = next_reply(client)
+        assert refused["id"] == "big" and refused["error"]["code"] == "too_large"
+        assert f"over the limit of {MIB} " in refused["error"]["message"]
+        send_generate(client, "after")             # the narrow worker kept its connection
+        assert next_from_broker(narrow)[2]["id"] == "after"
+
+
+def test_a_deadline_still_holds_after_the_worker_holding_the_request_stops():
+    with broker_in_thread() as (frontend, backend):
+        worker = hand_worker(backend)
+        wait_for_workers(frontend, 1)
+        client = dealer(frontend)
+        send_generate(client, "hurry", deadline_ms=300)
+        next_from_broker(worker)
+        time.sleep(0.6)                            # a stalled worker holds it past its deadline...
+        stopped = time.monotonic()
+        worker.send_multipart([DISCONNECT])        # ...then stops, with no other worker to take it
+        reply = next_reply(client)
+        assert reply["id"] == "hurry" and reply["error"]["code"] == "deadline_exceeded"
+        assert time.monotonic() - stopped < 2      # not after the broker's 60 s wait for a worker
+
+
+def test_a_request_cancelled_on_a_worker_that_then_stops_is_not_sent_again():
+    """One client cancels its request, another goes away, both while a worker holds them; the
+    worker stops before answering: neither goes to another worker to be computed for nobody."""
+    with broker_in_thread() as (frontend, backend):
+        first = hand_worker(backend, capacity=2)
+        wait_for_workers(frontend, 1)
+        client, leaving = dealer(frontend), dealer(frontend)
+        send_generate(client, "changed-mind")
+        send_generate(leaving, "left")
+        assert {next_from_broker(first)[2]["id"] for _ in range(2)} == {"changed-mind", "left"}
+        client.send_multipart([msgpack.packb({"v": 1, "op": "cancel", "id": "c", "target": "changed-mind"})])
+        assert next_reply(client)["forwarded"] == 1
+        leaving.close()
+        assert [next_from_broker(first)[0] for _ in range(2)] == [CANCEL, CANCEL]
+        second = hand_worker(backend)
+        wait_for_workers(frontend, 2)
+
+        first.send_multipart([DISCONNECT])
+        assert quiet(second)
+        reply = next_reply(client)
+        assert reply["id"] == "changed-mind" and reply["error"]["code"] == "cancelled"
+        now = counters(frontend)
+        assert (now["cancelled"], now["resent"]) == (2, 0)
