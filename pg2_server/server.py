@@ -3,7 +3,8 @@
 One thread owns the socket: it reads requests (REQ or DEALER envelopes), hands them to the
 Worker, and sends the replies the Worker's threads queue in its Outbox. SIGINT/SIGTERM stop
 the intake: requests already admitted finish (or fail) with a reply, later ones are told
-`overloaded`, and the process exits 0.
+`overloaded`, and the process exits 0; those not finished when the drain time runs out are told
+`overloaded` too. A second signal exits at once.
 
 The socket is bound before the model loads (on a thread of its own, `ModelLoad`): meanwhile
 `ping` and `info` answer `ready: false`, and generate requests wait in the Worker for the model.
@@ -11,6 +12,7 @@ The socket is bound before the model loads (on a thread of its own, `ModelLoad`)
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -30,7 +32,8 @@ log = logging.getLogger("pg2_server.server")
 
 
 class StopSignal:
-    """SIGINT/SIGTERM → an Event (installed only from the main thread)."""
+    """SIGINT/SIGTERM → an Event; a second one exits the process at once (installed only from the
+    main thread)."""
 
     def __init__(self):
         self.event = threading.Event()
@@ -39,7 +42,11 @@ class StopSignal:
                 signal.signal(number, self._handle)
 
     def _handle(self, number, frame) -> None:
-        log.info("received %s: finishing in-flight requests, then exiting", signal.Signals(number).name)
+        name = signal.Signals(number).name
+        if self.event.is_set():
+            log.warning("received %s again: exiting now, without the replies still due", name)
+            os._exit(128 + number)
+        log.info("received %s: finishing in-flight requests, then exiting", name)
         self.event.set()
 
 
@@ -71,8 +78,10 @@ def serve(worker: Worker, bind: str, stop: threading.Event, curve: ServerKeys | 
     context = context or zmq.Context.instance()
     router = context.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 2000)
-    # MAXMSGSIZE is per frame; decode_request checks the message as a whole.
-    router.setsockopt(zmq.MAXMSGSIZE, worker.config.limits.max_message_bytes)
+    # MAXMSGSIZE is per frame, and ZeroMQ drops the connection of a frame over it, unanswered: at
+    # twice the message limit, decode_request answers a message over the limit `too_large` with its
+    # id, and one frame still cannot make the server buffer without bound.
+    router.setsockopt(zmq.MAXMSGSIZE, 2 * worker.config.limits.max_message_bytes)
     router.setsockopt(zmq.RCVHWM, 10000)
     peers.configure(router)
     authenticator = secure_socket(context, router, curve)
@@ -166,8 +175,9 @@ def serve(worker: Worker, bind: str, stop: threading.Event, curve: ServerKeys | 
             if draining_until is not None and (worker.in_flight == 0 or now > draining_until):
                 break
         if worker.in_flight:
-            log.warning("%d requests still running after %g s; exiting without their replies",
-                        worker.in_flight, drain_s)
+            log.warning("%d requests still running after %g s; answering them `overloaded`", worker.in_flight,
+                        drain_s)
+            worker.refuse_unfinished()
         # Answer what reached the socket during the drain (as `overloaded`), then deliver.
         deadline = time.monotonic() + 0.2
         while time.monotonic() < deadline:

@@ -28,7 +28,7 @@ import msgpack
 import zmq
 
 from . import package_version, peers
-from .batching import Batcher
+from .batching import RETIRE_AFTER_FAILED_BATCHES, Batcher
 from .codec import SourceCache, encode_image
 from .keypoints import KeypointError
 from .metrics import Counters
@@ -93,9 +93,10 @@ class Job:
     """One admitted generate request on its way through decode → batch → encode.
 
     `claimed` once a batcher took it for the device (too late to cancel), or a cancel took it
-    from the batchers; `done` once its one reply is decided (both change under the worker's lock)."""
+    from the batchers; `done` once its one reply is decided (both change under the worker's lock);
+    `requeued` once a device that failed it was retired and it went back to the queue."""
     __slots__ = ("request", "_reply", "received", "enqueued", "started", "prepared", "pipeline", "done",
-                 "peer", "deadline", "claimed")
+                 "peer", "deadline", "claimed", "requeued")
 
     def __init__(self, request: Request, reply: Reply, received: float, peer=None):
         self.request = request
@@ -110,6 +111,7 @@ class Job:
         self.prepared = None
         self.done = False
         self.claimed = False
+        self.requeued = False
 
 
 class Worker:
@@ -154,7 +156,8 @@ class Worker:
             raise RuntimeError("this worker has its model already")
         self.batchers = [Batcher(p, self.jobs, self.config.max_batch, self.config.max_delay_ms / 1000.0,
                                  functools.partial(self._batch_done, device=f"{p.device}#{i}"),
-                                 self._batch_failed, self._claim) for i, p in enumerate(pipelines)]
+                                 functools.partial(self._batch_failed, device=f"{p.device}#{i}"),
+                                 self._claim, self._may_retire) for i, p in enumerate(pipelines)]
         for batcher in self.batchers:
             batcher.start()
         if self.detector is not None:
@@ -315,13 +318,26 @@ class Worker:
             job.started = started
             self.pool.submit(self._guard, job, self._finish, job, coarse[i], final[i], compute_ms, len(batch))
 
-    def _batch_failed(self, batch: list, error: BaseException) -> None:
-        log.error("batch of %d failed on %s:\n%s", len(batch), batch[0].pipeline.device,
-                  "".join(traceback.format_exception(error)))
+    def _may_retire(self, batcher: Batcher) -> bool:
+        """A device failed batch after batch: its batcher may stop while another device is healthy
+        (the last one goes on, so that requests are still answered)."""
+        return any(other.healthy for other in self.batchers if other is not batcher)
+
+    def _batch_failed(self, batch: list, error: BaseException, retiring: bool, device: str = "") -> None:
+        log.error("batch of %d failed on %s:\n%s", len(batch), device, "".join(traceback.format_exception(error)))
+        if retiring:
+            log.error("%s failed %d batches in a row; its batching thread stops, the other devices take its work",
+                      device, RETIRE_AFTER_FAILED_BATCHES)
         for job in batch:
-            self._finish_job(job, protocol.encode_error(job.request.id, protocol.INTERNAL,
-                                                        "internal server error; the server log has details"),
-                             protocol.INTERNAL)
+            if retiring and not job.requeued:  # once: a request that fails on two devices gets `internal`
+                job.requeued = True
+                with self._in_flight_lock:
+                    job.claimed = False
+                self.jobs.put(job)
+            else:
+                self._finish_job(job, protocol.encode_error(job.request.id, protocol.INTERNAL,
+                                                            "internal server error; the server log has details"),
+                                 protocol.INTERNAL)
 
     def _finish(self, job: Job, coarse, final, compute_ms: float, batch_size: int) -> None:
         request = job.request
@@ -365,14 +381,15 @@ class Worker:
                 return False
             job.done = True
             self._unlist(job)
+            # Counted out before the reply leaves: a broker that reads it sends the next request at
+            # once, and must find the room it was told of (capacity ≤ max_queue).
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.notify_all()
         if error_code is not None:
             log.debug("generate id=%r → %s", job.request.id, error_code)
         self._send(job._reply, frames, error_code, job.request.id, "generate", job.received,
                    job.started - job.received if job.started else None)
-        with self._in_flight_lock:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.notify_all()
         return True
 
     def _unlist(self, job: Job) -> None:
@@ -458,8 +475,8 @@ class Worker:
 
     @property
     def ready(self) -> bool:
-        """Taking new work: the model loaded, not draining, and every device's batcher alive."""
-        return self.accepting and bool(self.batchers) and all(b.is_alive() for b in self.batchers)
+        """Taking new work: the model loaded, not draining, and at least one device healthy."""
+        return self.accepting and any(b.healthy for b in self.batchers)
 
     def info(self, details: bool | None = None) -> dict:
         """The `info` reply body: models, devices, limits, batching, counters; host, PID and the
@@ -510,7 +527,7 @@ class Worker:
                 f"mean compute {c['mean_compute_ms']} ms, in flight {self._in_flight}")
 
     def drain(self, timeout: float) -> bool:
-        """Stop admitting work and wait until every admitted request has its reply."""
+        """Stop admitting work and wait until every admitted request is answered."""
         self.accepting = False
         deadline = time.monotonic() + timeout
         with self._idle:
@@ -521,13 +538,25 @@ class Worker:
                 self._idle.wait(remaining)
         return True
 
+    def refuse_unfinished(self) -> None:
+        """The drain time ran out: answer `overloaded` to every admitted request without a reply yet
+        (a batch already running on a device still ends, its results unsent)."""
+        with self._in_flight_lock:
+            jobs = [job for jobs in self._by_peer.values() for job in jobs]
+            for job in jobs:   # taken from the batchers first: none starts now
+                job.claimed = True
+        message = "the server is shutting down and could not finish this request in time; retry on another server"
+        for job in jobs:
+            self._finish_job(job, protocol.encode_error(job.request.id, protocol.OVERLOADED, message),
+                             protocol.OVERLOADED)
+
     def close(self) -> None:
-        """Stop the batchers and the pool (after `drain`)."""
+        """Stop the batchers and the pool, leaving queued work unrun (after `drain` or `refuse_unfinished`)."""
         for batcher in self.batchers:
             batcher.stop()
         for batcher in self.batchers:
-            batcher.join(timeout=30)
-        self.pool.shutdown(wait=True)
+            batcher.join(timeout=30)  # a running batch cannot be interrupted
+        self.pool.shutdown(wait=True, cancel_futures=True)
         if self.detector is not None:
             self.detector.close()
 
@@ -581,10 +610,13 @@ def connect_to_broker(worker: Worker, endpoint: str, stop: threading.Event, hear
     Sends READY with its info, a heartbeat every `heartbeat_s`; if the broker is silent for
     `liveness` heartbeats, reconnects and registers again. With `curve` (wire.curve.ClientKeys: the
     broker's public key and this worker's key pair) the link is encrypted and authenticated.
+    Once `stop` is set it goes on sending heartbeats and replies until what it admitted is answered
+    (for at most `drain_s`; what is left then is answered `overloaded`), then sends DISCONNECT.
     """
     context = context or zmq.Context.instance()
     outbox = Outbox(context, "worker")
-    capacity = worker.config.max_batch * 2 * len(worker.pipelines)
+    # Two batches per device keep the devices busy; more than max_queue would only be refused.
+    capacity = min(worker.config.max_batch * 2 * len(worker.pipelines), worker.config.max_queue)
 
     def open_socket() -> zmq.Socket:
         sock = context.socket(zmq.DEALER)
@@ -606,7 +638,11 @@ def connect_to_broker(worker: Worker, endpoint: str, stop: threading.Event, hear
             (log.warning if wait else log.debug)("broker %s not reachable; a %s message was not sent", endpoint,
                                                  bytes(frames[0])[:10].decode(errors="replace"))
 
+    unanswered = 0  # requests handed to the worker whose reply has not gone to the broker yet
+
     def send_reply(frames: list) -> None:
+        nonlocal unanswered
+        unanswered -= 1
         to_broker(frames, wait=True)
 
     def register() -> None:
@@ -620,10 +656,16 @@ def connect_to_broker(worker: Worker, endpoint: str, stop: threading.Event, hear
     last_heard = last_sent = last_summary = time.monotonic()
     log.info("worker connected to broker %s (%s), capacity %d%s", endpoint, worker.summary(), capacity,
              ", CURVE" if curve is not None else "")
+    draining_until = None
     try:
-        while not stop.is_set():
+        while True:
             events = dict(poller.poll(100))
             now = time.monotonic()
+            if stop.is_set() and draining_until is None:
+                # Heartbeats and replies go on while admitted work finishes; new requests get `overloaded`.
+                worker.accepting = False
+                draining_until = now + drain_s
+            forgotten = False  # the broker does not know this worker: it dropped it, or restarted
             if outbox.pull in events:
                 outbox.deliver(send_reply)
             if sock in events:
@@ -633,17 +675,21 @@ def connect_to_broker(worker: Worker, endpoint: str, stop: threading.Event, hear
                     if command == REQUEST and len(frames) >= 3:
                         key = frames[1].bytes
                         # The broker's key is unique per request: it is the request's "peer" here.
+                        unanswered += 1
                         worker.handle([f.buffer for f in frames[2:]],
                                       lambda reply, key=key: outbox.send([REPLY, key, *reply]), peer=key)
                     elif command == CANCEL and len(frames) >= 2:
                         worker.cancel(frames[1].bytes)
                     elif command == DISCONNECT:
-                        last_heard = 0.0  # re-register at once
+                        forgotten = True
             if now - last_sent >= heartbeat_s:
                 to_broker([HEARTBEAT, msgpack.packb(worker.info()["counters"])])
                 last_sent = now
-            if now - last_heard > heartbeat_s * liveness:
-                log.warning("broker %s silent for %.1f s; reconnecting", endpoint, now - last_heard)
+            silent_s = now - last_heard
+            # A stopping worker does not register again.
+            if draining_until is None and (forgotten or silent_s > heartbeat_s * liveness):
+                log.warning("broker %s %s; reconnecting", endpoint,
+                            "does not know this worker" if forgotten else f"silent for {silent_s:.1f} s")
                 poller.unregister(sock)
                 sock.close()
                 sock = open_socket()
@@ -653,8 +699,11 @@ def connect_to_broker(worker: Worker, endpoint: str, stop: threading.Event, hear
             if now - last_summary >= summary_s:
                 log.info("worker: %s", worker.summary())
                 last_summary = now
-        # Finish what was admitted, deliver its replies, then say goodbye.
-        worker.drain(timeout=drain_s)
+            if draining_until is not None and (unanswered == 0 or now > draining_until):
+                break
+        if unanswered:
+            log.warning("%d requests still running after %g s; answering them `overloaded`", unanswered, drain_s)
+            worker.refuse_unfinished()
         outbox.deliver(send_reply)
         to_broker([DISCONNECT])
         log.info("worker stopped: %s", worker.summary())

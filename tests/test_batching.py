@@ -34,8 +34,8 @@ class Recorder:
         self.batches.append((len(batch), started, coarse.shape, final.shape))
         self.event.set()
 
-    def failed(self, batch, error):
-        self.errors.append((len(batch), error))
+    def failed(self, batch, error, retiring):
+        self.errors.append((len(batch), error, retiring))
         self.event.set()
 
 
@@ -103,6 +103,42 @@ def test_a_failing_run_reports_every_job_and_the_batcher_goes_on(pipeline):
     assert recorder.batches and recorder.batches[-1][0] in (1, 2)
     batcher.stop()
     batcher.join(5)
+
+
+def broken(pipeline):
+    job = Job(prepared(pipeline))
+    job.prepared.source = job.prepared.source[:2]  # wrong channel count: G1 raises
+    return job
+
+
+def test_a_device_that_fails_batches_in_a_row_stops_once_another_can_take_its_work(pipeline):
+    jobs, recorder = queue.Queue(), Recorder()
+    asked = []
+
+    def retire(batcher):
+        asked.append(batcher.failures)
+        return len(asked) == 2  # the first time no other device is healthy, the second time one is
+
+    batcher = Batcher(pipeline, jobs, 1, 0.0, recorder.done, recorder.failed, retire=retire)
+    for job in [broken(pipeline), broken(pipeline), Job(prepared(pipeline))] + [broken(pipeline) for _ in range(5)]:
+        jobs.put(job)
+    batcher.start()
+    batcher.join(20)
+    assert not batcher.is_alive() and not batcher.healthy
+    # A good batch between failures starts the count again; the retiring batch is reported as such.
+    assert asked == [3, 4] and [retiring for _, _, retiring in recorder.errors] == [False] * 5 + [True]
+    assert len(recorder.batches) == 1 and jobs.qsize() == 1  # the last broken job is left for another device
+
+
+def test_stop_leaves_the_queued_jobs_unrun(pipeline):
+    jobs, recorder = queue.Queue(), Recorder()
+    batcher = Batcher(pipeline, jobs, 1, 0.0, recorder.done, recorder.failed)
+    for _ in range(3):
+        jobs.put(Job(prepared(pipeline)))
+    batcher.stop()
+    batcher.start()
+    batcher.join(10)
+    assert not batcher.is_alive() and recorder.batches == [] and recorder.errors == []
 
 
 def test_settings_are_checked(pipeline):

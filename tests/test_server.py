@@ -271,6 +271,8 @@ BAD_REQUESTS = {
     # each frame under the 1 MiB a frame may have, the two together over the message's 1 MiB
     "over the message limit": (_frames(generate_header(15, pad="x" * 60_000), b"\x00" * 1_000_000),
                                "too_large", 15),
+    # one frame over the 1 MiB message limit: ZeroMQ passes it on (its per-frame cap is twice that)
+    "one frame over the message limit": (_frames(generate_header(17), b"\x00" * (2 ** 20 + 10)), "too_large", 17),
     "header over 64 KiB": (_frames(generate_header(16, pad="x" * 70_000), SOURCE_PNG), "too_large", None),
 }
 
@@ -309,8 +311,8 @@ def test_ping_answers_while_the_model_is_busy(server):
     assert pinged < finished
 
 
-def test_frame_over_maxmsgsize_is_dropped_by_zeromq_and_others_are_unaffected(server):
-    assert ask(server, _frames(generate_header(16), b"\x00" * (2 ** 20 + 10)), timeout=2) is None
+def test_frame_over_twice_the_message_limit_is_dropped_by_zeromq_and_others_are_unaffected(server):
+    assert ask(server, _frames(generate_header(16), b"\x00" * (2 * 2 ** 20 + 10)), timeout=2) is None
     with Client(server, timeout=20) as client:
         assert client.ping() > 0
         assert client.generate(SOURCE_PNG, KEYPOINTS, FRAME).image.height == 256
@@ -713,6 +715,60 @@ def test_not_ready_while_draining():
             process.kill()
     assert ready is False
     assert first["ok"] and len(replies) == 39 and process.returncode == 0
+
+
+def send_big_work(endpoint, count=64):
+    """`count` requests of 2048×2048 PNGs, about 0.1 s each to encode on one codec thread (--threads 1);
+    returns the DEALER once the first is answered."""
+    sock = dealer(endpoint)
+    send_slow(sock, range(count), size=[2048, 2048])
+    assert sock.poll(30000)
+    sock.recv_multipart()
+    return sock
+
+
+def test_when_the_drain_time_runs_out_the_rest_is_answered_overloaded_and_the_server_exits():
+    process, endpoint = start_server("--threads", "1", "--drain-s", "1")
+    sock = send_big_work(endpoint)
+    try:
+        process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        replies = {}
+        while len(replies) < 63:
+            assert sock.poll(20000), f"{len(replies)} of 63 replies"
+            header = msgpack.unpackb(sock.recv_multipart()[0])
+            replies[header["id"]] = header
+        code = process.wait(timeout=30)
+        stopped_s = time.monotonic() - signalled
+    finally:
+        sock.close()
+        if process.poll() is None:
+            process.kill()
+    out = process.stdout.read()
+    refused = [h for h in replies.values() if not h["ok"]]
+    assert code == 0, out
+    assert len(refused) >= 20, f"{len(refused)} refused"  # the rest would have taken ~6 s
+    assert {h["error"]["code"] for h in refused} == {"overloaded"}
+    assert all("shutting down" in h["error"]["message"] for h in refused)
+    assert stopped_s < 4, f"exited {stopped_s:.1f} s after SIGTERM with --drain-s 1"
+    assert "answering them `overloaded`" in out
+
+
+def test_a_second_signal_exits_at_once():
+    process, endpoint = start_server("--threads", "1")
+    sock = send_big_work(endpoint)
+    try:
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        process.send_signal(signal.SIGINT)
+        code = process.wait(timeout=3)  # the 60 s drain would take ~6 s here
+    finally:
+        sock.close()
+        if process.poll() is None:
+            process.kill()
+    out = process.stdout.read()
+    assert code == 128 + signal.SIGINT, out
+    assert "received SIGINT again: exiting now" in out
 
 
 def start_loading_server(*flags):
