@@ -128,7 +128,8 @@ class Broker:
         self.context = context or zmq.Context.instance()
         self.frontend = self.context.socket(zmq.ROUTER)
         self.frontend.setsockopt(zmq.LINGER, 2000)
-        self.frontend.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes)
+        # Per frame, as serve's: at twice the limit, a larger message is answered `too_large`.
+        self.frontend.setsockopt(zmq.MAXMSGSIZE, 2 * config.max_message_bytes)
         self.frontend.setsockopt(zmq.RCVHWM, 10000)
         peers.configure(self.frontend)
         self.authenticator = start_authenticator(self.context, curve)

@@ -297,6 +297,13 @@ def test_the_broker_admits_no_request_larger_than_its_workers_take():
             assert refused.value.code == "too_large"
             assert client.generate(SOURCE_PNG, KEYPOINTS, (176, 256)).image.width == 176
             assert len(client.info()["workers"]) == 1          # the worker kept its connection
+        # Over the broker's own limit too: still answered, not dropped with the connection.
+        bigger = cv2.imencode(".png", np.random.default_rng(1).integers(0, 256, (1300, 1300, 3), np.uint8))[1]
+        assert 4 * 2 ** 20 < len(bigger) < 8 * 2 ** 20
+        with Client(frontend, timeout=10, retries=1) as client:
+            with pytest.raises(ServerError) as refused:
+                client.generate(bigger.tobytes(), KEYPOINTS, (176, 256))
+            assert refused.value.code == "too_large"
     finally:
         stop(broker, worker)
 
