@@ -154,6 +154,13 @@ def check_frame(size: tuple[int, int], where) -> None:
                          "limit); scale the pose down")
 
 
+def with_alpha(generation) -> np.ndarray:
+    """The generated RGB image, RGBA when the generation carries the person mask as alpha."""
+    if generation.alpha is None:
+        return generation.image
+    return np.dstack([generation.image, generation.alpha])
+
+
 def cmd_generate_local(args: argparse.Namespace) -> int:
     from .drawing import read_rgb, write_rgb
 
@@ -162,13 +169,13 @@ def cmd_generate_local(args: argparse.Namespace) -> int:
     check_frame(size, args.pose or args.pose_from)
     pipeline = load_pipeline(args)
     source = framed_source(args, source, pipeline.config.canvas)
-    [generation] = pipeline.generate([source], [keypoints], [size], with_g1=args.grid)
+    [generation] = pipeline.generate([source], [keypoints], [size], with_g1=args.grid, with_alpha=args.alpha)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.grid:
         write_grid(out, source, size, keypoints, generation)
     else:
-        write_rgb(out, generation.image)
+        write_rgb(out, with_alpha(generation))
     print(f"wrote {out} ({size[0]}×{size[1]}, model {pipeline.name})")
     return 0
 
@@ -225,9 +232,9 @@ def cmd_generate_batch_local(args: argparse.Namespace) -> int:
         for start in range(0, len(files), chunk):
             batch, batch_poses = files[start:start + chunk], poses[start:start + chunk]
             results = pipeline.generate([source] * len(batch), [k for _, k in batch_poses],
-                                        [z for z, _ in batch_poses])
+                                        [z for z, _ in batch_poses], with_alpha=args.alpha)
             for path, generation in zip(batch, results):
-                write_rgb(out_dir / (path.stem + "." + args.format.replace("jpeg", "jpg")), generation.image)
+                write_rgb(out_dir / (path.stem + "." + args.format.replace("jpeg", "jpg")), with_alpha(generation))
             progress.update(len(batch))
     print(f"wrote {len(files)} images to {out_dir} (model {pipeline.name})")
     return 0
@@ -310,7 +317,7 @@ def cmd_generate_server(args: argparse.Namespace) -> int:
             size, keypoints = target_pose(args)
             # The server encodes in the format --out asks for, so the bytes are written as they come.
             suffix = Path(args.out).suffix.lower()
-            output_format = "jpeg" if suffix in (".jpg", ".jpeg") and not args.alpha else "png"
+            output_format = "jpeg" if suffix in (".jpg", ".jpeg") else "png"
             result = client.generate(source, as_list(keypoints), size, output_format=output_format,
                                      alpha=args.alpha)
             out = Path(args.out)
@@ -435,8 +442,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not batch and (out.is_dir() or out.suffix.lower() not in IMAGE_SUFFIXES):
         raise ValueError(f"--out {args.out} must name an image file ({', '.join(IMAGE_SUFFIXES)}); "
                          "a folder is for a folder of poses")
-    if batch and args.alpha and args.format == "jpeg":
-        raise ValueError("--alpha needs PNG; drop --format jpeg")
+    if args.alpha and (args.format == "jpeg" if batch else out.suffix.lower() in (".jpg", ".jpeg")):
+        raise ValueError("--alpha needs PNG (JPEG has no alpha): " + ("drop --format jpeg" if batch else
+                                                                    f"name --out {out.with_suffix('.png')}"))
+    if args.alpha and args.grid:
+        raise SystemExit("error: --grid draws a comparison, not a cut-out: drop --alpha")
     if args.local:
         return cmd_generate_batch_local(args) if batch else cmd_generate_local(args)
     return cmd_generate_server(args)
@@ -710,7 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "is small in it (a phone photo, a wide shot); detected with MediaPipe BlazePose (the pose extra)")
     p.add_argument("--out", required=True, help="output image (PNG/JPEG), or a folder in batch mode")
     p.add_argument("--grid", action="store_true", help="write source | target pose | G1 | G2 instead (--local)")
-    p.add_argument("--alpha", action="store_true", help="add the person mask as alpha (PNG only, --server)")
+    p.add_argument("--alpha", action="store_true", help="add the person mask as alpha (PNG only)")
     p.add_argument("--format", choices=["png", "jpeg"], default="png", help="image format in batch mode")
     p.add_argument("--in-flight", type=int, default=8, help="requests in flight in batch mode (default 8)")
     p.add_argument("--size", type=int, nargs=2, metavar=("W", "H"),

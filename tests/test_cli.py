@@ -51,6 +51,21 @@ def test_generate_local_writes_an_image_of_the_requested_size(tmp_path, inputs):
     assert cv2.imread(str(out)).shape == (1080, 1920, 3)
 
 
+def test_generate_local_alpha_is_the_target_pose_mask(tmp_path, inputs):
+    source, pose = inputs
+    out = tmp_path / "cut-out.png"
+    _run("generate", "--local", "--preset", "tiny", "--random-weights", "--source", str(source),
+         "--pose", str(pose), "--out", str(out), "--alpha")
+    image = cv2.imread(str(out), cv2.IMREAD_UNCHANGED)
+    assert image.shape == (1080, 1920, 4)
+    alpha = image[..., 3]
+    assert set(np.unique(alpha)) == {0, 255}
+    assert alpha[200, 960] == 255 and alpha[1000, 100] == 0      # on the neck; far from the person
+    refused = _run("generate", "--local", "--preset", "tiny", "--random-weights", "--source", str(source),
+                   "--pose", str(pose), "--out", str(tmp_path / "cut-out.jpg"), "--alpha", check=False)
+    assert refused.returncode == 2 and "--alpha needs PNG" in refused.stderr and "cut-out.png" in refused.stderr
+
+
 def test_generate_local_grid(tmp_path, inputs):
     source, pose = inputs
     out = tmp_path / "grid.png"
