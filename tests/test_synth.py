@@ -294,13 +294,13 @@ def test_looks_and_poses_vary_across_identities():
 
 
 def test_market_style_names_and_size(tmp_path, body):
-    config = synth.SynthConfig(identities=1, test_identities=1, poses_per_identity=2, seed=0, size=Size(64, 128),
+    config = synth.SynthConfig(identities=1, test_identities=1, poses_per_identity=3, seed=0, size=Size(64, 128),
                                style="market")
     synth.render_dataset(tmp_path, config, progress=False, body=body)
     annotations, problems = read_annotations(tmp_path / "market-annotation-train.csv", strict=True)
-    assert problems == [] and len(annotations) == 2
+    assert problems == [] and len(annotations) == 3
     for name in annotations:
-        assert re.fullmatch(r"0001_c[123]s1_00000[12]_00\.jpg", name)
+        assert re.fullmatch(r"0001_c[123]s1_00000[123]_00\.jpg", name)
         image = cv2.imread(str(tmp_path / "train" / name))
         assert image.shape == (128, 64, 3)
         # a street backdrop, not a plain studio wall: the top row varies
@@ -319,7 +319,7 @@ def run_main(argv, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--identities", "0"], "--identities must be at least 1"),
     (["--identities", "2", "--test-identities", "0"], "--test-identities must be at least 1"),
-    (["--identities", "2", "--poses-per-identity", "1"], "at least 2 to make pairs"),
+    (["--identities", "2", "--poses-per-identity", "2"], "at least 3 to make pairs"),
     (["--identities", "2", "--size", "20x10"], "too small"),
     (["--identities", "10000", "--style", "market"], "Market names hold at most 9998"),
     (["--identities", "2", "--size", "20x10", "--engine", "workbench"], "too small"),

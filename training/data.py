@@ -247,6 +247,9 @@ def load_split(image_dir: str | Path, annotations: str | Path, pairs: str | Path
             continue
         kept.append((source, target))
     if not kept:
+        if not rows:
+            raise DataError(f"{pairs} lists no pairs: `pg2-train pairs` makes them from an annotated folder (a "
+                            "person needs images with both shoulders and hips annotated to be paired)")
         raise DataError(f"no usable pairs in {pairs} (images in {image_dir}, annotations {annotations}); "
                         f"{report.summary()}")
     return PairSplit(image_dir, keypoints, kept, report, strict)

@@ -77,8 +77,11 @@ class SynthConfig:
             raise SynthError(f"--identities must be at least 1 (got {self.identities})")
         if self.test_identities < 1:
             raise SynthError(f"--test-identities must be at least 1 (got {self.test_identities})")
-        if self.poses_per_identity < 2:
-            raise SynthError(f"--poses-per-identity must be at least 2 to make pairs (got {self.poses_per_identity})")
+        if self.poses_per_identity < 3:
+            # Each person's first three views are front, side and back, and a side view has no pair
+            # (pairs need both shoulders and both hips): two images would make no pair at all.
+            raise SynthError(f"--poses-per-identity must be at least 3 to make pairs: each person's second image "
+                             f"is a side view, which pairs leave out (got {self.poses_per_identity})")
         if self.identities + self.test_identities > 99_999_999:
             raise SynthError("at most 99,999,999 identities fit DeepFashion's 8-digit ids")
         if self.style == "market" and self.identities + self.test_identities > 9998:
