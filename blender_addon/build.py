@@ -206,6 +206,9 @@ def build(output_dir: Path, split_platforms: bool = False, wheels_from: Path | N
     """Build and validate the extension zip(s); returns their paths."""
     work_dir = work_dir or ROOT / "build" / "blender_addon"
     if wheels_from is not None:
+        if not Path(wheels_from).is_dir():
+            raise BuildError(f"--wheels-from {wheels_from} is not a folder: give the folder that holds the pyzmq and "
+                             "msgpack wheels (pip download … -d FOLDER)")
         wheels = sorted(p.resolve() for p in Path(wheels_from).glob("*.whl")
                         if Wheel(p).tags["name"].lower().replace("_", "-") in REQUIREMENTS)
         if not wheels:

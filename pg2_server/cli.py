@@ -657,7 +657,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     for model in info.get("models", []):
         canvas = info_canvas(model) if "canvas" in model else "?"
         print(f"  model {model.get('name')}: preset {model.get('preset')}, canvas {canvas} (W×H), "
-              f"stages {', '.join(model.get('stages', []))}")
+              f"stages {', '.join(model.get('stages', []))}, {model.get('dtype', '?')} on {model.get('backend', '?')}")
     print(f"  devices: {', '.join(info.get('devices', []))}; workers: {len(info.get('workers', []))}")
     batching, limits, counters = info.get("batching", {}), info.get("limits", {}), info.get("counters", {})
     print(f"  batching: max batch {batching.get('max_batch')}, max delay {batching.get('max_delay_ms')} ms; "

@@ -89,7 +89,7 @@ def test_deepfashion_square_shifts_keypoints_and_strict_stops(tmp_path):
     assert report.count("keypoints outside the image") == 0     # 180 + 40 fits in 256
     with pytest.raises(DataError):
         prepare_deepfashion(raw, tmp_path / "strict", "256x176", csvs[:2], csvs[2:], strict=True)
-    with pytest.raises(DataError, match="holds none of img"):
+    with pytest.raises(DataError, match="is not a folder"):
         prepare_deepfashion(tmp_path / "nothing", tmp_path / "x")
 
 

@@ -360,8 +360,10 @@ def test_cli_generate_ping_info(server, tmp_path):
     assert done.returncode == 0 and "pong from" in done.stdout
     done = run_cli("info", "--server", server, "--json")
     assert json.loads(done.stdout)["models"][0]["name"] == "tiny-random"
+    model = json.loads(run_cli("info", "--server", server, "--json").stdout)["models"][0]
     done = run_cli("info", "--server", server)
     assert "model tiny-random" in done.stdout and "mean batch" in done.stdout
+    assert f"{model['dtype']} on {model['backend']}" in done.stdout
 
 
 def test_cli_batch_mode_writes_one_image_per_pose(server, tmp_path):

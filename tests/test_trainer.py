@@ -186,7 +186,7 @@ def test_bad_runs_are_refused_with_a_reason(tmp_path, dataset, capsys):
     assert main(_fit_args(dataset, tmp_path / "x", 1, "--steps", "2", "--color-jitter", "2")) == 2
     assert "color_jitter is a strength in [0, 1]" in capsys.readouterr().err
     assert main(_fit_args(dataset, out, 1, "--steps", "4", "--resume", "--pose-embedding", "ce")) == 2
-    assert "model config" in capsys.readouterr().err
+    assert "another model (pose_embedding heatmaps there, ce now)" in capsys.readouterr().err
     assert main(_fit_args(dataset, tmp_path / "other", 1, "--steps", "2", "--one-stage", "--loss", "l1",
                           "--pose-embedding", "hme")) == 0
     state = load_run_state(tmp_path / "other", 1)
@@ -678,4 +678,14 @@ def test_out_of_memory_saves_and_exits_with_status_2(tmp_path, dataset, monkeypa
     assert main(_fit_args(dataset, out, 1, "--steps", "5")) == 2
     assert "error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB); lower --batch-size" \
         in capsys.readouterr().err
+    assert load_run_state(out, 1)["step"] == 2
+
+
+def test_a_resume_at_the_target_says_how_to_train_further(tmp_path, dataset, capsys):
+    out = tmp_path / "run"
+    assert main(_fit_args(dataset, out, 1, "--steps", "2")) == 0
+    capsys.readouterr()
+    assert main(_fit_args(dataset, out, 1, "--resume")) == 0
+    err = capsys.readouterr().err
+    assert "stage 1 was already at its 2 steps" in err and "--steps N with --resume trains further" in err
     assert load_run_state(out, 1)["step"] == 2

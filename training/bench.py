@@ -88,7 +88,7 @@ def bench_data(args: argparse.Namespace) -> None:
     config = preset(args.preset)
     split = load_split(args.data_root, args.annotations, args.pairs)
     dataset = PairDataset(split, config)
-    batch_size = args.batch_size or 16
+    batch_size = args.batch_size or TRAINING_DEFAULTS[args.preset]["batch_size"]
     print(f"data loader, preset {args.preset} (canvas {config.canvas} W×H), batch {batch_size}, "
           f"{len(dataset)} pairs; {split.report.summary()}")
     for workers in args.workers:
@@ -161,7 +161,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="training samples/s per stage (MFU on GPU) or, with --data, loader samples/s")
     p.add_argument("--preset", default="market", choices=list(TRAINING_DEFAULTS))
-    p.add_argument("--batch-size", type=int, help="default: the preset's official batch (data: 16)")
+    p.add_argument("--batch-size", type=int, help="default: the preset's official batch")
     p.add_argument("--width", type=int, help="channels of the first level instead of the preset's")
     p.add_argument("--stage", type=int, nargs="+", default=[1, 2], choices=[1, 2])
     p.add_argument("--steps", type=int, default=10, help="timed steps")

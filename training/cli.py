@@ -178,6 +178,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
                 return EXIT_INTERRUPTED
             best = f"; best {trainer.best['metric']} {trainer.best['value']:.4f} at step {trainer.best['step']} " \
                    f"in {run_dir / f'best-stage{config.stage}.json'}" if trainer.best else ""
+            if not losses:   # resumed at its target: no step to take
+                print(f"stage {config.stage} was already at its {config.steps} steps; state {where}{best} "
+                      "(--steps N with --resume trains further)", file=sys.stderr)
+                return 0
             print(f"stage {config.stage} done at step {trainer.step}: "
                   + ", ".join(f"{k} {v:.4f}" if k != "skipped_images" else f"{k} {v:.0f}" for k, v in losses.items())
                   + f"; state {where}{best}", file=sys.stderr)
@@ -263,9 +267,9 @@ def _add_fit(sub) -> None:
                                    "The run directory keeps the settings used as stageN-config.toml.")
     p.add_argument("--config", metavar="TOML", help="settings file (keys: flag names); command-line flags override it")
     p.add_argument("--preset", choices=list(TRAINING_DEFAULTS),
-                   help="model and official schedule: market (128×64, batch 16), deepfashion (256×256, batch 1, "
-                        "D of 5 layers, λ 50), fashion (256×176, batch 16, D of 5 layers, λ 50, lr 2e-4), "
-                        "demo (128×88, for a CPU, lr 2e-4), tiny (32×16, tests); required")
+                   help="model and official schedule, canvas W×H: market (64×128, batch 16), deepfashion (256×256, batch "
+                        "1, D of 5 layers, λ 50), fashion (176×256, batch 16, D of 5 layers, λ 50, lr 2e-4), "
+                        "demo (88×128, for a CPU, lr 2e-4), tiny (16×32, tests); required")
     p.add_argument("--stage", type=int, choices=[1, 2],
                    help="1: G1 alone with the pose-mask L1; 2: G2 + D with G1 frozen (from --out's stage 1 or "
                         "--g1); required")

@@ -90,6 +90,8 @@ def read_partition(path: str | Path) -> dict[str, str]:
 def image_root(raw: Path) -> Path:
     """The folder holding In-shop's GENDER/CATEGORY/id_X/ tree: RAW/img, RAW/Img/img (the
     release unpacked in place), their img_highres, or RAW itself."""
+    if not raw.is_dir():
+        raise DataError(f"--raw {raw} is not a folder: give the unpacked In-shop release")
     for folder in IMAGE_FOLDERS:
         if (raw / folder).is_dir():
             return raw / folder
@@ -282,6 +284,7 @@ def prepare_market(raw: str | Path, out: str | Path, annotations=(), pairs=(),
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     if args.dataset == "deepfashion":
+        image_root(Path(args.raw))   # a wrong --raw is named before anything else is said
         partition = args.partition
         if partition is None and not args.annotations:
             partition = find_partition(Path(args.raw))

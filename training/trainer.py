@@ -400,8 +400,11 @@ class Trainer:
     def _restore(self, state: dict) -> None:
         saved = ModelConfig.from_dict(state["model_config"])
         if saved != self.model_config:
-            raise StateError(f"the run state was trained with model config {saved.to_dict()}, "
-                             f"not {self.model_config.to_dict()}; resume with the same preset and switches")
+            old, new = saved.to_dict(), self.model_config.to_dict()
+            changed = ", ".join(f"{k} {old.get(k)} there, {new.get(k)} now" for k in sorted(set(old) | set(new))
+                                if old.get(k) != new.get(k))
+            raise StateError(f"the run state was trained with another model ({changed}); resume with the same "
+                             "--preset and model switches")
         if state["world_size"] != self.job.world_size:
             raise StateError(f"the run state was written by {state['world_size']} processes; resume with "
                              f"the same number (now {self.job.world_size}) so the data order continues")
