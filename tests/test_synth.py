@@ -16,7 +16,7 @@ from training import synth
 from training.synth_body import ARM, FOOT, HEAD, LEG, TORSO, BodyModel, Pose, VIEWS, sample_phenotype, sample_pose
 from training.synth_clothing import PATTERNS, Garment, Look, sample_look, vertex_colours
 from training.synth_garments import dress
-from training.synth_render import Renderer, visible_keypoints
+from training.synth_render import Renderer, frame_camera, visible_keypoints
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -163,10 +163,11 @@ def test_photo_renders_show_the_person_where_the_keypoints_are(body):
             assert mask[0].sum() == 0  # the head is in frame
             if framing == "full":
                 assert mask[-1].sum() == 0
-            else:  # cut at the thigh or below the knee: the head near the top, the feet out of the frame
-                # (unless arms held wide make the frame wider, and so taller, than the cut needs)
-                assert np.nonzero(mask.any(1))[0].min() < 0.12 * h
-                assert mask[-1].sum() > 0 or np.nonzero(mask.any(0))[0].ptp() > 0.6 * w
+            else:  # cut at the thigh or below the knee: the cut on the bottom edge, the head in the top part
+                # (lower when arms held wide make the frame wider, and so taller, than the cut needs)
+                assert mask[-1].sum() > 0
+                assert np.nonzero(mask.any(1))[0].min() < (0.12 if np.nonzero(mask.any(0))[0].ptp() < 0.6 * w
+                                                           else 0.3) * h
             for x, y in kps[~np.isnan(kps[:, 0])]:
                 assert mask[int(y), int(x)], (identity, k, x, y)
             backdrop = image[..., :3][~mask].astype(float)
@@ -349,3 +350,18 @@ def test_out_that_is_a_file_or_holds_other_settings(tmp_path, capsys):
                                        '"seed": 0, "size": [256, 176], "style": "deepfashion"}')
     code, err = run_main(["--out", str(folder), "--identities", "1", "--seed", "4"], capsys)
     assert code == 2 and "other settings" in err and "seed: 0 there, 4 now" in err
+
+
+def test_the_frame_holds_the_body_as_planned_at_its_middle_depth():
+    """A body 1.8 m tall and 0.2 m deep: full shots fill the planned share of the height, and a
+    cut framing puts the cut on the bottom edge with the head (1 - fill) below the top."""
+    rng = np.random.default_rng(0)
+    body = np.column_stack([rng.uniform(-0.2, 0.2, 2000), rng.uniform(-0.1, 0.1, 2000), rng.uniform(0, 1.8, 2000)])
+    body = np.vstack([body, [[0, 0, 0], [0, 0, 1.8]]])
+    w, h = 176, 256
+    full = frame_camera(body, (w, h), 0.85, (0.0, 0.0))
+    feet, head = full.project(np.array([[0, 0, 0.0], [0, 0, 1.8]]))[:, 1]
+    assert (feet - head) / h == pytest.approx(0.85, abs=0.01)
+    cut = frame_camera(body, (w, h), 0.85, (0.0, 0.0), cut=0.9)
+    at_cut, head = cut.project(np.array([[0, 0, 0.9], [0, 0, 1.8]]))[:, 1]
+    assert at_cut == pytest.approx(h, abs=1.0) and head / h == pytest.approx(0.15, abs=0.01)

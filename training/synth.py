@@ -186,7 +186,7 @@ def _check_folder(out: Path, config: SynthConfig) -> None:
                              "use another --out or the same settings to resume")
     else:
         out.mkdir(parents=True, exist_ok=True)
-        meta.write_text(json.dumps(wanted, indent=2) + "\n")
+        write_bytes_atomic(meta, (json.dumps(wanted, indent=2) + "\n").encode())   # a cut-off run can resume
 
 
 @dataclass(frozen=True)

@@ -231,9 +231,12 @@ def garment_regions(look: Look, rest: np.ndarray, parts: np.ndarray, rest_joints
     hood = (torso | head) & back & (z > shoulder_z - 0.08) & (z < shoulder_z + 0.1) & (np.abs(x - j[1, 0]) < 0.13)
     front_open = ~back & (np.abs(x - j[1, 0]) < 0.055 + 0.05 * np.clip((z - waist_z) / (shoulder_z - waist_z), 0, 1))
     outer = ((torso & ~neck & (z > hip_z - 0.1) & ~front_open) | arms) & ~(head)
+    # a sphere's shell above the shoulders, where it crosses the base of the neck and the chest above the
+    # neckline (it crosses the jaw too: the torso only), a band wide enough for the body's coarse triangles
     base = np.array([j[1, 0], j[1, 1], shoulder_z + 0.05])
     distance = np.linalg.norm(rest - base, axis=1)
-    necklace = (torso | head) & (np.abs(distance - (0.1 if look.top_kind != "tank" else 0.13)) < 0.006) & ~back
+    necklace = torso & ~back & (z < shoulder_z + 0.03) \
+        & (np.abs(distance - (0.1 if look.top_kind != "tank" else 0.13)) < 0.012)
     side = float(look.bag_side)  # strap over the opposite shoulder, across the chest to this hip
     strap = torso & (np.abs((x - j[1, 0]) * side * 0.8 + (z - (shoulder_z + hip_z) / 2) * 0.6) < 0.018) \
         & (z < shoulder_z + 0.06) & (z > hip_z)

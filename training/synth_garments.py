@@ -307,7 +307,8 @@ def _hair_tie(style: str, joints) -> Layer:
             radius = 0.026 * (1 - 0.55 * s) * np.clip(s * 6 + 0.5, 0, 1)
             axis = _unit(np.gradient(centres, axis=0))
         else:
-            centres = centre - 0.085 * forward + 0.075 * _Z + np.outer((s - 0.5) * 0.08, _unit(-forward + _Z))
+            # on the back of the crown, half out of the hair (nearer the centre, the skull swallows it)
+            centres = centre - 0.11 * forward + 0.095 * _Z + np.outer((s - 0.5) * 0.08, _unit(-forward + _Z))
             radius = 0.045 * np.sqrt(np.clip(1 - (2 * s - 1) ** 2, 0.02, 1))
             axis = np.tile(_unit(-forward + _Z), (rings, 1))
         e1 = _unit(np.cross(axis, lateral))

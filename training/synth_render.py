@@ -52,27 +52,26 @@ def frame_camera(vertices: np.ndarray, size: tuple[int, int], fill: float, offse
     lo, hi = vertices.min(0), vertices.max(0)
     if cut is not None:
         lo[2] = cut
-        offset = (offset[0], (1 - fill) / 2)  # the cut at the bottom edge, the head near the top
     body_h, body_w = hi[2] - lo[2], hi[0] - lo[0]
-    # distance to the body's nearest plane so that height (and width, with a margin) fit
+    # distance to the body's middle plane (in depth) so that height (and width, with a margin) fit
+    middle = (lo[1] + hi[1]) / 2
     near = max(body_h / fill, body_w / 0.95 * h / w) * lens / SENSOR_HEIGHT
-    view_h = near * SENSOR_HEIGHT / lens
-    cx = (lo[0] + hi[0]) / 2 + offset[0] * view_h
-    cz = (lo[2] + hi[2]) / 2 + offset[1] * view_h
-    cam = Camera((float(cx), float(lo[1] - near), float(cz)), lens, size)
+
+    def placed(distance: float) -> Camera:
+        view_h = distance * SENSOR_HEIGHT / lens   # the frame's height at the middle plane
+        cx = (lo[0] + hi[0]) / 2 + offset[0] * view_h
+        # A cut sits on the bottom edge (the head then 1 - fill below the top); else the offset.
+        cz = cut + view_h / 2 if cut is not None else (lo[2] + hi[2]) / 2 + offset[1] * view_h
+        return Camera((float(cx), float(middle - distance), float(cz)), lens, size)
+
+    cam = placed(near)
     # perspective makes the nearest parts a little larger than planned: pull back until all fit
-    for _ in range(20):
-        if cut is not None:  # the head near the top edge; the cut at or below the bottom edge
-            x, y, _ = cam.position
-            depth = (lo[1] + hi[1]) / 2 - y
-            top = hi[2] - (0.5 - (1 - fill) / 2) * h * depth / (lens / SENSOR_HEIGHT * h)
-            cam = Camera((x, y, float(top)), lens, size)
+    for step in range(1, 21):
         uv = cam.project(vertices)
         if (uv[:, 1].min() >= 0.5 and (cut is not None or uv[:, 1].max() <= h - 0.5) and uv[:, 0].min() >= 0.5
                 and uv[:, 0].max() <= w - 0.5):
             break
-        x, y, z = cam.position
-        cam = Camera((x, y - 0.05 * near, z), lens, size)
+        cam = placed(near * (1 + 0.05 * step))
     return cam
 
 
