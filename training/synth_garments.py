@@ -48,9 +48,11 @@ def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
 
 
 def shell(name: str, material: str, mask: np.ndarray, faces: np.ndarray, rest: np.ndarray,
-          posed: np.ndarray, normals: np.ndarray, offset) -> Layer | None:
-    """The body's faces whose three corners are in `mask`, pushed out by `offset` metres (scalar or per vertex)."""
-    chosen = faces[mask[faces].all(1)]
+          posed: np.ndarray, normals: np.ndarray, offset, band: bool = False) -> Layer | None:
+    """The body's faces whose three corners are in `mask`, pushed out by `offset` metres (scalar or per
+    vertex); a `band` (a strap narrower than the body's triangles) takes those with any corner in it."""
+    inside = mask[faces]
+    chosen = faces[inside.any(1) if band else inside.all(1)]
     if len(chosen) == 0:
         return None
     used = np.unique(chosen)
@@ -230,7 +232,7 @@ def dress(look: Look, rest: np.ndarray, posed: np.ndarray, faces: np.ndarray, pa
         add(shell("necklace", "metal", regions["necklace"], faces, rest, posed, normals,
                   look.top_offset + 0.004))
     if "bag" in look.accessories:
-        add(shell("strap", "leather", regions["strap"], faces, rest, posed, normals, look.top_offset + 0.03))
+        add(shell("strap", "leather", regions["strap"], faces, rest, posed, normals, look.top_offset + 0.03, band=True))
         add(_bag(joints, look.bag_side))
     return [layer for layer in layers if layer is not None]
 
