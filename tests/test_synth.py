@@ -365,3 +365,28 @@ def test_the_frame_holds_the_body_as_planned_at_its_middle_depth():
     cut = frame_camera(body, (w, h), 0.85, (0.0, 0.0), cut=0.9)
     at_cut, head = cut.project(np.array([[0, 0, 0.9], [0, 0, 1.8]]))[:, 1]
     assert at_cut == pytest.approx(h, abs=1.0) and head / h == pytest.approx(0.15, abs=0.01)
+
+
+def test_the_bags_strap_is_one_band_from_shoulder_to_hip(body):
+    """The strap's band is narrower than the body's triangles: it takes every triangle touching it,
+    so that it does not fall apart into patches (at most its front and back halves meet over the
+    shoulder, where the band ends)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from training.synth_clothing import garment_regions
+    from training.synth_garments import shell
+
+    worn = [i for i in range(60) if "bag" in synth.sample_person(0, i, 3).look.accessories][:3]
+    assert worn
+    for identity in worn:
+        person = synth.sample_person(0, identity, 3)
+        bodies = body.pose(person.phenotype, person.poses[:1])
+        mask = garment_regions(person.look, bodies.rest_vertices, body.parts, bodies.rest_joints)["strap"]
+        strap = shell("strap", "leather", mask, body.faces, bodies.rest_vertices, bodies.vertices,
+                      np.zeros_like(bodies.vertices), 0.0, band=True)
+        edges = np.concatenate([strap.faces[:, [0, 1]], strap.faces[:, [1, 2]], strap.faces[:, [2, 0]]])
+        count = len(strap.rest)
+        pieces, _ = connected_components(coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])),
+                                                   shape=(count, count)), directed=False)
+        assert pieces <= 2, (identity, pieces)
