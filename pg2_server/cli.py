@@ -417,14 +417,21 @@ def target_pose(args: argparse.Namespace):
     if not args.pose_from:
         return load_pose_file(args.pose, args.size)
     from .detection import PoseDetector
+    from .wire.protocol import Limits
 
     with PoseDetector() as detector:
         detection = detector.detect_file(args.pose_from)
     for note in detection.notes:
         print(note, file=sys.stderr)
-    print(f"target pose from {args.pose_from}: {detection.found} of 18 keypoints, frame "
-          f"{detection.size[0]}×{detection.size[1]}", file=sys.stderr)
-    return detection.size, detection.keypoints
+    size, keypoints = detection.size, detection.keypoints
+    side = Limits().max_image_side
+    if max(size) > side:   # a camera's full-size photo: the same pose in a frame the server takes
+        scale = side / max(size)
+        size, keypoints = (max(1, int(size[0] * scale)), max(1, int(size[1] * scale))), keypoints * scale
+    print(f"target pose from {args.pose_from}: {detection.found} of 18 keypoints, frame {size[0]}×{size[1]}"
+          + (f" (the photo's {detection.size[0]}×{detection.size[1]} scaled to {side} px a side)"
+             if size != tuple(detection.size) else ""), file=sys.stderr)
+    return size, keypoints
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

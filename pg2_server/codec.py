@@ -139,15 +139,18 @@ BACKDROP = 255   # what a transparent background becomes: the white studio backd
 def decode_photo(data) -> np.ndarray | None:
     """Encoded image bytes → uint8 RGB (H, W, 3) as a person sees the photo; None if undecodable.
 
-    Upright (a JPEG's EXIF orientation applied), 16-bit PNGs scaled to 8 bits, grey made RGB,
+    Upright (the EXIF orientation of a JPEG, PNG, WebP or TIFF applied), in sRGB (an embedded colour
+    profile such as a phone's Display P3 converted), 16-bit PNGs scaled to 8 bits, grey made RGB,
     and a transparent background — a person cut out of a photo — composited over white, the
     backdrop the models were trained on, instead of the colour its hidden pixels happen to hold
     (often black). The server, `pg2-server generate --local`, pose detection and training all
     read photos through this.
     """
-    # PNGs and WebPs keep their alpha; OpenCV orients JPEGs only in colour mode.
+    # PNGs, WebPs and TIFFs keep their alpha. OpenCV orients JPEGs only in colour mode and TIFFs
+    # always; PNGs and WebPs read with their alpha are turned here as their EXIF says.
     head = bytes(data[:12])
-    with_alpha = sniff_format(data) == "png" or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+    turned_here = sniff_format(data) == "png" or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+    with_alpha = turned_here or head[:4] in (b"II*\0", b"MM\0*")
     try:
         image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8),
                              cv2.IMREAD_UNCHANGED if with_alpha else cv2.IMREAD_COLOR)
@@ -155,6 +158,9 @@ def decode_photo(data) -> np.ndarray | None:
         return None
     if image is None:
         return None
+    orientation, profile = _photo_metadata(data)
+    if turned_here and orientation in _ORIENT:
+        image = np.ascontiguousarray(_ORIENT[orientation](image))
     # OpenCV's saturating uint8 arithmetic, no float copies: a 4096² 16-bit RGBA PNG took 1.1 GB
     # more memory through numpy's float64.
     if image.dtype == np.uint16:
@@ -165,7 +171,57 @@ def decode_photo(data) -> np.ndarray | None:
         alpha = cv2.cvtColor(np.ascontiguousarray(image[:, :, 3]), cv2.COLOR_GRAY2BGR)
         backdrop = cv2.convertScaleAbs(cv2.bitwise_not(alpha), alpha=BACKDROP / 255)   # 255 − alpha, scaled
         image = cv2.add(cv2.multiply(np.ascontiguousarray(image[:, :, :3]), alpha, scale=1 / 255), backdrop)
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return to_srgb(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), profile)
+
+
+# EXIF orientation → what shows the image upright (2–8; 1 is upright already).
+_ORIENT = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+           5: lambda a: np.swapaxes(a, 0, 1), 6: lambda a: cv2.rotate(a, cv2.ROTATE_90_CLOCKWISE),
+           7: lambda a: np.swapaxes(a, 0, 1)[::-1, ::-1], 8: lambda a: cv2.rotate(a, cv2.ROTATE_90_COUNTERCLOCKWISE)}
+
+
+def _photo_metadata(data) -> tuple[int, bytes | None]:
+    """(EXIF orientation, embedded ICC profile or None) from the file's headers (Pillow reads
+    them without decoding the pixels); (1, None) when Pillow cannot read them."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(io.BytesIO(bytes(data))) as photo:
+            return int(photo.getexif().get(0x0112, 1) or 1), photo.info.get("icc_profile") or None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return 1, None
+
+
+_TRANSFORMS: OrderedDict = OrderedDict()   # ICC profile bytes → its transform to sRGB (or None: it is sRGB)
+_TRANSFORMS_LOCK = threading.Lock()
+
+
+def to_srgb(image: np.ndarray, profile: bytes | None) -> np.ndarray:
+    """RGB pixels encoded in an embedded colour profile (a phone's Display P3, Adobe RGB) as sRGB,
+    the space every model here was trained in; unchanged without a profile or with an sRGB one."""
+    if not profile:
+        return image
+    import io
+
+    from PIL import Image, ImageCms
+    with _TRANSFORMS_LOCK:
+        known = profile in _TRANSFORMS
+        transform = _TRANSFORMS.get(profile)
+    if not known:
+        try:
+            source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+            srgb = "srgb" in ImageCms.getProfileDescription(source).lower().replace(" ", "").replace("-", "")
+            transform = None if srgb else ImageCms.buildTransform(source, ImageCms.createProfile("sRGB"), "RGB", "RGB")
+        except (ImageCms.PyCMSError, OSError, ValueError):
+            transform = None   # a profile LittleCMS cannot read (or not an RGB one): the pixels as they are
+        with _TRANSFORMS_LOCK:
+            _TRANSFORMS[profile] = transform
+            while len(_TRANSFORMS) > 8:
+                _TRANSFORMS.popitem(last=False)
+    if transform is None:
+        return image
+    return np.asarray(ImageCms.applyTransform(Image.fromarray(image, "RGB"), transform))
 
 
 class SourceCache:

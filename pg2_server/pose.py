@@ -276,9 +276,13 @@ def crop_box(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     repeated (the backdrop goes on, as fit_frame pads)."""
     x, y, w, h = box
     height, width = image.shape[:2]
-    pad = max(0, -x, -y, x + w - width, y + h - height)
-    if pad:
-        image = cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+    x0, x1 = min(max(x, 0), width), min(max(x + w, 0), width)
+    y0, y1 = min(max(y, 0), height), min(max(y + h, 0), height)
+    if x0 < x1 and y0 < y1:   # pad only the part inside the photo, each side by its own overshoot
+        return np.ascontiguousarray(cv2.copyMakeBorder(image[y0:y1, x0:x1], y0 - y, y + h - y1, x0 - x,
+                                                       x + w - x1, cv2.BORDER_REPLICATE))
+    pad = max(-x, -y, x + w - width, y + h - height)   # wholly outside: the nearest edge repeated
+    image = cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
     return np.ascontiguousarray(image[y + pad:y + pad + h, x + pad:x + pad + w])
 
 

@@ -87,6 +87,54 @@ def test_a_transparent_webp_is_over_the_white_backdrop_too():
     assert np.array_equal(decode_photo(webp.tobytes()), decode_photo(cut_out_png()))
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "TIFF", "JPEG"])
+def test_every_exif_orientation_is_applied_in_every_format(fmt):
+    """A phone saves portraits sideways with an orientation tag: decoded as a viewer shows them."""
+    import io
+
+    from PIL import Image, ImageOps
+    stored = np.zeros((40, 20, 3), np.uint8)
+    stored[:5, :5] = 255                      # a corner that shows which way round it is
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        buffer = io.BytesIO()
+        Image.fromarray(stored).save(buffer, fmt, exif=exif.tobytes(), **({"lossless": True} if fmt == "WEBP" else {}))
+        with Image.open(io.BytesIO(buffer.getvalue())) as photo:
+            shown = np.asarray(ImageOps.exif_transpose(photo).convert("RGB")).astype(int)
+        decoded = decode_photo(buffer.getvalue())
+        assert decoded.shape == shown.shape and np.abs(decoded - shown).mean() < 10, (fmt, orientation)
+
+
+def test_a_transparent_tiff_is_over_the_white_backdrop_too():
+    bgra = cv2.imdecode(np.frombuffer(cut_out_png(), np.uint8), cv2.IMREAD_UNCHANGED)
+    ok, tiff = cv2.imencode(".tiff", bgra)
+    assert ok
+    assert np.array_equal(decode_photo(tiff.tobytes()), decode_photo(cut_out_png()))
+
+
+def test_a_photo_in_a_phones_display_p3_is_read_in_srgb():
+    """The same colours saved in Display P3 with its profile (as iPhones do) decode as sRGB."""
+    import importlib.util
+    import io
+    from pathlib import Path
+
+    from PIL import Image, ImageCms
+    spec = importlib.util.find_spec("bpy")   # Blender ships the profile; nothing is downloaded
+    icc = Path(spec.origin).parent / "5.0/datafiles/colormanagement/icc/srgb_p3d65_display.icc" if spec else None
+    if icc is None or not icc.is_file():
+        pytest.skip("needs a Display P3 profile (bpy's)")
+    colours = np.array([[[200, 30, 30], [224, 172, 140], [40, 160, 60], [40, 70, 140]]], np.uint8)
+    srgb = Image.fromarray(np.repeat(np.repeat(colours, 16, 0), 16, 1))
+    p3 = ImageCms.ImageCmsProfile(str(icc))
+    in_p3 = ImageCms.profileToProfile(srgb, ImageCms.createProfile("sRGB"), p3, outputMode="RGB")
+    buffer = io.BytesIO()
+    in_p3.save(buffer, "PNG", icc_profile=p3.tobytes())
+    assert np.abs(np.asarray(in_p3)[8, 8::16].astype(int) - colours[0]).max() > 15   # P3 numbers differ
+    decoded = decode_photo(buffer.getvalue())[8, 8::16].astype(int)
+    assert np.abs(decoded - colours[0]).max() <= 2
+
+
 @pytest.mark.parametrize("read", [read_rgb, read_photo], ids=["read_rgb", "detection.read_photo"])
 def test_every_photo_reader_sees_a_file_as_the_server_does(read, tmp_path):
     path = tmp_path / "cut-out.png"

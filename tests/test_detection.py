@@ -250,6 +250,13 @@ def test_generate_pose_from_a_reference_photo(tmp_path):
     done = run("pg2_server.cli", "generate", "--local", "--preset", "tiny", "--random-weights", "--source",
                str(BUNDLED / SAMPLES[0]["source"]), "--pose-from", str(tmp_path / "nope.png"), "--out", str(out))
     assert done.returncode == 2 and "nope.png: no such file" in done.stderr
+    # a camera's full-size photo (over the server's 4096 px): the pose scaled into a frame it takes
+    cv2.imwrite(str(reference), cv2.resize(big, (3960, 5760), interpolation=cv2.INTER_CUBIC))
+    done = run("pg2_server.cli", "generate", "--local", "--preset", "tiny", "--random-weights",
+               "--source", str(BUNDLED / SAMPLES[0]["source"]), "--pose-from", str(reference), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "frame 2816×4096 (the photo's 3960×5760 scaled to 4096 px a side)" in done.stderr
+    assert cv2.imread(str(out)).shape == (4096, 2816, 3)
     done = run("pg2_server.cli", "generate", "--local", "--preset", "tiny", "--random-weights", "--source",
                str(out), "--out", str(out))
     assert done.returncode != 0 and "--pose-from" in done.stderr

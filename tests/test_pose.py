@@ -262,3 +262,7 @@ def test_crop_box_repeats_the_edge_where_the_box_leaves_the_photo():
     image = np.arange(12, dtype=np.uint8).reshape(3, 4, 1).repeat(3, axis=2)
     assert pose.crop_box(image, (1, 0, 2, 2))[:, :, 0].tolist() == [[1, 2], [5, 6]]
     assert pose.crop_box(image, (-1, 1, 3, 3))[:, :, 0].tolist() == [[4, 4, 5], [8, 8, 9], [8, 8, 9]]
+    # far over one edge only: the other sides are not padded (a 24 MP photo padded on all four
+    # sides by the largest overshoot cost 400 MB)
+    assert pose.crop_box(image, (1, -5, 2, 6))[:, :, 0].tolist() == [[1, 2]] * 6
+    assert pose.crop_box(image, (5, 5, 2, 1))[:, :, 0].tolist() == [[11, 11]]   # wholly outside: the corner

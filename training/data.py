@@ -157,8 +157,8 @@ def image_size(path: str | Path) -> tuple[int, int] | None:
         with Image.open(path) as image:
             width, height = image.size
             # A phone photo stored sideways with an EXIF orientation of 5–8 is decoded upright
-            # (read_rgb, OpenCV), and its keypoints are in that upright frame.
-            turned = image.format == "JPEG" and image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+            # (read_rgb, codec.decode_photo), and its keypoints are in that upright frame.
+            turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
             return (height, width) if turned else (width, height)
     except (UnidentifiedImageError, OSError):
         return None
