@@ -251,7 +251,9 @@ class PoseDetector:
             if len(xy):
                 (x0, y0), (x1, y1) = xy.min(axis=0), xy.max(axis=0)
                 pad = 0.1 * max(x1 - x0, y1 - y0)
-                region[max(0, int(y0 - pad)):int(y1 + pad) + 1, max(0, int(x0 - pad)):int(x1 + pad) + 1] = True
+                # clipped at 0 both ends: landmarks above or left of the photo must not wrap to its far side
+                region[max(0, int(y0 - pad)):max(0, int(y1 + pad) + 1),
+                       max(0, int(x0 - pad)):max(0, int(x1 + pad) + 1)] = True
             work[region] = fill
             last = self._run(work)
             if last is None:
