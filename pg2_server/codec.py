@@ -188,9 +188,21 @@ def _photo_metadata(data) -> tuple[int, bytes | None]:
     from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(io.BytesIO(bytes(data))) as photo:
-            return int(photo.getexif().get(0x0112, 1) or 1), photo.info.get("icc_profile") or None
+            return exif_orientation(photo), photo.info.get("icc_profile") or None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         return 1, None
+
+
+def exif_orientation(photo) -> int:
+    """The EXIF orientation (1–8) of an opened Pillow image, from what was read at open: for a PNG
+    without an eXIf chunk before its pixels Pillow's getexif would decode the whole image to look
+    for one after them (and fail on a file cut short), so that counts as upright."""
+    if photo.format == "PNG" and "exif" not in photo.info:
+        return 1
+    try:
+        return int(photo.getexif().get(0x0112, 1) or 1)
+    except (OSError, ValueError, SyntaxError):   # a file cut short: its pixels will say so
+        return 1
 
 
 _TRANSFORMS: OrderedDict = OrderedDict()   # ICC profile bytes → its transform to sRGB (or None: it is sRGB)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from pg2_server.codec import exif_orientation
 from pg2_server.drawing import read_rgb
 from pg2_server.keypoints import AnnotationError, first_line, read_annotations, utf8_text
 from pg2_server.model import ModelConfig
@@ -34,7 +35,6 @@ log = logging.getLogger("training")
 # PATN reads its CSVs with pandas and picks the columns by these names, so the header decides
 # which list holds x and which y.
 ANNOTATION_COLUMNS = {("keypoints_y", "keypoints_x"): False, ("keypoints_x", "keypoints_y"): True}
-EXIF_ORIENTATION = 0x0112
 PAIR_COLUMNS = {("from", "to"): False, ("to", "from"): True}
 
 
@@ -158,7 +158,7 @@ def image_size(path: str | Path) -> tuple[int, int] | None:
             width, height = image.size
             # A phone photo stored sideways with an EXIF orientation of 5–8 is decoded upright
             # (read_rgb, codec.decode_photo), and its keypoints are in that upright frame.
-            turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+            turned = exif_orientation(image) in (5, 6, 7, 8)
             return (height, width) if turned else (width, height)
     except (UnidentifiedImageError, OSError):
         return None
