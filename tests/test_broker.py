@@ -407,7 +407,8 @@ def test_a_worker_outliving_its_broker_cannot_answer_the_next_brokers_requests()
     with broker_in_thread() as (frontend, backend):
         worker = hand_worker(backend)
         wait_for_workers(frontend, 1)
-        send_generate(dealer(frontend), 1)
+        first_client = dealer(frontend)   # held: a socket collected at once (LINGER 0) may never send
+        send_generate(first_client, 1)
         _, old_key, _ = next_from_broker(worker)
     with broker_in_thread() as (frontend, backend):
         worker = hand_worker(backend)
