@@ -150,6 +150,11 @@ def state_path(run_dir: str | Path, stage: int) -> Path:
     return Path(run_dir) / f"stage{stage}.safetensors"
 
 
+def _differing(old: dict, new: dict) -> list[str]:
+    """The keys whose values differ between two settings, sorted (missing counts as None)."""
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+
 def load_run_state(run_dir: str | Path, stage: int) -> dict:
     """The stage's state from a run directory, checked to be a pg2-train state."""
     state = load_state(state_path(run_dir, stage))
@@ -401,8 +406,7 @@ class Trainer:
         saved = ModelConfig.from_dict(state["model_config"])
         if saved != self.model_config:
             old, new = saved.to_dict(), self.model_config.to_dict()
-            changed = ", ".join(f"{k} {old.get(k)} there, {new.get(k)} now" for k in sorted(set(old) | set(new))
-                                if old.get(k) != new.get(k))
+            changed = ", ".join(f"{k} {old.get(k)} there, {new.get(k)} now" for k in _differing(old, new))
             raise StateError(f"the run state was trained with another model ({changed}); resume with the same "
                              "--preset and model switches")
         if state["world_size"] != self.job.world_size:
@@ -416,9 +420,9 @@ class Trainer:
         old = {k: v for k, v in saved_config.items() if k not in ignored}
         new = {k: v for k, v in self.config.to_dict().items() if k not in ignored}
         if old != new:
-            changed = sorted(k for k in new if old.get(k) != new[k])
+            changed = _differing(old, new)
             raise StateError(f"--resume with different hyper-parameters {changed}: "
-                             f"saved {[old.get(k) for k in changed]}, given {[new[k] for k in changed]}")
+                             f"saved {[old.get(k) for k in changed]}, given {[new.get(k) for k in changed]}")
         saved_data = state.get("data", {})
         if self.split is not None and saved_data.get("pairs_sha256") not in (None, self.split.pairs_digest):
             raise StateError(f"--resume with other pairs: the run was trained on {saved_data.get('pairs_used')} pairs "
