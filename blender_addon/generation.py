@@ -352,15 +352,20 @@ class Batch:
                     canvas = model_canvas(info, self.connection.endpoint)
                     max_side = int((info.get("limits") or {}).get("max_image_side", max_side))
                 requests = self._with_retries(self._requests(canvas, max_side))
-                for result in server.generate_many(requests, in_flight=self.in_flight, raise_errors=False):
-                    if self.cancelled.is_set():
+                while True:
+                    for result in server.generate_many(requests, in_flight=self.in_flight, raise_errors=False):
+                        if self.cancelled.is_set():
+                            break
+                        if result.error is not None:
+                            if not self._retry_later(result):
+                                raise result.error
+                            continue
+                        self._overloaded.pop(id(result.request), None)
+                        self._finish(result)
+                    # Requests answered `overloaded` after the last one went out: another pass sends them.
+                    if not self._retries or self.cancelled.is_set():
                         break
-                    if result.error is not None:
-                        if not self._retry_later(result):
-                            raise result.error
-                        continue
-                    self._overloaded.pop(id(result.request), None)
-                    self._finish(result)
+                    requests = self._with_retries(iter(()))
         except zmq.ZMQError:
             if not self.cancelled.is_set():
                 self.events.put(Event("error", message="PG2 connection closed unexpectedly"))
