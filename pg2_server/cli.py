@@ -4,7 +4,7 @@
     pg2-server generate --local [--checkpoint CKPT | --preset NAME --random-weights] \\
         --source IMG --pose POSE.json --out OUT.png [--grid]
     pg2-server generate --server tcp://HOST:5557 --source IMG --pose POSE.json|POSE_DIR --out OUT.png|OUT_DIR
-    pg2-server generate --local|--server ... --source IMG --pose-from REFERENCE_PHOTO --out OUT.png
+    pg2-server generate --local|--server ... --source IMG --pose-from REFERENCE_PHOTO [--frame-target] --out OUT.png
     pg2-server pose PHOTO... --out POSE.json|DIR [--openpose] [--overlay]     # needs the pose extra
     pg2-server serve [--checkpoint CKPT | --preset NAME --random-weights] [--bind tcp://127.0.0.1:5557]
     pg2-server broker --frontend tcp://*:5557 --backend tcp://*:5558 [--curve-secret K --curve-workers DIR]
@@ -144,6 +144,20 @@ def framed_source(args: argparse.Namespace, source: np.ndarray, canvas) -> np.nd
     return framed
 
 
+def framed_target(args: argparse.Namespace, size, keypoints, canvas):
+    """The target pose in a frame around its person with --frame-target (pose.person_framed_pose)."""
+    if not args.frame_target:
+        return size, keypoints
+    from .pose import person_framed_pose
+
+    framed_size, framed, box = person_framed_pose(keypoints, size, canvas[0] / canvas[1])
+    where = args.pose or args.pose_from
+    print(f"target pose {where}: " + (f"framed to the person: {box[2]}×{box[3]} at ({box[0]}, {box[1]}) of its "
+                                      f"{size[0]}×{size[1]} frame" if box else
+                                      "left in its frame: the person fills it as in the datasets"), file=sys.stderr)
+    return framed_size, framed
+
+
 def check_frame(size: tuple[int, int], where) -> None:
     """The server's own limit on a target frame's side, kept by the local runs too."""
     from .wire.protocol import Limits
@@ -169,6 +183,7 @@ def cmd_generate_local(args: argparse.Namespace) -> int:
     check_frame(size, args.pose or args.pose_from)
     pipeline = load_pipeline(args)
     source = framed_source(args, source, pipeline.config.canvas)
+    size, keypoints = framed_target(args, size, keypoints, pipeline.config.canvas)
     [generation] = pipeline.generate([source], [keypoints], [size], with_g1=args.grid, with_alpha=args.alpha)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -286,6 +301,19 @@ def write_result(path: Path, image) -> Path:
     return path
 
 
+def server_canvas(client, args: argparse.Namespace) -> tuple[int, int]:
+    """(W, H) of the canvas of the model the server runs, for framing on the client."""
+    from .wire.protocol import info_canvas
+
+    models = client.info().get("models") or []
+    if not models:
+        flag = "--frame-source" if args.frame_source else "--frame-target"
+        raise SystemExit(f"error: {args.server} has no model loaded yet; {flag} needs its canvas, "
+                         "try again once `pg2-server ping` says ready")
+    canvas = info_canvas(models[0])
+    return canvas.width, canvas.height
+
+
 def cmd_generate_server(args: argparse.Namespace) -> int:
     from .keypoints import as_list
     from .wire.client import GenerateRequest
@@ -301,20 +329,17 @@ def cmd_generate_server(args: argparse.Namespace) -> int:
     output_format = "jpeg" if args.format == "jpeg" else "png"
     pose = Path(args.pose or args.pose_from)
     with client_from_args(args) as client:
+        canvas = server_canvas(client, args) if args.frame_source or args.frame_target else None
         if args.frame_source:   # framed here, for the canvas of the model the server runs
             from .codec import encode_image
             from .drawing import read_rgb
-            from .wire.protocol import OutputSpec, info_canvas
+            from .wire.protocol import OutputSpec
 
-            models = client.info().get("models") or []
-            if not models:
-                raise SystemExit(f"error: {args.server} has no model loaded yet; --frame-source needs its canvas, "
-                                 "try again once `pg2-server ping` says ready")
-            canvas = info_canvas(models[0])
-            framed = framed_source(args, read_rgb(args.source), (canvas.width, canvas.height))
+            framed = framed_source(args, read_rgb(args.source), canvas)
             source, _ = encode_image(framed, None, OutputSpec("png"), "source")
         if not pose.is_dir():
             size, keypoints = target_pose(args)
+            size, keypoints = framed_target(args, size, keypoints, canvas)
             # The server encodes in the format --out asks for, so the bytes are written as they come.
             suffix = Path(args.out).suffix.lower()
             output_format = "jpeg" if suffix in (".jpg", ".jpeg") else "png"
@@ -443,6 +468,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if bool(args.pose) == bool(args.pose_from):
         raise SystemExit("error: pass either --pose POSE.json|POSE_DIR or --pose-from REFERENCE_PHOTO")
     batch = bool(args.pose) and Path(args.pose).is_dir()
+    if args.frame_target and batch:
+        raise SystemExit("error: --frame-target frames one pose; a folder of poses is an animation, whose frames "
+                         "keep the camera's framing (frame the camera on the person instead)")
     if args.grid and not (args.local and not batch):
         raise SystemExit("error: --grid works for one pose with --local")
     out = Path(args.out)
@@ -725,6 +753,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frame-source", action="store_true",
                    help="crop the source photo to its person first, as the datasets frame people, when the person "
                         "is small in it (a phone photo, a wide shot); detected with MediaPipe BlazePose (the pose extra)")
+    p.add_argument("--frame-target", action="store_true",
+                   help="generate in a frame around the target pose's person, as the datasets frame people, "
+                        "instead of the whole frame of --pose-from's photo or --pose's file, when the person is "
+                        "small in it (one pose, not a folder: an animation keeps its camera)")
     p.add_argument("--out", required=True, help="output image (PNG/JPEG), or a folder in batch mode")
     p.add_argument("--grid", action="store_true", help="write source | target pose | G1 | G2 instead (--local)")
     p.add_argument("--alpha", action="store_true", help="add the person mask as alpha (PNG only)")

@@ -271,6 +271,20 @@ def person_box(person, frame: tuple[int, int], aspect: float, margin: float = PE
             max(1, int(round(box_h))))
 
 
+def person_framed_pose(keypoints, frame: tuple[int, int], aspect: float
+                       ) -> tuple[tuple[int, int], np.ndarray, tuple[int, int, int, int] | None]:
+    """A target pose moved into the frame person_box gives its person (width/height = `aspect`):
+    (frame size, keypoints in it, box), or the pose as it is and None where its frame already
+    holds the person as the datasets do. A person small in a wide reference photo then comes out
+    at the size the model draws people, not small and blurred in the photo's whole frame."""
+    points = as_array(keypoints)
+    box = person_box(points, frame, aspect)
+    if box is None:
+        return (int(frame[0]), int(frame[1])), points, None
+    x, y, w, h = box
+    return (w, h), points - np.array([x, y], np.float64), box
+
+
 def crop_box(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     """The (x, y, w, h) box of an image (H, W, C); where it reaches outside, the edge pixels are
     repeated (the backdrop goes on, as fit_frame pads)."""

@@ -260,6 +260,36 @@ def test_generate_pose_from_a_reference_photo(tmp_path):
     done = run("pg2_server.cli", "generate", "--local", "--preset", "tiny", "--random-weights", "--source",
                str(out), "--out", str(out))
     assert done.returncode != 0 and "--pose-from" in done.stderr
+    done = run("pg2_server.cli", "generate", "--local", "--preset", "tiny", "--random-weights", "--source",
+               str(out), "--pose", str(BUNDLED), "--frame-target", "--out", str(tmp_path / "frames"))
+    assert done.returncode != 0 and "--frame-target frames one pose" in done.stderr
+
+
+@needs_mediapipe
+def test_generate_frames_the_target_around_a_person_small_in_the_reference(tmp_path):
+    from pg2_server.model import PRESETS
+
+    reference = tmp_path / "wide.png"   # the person at 60 % of the height of a 3:2 landscape shot
+    cv2.imwrite(str(reference), cv2.cvtColor(loose_shot(read_photo(BUNDLED / SAMPLES[2]["target"])),
+                                             cv2.COLOR_RGB2BGR))
+    wide = cv2.imread(str(reference)).shape
+    out = tmp_path / "framed.png"
+    done = run("pg2_server.cli", "generate", "--local", "--preset", "demo", "--random-weights", "--source",
+               str(BUNDLED / SAMPLES[0]["source"]), "--pose-from", str(reference), "--frame-target", "--grid",
+               "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "framed to the person" in done.stderr and f"of its {wide[1]}×{wide[0]} frame" in done.stderr
+    width, height = PRESETS["demo"].canvas
+    framed = done.stderr.split("framed to the person: ")[1].split(" at")[0]
+    w, h = map(int, framed.split("×"))
+    assert abs(w / h - width / height) < 0.01 and 0.85 * 256 < h < 1.15 * 256   # as the render framed them
+    assert cv2.imread(str(out)).shape[0] > h                                    # the grid, with its header
+    # a reference that already frames its person as the datasets do (at the canvas's aspect) is left as it is
+    done = run("pg2_server.cli", "generate", "--local", "--preset", "demo", "--random-weights", "--source",
+               str(BUNDLED / SAMPLES[0]["source"]), "--pose-from", str(BUNDLED / SAMPLES[2]["target"]),
+               "--frame-target", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "left in its frame" in done.stderr and cv2.imread(str(out)).shape == (256, 176, 3)
 
 
 @needs_mediapipe
@@ -273,6 +303,14 @@ def test_generate_pose_from_against_a_server(tmp_path):
                    "--pose-from", str(BUNDLED / SAMPLES[1]["target"]), "--out", str(out))
         assert done.returncode == 0, done.stderr
         assert cv2.imread(str(out)).shape == (256, 176, 3)
+        reference = tmp_path / "wide.png"
+        cv2.imwrite(str(reference), cv2.cvtColor(loose_shot(read_photo(BUNDLED / SAMPLES[1]["target"])),
+                                                 cv2.COLOR_RGB2BGR))
+        done = run("pg2_server.cli", "generate", "--server", endpoint, "--source", str(BUNDLED / SAMPLES[0]["source"]),
+                   "--pose-from", str(reference), "--frame-target", "--out", str(out))
+        assert done.returncode == 0, done.stderr
+        height, width = cv2.imread(str(out)).shape[:2]
+        assert "framed to the person" in done.stderr and abs(width / height - 16 / 32) < 0.01   # the tiny canvas
     finally:
         stop_server(process)
 

@@ -258,6 +258,22 @@ def test_a_small_person_is_framed_as_the_datasets_frame_people():
     assert pose.person_box(one, (600, 400), aspect) is None
 
 
+def test_a_target_pose_small_in_its_frame_is_moved_into_a_frame_around_its_person():
+    aspect = 88 / 128
+    person = standing()
+    size, moved, box = pose.person_framed_pose(person, (600, 400), aspect)
+    x, y, w, h = box
+    assert size == (w, h) == (round(130 * aspect), 130)
+    assert np.allclose(moved, person - (x, y), equal_nan=True)
+    assert np.isnan(moved[pose.INDEX["right_wrist"]]).all()          # unknown stays unknown
+    eyes_to_ankles = moved[pose.INDEX["right_ankle"], 1] - moved[pose.INDEX["right_eye"], 1]
+    assert eyes_to_ankles == 100 and 0 < moved[:, 0][~np.isnan(moved[:, 0])].min() < w
+    # a pose that already fills its frame as the datasets do keeps it
+    filling = standing(200, 88, 20)
+    size, kept, box = pose.person_framed_pose(filling, (176, 256), aspect)
+    assert box is None and size == (176, 256) and np.array_equal(kept, filling, equal_nan=True)
+
+
 def test_crop_box_repeats_the_edge_where_the_box_leaves_the_photo():
     image = np.arange(12, dtype=np.uint8).reshape(3, 4, 1).repeat(3, axis=2)
     assert pose.crop_box(image, (1, 0, 2, 2))[:, :, 0].tolist() == [[1, 2], [5, 6]]
