@@ -140,7 +140,8 @@ def decode_photo(data) -> np.ndarray | None:
     """Encoded image bytes → uint8 RGB (H, W, 3) as a person sees the photo; None if undecodable.
 
     Upright (the EXIF orientation of a JPEG, PNG, WebP or TIFF applied), in sRGB (an embedded colour
-    profile such as a phone's Display P3 converted), 16-bit PNGs scaled to 8 bits, grey made RGB,
+    profile such as a phone's Display P3 converted), 16-bit PNGs and TIFFs scaled to 8 bits (float TIFFs
+    from 0–1), grey made RGB,
     and a transparent background — a person cut out of a photo — composited over white, the
     backdrop the models were trained on, instead of the colour its hidden pixels happen to hold
     (often black). The server, `pg2-server generate --local`, pose detection and training all
@@ -165,6 +166,8 @@ def decode_photo(data) -> np.ndarray | None:
     # more memory through numpy's float64.
     if image.dtype == np.uint16:
         image = cv2.convertScaleAbs(image, alpha=1 / 257)
+    elif image.dtype.kind == "f":   # a 32-bit float TIFF: 0–1 as OpenCV writes it, beyond that clipped
+        image = cv2.convertScaleAbs(cv2.max(image, 0.0), alpha=255)
     if image.ndim == 2:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
     if image.shape[2] == 4:   # colour × alpha + the backdrop × (1 − alpha), the backdrop being white

@@ -113,6 +113,22 @@ def test_a_transparent_tiff_is_over_the_white_backdrop_too():
     assert np.array_equal(decode_photo(tiff.tobytes()), decode_photo(cut_out_png()))
 
 
+def test_16_bit_and_float_tiffs_are_read_as_8_bit_rgb():
+    bgr = np.zeros((6, 8, 3), np.float32)
+    bgr[..., 2], bgr[..., 1] = 0.8, 0.2           # red 0.8, green 0.2
+    bgr[0, 0] = (0.5, 2.0, -1.0)                  # out of 0–1: clipped
+    # (OpenCV's float TIFFs read back a level or two off what was written)
+    for stored in (bgr, (np.clip(bgr, 0, 1) * 65535).astype(np.uint16)):
+        ok, tiff = cv2.imencode(".tiff", stored)
+        assert ok
+        rgb = decode_photo(tiff.tobytes())
+        assert rgb.dtype == np.uint8 and rgb.shape == (6, 8, 3), stored.dtype
+        assert np.abs(rgb[1, 1].astype(int) - (204, 51, 0)).max() <= 3, (stored.dtype, rgb[1, 1])
+        assert np.abs(rgb[0, 0].astype(int) - (0, 255, 128)).max() <= 3, (stored.dtype, rgb[0, 0])
+    ok, tiff = cv2.imencode(".tiff", np.dstack([bgr, np.full((6, 8), 0.5, np.float32)]))   # half transparent
+    assert np.abs(decode_photo(tiff.tobytes())[1, 1].astype(int) - (229, 153, 127)).max() <= 2
+
+
 def test_a_photo_in_a_phones_display_p3_is_read_in_srgb():
     """The same colours saved in Display P3 with its profile (as iPhones do) decode as sRGB."""
     import importlib.util
