@@ -61,7 +61,8 @@ def test_eval_writes_images_metrics_and_table(tmp_path, capsys):
     pipeline = Pipeline.random("tiny", seed=1)
     split = load_split(data["images"], data["annotations"], data["pairs"])
     metrics = evaluate(pipeline, split, tmp_path / "eval", batch_size=4, progress=False)
-    assert metrics["pairs"] == 13 and metrics["skipped"] == {"missing images": 1}
+    assert metrics["pairs"] == 13 and metrics["skipped"] == {"missing images": 1} and metrics["data_problems"] == {}
+    assert metrics["inference"] == {"device": "cpu", "dtype": "float32", "backend": "torch"}
     assert set(metrics["rows"]) == {"copy-source", "blank", "canvas", "g1", "g1+g2", "target"}
     canvas = metrics["rows"]["canvas"]       # the real target through the 16×32 canvas: close, not exact
     assert metrics["rows"]["g1+g2"]["ssim_pg2"] < canvas["ssim_pg2"] < 1 and 0 < canvas["delta_e"]
@@ -73,6 +74,10 @@ def test_eval_writes_images_metrics_and_table(tmp_path, capsys):
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == metrics
     table = (tmp_path / "eval" / "metrics.md").read_text()
     assert "| copy-source |" in table and "| g1+g2 |" in table and "SSIM (PATN)" in table
+    assert table.startswith("13 test pairs, checkpoint `tiny-random` (float32, torch on cpu)")
+    for limit in (0, -1):                                # not "all pairs" nor "all but the last"
+        with pytest.raises(ValueError, match="positive number of pairs"):
+            evaluate(pipeline, split, tmp_path / "none", limit=limit, progress=False)
 
     one = load_split(data["images"], data["annotations"], data["pairs"])
     one.pairs = [(name, name)]
@@ -244,6 +249,12 @@ def test_pose_scores_compare_with_the_annotations_and_with_the_real_targets_dete
     # turned: the back views read with sides swapped, not the front view, and nobody found is not counted
     assert views["back"]["target"]["turned"] == 1.0 and views["front"]["g1+g2"]["turned"] == 0.0
     assert rows["g1+g2"]["turned"] == 0.5 and rows["g1"]["turned"] == 0.0 and rows["blank"]["turned"] is None
+    assert scores.no_head == 0
+    limbs_only = truth.copy()
+    limbs_only[[0, 1, 2, 5, 8, 11, 14, 15, 16, 17]] = np.nan   # neither head nor torso: no head size
+    scores.add("target", "front", truth, limbs_only)
+    scores.add("g1", "front", truth, limbs_only)
+    assert scores.no_head == 1 and scores.rows()["target"]["detected"] == 1.0   # counted once per pair
 
 
 # An upright person as fractions of the image's width and height, in the 18-keypoint order.

@@ -42,6 +42,11 @@ class DataError(ValueError):
     """A dataset file that is missing or malformed (in strict mode: any bad row)."""
 
 
+# The problems for which a pair is left out (the others, such as keypoints outside the image,
+# are mended and the pair kept).
+PAIR_SKIPS = frozenset({"missing images", "pairs without annotation", "unreadable images", "malformed pair rows"})
+
+
 @dataclass
 class DataReport:
     """What was skipped while reading a dataset, with counts per kind of problem."""

@@ -20,7 +20,7 @@ scikit-image. Columns:
   12 shoulders, elbows, wrists, hips, knees and ankles; detected = images where a person is found.
 Rows: copy-source (the source image as the answer), blank (the source's backdrop colour, a flat
 image: what SSIM gives for no person at all), canvas (the real target scaled to the model's
-canvas and back: the best any model of that canvas could draw), G1 alone, G1 + G2, and target
+canvas and back: roughly what the canvas keeps, not a bound), G1 alone, G1 + G2, and target
 (the real image: the detector's ceiling and the real detail).
 Given local weight files, also IS / mask-IS, FID and LPIPS (training/features.py).
 """
@@ -46,7 +46,7 @@ from pg2_server.keypoints import FLIP_PERMUTATION, INDEX
 from pg2_server.pipeline import Pipeline
 from pg2_server.pose import fit_frame, pose_mask
 
-from .data import PairSplit
+from .data import PAIR_SKIPS, PairSplit
 
 if TYPE_CHECKING:
     from pg2_server.detection import PoseDetector
@@ -238,13 +238,15 @@ class PoseScores:
         self.detected: dict[tuple[str, str | None], list[int]] = {}
         self.agree: dict[tuple[str, str | None], list[int]] = {}   # limbs right, limbs compared
         self.turned: dict[tuple[str, str | None], list[int]] = {}  # images read turned, images compared
-        self.no_head = 0
+        self.no_head = 0   # pairs whose target has neither a head box nor a torso: out of PCKh
 
     def add(self, row: str, view: str | None, predicted: np.ndarray | None, truth: np.ndarray,
             reference: np.ndarray | None = None) -> None:
         """One image of `row`: its detected keypoints (None: no person) against the target's
         annotations, and against `reference`, the keypoints detected in the real target."""
         counts = pckh_counts(predicted, truth)
+        if counts is None and row == "target":
+            self.no_head += 1
         agreement = pckh_counts(predicted, reference, joints=LIMB_JOINTS) if reference is not None else None
         turned = None
         if predicted is not None and counts is not None:   # do the limbs fit better with sides swapped?
@@ -322,8 +324,10 @@ def evaluate(pipeline: Pipeline, split: PairSplit, out_dir: str | Path, batch_si
     copy-source baseline keeps the photo as it is."""
     from pg2_server.detection import DetectionError
 
+    if limit is not None and limit < 1:
+        raise ValueError(f"the limit must be a positive number of pairs, got {limit}")
     out_dir = Path(out_dir)
-    pairs = split.pairs[:limit] if limit else split.pairs
+    pairs = split.pairs[:limit] if limit is not None else split.pairs
     names = ["copy-source", "blank", "canvas", "g1"] + (["g1+g2"] if pipeline.g2 is not None else [])
     rows = {row: {m: [] for m in METRICS} for row in names}
     rows["target"] = {"detail": []}
@@ -410,7 +414,10 @@ def evaluate(pipeline: Pipeline, split: PairSplit, out_dir: str | Path, batch_si
     metrics = {
         "checkpoint": pipeline.name,
         "pairs": len(pairs),
-        "skipped": {kind: len(v) for kind, v in split.report.problems.items()},
+        "inference": {"device": str(pipeline.device), "dtype": str(pipeline.dtype).removeprefix("torch."),
+                      "backend": pipeline.backend},
+        "skipped": {kind: len(v) for kind, v in split.report.problems.items() if kind in PAIR_SKIPS},
+        "data_problems": {kind: len(v) for kind, v in split.report.problems.items() if kind not in PAIR_SKIPS},
         "rows": {row: {m: _mean(v) for m, v in values.items()} for row, values in rows.items()},
         "notes": "SSIM (PG2): skimage 7×7 uniform window on uint8 RGB; SSIM (PATN): Gaussian σ 1.5, "
                  "no sample covariance, generated image's data range; mask-SSIM uses the target pose "
@@ -418,7 +425,8 @@ def evaluate(pipeline: Pipeline, split: PairSplit, out_dir: str | Path, batch_si
                  "images excluded from the mean); L1 on [0, 1]; ΔE00: CIEDE2000 (skimage) inside the target "
                  "mask; detail: mean |Laplacian| (4-neighbour, 8-bit grey) inside the target mask; blank: a "
                  "flat image in the source's border colour; canvas: the real target scaled to the model's canvas "
-                 "and back (the finest any model of that canvas could draw); target: the real image.",
+                 "and back (roughly what the canvas keeps, not a bound: a canvas image fitted to the target scores "
+                 "higher); target: the real image.",
     }
     if shown_as:
         metrics["notes"] += f" Sources shown to the model: {shown_as} (copy-source: the photo as it is)."
@@ -427,6 +435,7 @@ def evaluate(pipeline: Pipeline, split: PairSplit, out_dir: str | Path, batch_si
             metrics["rows"][row].update(values)
         metrics["views"] = poses.views()
         metrics["pckh_per_keypoint"] = poses.per_keypoint()
+        metrics["pckh_pairs_left_out"] = poses.no_head
         metrics["notes"] += (" PCKh@0.5 (PATN's head-box rule; torso-based head size where the head is not "
                              "annotated), side-aware, keypoints detected with MediaPipe BlazePose "
                              f"(visibility ≥ {detector.visibility}); limb PCKh: shoulders to ankles; detected: "
@@ -452,7 +461,13 @@ def markdown_table(metrics: dict) -> str:
     """The metrics as a markdown table, one row per method (and one per view with PCKh)."""
     columns = [m for m in HEADERS if any(values.get(m) is not None for values in metrics["rows"].values())]
     header = "| method | " + " | ".join(HEADERS[m] for m in columns) + " |"
-    lines = [f"{metrics['pairs']} test pairs, checkpoint `{metrics['checkpoint']}`", "", header,
+    inference = metrics.get("inference")
+    heading = f"{metrics['pairs']} test pairs, checkpoint `{metrics['checkpoint']}`" + (
+        f" ({inference['dtype']}, {inference['backend']} on {inference['device']})" if inference else "")
+    if metrics.get("pckh_pairs_left_out"):
+        heading += (f"; PCKh over {metrics['pairs'] - metrics['pckh_pairs_left_out']} pairs (targets with neither "
+                    "head nor torso annotated left out)")
+    lines = [heading, "", header,
              "|---" * (len(columns) + 1) + "|"]
     for row, values in metrics["rows"].items():
         cells = ["n/a" if values.get(m) is None else f"{values[m]:.4f}" for m in columns]
