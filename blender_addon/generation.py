@@ -38,21 +38,50 @@ class GenerationError(ValueError):
 
 def frame_path(pattern: str, frame: int) -> str:
     """Absolute file of `frame`: the last run of # becomes the zero-padded frame number
-    (Blender's convention); without #, four digits are appended; .png added if no extension."""
+    (Blender's convention, a minus sign before the digits: `frame_-0003.png`); without #, four
+    digits are appended; .png added if no extension."""
+    folder, prefix, digits, suffix = sequence_pattern(pattern)
+    return os.path.join(folder, prefix + frame_number(frame, digits) + suffix)
+
+
+def frame_number(frame: int, digits: int) -> str:
+    """`frame` zero-padded to `digits` digits, the sign in front, as Blender names frame files."""
+    return ("-" if frame < 0 else "") + f"{abs(frame):0{digits}d}"
+
+
+def sequence_pattern(pattern: str) -> tuple[str, str, int, str]:
+    """(folder, text before the number, its digits, text after it) of the frame files of an
+    output setting: what `frame_path` fills in."""
     path = bpy.path.abspath(pattern)
     if not path or path.endswith(("/", "\\")) or os.path.isdir(path):
         path = os.path.join(path, "####")
-    matches = list(_HASHES.finditer(os.path.basename(path)))
     head, base = os.path.split(path)
+    matches = list(_HASHES.finditer(base))
     if matches:
         last = matches[-1]
-        base = base[:last.start()] + f"{frame:0{len(last.group())}d}" + base[last.end():]
+        prefix, digits, suffix = base[:last.start()], len(last.group()), base[last.end():]
     else:
         ext = _extension(base)
-        base = f"{base[:len(base) - len(ext)]}{frame:04d}{ext}"
-    if not _extension(base):
-        base += ".png"
-    return os.path.join(head, base)
+        prefix, digits, suffix = base[:len(base) - len(ext)], 4, ext
+    if not _extension(prefix + "0" * digits + suffix):
+        suffix += ".png"
+    return head, prefix, digits, suffix
+
+
+def sequence_files(pattern: str) -> dict[int, str]:
+    """The frame files of an output setting that exist now, by frame number."""
+    folder, prefix, digits, suffix = sequence_pattern(pattern)
+    name = re.compile(re.escape(prefix) + r"(-?\d+)" + re.escape(suffix))
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return {}
+    files = {}
+    for file_name in names:
+        match = name.fullmatch(file_name)
+        if match and frame_number(int(match.group(1)), digits) == match.group(1):
+            files[int(match.group(1))] = os.path.join(folder, file_name)
+    return files
 
 
 def _extension(name: str) -> str:
@@ -109,11 +138,18 @@ def read_photo(path_setting: str) -> tuple[bytes, None]:
     return data, None
 
 
+# What the Render Result is saved as for a request: what the Render window shows, whatever the
+# scene's own output (a video, black and white, 16 bits, a view transform of its own).
+RENDER_RESULT_SAVE = {"media_type": "IMAGE", "file_format": "PNG", "color_mode": "RGBA", "color_depth": "8",
+                      "color_management": "FOLLOW_SCENE"}
+
+
 def render_result_png(image) -> bytes:
     """The Render Result as PNG bytes: its pixels are not readable from Python, so Blender
     saves it (with the scene's colour management) to a temporary file, read back at once.
-    The scene's output format is switched to PNG for that and restored in full after (colour
-    depth, codec, quality: switching formats resets them)."""
+    The scene's output settings are switched to an 8-bit RGBA PNG for that (RENDER_RESULT_SAVE,
+    the media type first where Blender has one: a video output takes no PNG) and restored in
+    full after (media type, format, colour depth, codec, quality: switching formats resets them)."""
     import tempfile
     folder = tempfile.mkdtemp(prefix="pg2-render-")
     path = os.path.join(folder, "source.png")
@@ -121,7 +157,9 @@ def render_result_png(image) -> bytes:
     settings = scene.render.image_settings
     saved = _plain_settings(settings)
     try:
-        settings.file_format = "PNG"
+        for name, value in RENDER_RESULT_SAVE.items():
+            if hasattr(settings, name):
+                setattr(settings, name, value)
         image.save_render(path, scene=scene)
         with open(path, "rb") as file:
             return file.read()
@@ -129,8 +167,7 @@ def render_result_png(image) -> bytes:
         raise GenerationError("the Render Result holds no image: render a frame first (Render › "
                               "Render Image) or choose another source") from None
     finally:
-        settings.file_format = saved.pop("file_format")
-        for name, value in saved.items():
+        for name, value in saved.items():   # the media type and format first: they reset the rest
             try:
                 setattr(settings, name, value)
             except (TypeError, ValueError, AttributeError):
@@ -141,7 +178,8 @@ def render_result_png(image) -> bytes:
 
 
 def _plain_settings(struct) -> dict:
-    """The writable single-valued settings of a Blender struct (file_format first)."""
+    """The writable single-valued settings of a Blender struct (media_type and file_format
+    first, in that order)."""
     values = {}
     for prop in struct.bl_rna.properties:
         if prop.is_readonly or prop.type not in {"BOOLEAN", "INT", "FLOAT", "STRING", "ENUM"}:
@@ -149,7 +187,8 @@ def _plain_settings(struct) -> dict:
         if getattr(prop, "is_array", False):
             continue
         values[prop.identifier] = getattr(struct, prop.identifier)
-    return {"file_format": values.pop("file_format"), **values}
+    first = {name: values.pop(name) for name in ("media_type", "file_format") if name in values}
+    return {**first, **values}
 
 
 def display_rgba(image, pixels, what: str):
@@ -294,8 +333,12 @@ class Batch:
     finishes each result (composite, encode, write) off the main thread."""
 
     def __init__(self, connection, source: bytes, source_size, framing: Framing, in_flight: int = 4,
-                 check_timeout: float = CHECK_TIMEOUT):
+                 check_timeout: float = CHECK_TIMEOUT, expect_model: str | None = None):
         self.connection = connection
+        # The model frames kept in the output folder were made with (None: not known): a server
+        # running another one is refused before anything is sent. `model`: the server's.
+        self.expect_model = expect_model
+        self.model: str | None = None
         self.source, self.source_size = source, source_size
         self.framing = framing
         self.in_flight = in_flight
@@ -347,8 +390,15 @@ class Batch:
                     return  # cancelled
             with self.connection.open(self.context) as server:
                 canvas, max_side = None, 1 << 16
+                info = server.info()
+                model = model_name(info)
+                if self.expect_model and model and model != self.expect_model:
+                    raise GenerationError(
+                        f"the frames kept in the output folder were made with the model {self.expect_model}, "
+                        f"but the server runs {model}: tick Overwrite to make them again, or choose "
+                        "another output folder")
+                self.model = model
                 if self.framing.mode == "PERSON":
-                    info = server.info()
                     canvas = model_canvas(info, self.connection.endpoint)
                     max_side = int((info.get("limits") or {}).get("max_image_side", max_side))
                 requests = self._with_retries(self._requests(canvas, max_side))
@@ -667,6 +717,7 @@ class Run:
         self.occlusion = occlusion
         self.on_result = on_result  # called with each single-frame Event that carries pixels
         self.report = Report()
+        self.written: list[FrameJob] = []  # the frames whose files were written (blank ones too)
         self.error: str | None = None
         self.planned = 0
         self.ended = False
@@ -809,6 +860,8 @@ class Run:
             except queue.Empty:
                 return
             wait = 0.0
+            if event.kind == "frame" and event.job.path:
+                self.written.append(event.job)
             if event.kind == "frame" and event.pixels is not None and self.on_result is not None:
                 self.on_result(event)
             elif event.kind == "skip":
@@ -819,6 +872,13 @@ class Run:
             elif event.kind == "end":
                 self.ended = True
                 return
+
+
+def model_name(info: dict) -> str | None:
+    """The name of the server's first model from its `info` (None when it lists none)."""
+    models = info.get("models") or []
+    name = models[0].get("name") if models and isinstance(models[0], dict) else None
+    return str(name) if name else None
 
 
 def model_canvas(info: dict, endpoint: str) -> protocol.Size:
@@ -848,7 +908,11 @@ def describe_not_ready(info: dict, endpoint: str, waited: float) -> str:
 def describe_server_error(error) -> str:
     """A short report line for a client.ServerError (timeouts read as an unreachable server)."""
     if isinstance(error, client.ServerTimeout):
-        return f"PG2 server not reachable: {error.message}"
+        hint = "" if "pg2-server serve" in error.message else "; is `pg2-server serve` running there?"
+        return f"PG2 server not reachable: {error.message}{hint}"
     if error.code == "overloaded":
         return f"PG2 server is overloaded ({error.message}); lower In Flight or try again"
+    if error.code == "too_large":
+        return (f"PG2 server error too_large: {error.message}; for a frame too large for the server, "
+                "lower Resolution % (Output Properties › Format) or use Person framing")
     return f"PG2 server error {error.code}: {error.message}"

@@ -89,6 +89,38 @@ def encode_png(image: np.ndarray) -> bytes:
             + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + chunk(b"IEND", b""))
 
 
+# JPEG start-of-frame markers carry the image size (not DHT C4, JPG C8, DAC CC).
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def file_image_size(path: str) -> tuple[int, int] | None:
+    """(W, H) of a PNG or JPEG file from its header; None for anything else or a damaged file."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(24)
+            if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+                return struct.unpack(">II", head[16:24])
+            if head[:2] != b"\xff\xd8":
+                return None
+            file.seek(2)
+            while True:
+                marker = file.read(2)
+                if len(marker) < 2 or marker[0] != 0xFF:
+                    return None
+                if marker[1] == 0xFF:          # fill byte before a marker
+                    file.seek(-1, os.SEEK_CUR)
+                    continue
+                if marker[1] in (0x01, *range(0xD0, 0xD8)):   # markers without a length
+                    continue
+                length = struct.unpack(">H", file.read(2))[0]
+                if marker[1] in _JPEG_SOF:
+                    height, width = struct.unpack(">xHH", file.read(5))
+                    return width, height
+                file.seek(length - 2, os.SEEK_CUR)
+    except (OSError, struct.error):
+        return None
+
+
 def write_atomic(path: str, data: bytes) -> None:
     """Write `data` to `path` through a temporary file in the same folder, so a crash or a
     cancel never leaves a half-written result under the final name."""

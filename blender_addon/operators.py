@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import traceback
 
 import bpy
 from bpy.app.handlers import persistent
 
-from . import generation, occlusion, rig
+from . import generation, occlusion, record, rig
 from .generation import Batch, Framing, GenerationError
 from .mapping import LIMBS, MappingError
 from .preferences import connection, describe_info, preferences
@@ -71,8 +72,19 @@ def _framing(scene) -> Framing:
     return Framing(settings.framing, settings.margin, background, aspect)
 
 
+def check_renders_are_images(scene) -> None:
+    """Person framing over the Render reads each frame's render as an image file: a video output
+    has no file per frame (and one rendered here would be written under the video's name)."""
+    if scene.render.is_movie_format:
+        raise GenerationError(
+            f"the scene's output is a video ({scene.render.image_settings.file_format}), but Background "
+            "Render needs each frame's render as an image file: set Output Properties › Output › File "
+            "Format to PNG, render the animation, then generate")
+
+
 def _render_paths(scene, frames, render_missing: bool) -> list[str]:
     """Each frame's rendered file; renders the frame first if allowed (one frame, blocking)."""
+    check_renders_are_images(scene)
     paths = []
     for frame in frames:
         path = scene.render.frame_path(frame=frame)
@@ -107,10 +119,29 @@ def check_output(pattern: str, paths) -> None:
             raise GenerationError(f"the output folder {folder} is not writable; choose another output path")
 
 
+def check_frame_files(scene, path: str) -> None:
+    """Refuse a frame file format the result cannot be written in: JPEG takes the server's own
+    encoding as is, so a result composited (Person framing) or stretched to pixels that are not
+    square is written as PNG."""
+    if generation.file_format(path) == "png":
+        return
+    if scene.pg2.framing == "PERSON":
+        raise GenerationError("Person framing composites the result and writes PNG files "
+                              "(with transparency if chosen); make the output path end in .png")
+    if pixel_aspect(scene) != 1.0:
+        render = scene.render
+        raise GenerationError(f"the frame's pixels are not square (Pixel Aspect {render.pixel_aspect_x:g}:"
+                              f"{render.pixel_aspect_y:g}, Output Properties › Format): each result is stretched "
+                              "to them and written as PNG; make the output path end in .png")
+
+
 def check_not_renders(scene, frames, paths) -> None:
     """Refuse output files that are the scene's own renders (Output Properties › Output path):
     writing there would replace the renders, and with Person framing over the Render, the very
-    frames it composites over."""
+    frames it composites over. A video output is no frame file (and asking Blender for its name
+    creates its folder)."""
+    if scene.render.is_movie_format:
+        return
     for frame, path in zip(frames, paths):
         if path and os.path.abspath(path) == os.path.abspath(bpy.path.abspath(scene.render.frame_path(frame=frame))):
             raise GenerationError(f"the PG2 output {path} is the scene's render of frame {frame}: choose another "
@@ -220,9 +251,11 @@ def _more_people(context, settings) -> list[tuple]:
     return rows
 
 
-def prepare_run(context, frames, paths, on_result=None, export: bool = False) -> generation.Run:
+def prepare_run(context, frames, paths, on_result=None, export: bool = False,
+                expect_model: str | None = None) -> generation.Run:
     """Validate the scene's settings and start a Run (its worker starts at once); `export`
-    writes pose files instead of asking a server.
+    writes pose files instead of asking a server. `expect_model`: the model frames kept in
+    the output folder were made with; a server running another is refused.
 
     Raises GenerationError / MappingError / ValueError with what to fix.
     """
@@ -237,6 +270,8 @@ def prepare_run(context, frames, paths, on_result=None, export: bool = False) ->
     if all(n in unmapped for n in LIMBS):
         raise GenerationError(f"no limb of {armature.name} is mapped; pick the rig preset "
                               "or map the bones by hand in the PG2 panel")
+    if not export and settings.framing == "PERSON" and settings.background == "RENDER":
+        check_renders_are_images(scene)
     check_not_renders(scene, frames, paths)
     check_evaluated(context, [armature], settings.occlusion)
     if export:
@@ -268,7 +303,7 @@ def prepare_run(context, frames, paths, on_result=None, export: bool = False) ->
     if settings.framing == "PERSON" and settings.background == "RENDER":
         renders = _render_paths(scene, frames, render_missing=len(frames) == 1 and paths[0] is None)
     occluder = occlusion.Occluder(armature, mapping) if settings.occlusion else None
-    batch = Batch(conn, source, source_size, _framing(scene), settings.in_flight)
+    batch = Batch(conn, source, source_size, _framing(scene), settings.in_flight, expect_model=expect_model)
     run = generation.Run(scene, armature, mapping, frames, paths, batch,
                          keep_outside=settings.framing == "PERSON", unprojectable=settings.unprojectable,
                          renders=renders, occlusion=occluder, on_result=on_result, people=people)
@@ -293,12 +328,35 @@ class _GenerationRun:
             self.report({"ERROR"}, "PG2 is already generating; wait for it or press Esc")
             return {"CANCELLED"}
         self._camera = context.scene.camera if settings.set_camera_background else None
+        self._run = None
         try:
-            self._run = prepare_run(context, frames, paths, on_result=self._show)
-        except (GenerationError, MappingError, ValueError) as e:
+            self._run = prepare_run(context, frames, paths, on_result=self._show, **self._run_options())
+            self._prepared(context)
+        except (GenerationError, MappingError, ValueError, OSError) as e:
+            self._stop_prepared()
             self.report({"ERROR"}, str(e))
             return {"CANCELLED"}
+        except Exception as e:   # one line for the artist; the traceback goes to the console
+            self._stop_prepared()
+            return self._unexpected(e)
         return self._go(context)
+
+    def _stop_prepared(self) -> None:
+        if self._run is not None:
+            self._run.cancel()
+
+    def _run_options(self) -> dict:
+        """More arguments of prepare_run (the range operator: the model of the frames kept)."""
+        return {}
+
+    def _prepared(self, context) -> None:
+        """The run is prepared and its worker started (the range operator records its sequence here)."""
+
+    def _unexpected(self, error: Exception):
+        traceback.print_exc()
+        self.report({"ERROR"}, f"PG2 failed unexpectedly: {type(error).__name__}: {error} "
+                               "(details in the system console)")
+        return {"CANCELLED"}
 
     def _go(self, context):
         """Run the prepared `self._run`: blocking in background mode, else from a modal timer.
@@ -343,11 +401,12 @@ class _GenerationRun:
         self._update(context)
         self._cleanup(context)
         run = self._run
+        self._ended(context)
         for line in run.report.lines():
             self.report({"WARNING"}, "PG2: " + line)
         if run.error:
-            settings.status = run.error
-            self.report({"ERROR"}, run.error)
+            settings.status = run.error + self._kept()
+            self.report({"ERROR"}, settings.status)
             return {"CANCELLED"}
         if run.batch.cancelled.is_set():
             settings.status = f"cancelled after {run.done} / {run.total}"
@@ -358,6 +417,13 @@ class _GenerationRun:
         settings.status = "; ".join([summary.removeprefix("PG2: ")] + run.report.lines())
         self.report({"INFO"}, summary)
         return {"FINISHED"}
+
+    def _ended(self, context) -> None:
+        """After the run, however it ended (the range operator updates its record here)."""
+
+    def _kept(self) -> str:
+        """What an error message adds about the frames kept so far."""
+        return ""
 
     def _finished(self, context) -> None:
         """After a successful run (the range operator loads the Sequencer strip here)."""
@@ -427,20 +493,38 @@ class PG2_OT_generate_frames(_NeedsPoses, _GenerationRun, bpy.types.Operator):
         frames = list(range(start, end + 1, step))
         paths = [generation.frame_path(settings.output_path, f) for f in frames]
         try:
-            if generation.file_format(paths[0]) != "png" and settings.framing == "PERSON":
-                raise GenerationError("Person framing composites the result and writes PNG files "
-                                      "(with transparency if chosen); make the output path end in .png")
+            check_frame_files(scene, paths[0])
+            self._resume = record.plan(settings.output_path, frames, paths,
+                                       record.settings_of(scene, _scene_armature(context)), settings.overwrite)
         except GenerationError as e:
             self.report({"ERROR"}, str(e))
             return {"CANCELLED"}
+        except Exception as e:
+            return self._unexpected(e)
         self._all_frames, self._all_paths = frames, paths
-        todo = [(f, p) for f, p in zip(frames, paths) if settings.overwrite or not os.path.exists(p)]
+        todo = [(frames[i], paths[i]) for i in self._resume.todo]
         self._skipped = len(frames) - len(todo)
         if not todo:
-            self.report({"INFO"}, f"PG2: all {len(frames)} frame files exist; tick Overwrite to "
-                                  "generate them again")
+            message = f"PG2: all {len(frames)} frame files exist; tick Overwrite to generate them again"
+            if settings.load_into_sequencer and load_strip(scene, paths, frames) is not None:
+                message += f"; loaded them into the Sequencer as the strip {STRIP_NAME!r}"
+            settings.status = message.removeprefix("PG2: ")
+            self.report({"INFO"}, message)
             return {"FINISHED"}
         return self._start(context, [f for f, _ in todo], [p for _, p in todo])
+
+    def _run_options(self) -> dict:
+        return {"expect_model": self._resume.expect_model}
+
+    def _prepared(self, context) -> None:
+        self._resume.start()
+
+    def _ended(self, context) -> None:
+        try:
+            self._resume.finish(self._run.written, self._run.batch.model)
+        except OSError as e:
+            self.report({"WARNING"}, f"PG2: could not update the record of the frames in {self._resume.folder}: "
+                                     f"{e.strerror}")
 
     def _finished(self, context) -> None:
         scene = self._run.scene
@@ -451,6 +535,13 @@ class PG2_OT_generate_frames(_NeedsPoses, _GenerationRun, bpy.types.Operator):
         skipped = f", skipped {self._skipped} existing" if self._skipped else ""
         folder = os.path.dirname(self._run.paths[0]) if self._run.paths else ""
         return f"PG2: wrote {self._run.done} frame(s){skipped} to {folder}"
+
+    def _kept(self) -> str:
+        kept = sum(os.path.exists(p) for p in self._all_paths)
+        if not kept:
+            return ""
+        return (f"; {kept} of {len(self._all_paths)} frames are kept in {os.path.dirname(self._all_paths[0])}: "
+                "Generate Frames again resumes there (Overwrite off)")
 
 
 class PG2_OT_export_poses(_NeedsPoses, _GenerationRun, bpy.types.Operator):
@@ -493,6 +584,8 @@ class PG2_OT_export_poses(_NeedsPoses, _GenerationRun, bpy.types.Operator):
         except (GenerationError, MappingError, ValueError) as e:
             self.report({"ERROR"}, str(e))
             return {"CANCELLED"}
+        except Exception as e:
+            return self._unexpected(e)
         self._camera = None
         return self._go(context)
 

@@ -75,10 +75,14 @@ class PG2_PT_frames(_PG2Panel, bpy.types.Panel):
         layout.prop(settings, "output_path")
         layout.prop(settings, "use_scene_range")
         col = layout.column(align=True)
-        col.enabled = not settings.use_scene_range
-        col.prop(settings, "frame_start")
-        col.prop(settings, "frame_end")
-        col.prop(settings, "frame_step")
+        if settings.use_scene_range:   # the scene's own range (Output Properties › Frame Range)
+            scene = context.scene
+            col.label(text=f"Start {scene.frame_start}, End {scene.frame_end}, Step {scene.frame_step}",
+                      icon="SCENE_DATA")
+        else:
+            col.prop(settings, "frame_start")
+            col.prop(settings, "frame_end")
+            col.prop(settings, "frame_step")
         layout.prop(settings, "overwrite")
         layout.prop(settings, "unprojectable")
         layout.prop(settings, "load_into_sequencer")

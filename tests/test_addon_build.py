@@ -165,5 +165,5 @@ def test_zip_installs_into_blender_and_uses_its_own_wire(built, tmp_path, server
     assert "client bl_ext.user_default.pg2_pose.pg2_wire.client" in run.stdout
     assert "bones 19" in run.stdout
     assert "generate {'FINISHED'}" in run.stdout and "export {'FINISHED'}" in run.stdout
-    assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == ["f_0001.png", "f_0002.png"]
+    assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == [".pg2-frames.json", "f_0001.png", "f_0002.png"]
     assert len(list((tmp_path / "poses").glob("p_*_keypoints.json"))) == 2

@@ -55,6 +55,36 @@ def test_frame_paths_follow_blenders_hash_pattern(tmp_path):
     assert generation.frame_path(str(tmp_path / "shot_v1.2_####"), 5) == str(tmp_path / "shot_v1.2_0005.png")
     assert generation.frame_path(str(tmp_path / "shot_v1.2"), 5) == str(tmp_path / "shot_v1.20005.png")
     assert generation.frame_path(str(tmp_path / "v1.5_####.JPG"), 5) == str(tmp_path / "v1.5_0005.JPG")
+    # Frames before 0: the sign before the zero-padded digits, as Blender names its renders.
+    assert generation.frame_path(str(tmp_path / "f_####.png"), -3) == str(tmp_path / "f_-0003.png")
+    scene = bpy.context.scene
+    scene.render.image_settings.file_format = "PNG"
+    for pattern in ("f_####", "f_##", "f_", "v##_f####", "f_#"):
+        scene.render.filepath = str(tmp_path / pattern)
+        for frame in (-3, -123, 0, 7, 12345):
+            assert generation.frame_path(str(tmp_path / pattern), frame) == scene.render.frame_path(frame=frame)
+
+
+def test_sequence_files_are_found_by_their_pattern(tmp_path):
+    for name in ("f_0001.png", "f_-0003.png", "f_12345.png", "f_001.png", "f_00010.png", "f_0002.jpg", "g_0004.png"):
+        (tmp_path / name).write_bytes(b"")
+    assert generation.sequence_files(str(tmp_path / "f_####.png")) == {   # the names frame_path gives
+        1: str(tmp_path / "f_0001.png"), -3: str(tmp_path / "f_-0003.png"), 12345: str(tmp_path / "f_12345.png")}
+    assert generation.sequence_files(str(tmp_path / "missing" / "f_####.png")) == {}
+
+
+def test_image_sizes_are_read_from_png_and_jpeg_headers(tmp_path):
+    path = tmp_path / "p.png"
+    path.write_bytes(imaging.encode_png(np.zeros((7, 5, 3), np.uint8)))
+    assert imaging.file_image_size(str(path)) == (5, 7)
+    image = bpy.data.images.new("jpeg", 9, 4)
+    image.filepath_raw, image.file_format = str(tmp_path / "j.jpg"), "JPEG"
+    image.save()
+    bpy.data.images.remove(image)
+    assert imaging.file_image_size(str(tmp_path / "j.jpg")) == (9, 4)
+    (tmp_path / "t.txt").write_text("hello")
+    assert imaging.file_image_size(str(tmp_path / "t.txt")) is None
+    assert imaging.file_image_size(str(tmp_path / "none.png")) is None
 
 
 def test_source_from_an_image_datablock(tmp_path):

@@ -2,7 +2,10 @@
 `pg2-server serve --preset tiny --random-weights` on a free loopback port."""
 from __future__ import annotations
 
+import json
 import math
+import os
+import re
 import struct
 import subprocess
 import sys
@@ -196,7 +199,8 @@ def test_frame_range_writes_files_and_resumes(shot, server):
     files = sorted(out.glob("*.png"))
     assert [f.name for f in files] == [f"frame_{i:04d}.png" for i in range(1, 6)]
     assert all(png_size(f) == (WIDTH, HEIGHT) for f in files)
-    assert not list(out.glob(".pg2-*"))  # no temporary left behind
+    assert not list(out.glob(".pg2-*.part"))  # no temporary left behind
+    assert (out / ".pg2-frames.json").is_file()  # the record of the settings the frames were made with
     stamps = {f: f.stat().st_mtime_ns for f in files}
     files[2].unlink()
     assert bpy.ops.pg2.generate_frames() == {"FINISHED"}
@@ -218,7 +222,7 @@ def test_step_and_custom_range(shot, server):
     settings.frame_start, settings.frame_end = -4, 0    # an animation that starts before frame 0
     settings.output_path = str(out / "before_##")
     assert bpy.ops.pg2.generate_frames() == {"FINISHED"}
-    assert sorted(f.name for f in out.glob("before_*")) == ["before_-1.png", "before_-4.png"]   # step 3
+    assert sorted(f.name for f in out.glob("before_*")) == ["before_-01.png", "before_-04.png"]   # step 3
 
 
 def test_server_down_fails_within_the_timeout_and_writes_nothing(shot):
@@ -491,7 +495,8 @@ def test_jpeg_frames_and_bad_extensions(shot, server):
 def test_server_error_codes_are_reported(shot, server):
     connect(server)
     shot.render.resolution_x, shot.render.resolution_y, shot.render.resolution_percentage = 5000, 400, 100
-    with pytest.raises(RuntimeError, match="PG2 server error too_large: .*4096"):
+    with pytest.raises(RuntimeError, match=r"PG2 server error too_large: .*4096.*lower Resolution % "
+                                           r"\(Output Properties › Format\) or use Person framing"):
         bpy.ops.pg2.generate()
 
 
@@ -1127,3 +1132,298 @@ def test_pixels_that_are_not_square_get_the_person_unstretched(shot, server, tmp
     expected = imaging.resize(square[..., ::-1], WIDTH, HEIGHT)[..., ::-1]
     difference = np.abs(stretched.astype(np.int16) - expected.astype(np.int16))
     assert difference.mean() < 1.0, difference.mean()
+
+
+def test_a_video_output_is_refused_for_the_render_background(shot, server, tmp_path):
+    """Person framing over the Render reads an image file per frame: a video output has none (its
+    first frame would serve every frame), and nothing may be written under the video's name."""
+    connect(server)
+    settings = shot.pg2
+    settings.framing, settings.background = "PERSON", "RENDER"
+    shot.render.engine = "BLENDER_WORKBENCH"
+    shot.render.image_settings.media_type = "VIDEO"
+    shot.render.filepath = str(tmp_path / "render" / "shot_")
+    assert shot.render.is_movie_format
+    for operator in (bpy.ops.pg2.generate_frames, bpy.ops.pg2.generate):
+        with pytest.raises(RuntimeError, match=r"the scene's output is a video \(FFMPEG\), .*set Output Properties › "
+                                               r"Output › File Format to PNG, render the animation, then generate"):
+            operator()
+    assert not (tmp_path / "render").exists()
+    assert not Path(settings.output_path).parent.exists() and "PG2 Result" not in bpy.data.images
+
+
+def test_jpeg_frames_of_pixels_that_are_not_square_are_refused(shot, server):
+    """Results stretched to pixels that are not square are written as PNG: a .jpg name is refused
+    before anything is sent, not given PNG bytes."""
+    connect(server)
+    settings = shot.pg2
+    folder = Path(settings.output_path).parent
+    settings.output_path = str(folder / "j_####.jpg")
+    shot.frame_end = 2
+    shot.render.pixel_aspect_x = 2.0
+    with pytest.raises(RuntimeError, match=r"the frame's pixels are not square \(Pixel Aspect 2:1, .*make the "
+                                           r"output path end in \.png"):
+        bpy.ops.pg2.generate_frames()
+    assert not folder.exists() or not list(folder.iterdir())
+    settings.output_path = str(folder / "p_####.png")
+    assert bpy.ops.pg2.generate_frames() == {"FINISHED"}
+    assert all(png_size(f) == (WIDTH, HEIGHT) for f in folder.glob("p_*.png"))
+
+
+def _stamps(folder, pattern="frame_*.png"):
+    return {f.name: f.stat().st_mtime_ns for f in Path(folder).glob(pattern)}
+
+
+def test_a_resume_with_other_settings_is_refused_and_says_what_changed(shot, server):
+    connect(server)
+    settings = shot.pg2
+    out = Path(settings.output_path).parent
+    shot.frame_end = 3
+    assert bpy.ops.pg2.generate_frames() == {"FINISHED"}
+    entry = json.loads((out / ".pg2-frames.json").read_text())["sequences"]["frame_0000.png"]
+    assert entry["settings"]["frame_size"] == [WIDTH, HEIGHT] and entry["settings"]["framing"] == "CAMERA"
+    assert entry["model"] and entry["blank"] == [] and entry["stale"] == []
+    stamps = _stamps(out)
+    # A longer shot at full resolution in Person framing: frames 1-3 would not match 4-5.
+    shot.frame_end, shot.render.resolution_percentage, settings.framing = 5, 100, "PERSON"
+    with pytest.raises(RuntimeError, match=re.escape(
+            f"the frames in {out} were made with other settings (frame size 120x160 → 240x320, framing "
+            "Camera → Person): tick Overwrite to make them again, or choose another output folder")):
+        bpy.ops.pg2.generate_frames()
+    assert _stamps(out) == stamps
+    shot.render.resolution_percentage, settings.framing = 50, "CAMERA"
+    source = Path(settings.source_path)   # another photo under the same name
+    source.write_bytes(imaging.encode_png(imaging.background(30, 50, (0.2, 0.4, 0.9))))
+    os.utime(source, (time.time() + 5, time.time() + 5))
+    with pytest.raises(RuntimeError, match=r"other settings \(source person\.png changed\): tick Overwrite"):
+        bpy.ops.pg2.generate_frames()
+    assert _stamps(out) == stamps
+    settings.overwrite = True
+    assert bpy.ops.pg2.generate_frames() == {"FINISHED"}
+    stamps = _stamps(out)
+    assert len(stamps) == 5
+    # The same settings resume: only the missing frame is made.
+    settings.overwrite = False
+    (out / "frame_0002.png").unlink()
+    assert bpy.ops.pg2.generate_frames() == {"FINISHED"}
+    assert {k: v for k, v in _stamps(out).items() if k != "frame_0002.png"} == \
+        {k: v for k, v in stamps.items() if k != "frame_0002.png"} and (out / "frame_0002.png").exists()
+    # Frames kept from another model are not mixed with the server's.
+    record = out / ".pg2-frames.json"
+    data = json.loads(record.read_text())
+    data["sequences"]["frame_0000.png"]["model"] = "another-model"
+    record.write_text(json.dumps(data))
+    (out / "frame_0004.png").unlink()
+    with pytest.raises(RuntimeError, match="the frames kept in the output folder were made with the model "
+                                           "another-model, but the server runs .*: tick Overwrite"):
+        bpy.ops.pg2.generate_frames()
+    assert not (out / "frame_0004.png").exists()
+    with pytest.raises(RuntimeError, match="made with the model another-model"):   # still: the record keeps it
+        bpy.ops.pg2.generate_frames()
+
+
+def test_a_folder_without_a_record_is_checked_by_the_frames_sizes(shot, server):
+    """Frames from before records: their PNG or JPEG headers must have the frame size."""
+    connect(server)
+    settings = shot.pg2
+    out = Path(settings.output_path).parent
+    shot.frame_end = 2
+    for name in ("frame_####.png", "j_####.jpg"):
+        settings.output_path = str(out / name)
+        assert bpy.ops.pg2.generate_frames() == {"FINISHED"}
+    (out / ".pg2-frames.json").unlink()
+    assert imaging.file_image_size(str(out / "j_0001.jpg")) == (WIDTH, HEIGHT)
+    shot.frame_end = 3
+    assert bpy.ops.pg2.generate_frames() == {"FINISHED"}   # the same size: resumed
+    assert (out / "j_0003.jpg").exists()
+    (out / ".pg2-frames.json").unlink()
+    shot.render.resolution_percentage = 100
+    for name in ("frame_####.png", "j_####.jpg"):
+        settings.output_path = str(out / name)
+        first = name.replace("####", "0001")
+        with pytest.raises(RuntimeError, match=re.escape(
+                f"{first} in {out} is 120x160, but the frames are now 240x320: it was made with other "
+                "settings; tick Overwrite to make the frames again, or choose another output folder")):
+            bpy.ops.pg2.generate_frames()
+    assert not (out / "frame_0003.png").exists()
+
+
+def test_frames_written_blank_are_made_again_once_the_camera_sees_the_pose(shot, server):
+    connect(server)
+    camera = shot.camera
+    for frame, angle in ((1, 90), (2, 90), (3, -90), (4, 90)):  # frame 3: looking away
+        camera.rotation_euler = Euler((math.radians(angle), 0, 0))
+        camera.keyframe_insert("rotation_euler", frame=frame)
+    shot.pg2.unprojectable = "BLANK"
+    out = Path(shot.pg2.output_path).parent
+    assert bpy.ops.pg2.generate_frames() == {"FINISHED"}
+    from blender_addon.generation import render_pixels
+    assert (render_pixels(str(out / "frame_0003.png"))[..., :3] == 255).all()
+    stamps = _stamps(out)
+    camera.animation_data_clear()                 # the camera is fixed
+    camera.rotation_euler = Euler((math.radians(90), 0, 0))
+    assert bpy.ops.pg2.generate_frames() == {"FINISHED"}
+    assert not (render_pixels(str(out / "frame_0003.png"))[..., :3] == 255).all()   # a person now
+    assert {k: v for k, v in _stamps(out).items() if k != "frame_0003.png"} == \
+        {k: v for k, v in stamps.items() if k != "frame_0003.png"}
+    entry = json.loads((out / ".pg2-frames.json").read_text())["sequences"]["frame_0000.png"]
+    assert entry["blank"] == []
+    assert bpy.ops.pg2.generate_frames() == {"FINISHED"}   # nothing left to make
+    assert shot.pg2.status.startswith("all 5 frame files exist")
+
+
+def test_esc_then_generate_again_resumes(shot, black_hole, server, tmp_path):
+    """Stopped with Esc, the same settings resume into the same folder."""
+    from blender_addon import operators
+    connect(server)
+    settings = shot.pg2
+    out = Path(settings.output_path).parent
+    shot.frame_end = 2
+    assert bpy.ops.pg2.generate_frames() == {"FINISHED"}
+    stamps = _stamps(out)
+    connect(black_hole, timeout=60.0)
+    shot.frame_end = 4
+    layer = _modal_layer(operators.PG2_OT_generate_frames)
+    type(layer)._ended = operators.PG2_OT_generate_frames._ended   # the record is updated however it ends
+    frames = [1, 2, 3, 4]
+    paths = [str(out / f"frame_{f:04d}.png") for f in frames]
+    from blender_addon import record
+    layer._resume = record.plan(settings.output_path, frames, paths, record.settings_of(shot, settings.armature),
+                                False)
+    assert layer._resume.todo == [2, 3]
+    layer._all_frames, layer._all_paths = frames, paths
+    layer._run = operators.prepare_run(bpy.context, [3, 4], paths[2:])
+    layer._resume.start()
+    operators._RUNS.add(layer._run)
+    layer.modal(bpy.context, _Timer())
+    assert layer.modal(bpy.context, ModalEvent("ESC", "PRESS")) == {"CANCELLED"}
+    connect(server)
+    assert bpy.ops.pg2.generate_frames() == {"FINISHED"}
+    assert {k: v for k, v in _stamps(out).items() if k in stamps} == stamps and len(_stamps(out)) == 4
+
+
+def test_old_frames_an_overwrite_did_not_reach_are_made_again(shot, black_hole, server):
+    """Overwrite with new settings, stopped before any frame: the old files are made again on
+    the next run with Overwrite off, not kept as if they had the new settings."""
+    from blender_addon import operators, record
+    connect(server)
+    settings = shot.pg2
+    out = Path(settings.output_path).parent
+    shot.frame_end = 3
+    assert bpy.ops.pg2.generate_frames() == {"FINISHED"}
+    shot.render.resolution_percentage = 100
+    frames, paths = [1, 2, 3], [str(out / f"frame_{f:04d}.png") for f in (1, 2, 3)]
+    layer = _modal_layer(operators.PG2_OT_generate_frames)
+    type(layer)._ended = operators.PG2_OT_generate_frames._ended
+    layer._resume = record.plan(settings.output_path, frames, paths, record.settings_of(shot, settings.armature),
+                                True)
+    connect(black_hole, timeout=60.0)
+    layer._all_frames, layer._all_paths = frames, paths
+    layer._run = operators.prepare_run(bpy.context, frames, paths)
+    layer._resume.start()
+    operators._RUNS.add(layer._run)
+    assert layer.modal(bpy.context, ModalEvent("ESC", "PRESS")) == {"CANCELLED"}
+    entry = json.loads((out / ".pg2-frames.json").read_text())["sequences"]["frame_0000.png"]
+    assert entry["stale"] == [1, 2, 3] and entry["settings"]["frame_size"] == [2 * WIDTH, 2 * HEIGHT]
+    connect(server)
+    assert bpy.ops.pg2.generate_frames() == {"FINISHED"}   # Overwrite off
+    assert [png_size(out / f"frame_{f:04d}.png") for f in frames] == [(2 * WIDTH, 2 * HEIGHT)] * 3
+
+
+def test_render_result_is_sent_as_the_render_window_shows_it(shot, server):
+    """Whatever the scene's output (a video, black and white, 16 bits), the Render Result goes
+    as an 8-bit colour PNG, and the output settings come back as they were."""
+    connect(server)
+    settings = shot.pg2
+    settings.source_kind = "IMAGE"
+    shot.render.engine = "BLENDER_WORKBENCH"
+    bpy.ops.render.render()
+    settings.source_image = bpy.data.images["Render Result"]
+    output, ffmpeg = shot.render.image_settings, shot.render.ffmpeg
+    output.media_type = "VIDEO"
+    ffmpeg.format, ffmpeg.codec = "MPEG4", "H264"
+    from blender_addon import generation
+    data, size = generation.read_source(settings)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and size is None
+    assert png_size_bytes(data) == (WIDTH, HEIGHT) and data[24] == 8 and data[25] in (2, 6)   # 8-bit RGB(A)
+    assert (output.media_type, output.file_format, ffmpeg.format, ffmpeg.codec) == ("VIDEO", "FFMPEG", "MPEG4", "H264")
+    assert bpy.ops.pg2.generate() == {"FINISHED"}
+    output.media_type = "IMAGE"
+    output.file_format, output.color_mode, output.color_depth = "PNG", "BW", "16"
+    data, _ = generation.read_source(settings)
+    assert data[24] == 8 and data[25] in (2, 6)
+    assert (output.media_type, output.file_format, output.color_mode, output.color_depth) == \
+        ("IMAGE", "PNG", "BW", "16")
+
+
+def test_an_unexpected_error_is_one_line_not_a_traceback(shot, server, monkeypatch, capsys):
+    from blender_addon import generation
+    connect(server)
+
+    def broken(settings):
+        raise KeyError("missing")
+    monkeypatch.setattr(generation, "read_source", broken)
+    for operator in (bpy.ops.pg2.generate, bpy.ops.pg2.generate_frames):
+        with pytest.raises(RuntimeError) as error:
+            operator()
+        assert "PG2 failed unexpectedly: KeyError: 'missing'" in str(error.value)
+        assert "Traceback" not in str(error.value)
+        assert "Traceback" in capsys.readouterr().err   # kept for the console
+    from blender_addon import operators
+    assert not operators.running()
+
+
+def test_a_server_that_dies_mid_run_says_which_frames_are_kept(shot, tmp_path):
+    import threading
+    process, endpoint = start_server("serve", "--preset", "tiny", "--random-weights", "--threads", "1")
+    out = Path(shot.pg2.output_path).parent
+    try:
+        wait_for(process, endpoint)
+        connect(endpoint, timeout=2.0)
+        shot.frame_end = 400
+
+        def kill():
+            deadline = time.monotonic() + 60
+            while len(list(out.glob("frame_*.png"))) < 3 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            process.kill()
+        threading.Thread(target=kill, daemon=True).start()
+        with pytest.raises(RuntimeError) as error:
+            bpy.ops.pg2.generate_frames()
+    finally:
+        stop(process)
+    kept = len(list(out.glob("frame_*.png")))
+    assert 3 <= kept < 400
+    message = str(error.value)
+    assert "PG2 server not reachable" in message and "is `pg2-server serve` running" in message
+    assert f"{kept} of 400 frames are kept in {out}: Generate Frames again resumes there (Overwrite off)" in message
+    assert shot.pg2.status in message
+
+
+def test_ticking_load_into_sequencer_once_the_frames_exist_loads_them(shot, server):
+    connect(server)
+    assert bpy.ops.pg2.generate_frames() == {"FINISHED"}
+    assert shot.sequence_editor is None or shot.sequence_editor.strips.get("PG2 Frames") is None
+    shot.pg2.load_into_sequencer = True
+    assert bpy.ops.pg2.generate_frames() == {"FINISHED"}   # all exist: nothing is sent
+    strip = shot.sequence_editor.strips["PG2 Frames"]
+    assert strip.frame_final_start == 1 and strip.frame_final_duration == 5
+    assert shot.pg2.status == ("all 5 frame files exist; tick Overwrite to generate them again; loaded them "
+                               "into the Sequencer as the strip 'PG2 Frames'")
+
+
+def test_the_frames_panel_shows_the_scene_range_when_it_is_used(shot):
+    from blender_addon import panels
+
+    class Context:
+        scene = shot
+    shot.frame_start, shot.frame_end, shot.frame_step = 1001, 1100, 2
+    shot.pg2.frame_start, shot.pg2.frame_end = 7, 9
+    seen = []
+    panels.PG2_PT_frames.draw(type("P", (), {"layout": RecordingLayout(seen)})(), Context)
+    assert ("label", "Start 1001, End 1100, Step 2") in seen
+    assert not {"frame_start", "frame_end", "frame_step"} & set(n for n in seen if isinstance(n, str))
+    shot.pg2.use_scene_range = False
+    seen = []
+    panels.PG2_PT_frames.draw(type("P", (), {"layout": RecordingLayout(seen)})(), Context)
+    assert {"frame_start", "frame_end", "frame_step"} <= set(n for n in seen if isinstance(n, str))
