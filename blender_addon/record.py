@@ -149,7 +149,7 @@ class Resume:
 def plan(pattern: str, frames, paths, settings: dict, overwrite: bool) -> Resume:
     """Which frames to make, from the files there and the folder's record. Overwrite: all of
     them. Otherwise the missing ones and the placeholders, after checking that the frames kept
-    were made with these settings (by the record, or for a folder from before records by the
+    were made with these settings (by the record, or for a folder without a record by the
     files' sizes); raises GenerationError naming what changed."""
     folder, name = os.path.dirname(frame_path(pattern, 0)), os.path.basename(frame_path(pattern, 0))
     recorded = read(folder).get(name)
