@@ -152,3 +152,49 @@ def test_sigterm_under_torchrun_saves_before_torchrun_gives_up(tmp_path):
     state = load_run_state(out, 1)
     assert 0 < state["step"] < 100_000, stderr[-3000:]
     assert "interrupted at step" in stderr
+
+
+NODE = textwrap.dedent('''
+    import os
+    import sys
+    from training.cli import main
+    os.chdir(sys.argv[1].split(",")[int(os.environ["RANK"])])   # each node in its own folder: local disks
+    sys.exit(main(sys.argv[2:]))
+''')
+
+
+@pytest.mark.timeout(300)
+def test_nodes_that_see_other_pairs_or_another_run_state_are_stopped_naming_the_ranks(tmp_path, monkeypatch):
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    write_dataset(nodes[0] / "data")
+    write_dataset(nodes[1] / "data", identities=3)      # an older copy of the data: 36 pairs, not 48
+    script = tmp_path / "node.py"
+    script.write_text(NODE)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    fit = ["fit", "--stage", "1", "--preset", "tiny", "--steps", "4", "--workers", "0", "--threads", "1",
+           "--device", "cpu", "--data-root", "data/train", "--annotations", "data/fasion-resize-annotation-train.csv",
+           "--pairs", "data/fasion-resize-pairs-train.csv", "--out", "run"]
+
+    def torchrun(*extra):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               str(script), ",".join(map(str, nodes)), *fit, *extra],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+
+    result = torchrun()
+    assert result.returncode != 0
+    assert "error: the 2 processes disagree: rank 0 sees 48 pairs (sha256 " in result.stderr, result.stderr[-3000:]
+    assert "rank 1 sees 36 pairs (sha256 " in result.stderr
+    assert "--data-root, --annotations, --pairs and --out must be the same files on every node" in result.stderr
+    assert not (nodes[0] / "run").exists() and not (nodes[1] / "run").exists()
+
+    # The same data, but only node 0's --out holds the run: `--resume auto` is rank 0's decision.
+    write_dataset(nodes[1] / "data")
+    from training.cli import main
+    monkeypatch.chdir(nodes[0])
+    assert main([*fit, "--steps", "2"]) == 0      # the last --steps wins
+    monkeypatch.chdir(tmp_path)
+    result = torchrun("--resume", "auto")
+    assert result.returncode != 0
+    assert (f"rank 0 resumes {Path('run') / 'stage1.safetensors'} at step 2, rank 1 finds no "
+            f"{Path('run') / 'stage1.safetensors'} to resume") in result.stderr, result.stderr[-3000:]
+    assert load_run_state(nodes[0] / "run", 1)["step"] == 2 and not (nodes[1] / "run").exists()

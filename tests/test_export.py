@@ -123,3 +123,66 @@ def test_export_of_a_folder_without_state_is_refused(tmp_path, capsys):
         export_run(tmp_path, tmp_path / "x")
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "pg2-train fit" in capsys.readouterr().err
+
+
+def test_losses_logged_after_the_last_save_are_not_the_exported_ones(run, tmp_path):
+    """A kill after a log line and before the next save: the log runs past the state."""
+    import shutil
+
+    root, data = run
+    shutil.copytree(root / "run", tmp_path / "run", ignore=shutil.ignore_patterns("stage2*"))
+    log = tmp_path / "run" / "stage1-log.jsonl"
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    with open(log, "a") as f:
+        f.write(json.dumps({"step": 4, "recon": 99.0, "skipped_images": 0}) + "\n")
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "model")]) == 0
+    stage1 = json.loads((tmp_path / "model.json").read_text())["provenance"]["stages"]["stage1"]
+    assert stage1["steps"] == 3 and stage1["last_losses_step"] == 3
+    assert stage1["last_losses"]["recon"] == logged[2]["recon"] != 99.0
+    # the record a stage 2 keeps of its G1 is taken the same way
+    assert main(["fit", "--stage", "2", "--steps", "1", "--preset", "tiny", "--data-root", str(data["images"]),
+                 "--annotations", str(data["annotations"]), "--pairs", str(data["pairs"]), "--workers", "0",
+                 "--g1", str(tmp_path / "run"), "--out", str(tmp_path / "over")]) == 0
+    assert main(["export", str(tmp_path / "over"), "--out", str(tmp_path / "both")]) == 0
+    stage1 = json.loads((tmp_path / "both.json").read_text())["provenance"]["stages"]["stage1"]
+    assert (stage1["last_losses_step"], stage1["last_losses"]["recon"]) == (3, logged[2]["recon"])
+
+
+def test_either_stage_exports_and_the_provenance_says_which_weights_each_network_has(run, tmp_path):
+    from pg2_server.checkpoint import load_checkpoint
+    from training.state import save_state
+    from training.trainer import state_path
+
+    root, data = run
+    common = ["--preset", "tiny", "--data-root", str(data["images"]), "--annotations", str(data["annotations"]),
+              "--pairs", str(data["pairs"]), "--out", str(tmp_path / "run"), "--workers", "0", "--ema", "0.9"]
+    assert main(["fit", "--stage", "1", "--steps", "2", *common]) == 0
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "none"), "--stage", "2"]) == 2
+    assert main(["fit", "--stage", "2", "--steps", "1", *common]) == 0
+    stage1, stage2 = load_run_state(tmp_path / "run", 1), load_run_state(tmp_path / "run", 2)
+
+    def exported(name, *flags):
+        assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / name), *flags]) == 0
+        model = load_checkpoint(tmp_path / f"{name}.json")
+        return model, model.provenance
+
+    def same(network, weights):
+        return all(torch.equal(network.state_dict()[k], v) for k, v in weights.items())
+
+    model, provenance = exported("newest")                      # stage 2, both averages
+    assert (provenance["stage"], provenance["weights"], provenance["ema"]) == (2, {"g1": "average", "g2": "average"},
+                                                                               True)
+    assert same(model.g2, stage2["ema"]) and same(model.g1, stage1["ema"])
+    model, provenance = exported("last", "--no-ema")            # G2's last weights over the G1 it was trained with
+    assert (provenance["weights"], provenance["ema"]) == ({"g1": "average", "g2": "last"}, False)
+    assert same(model.g2, stage2["g2"]) and same(model.g1, stage2["g1"])
+    model, provenance = exported("g1", "--stage", "1")          # stage 1 alone, once stage 2 has begun
+    assert model.g2 is None and same(model.g1, stage1["ema"])
+    assert (provenance["stage"], provenance["weights"], provenance["ema"], list(provenance["stages"]),
+            provenance["steps"]) == (1, {"g1": "average"}, True, ["stage1"], 2)
+    model, provenance = exported("g1-last", "--stage", "1", "--no-ema")
+    assert same(model.g1, stage1["g1"]) and provenance["weights"] == {"g1": "last"}
+    # a stage-2 state from before the record: what G1 is comes from stage 1's record
+    del stage2["data"]["g1_weights"]
+    save_state(state_path(tmp_path / "run", 2), stage2)
+    assert exported("older")[1]["weights"] == {"g1": "average", "g2": "average"}

@@ -689,3 +689,93 @@ def test_a_resume_at_the_target_says_how_to_train_further(tmp_path, dataset, cap
     err = capsys.readouterr().err
     assert "stage 1 was already at its 2 steps" in err and "--steps N with --resume trains further" in err
     assert load_run_state(out, 1)["step"] == 2
+
+
+def test_after_running_out_of_memory_a_resume_may_split_each_step_into_micro_batches(tmp_path, dataset, capsys,
+                                                                                   caplog):
+    """The out-of-memory advice: --batch-size lower and --accumulate higher, the product kept."""
+    same = ("--no-bf16", "--lr", "1e-3")
+    straight, halved = tmp_path / "straight", tmp_path / "halved"
+    assert main(_fit_args(dataset, straight, 1, "--steps", "4", "--batch-size", "4", *same)) == 0
+    assert main(_fit_args(dataset, halved, 1, "--steps", "2", "--batch-size", "4", *same)) == 0
+    capsys.readouterr()
+    with caplog.at_level("INFO"):
+        assert main(_fit_args(dataset, halved, 1, "--steps", "4", "--batch-size", "2", "--accumulate", "2",
+                              "--resume", *same)) == 0
+    assert "each step's 4 pairs per process now come as 2 micro-batch(es) of 2 (the run so far: 1 of 4); " \
+           "the data order continues" in caplog.text
+    resumed, reference = load_run_state(halved, 1), load_run_state(straight, 1)
+    assert resumed["samples_per_rank"] == reference["samples_per_rank"] == 16
+    for key, value in reference["g1"].items():      # the same pairs, in the same steps
+        torch.testing.assert_close(resumed["g1"][key], value, rtol=1e-5, atol=1e-6)
+    assert [e["recon"] for e in _logged(halved)] == pytest.approx([e["recon"] for e in _logged(straight)], rel=1e-5)
+    # another number of pairs per step is refused, saying what to keep
+    assert main(_fit_args(dataset, halved, 1, "--steps", "5", "--batch-size", "2", "--resume", *same)) == 2
+    assert "--batch-size 2 × --accumulate 1 = 2 pairs per process and step, but the run takes 2 × 2 = 4: keep the " \
+           "product (e.g. --batch-size 2 --accumulate 2)" in capsys.readouterr().err
+    # stage 2: D's batch norm takes its statistics per micro-batch, so the steps change: a warning
+    assert main(_fit_args(dataset, halved, 2, "--steps", "1", "--batch-size", "4", "--no-bf16")) == 0
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert main(_fit_args(dataset, halved, 2, "--steps", "2", "--batch-size", "2", "--accumulate", "2",
+                              "--resume", "--no-bf16")) == 0
+    assert "D's batch norm now takes its statistics over micro-batches of 2 instead of 4" in caplog.text
+    assert load_run_state(halved, 2)["step"] == 2
+
+
+def test_a_resume_writes_the_whole_runs_settings_for_config(tmp_path, dataset):
+    out = tmp_path / "run"
+    hyper = ("--batch-size", "2", "--lr", "1e-3", "--no-flip", "--seed", "5")
+    assert main(_fit_args(dataset, out, 1, "--steps", "3", "--save-every", "2", "--sample-every", "3", *hyper)) == 0
+    # a resume repeats what it must and changes how often it logs; its target stays the run's 3 steps
+    assert main(_fit_args(dataset, out, 1, "--resume", "--log-every", "2", *hyper)) == 0
+    settings = (out / "stage1-config.toml").read_text()
+    assert "steps = 3\n" in settings and "save-every = 2\n" in settings and "log-every = 2\n" in settings
+    again = tmp_path / "again"
+    assert main(["fit", "--config", str(out / "stage1-config.toml"), "--out", str(again)]) == 0
+    state, original = load_run_state(again, 1), load_run_state(out, 1)
+    assert state["step"] == original["step"] == 3
+    config = state["train_config"]
+    assert (config["batch_size"], config["lr"], config["flip"], config["seed"], config["save_every"],
+            config["sample_every"], config["log_every"]) == (2, 1e-3, False, 5, 2, 3, 2)
+    for key, value in original["g1"].items():       # the same run again
+        torch.testing.assert_close(state["g1"][key], value, rtol=1e-5, atol=1e-6)
+    assert main(["fit", "--config", str(out / "stage1-config.toml"), "--resume", "--steps", "4"]) == 0
+    assert load_run_state(out, 1)["step"] == 4
+
+
+def test_a_changed_val_metric_sets_the_earlier_best_aside_and_says_so(tmp_path, dataset, caplog):
+    held_out = write_dataset(tmp_path / "val", split="test", identities=2, seed=1)
+    out = tmp_path / "run"
+    validation = ["--val-every", "2", "--val-data-root", str(held_out["images"]), "--val-annotations",
+                  str(held_out["annotations"]), "--val-pairs", str(held_out["pairs"]), "--val-limit", "4"]
+    assert main(_fit_args(dataset, out, 1, "--steps", "2", *validation)) == 0
+    assert load_run_state(out, 1)["best"]["metric"] == "ssim_pg2"
+    with caplog.at_level("WARNING"):
+        assert main(_fit_args(dataset, out, 1, "--steps", "4", "--resume", "--val-metric", "l1", *validation)) == 0
+    assert "--val-metric changed from ssim_pg2 to l1: the best so far (step 2, ssim_pg2 " in caplog.text
+    assert f"the next validation starts a new best by l1; the earlier best checkpoint is now " \
+           f"{out / 'best-stage1-ssim_pg2.json'}" in caplog.text
+    earlier = json.loads((out / "best-stage1-ssim_pg2.json").read_text())
+    assert earlier["provenance"]["step"] == 2 and "ssim_pg2" in earlier["metrics"]["rows"]["g1"]
+    assert (out / "best-stage1-ssim_pg2.safetensors").is_file()
+    best = load_run_state(out, 1)["best"]
+    assert (best["metric"], best["step"]) == ("l1", 4)
+    assert json.loads((out / "best-stage1.json").read_text())["provenance"]["step"] == 4
+
+
+@pytest.mark.parametrize("name", ["SIGHUP", "SIGUSR1"])
+def test_hangup_and_usr1_save_the_state_and_exit_143(tmp_path, dataset, name):
+    """A closed terminal or SSH session hangs up the whole process group (loader workers too);
+    batch schedulers send SIGUSR1 ahead of a time limit."""
+    if not hasattr(signal, name):
+        pytest.skip(f"no {name} on this platform")
+    out = tmp_path / "run"
+    process = _start(dataset, out, 100_000, 5, "--workers", "1", start_new_session=True)
+    _wait_for_state(state_path(out, 1), process)
+    os.killpg(process.pid, getattr(signal, name))
+    returncode, stderr = _finish(process, timeout=60)
+    assert returncode == 143, stderr
+    state = load_run_state(out, 1)
+    assert state["step"] == _logged(out)[-1]["step"] < 100_000
+    assert "continue with --resume" in stderr

@@ -4,7 +4,7 @@
     pg2-train pairs --images DIR --annotations CSV --out PAIRS.csv [--seed S]
     pg2-train fit --preset P --data-root DIR --annotations CSV --pairs CSV --stage 1|2 --out RUN [--resume]
     torchrun --standalone --nproc_per_node N -m training.cli fit ...   # DDP, see training/distributed.py
-    pg2-train export RUN --out CKPT [--dtype float16]
+    pg2-train export RUN --out CKPT [--dtype float16] [--stage 1|2] [--no-ema]
     pg2-train eval --checkpoint CKPT --data-root DIR --annotations CSV --pairs CSV --out DIR
                    [--pckh] [--inception-weights PTH --fid-train-root DIR | --fid-train-stats NPZ] [--lpips-weights PTH]
     pg2-train annotate --images DIR --out ANNOTATIONS.csv [--truth CSV]   # keypoints from photos (pose extra)
@@ -34,7 +34,7 @@ from .trainer import VALIDATION_METRICS
 
 log = logging.getLogger("training")
 
-EXIT_INTERRUPTED = 143  # 128 + SIGTERM: the state was saved; run again with --resume
+EXIT_INTERRUPTED = 143  # 128 + SIGTERM, after any stop signal: the state was saved; run again with --resume
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser, images_help: str, required: bool = True) -> None:
@@ -60,10 +60,52 @@ def _load_split(args: argparse.Namespace, quiet: bool = False):
 
 # -- fit --------------------------------------------------------------------------------------
 
+def _check_ranks_agree(job, split, resume: bool, existing: Path, saved_step: int | None) -> None:
+    """Stop every rank when they loaded different pairs or see different run states.
+
+    Each node reads --data-root, --annotations, --pairs and --out itself: on local disks that
+    differ, ranks would train on other pairs, or some resume while others start afresh.
+    """
+    from .distributed import gather_from_ranks
+
+    views = gather_from_ranks({"pairs": len(split.pairs), "sha256": split.pairs_digest, "resume": resume,
+                               "state": existing.is_file(), "step": saved_step}, job)
+    problems = []
+    data = [f"{v['pairs']} pairs (sha256 {v['sha256'][:12]})" for v in views]
+    if len(set(data)) > 1:
+        problems.append(_by_rank([(f"sees {d}", f"see {d}") for d in data]))
+    runs = []
+    for v in views:
+        if v["resume"] and v["state"]:
+            runs.append((f"resumes {existing} at step {v['step']}", f"resume {existing} at step {v['step']}"))
+        elif v["resume"]:
+            runs.append((f"finds no {existing} to resume", f"find no {existing} to resume"))
+        elif v["state"]:
+            runs.append((f"starts a new run over an existing {existing}",
+                         f"start a new run over an existing {existing}"))
+        else:
+            runs.append(("starts a new run", "start a new run"))
+    if len(set(runs)) > 1:
+        problems.append(_by_rank(runs))
+    if problems:
+        raise ValueError(f"the {job.world_size} processes disagree: " + "; ".join(problems)
+                         + ": --data-root, --annotations, --pairs and --out must be the same files on every node "
+                           "(a shared filesystem), and every node must get the same command")
+
+
+def _by_rank(descriptions: list[tuple[str, str]]) -> str:
+    """"rank 1 sees X, ranks 0, 2 see Y": ranks grouped by what they report, (singular, plural)."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for rank, description in enumerate(descriptions):
+        groups.setdefault(description, []).append(rank)
+    return ", ".join(f"rank {ranks[0]} {one}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))} {many}"
+                     for (one, many), ranks in groups.items())
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     from pg2_server.model import ModelConfig, preset
 
-    from .distributed import init_distributed, shutdown
+    from .distributed import from_main, init_distributed, shutdown
     from .trainer import Trainer, initial_weights, load_run_state, pretrained_g1, state_path, train_config
 
     settings = fit_settings(args)
@@ -74,12 +116,18 @@ def cmd_fit(args: argparse.Namespace) -> int:
     try:
         run_dir = Path(args.out)
         existing = state_path(run_dir, args.stage)
-        args.resume = existing.is_file() if args.resume == "auto" else args.resume == "yes"
+        # Rank 0 decides `--resume auto` for every rank: all continue the run, or all start it.
+        main_has_state = from_main(existing.is_file(), job)
+        args.resume = main_has_state if args.resume == "auto" else args.resume == "yes"
         saved = None   # the resumed run's settings (its weights are the trainer's to load)
+        saved_step = None
         if args.resume and existing.is_file():
             state = load_run_state(run_dir, args.stage)
             saved = {k: state.get(k, {}) for k in ("train_config", "model_config", "data")}
+            saved_step = int(state["step"])
             del state
+        split = _load_split(args, quiet=not job.is_main)
+        _check_ranks_agree(job, split, args.resume, existing, saved_step)
         # `--resume` alone goes on to the run's own target, not the preset's
         steps = saved["train_config"]["steps"] if args.steps is None and saved is not None else args.steps
         config = train_config(
@@ -140,18 +188,19 @@ def cmd_fit(args: argparse.Namespace) -> int:
             elif init_config != model_config:
                 raise ValueError(f"--init {args.init} has model config {init_config.to_dict()}, but G1 has "
                                  f"{model_config.to_dict()}: stage 2 starts from a G2 made for the same G1 config")
-        split = _load_split(args, quiet=not job.is_main)
         provenance = {"data_root": str(Path(args.data_root).resolve()),
                       "annotations": str(Path(args.annotations).resolve()),
                       "pairs": str(Path(args.pairs).resolve()),
                       "pairs_used": len(split.pairs), "images": len(split.names),
                       "skipped": {k: len(v) for k, v in split.report.problems.items()}}
         if g1_state is not None:
-            from .export import stage1_history
+            from .export import g1_weights, stage1_history
             provenance["g1_from"] = str(Path(args.g1 or run_dir).resolve())
             # How this G1 was trained, now: stage 1 may be resumed in its folder after this starts.
             if record := stage1_history(provenance["g1_from"]):
                 provenance["g1_stage1"] = record
+            if kind := g1_weights(provenance["g1_from"], record):   # its average, or its last weights
+                provenance["g1_weights"] = kind
         if init_state is not None:
             provenance["init_from"] = str(Path(args.init).resolve())
         validation = None
@@ -166,7 +215,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
                           resume=args.resume, data_provenance=provenance, validation=validation)
         if job.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            write_bytes_atomic(run_dir / f"stage{config.stage}-config.toml", settings_toml(settings).encode())
+            where = run_dir / f"stage{config.stage}-config.toml"
+            if args.resume:   # the whole run's settings, not only the flags given this time
+                settings = resumed_settings(settings, where, saved, config, model_config, args.fit_parser)
+            write_bytes_atomic(where, settings_toml(settings).encode())
             print(f"stage {config.stage}: preset {config.preset}, {config.steps} steps, batch {config.batch_size} × "
                   f"{job.world_size} process(es) on {job.device}, from step {trainer.step}", file=sys.stderr)
         losses = trainer.fit()
@@ -242,6 +294,40 @@ def fit_settings(args: argparse.Namespace) -> dict:
     if all(validation) and not args.val_every:
         raise ValueError("a held-out split was given without --val-every N (steps between validations)")
     return {dest: getattr(args, dest) for dest in actions if getattr(args, dest) is not None}
+
+
+PER_INVOCATION = ("workers", "log_every", "sample_every", "save_every", "compile")   # a resume may change them
+
+
+def resumed_settings(settings: dict, previous: Path, saved: dict, config, model_config, parser) -> dict:
+    """The settings of a resumed run as a whole: those written when it last ran (`previous`,
+    RUN/stageN-config.toml), the saved state's, then what this resume trains with and was given.
+
+    A resume need not repeat every flag (`--steps`, `--save-every`, ... keep the run's), so the
+    flags given this time alone would describe another run.
+    """
+    import tomllib
+
+    known = [a.dest for a in parser._actions if a.dest not in FIT_UNSAVED + ("help",)]
+    merged: dict = {}
+    try:
+        with open(previous, "rb") as f:
+            merged.update({k.replace("-", "_"): v for k, v in tomllib.load(f).items()})
+    except (OSError, tomllib.TOMLDecodeError):   # none yet, or not readable: the state has the rest
+        pass
+    merged.update({k: v for k, v in saved["train_config"].items() if k in PER_INVOCATION})
+    trained = {"preset": config.preset, "stage": config.stage, "steps": config.steps,
+               "batch_size": config.batch_size, "accumulate": config.accumulate, "lr": config.lr,
+               "lambda_l1": config.lambda_l1, "loss": config.reconstruction, "one_stage": config.one_stage,
+               "discriminator": config.discriminator, "no_flip": not config.flip,
+               "color_jitter": config.color_jitter, "seed": config.seed, "no_bf16": not config.bf16,
+               "ema": config.ema or None, "pose_embedding": model_config.pose_embedding,
+               "heatmap_kind": model_config.heatmap_kind, "width": model_config.base_width,
+               "g2_levels": model_config.g2_levels, "g1": saved["data"].get("g1_from"),
+               "init": saved["data"].get("init_from")}
+    merged.update({k: v for k, v in trained.items() if v is not None})
+    merged.update(settings)
+    return {k: merged[k] for k in known if merged.get(k) is not None}
 
 
 def settings_toml(settings: dict) -> str:
@@ -347,8 +433,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.metrics:
         metrics = json.loads(Path(args.metrics).read_text())
     json_path, weights_path = export_run(args.run_dir, args.out, dtype=args.dtype, metrics=metrics,
-                                         ema=not args.no_ema)
-    print(f"wrote {json_path} and {weights_path}")
+                                         ema=not args.no_ema, stage=args.stage)
+    weights = json.loads(json_path.read_text())["provenance"]["weights"]
+    print(f"wrote {json_path} and {weights_path} ("
+          + ", ".join(f"{name.upper()} {kind or 'of unknown kind'}" for name, kind in weights.items()) + ")")
     return 0
 
 
@@ -358,8 +446,12 @@ def _add_export(sub) -> None:
     p.add_argument("--out", required=True, help="checkpoint path without extension, e.g. models/market")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--metrics", help="metrics.json of pg2-train eval to record in the checkpoint")
-    p.add_argument("--no-ema", action="store_true", help="a run trained with --ema: export the last weights, "
-                                                         "not the moving average")
+    p.add_argument("--stage", type=int, choices=[1, 2],
+                   help="the stage to export (default: the newest): 1 is G1 alone, also once stage 2 has begun; "
+                        "2 is G1 + G2")
+    p.add_argument("--no-ema", action="store_true",
+                   help="a run trained with --ema: export the stage's last weights, not the moving average (stage "
+                        "2's G1 stays the one G2 was trained over)")
     p.set_defaults(func=cmd_export)
 
 

@@ -377,14 +377,21 @@ class PairSampler(Sampler):
         return self.per_rank
 
 
+# The signals that stop a training run, which saves its state first: a scheduler's or torchrun's
+# SIGTERM, Ctrl-C, a closed terminal or SSH session (SIGHUP), and SIGUSR1, which batch schedulers
+# (Slurm's --signal) send ahead of a time limit. Those a platform lacks are left out.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1")
+                     if hasattr(signal, name))
+
+
 def _worker_init(_: int) -> None:
     # The loader's processes are the parallelism; OpenCV threads would fight. Forked workers already
     # have 1 from make_loader (then this is a no-op); spawned ones (macOS, Windows) need it here.
     cv2.setNumThreads(1)
     # Ctrl-C and schedulers signal the whole process group: only the trainer may act on it (save
     # the state, then shut the loader down). Workers exit by themselves when the trainer dies.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_IGN)
 
 
 def make_loader(dataset: PairDataset, batch_size: int, sampler: PairSampler, workers: int,

@@ -75,6 +75,24 @@ def any_rank(flag: bool, job: Distributed) -> bool:
     return bool(value.item())
 
 
+def from_main(value, job: Distributed):
+    """Rank 0's `value` on every rank (a picklable object; `value` itself for one process)."""
+    if not job.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, device=job.device if job.device.type == "cuda" else None)
+    return box[0]
+
+
+def gather_from_ranks(value, job: Distributed) -> list:
+    """Every rank's `value` (a picklable object), in rank order, on every rank."""
+    if not job.enabled:
+        return [value]
+    values = [None] * job.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
 def barrier(job: Distributed) -> None:
     if job.enabled:
         dist.barrier()

@@ -35,7 +35,7 @@ from pg2_server.pipeline import bf16_native
 from pg2_server.pose import to_uint8
 from pg2_server.throughput import peak_tflops
 
-from .data import BatchStream, PairDataset, PairSampler, PairSplit, make_loader
+from .data import STOP_SIGNALS, BatchStream, PairDataset, PairSampler, PairSplit, make_loader
 from .discriminator import Discriminator, DiscriminatorConfig, D_KINDS
 from .distributed import Distributed, any_rank, barrier, mean_over_ranks, synchronize_batch_norm
 from .losses import RECONSTRUCTION_LOSSES, discriminator_logits, discriminator_loss, \
@@ -413,7 +413,8 @@ class Trainer:
             raise StateError(f"the run state was written by {state['world_size']} processes; resume with "
                              f"the same number (now {self.job.world_size}) so the data order continues")
         ignored = {"steps", "workers", "log_every", "sample_every", "save_every", "compile",
-                   "val_every", "val_limit", "val_metric", "val_pckh"}
+                   "val_every", "val_limit", "val_metric", "val_pckh",
+                   "batch_size", "accumulate"}   # their product is what counts, checked below
         # A setting the saved state predates had its default then.
         defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
         saved_config = {**defaults, **state["train_config"]}
@@ -423,6 +424,7 @@ class Trainer:
             changed = _differing(old, new)
             raise StateError(f"--resume with different hyper-parameters {changed}: "
                              f"saved {[old.get(k) for k in changed]}, given {[new.get(k) for k in changed]}")
+        self._check_batch(saved_config, state)
         saved_data = state.get("data", {})
         if self.split is not None and saved_data.get("pairs_sha256") not in (None, self.split.pairs_digest):
             raise StateError(f"--resume with other pairs: the run was trained on {saved_data.get('pairs_used')} pairs "
@@ -438,13 +440,17 @@ class Trainer:
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         best = state.get("best", {})
-        if best.get("metric") == self.config.val_metric:
+        if best and not self.config.val_every:   # no validation this time: kept for a later one
+            self.best = best
+        elif best.get("metric") == self.config.val_metric:
             if best.get("scored_on") in (None, self._scored_on()):
                 self.best = best
             else:   # another validation set: its scores do not compare with the saved best
                 logger.warning("the validation pairs or --val-limit changed since the best checkpoint (step %s, "
                                "%s %.4g): the next validation starts a new best", best.get("step"), best["metric"],
                                best["value"])
+        elif best:   # another metric: the saved best is not the best by this one
+            self._set_best_aside(best)
         set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.skipped_images = int(state.get("skipped_images", 0))
@@ -457,13 +463,64 @@ class Trainer:
                                self.precision, self.device.type, "has" if bf16_native(self.device) else "lacks")
             self.precisions.append([self.step, self.precision])
 
+    def _check_batch(self, saved_config: dict, state: dict) -> None:
+        """A resume may split the step's pairs otherwise (--batch-size 8 --accumulate 2 for 16 × 1,
+        after running out of memory): the data order continues where the pairs per step stay."""
+        c = self.config
+        old_batch, old_accumulate = saved_config["batch_size"], saved_config["accumulate"]
+        if (old_batch, old_accumulate) == (c.batch_size, c.accumulate):
+            return
+        per_step = old_batch * old_accumulate
+        if c.batch_size * c.accumulate != per_step:
+            way = (f"--batch-size {c.batch_size} --accumulate {per_step // c.batch_size}"
+                   if per_step % c.batch_size == 0 else f"a --batch-size that divides {per_step}")
+            raise StateError(f"--resume with --batch-size {c.batch_size} × --accumulate {c.accumulate} = "
+                             f"{c.batch_size * c.accumulate} pairs per process and step, but the run takes "
+                             f"{old_batch} × {old_accumulate} = {per_step}: keep the product (e.g. {way}) so the "
+                             "steps and the data order continue")
+        consumed = state.get("samples_per_rank")
+        if consumed is not None and consumed != int(state["step"]) * per_step:
+            raise StateError(f"the run state's data position ({consumed} pairs per process) is not its "
+                             f"{state['step']} steps × {per_step} pairs: the state is damaged; resume from another")
+        if not self.job.is_main:
+            return
+        change = (f"each step's {per_step} pairs per process now come as {c.accumulate} micro-batch(es) of "
+                  f"{c.batch_size} (the run so far: {old_accumulate} of {old_batch}); the data order continues")
+        if c.adversarial:   # D's batch norm takes its statistics per micro-batch
+            logger.warning("%s, but D's batch norm now takes its statistics over micro-batches of %d instead "
+                           "of %d, so the adversarial steps differ from the run's so far", change, c.batch_size,
+                           old_batch)
+        else:
+            logger.info("%s: the steps are those of the run so far, up to rounding", change)
+
+    def _set_best_aside(self, best: dict) -> None:
+        """The validation metric changed: keep the best checkpoint so far under its metric's name."""
+        if not self.job.is_main:
+            return
+        stage, metric = self.config.stage, best.get("metric")
+        current = self.run_dir / f"best-stage{stage}"
+        target = self.run_dir / f"best-stage{stage}-{metric}"
+        if target.with_suffix(".json").exists():   # set aside before: keep that one too
+            target = self.run_dir / f"best-stage{stage}-{metric}-step{best.get('step')}"
+        moved = None
+        if current.with_suffix(".json").is_file():
+            for suffix in (".json", ".safetensors"):   # the .json first: it is what names a checkpoint
+                if current.with_suffix(suffix).is_file():
+                    current.with_suffix(suffix).rename(target.with_suffix(suffix))
+            moved = target.with_suffix(".json")
+        logger.warning("--val-metric changed from %s to %s: the best so far (step %s, %s %.4g) is not judged "
+                       "by %s, so the next validation starts a new best by %s%s", metric, self.config.val_metric,
+                       best.get("step"), metric, best.get("value"), self.config.val_metric, self.config.val_metric,
+                       f"; the earlier best checkpoint is now {moved}" if moved else "")
+
     # -- the loop ------------------------------------------------------------------------------
 
     def _request_stop(self, signum, frame) -> None:
         self.stop_requested = True
 
     def fit(self) -> dict[str, float]:
-        """Train to `config.steps`, saving every `save_every` steps, on SIGTERM/SIGINT and on failure.
+        """Train to `config.steps`, saving every `save_every` steps, on a stop signal (SIGTERM, SIGINT,
+        SIGHUP, SIGUSR1: `STOP_SIGNALS`) and on failure.
 
         Returns the last logged losses, and `interrupted: 1.0` if a signal stopped the run. An
         exception (a data error with `--strict`, out of memory, ...) saves the state of the last
@@ -480,7 +537,7 @@ class Trainer:
         # the caller owns interruption.
         catch = threading.current_thread() is threading.main_thread()
         log = _LossLog(self.run_dir, c.stage, self.step, self.job.is_main)
-        previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGTERM, signal.SIGINT)} if catch else {}
+        previous = {s: signal.signal(s, self._request_stop) for s in STOP_SIGNALS} if catch else {}
         bar = tqdm(total=c.steps, initial=self.step, desc=f"stage {c.stage}", unit="step",
                    disable=not self.job.is_main, dynamic_ncols=True)
         last: dict[str, float] = {}
@@ -599,13 +656,21 @@ class Trainer:
                                                             else value < self.best["value"])):
                 save_checkpoint(self.run_dir / f"best-stage{self.config.stage}", self.model_config, g1, g2,
                                 provenance={"trained_by": "pg2-train", "stage": self.config.stage, "step": self.step,
-                                            "ema": self.ema is not None, "data": self.data_provenance,
+                                            "ema": self.ema is not None, "weights": self._weights(),
+                                            "data": self.data_provenance,
                                             "train_config": self.config.to_dict()},
                                 metrics=metrics)
                 self.best = {"step": self.step, "metric": metric, "value": value,   # once it is on disk
                              "scored_on": self._scored_on()}
         barrier(self.job)
         return self.best
+
+    def _weights(self) -> dict[str, str | None]:
+        """What `serving_networks` gives, per network: the moving average or the last weights."""
+        trained = "average" if self.ema is not None else "last"
+        if self.config.stage == 1:
+            return {"g1": trained}
+        return {"g1": self.data_provenance.get("g1_weights"), "g2": trained}
 
     def _scored_on(self) -> str | None:
         """What validation scores: the held-out pairs' digest and how many are scored."""
