@@ -96,8 +96,19 @@ def save_checkpoint(path: str | Path, config: ModelConfig, g1: torch.nn.Module,
     return json_path, weights_path
 
 
+def _not_a_folder(path: str | Path) -> None:
+    """A folder given as a checkpoint: say so, and name the descriptions inside it."""
+    path = Path(path)
+    if not path.is_dir():
+        return
+    inside = sorted(p.name for p in path.glob("*.json"))[:3]
+    hint = f" (it holds {', '.join(inside)})" if inside else ""
+    raise CheckpointError(f"{path} is a folder, not a checkpoint: pass the NAME.json inside it{hint}")
+
+
 def read_description(json_path: Path) -> dict:
     """A checkpoint's NAME.json (config, provenance, metrics), checked, without its weights."""
+    _not_a_folder(json_path)
     if not json_path.is_file():
         raise CheckpointError(f"checkpoint description {json_path} does not exist "
                               "(a checkpoint is NAME.json + NAME.safetensors)")
@@ -139,6 +150,7 @@ def _load_module(module: torch.nn.Module, tensors: dict, prefix: str, weights_pa
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Load `path` (NAME, NAME.json or NAME.safetensors) into fp32 CPU networks in eval mode."""
+    _not_a_folder(path)
     json_path, weights_path = checkpoint_paths(path)
     description = read_description(json_path)
     try:

@@ -8,6 +8,8 @@ Layer by layer it follows the official TensorFlow release of PG2.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +20,10 @@ from .keypoints import COUNT, NAMES
 from .wire.protocol import Size
 
 POSE_EMBEDDINGS = ("heatmaps", "ce", "hme")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -37,21 +43,39 @@ class ModelConfig:
     keypoints: tuple[str, ...] = field(default=NAMES)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "canvas", Size(*(int(v) for v in self.canvas)))
+        canvas = self.canvas
+        if (not isinstance(canvas, (tuple, list)) or len(canvas) != 2
+                or not all(_is_int(v) and v > 0 for v in canvas)):
+            raise ValueError(f"canvas must be two positive integers (width, height), got {canvas!r}")
+        object.__setattr__(self, "canvas", Size(*(int(v) for v in canvas)))
+        if isinstance(self.keypoints, str) or not isinstance(self.keypoints, (tuple, list)):
+            raise ValueError(f"keypoints must be a list of keypoint names, got {self.keypoints!r}")
         object.__setattr__(self, "keypoints", tuple(self.keypoints))
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the field that is inconsistent."""
+        """Raise ValueError naming the field that is inconsistent or of the wrong type."""
+        for name in ("preset", "pose_embedding", "heatmap_kind"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
+        for name in ("base_width", "g1_levels", "g2_levels", "z_dim", "heatmap_radius"):
+            value = getattr(self, name)
+            if not _is_int(value):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {value}")
+        if not isinstance(self.g2_skip_finest, bool):
+            raise ValueError(f"g2_skip_finest must be true or false, got {self.g2_skip_finest!r}")
+        sigma = self.heatmap_sigma
+        if not (isinstance(sigma, numbers.Real) and not isinstance(sigma, bool)):
+            raise ValueError(f"heatmap_sigma must be a number, got {sigma!r}")
+        if not (math.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"heatmap_sigma must be a positive number, got {sigma}")
         width, height = self.canvas
-        if self.g1_levels < 1 or self.g2_levels < 1:
-            raise ValueError(f"g1_levels and g2_levels must be ≥ 1, got {self.g1_levels}, {self.g2_levels}")
         for levels, name in ((self.g1_levels, "g1_levels"), (self.g2_levels, "g2_levels")):
             step = 2 ** (levels - 1)
             if height % step or width % step:
                 raise ValueError(f"canvas {width}×{height} (W×H) must be divisible by 2^({name}-1) = {step}")
-        if self.base_width < 1 or self.z_dim < 1:
-            raise ValueError("base_width and z_dim must be positive")
         if self.pose_embedding not in POSE_EMBEDDINGS:
             raise ValueError(f"pose_embedding must be one of {POSE_EMBEDDINGS}, got {self.pose_embedding!r}")
         if self.heatmap_kind not in ("disk", "gaussian"):
@@ -68,10 +92,18 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
         """Read `to_dict`'s output, or the older layout whose "canvas" is a list [height, width]."""
+        if not isinstance(data, dict):
+            raise ValueError(f"the model config must be a JSON object, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown model config keys {unknown}; known: {sorted(known)}")
+        # Every field is saved; a default would build another network (or other inputs) than the
+        # weights were trained with, and then the weights' shapes, not the file, would be blamed.
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data]
+        if missing:
+            raise ValueError(f"model config lacks {missing}: every field is saved with the weights, so the "
+                             "file was edited or cut short; restore them from the run that trained the weights")
         data = dict(data)
         canvas = data.get("canvas")
         if isinstance(canvas, dict):

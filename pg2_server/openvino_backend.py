@@ -3,7 +3,11 @@
 The torch networks are converted once with `openvino.convert_model` (batch left dynamic) and
 the converted model is cached next to the checkpoint as `NAME.openvino/stages.xml` + `.bin`,
 with `key.json` holding a hash of the weights and config, the network and conversion code and the
-torch and OpenVINO versions: new weights or an upgrade get a fresh conversion. Inference precision is bf16 where the CPU has bf16 units, else fp32.
+torch and OpenVINO versions: new weights or an upgrade get a fresh conversion. `key.json` also
+holds the SHA-256 of the cached files, checked on every load: a damaged cache is converted again,
+not served. The cache is written into a staging folder that is renamed into place, so a reader
+(or a second process writing at the same time) sees a whole cache or none.
+Inference precision is bf16 where the CPU has bf16 units, else fp32.
 `Pipeline` keeps the preparation and output code; only `forward` runs here.
 
 A batch size that keeps coming back (a server's full batch, a render's batch) gets a copy of
@@ -11,7 +15,10 @@ the model compiled for that static shape, which runs faster than the dynamic one
 models (measured in docs/performance.md); a few such copies are kept, the least recently used
 dropped first. Every run is timed: a static copy measured no faster than the dynamic model at
 its size is dropped (and that size never compiled again), and a smaller batch runs padded on a
-static copy when that is measured faster than running it dynamically (`rows`).
+static copy when that is measured faster than running it dynamically (`rows`). Where batch sizes
+vary more than the copies kept, copies would be compiled and dropped without end: after
+STATIC_EVICTIONS drops no new sizes are compiled. A static compile is only a speed-up: one that
+fails leaves its size on the dynamic model.
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -39,6 +47,8 @@ STATIC_AFTER = 3   # a batch size seen this often gets its own static-shape comp
 STATIC_KEEP = 2    # static compiles kept (each holds its own weights and buffers: ~170 MiB for market)
 JUDGE_RUNS = 8     # timed runs of a static compile (after its first) before it is judged against the dynamic model
 GAIN = 0.95        # a static compile is kept only when its best run takes at most this share of the dynamic's
+STATIC_EVICTIONS = 4   # static compiles dropped for another size before no new sizes are compiled
+CACHED_FILES = ("stages.xml", "stages.bin")
 
 
 def available() -> bool:
@@ -99,6 +109,32 @@ class _Static:
     runs: int = -1
 
 
+def _rename_folder(staging: Path, target: Path) -> None:
+    """Put the folder `staging` in `target`'s place by renames: a reader finds the old folder, none
+    or the new one, never a mix. Of two processes doing this at once, one's folder stays."""
+    try:
+        os.rename(staging, target)
+        return
+    except OSError:
+        if not target.exists() and not target.is_symlink():
+            raise
+    old = staging.with_name(staging.name + ".old")
+    try:
+        os.rename(target, old)
+    except FileNotFoundError:
+        pass   # another process moved it first
+    try:
+        os.rename(staging, target)
+    except OSError:
+        if not target.is_dir():
+            raise   # otherwise another process's whole folder got there first: it stays
+    finally:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        elif old.exists() or old.is_symlink():
+            old.unlink()
+
+
 def padded_rows(batch: int, static_ms: dict[int, float], dynamic_ms: dict[int, float]) -> int:
     """The rows to run `batch` inputs as: the smallest static size above it whose measured time
     beats the dynamic model's at `batch` (measured, or scaled down from the static size's own
@@ -136,7 +172,9 @@ class OpenVinoStages:
         self.request = self.core.compile_model(model, "CPU", self.properties).create_infer_request()
         self.static: OrderedDict[int, _Static] = OrderedDict()   # batch size -> its static compile
         self.dynamic_ms: dict[int, float] = {}   # best dynamic run per batch size
-        self.no_gain: set[int] = set()           # sizes whose static compile was measured no faster
+        self.no_gain: set[int] = set()           # sizes whose static compile was measured no faster, or failed
+        self.static_enabled = True               # off: every batch runs the dynamic model (e.g. while timed)
+        self.evictions = 0                       # static compiles dropped to make room for another size
         self._seen: Counter[int] = Counter()
         self._lock = threading.Lock()
 
@@ -154,22 +192,35 @@ class OpenVinoStages:
         if batch in self.static:
             self.static.move_to_end(batch)
             return self.static[batch]
-        if batch in self.no_gain:
+        if batch in self.no_gain or not self.static_enabled:
             return None
         self._seen[batch] += 1
         if self._seen[batch] < STATIC_AFTER:
             return None
-        model = self.model.clone()
-        shapes = {port: port.get_partial_shape() for port in model.inputs}
-        for shape in shapes.values():
-            shape[0] = batch
-        model.reshape(shapes)
-        log.info("compiling OpenVINO for batches of %d", batch)
-        self.static[batch] = _Static(self.core.compile_model(model, "CPU", self.properties).create_infer_request())
+        if len(self.static) >= STATIC_KEEP and self.evictions >= STATIC_EVICTIONS:
+            if self.evictions == STATIC_EVICTIONS:
+                log.info("OpenVINO: batch sizes vary more than %d static compiles can follow (%d dropped); "
+                         "new sizes run on the dynamic model", STATIC_KEEP, self.evictions)
+                self.evictions += 1   # said once
+            return None
+        try:
+            model = self.model.clone()
+            shapes = {port: port.get_partial_shape() for port in model.inputs}
+            for shape in shapes.values():
+                shape[0] = batch
+            model.reshape(shapes)
+            log.info("compiling OpenVINO for batches of %d", batch)
+            static = _Static(self.core.compile_model(model, "CPU", self.properties).create_infer_request())
+        except Exception as e:   # a static compile is only a speed-up: it never fails a batch
+            log.warning("cannot compile OpenVINO for batches of %d (%s); they run on the dynamic model", batch, e)
+            self.no_gain.add(batch)
+            return None
+        self.static[batch] = static
         if len(self.static) > STATIC_KEEP:
             dropped, _ = self.static.popitem(last=False)
             self._seen[dropped] = 0   # it has to recur again before it is compiled again
-        return self.static[batch]
+            self.evictions += 1
+        return static
 
     def _judge(self, batch: int, static: _Static) -> None:
         """Drop a static compile that is not measurably faster than the dynamic model at its size."""
@@ -202,35 +253,58 @@ class OpenVinoStages:
 
     @staticmethod
     def _cached(ov, cache_dir: Path, key: str):
+        """The cached conversion for `key`, or None (absent, stale or damaged: converted again)."""
         try:
             stored = json.loads((cache_dir / "key.json").read_text())
         except (OSError, ValueError):
             return None
-        if stored.get("weights") != key or stored.get("openvino") != ov.get_version():
+        if not isinstance(stored, dict) or stored.get("weights") != key \
+                or stored.get("openvino") != ov.get_version():
             log.info("%s was converted from other weights or another OpenVINO; converting again", cache_dir)
             return None
+        expected = stored.get("sha256")
+        if not isinstance(expected, dict):
+            log.info("%s has no checksums of its files (an older cache); converting again", cache_dir)
+            return None
         try:
-            return ov.Core().read_model(str(cache_dir / "stages.xml"))
+            # Read once and check what was read: the model is built from these bytes, not the files.
+            data = {name: (cache_dir / name).read_bytes() for name in CACHED_FILES}
+        except OSError as e:
+            log.warning("cannot read the cached OpenVINO model in %s (%s); converting again", cache_dir, e)
+            return None
+        damaged = [name for name in CACHED_FILES if hashlib.sha256(data[name]).hexdigest() != expected.get(name)]
+        if damaged:
+            log.warning("the cached OpenVINO model in %s is damaged (%s differs from the checksum in key.json); "
+                        "converting again", cache_dir, ", ".join(damaged))
+            return None
+        try:
+            return ov.Core().read_model(data["stages.xml"], data["stages.bin"])
         except RuntimeError as e:
             log.warning("cannot read the cached OpenVINO model in %s (%s); converting again", cache_dir, e)
             return None
 
     @staticmethod
     def _store(ov, model, cache_dir: Path, key: str) -> None:
-        """Write the converted model; a read-only install directory only costs a conversion per start."""
+        """Write the converted model; a read-only install directory or a full disk only costs a
+        conversion per start. Written whole into a staging folder beside `cache_dir`, then renamed
+        into its place."""
+        staging = None
         try:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".tmp-"))
+            staging = Path(tempfile.mkdtemp(dir=cache_dir.parent, prefix=f".{cache_dir.name}.tmp-"))
             ov.save_model(model, str(staging / "stages.xml"), compress_to_fp16=False)
-            (staging / "key.json").write_text(json.dumps({"weights": key, "openvino": ov.get_version()}) + "\n")
-            # key.json last: a reader never pairs a new key with an old model
-            for name in ("stages.xml", "stages.bin", "key.json"):
+            sums = {name: hashlib.sha256((staging / name).read_bytes()).hexdigest() for name in CACHED_FILES}
+            (staging / "key.json").write_text(
+                json.dumps({"weights": key, "openvino": ov.get_version(), "sha256": sums}) + "\n")
+            for name in CACHED_FILES + ("key.json",):
                 os.chmod(staging / name, 0o644)
-                os.replace(staging / name, cache_dir / name)
-            staging.rmdir()
-        except OSError as e:
+            os.chmod(staging, 0o755)
+            _rename_folder(staging, cache_dir)
+        except (OSError, RuntimeError) as e:   # ov.save_model raises RuntimeError on a full disk
             log.warning("cannot cache the OpenVINO model in %s (%s); it will be converted again next time",
                         cache_dir, e)
+        finally:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
 
     def __call__(self, sources: np.ndarray, heatmaps: np.ndarray,
                  coordinates: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:

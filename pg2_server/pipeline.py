@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,20 @@ from .pose import FrameFit, check_image, fit_frame, heatmaps, pose_coordinates, 
 
 DTYPES = {**CHECKPOINT_DTYPES, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BACKENDS = ("auto", "torch", "openvino")
+AUTO_BATCH_TEXTURE = 8   # the race's image: this many random pixels a side, smoothly enlarged to the canvas
+AUTO_GAIN = 0.9   # "auto" takes OpenVINO only where it takes at most this share of torch's time per image
+
+log = logging.getLogger("pg2_server.pipeline")
+
+
+class NonFiniteOutput(SetupError):
+    """The model gave NaN or inf: its weights, a cached conversion or the dtype is at fault, not the input."""
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (OpenVINO's run over several), cut to `limit` characters."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def cpu_bf16_units() -> str | None:
@@ -195,6 +210,11 @@ class Pipeline:
         self.provenance = provenance or {}
         self.metrics = metrics or {}
         self.fast = fast
+        if self.device.type == "cpu" and self.dtype == torch.float16:
+            # A float16 checkpoint loads in float32: only the compute dtype is refused here.
+            raise ValueError("--dtype float16 on the CPU runs about 50× slower than float32 (the CPU has no "
+                             "float16 kernels for these layers); use --dtype bfloat16 (fast on CPUs with bf16 "
+                             "units), float32, or auto to pick")
         self.backend = resolve_backend(backend, self.device, fast, self.dtype)
         # On the CPU, bf16 weights are converted once here: autocast would recast every weight on
         # every call, which shows at small batches. bf16 convolutions only reach the matrix
@@ -207,44 +227,89 @@ class Pipeline:
         self._staging: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._stages_fn = self._stages
         self.openvino = None
+        self.openvino_cache = cache_dir
         self.backend_times: dict[str, float] = {}  # "auto": ms per image of each backend, measured
         if self.backend == "openvino":
-            from .openvino_backend import OpenVinoStages
-
-            torch_format, self.memory_format = self.memory_format, torch.contiguous_format
-            self.openvino = OpenVinoStages(config, self.g1, self.g2, self.dtype, cache_dir)
-            if backend != "auto":
-                return
-            # "auto": OpenVINO only where it is measured faster than torch on this machine.
-            openvino_ms = self._ms_per_image()
-            stages, self.openvino, self.memory_format = self.openvino, None, torch_format
-            self._setup_torch(fast)
-            torch_ms = self._ms_per_image()
-            self.backend_times = {"openvino": round(openvino_ms, 3), "torch": round(torch_ms, 3)}
-            if openvino_ms < torch_ms:
-                self.openvino, self.memory_format = stages, torch.contiguous_format
-            else:
-                self.backend = "torch"
+            self._setup_openvino(backend, fast, cache_dir)
             return
         self._setup_torch(fast)
 
-    AUTO_BATCH = 4  # the batch "auto" times both backends at
+    def _setup_openvino(self, backend: str, fast: FastPath | None, cache_dir: Path | None) -> None:
+        """Convert and compile for OpenVINO; with "auto", time it against torch and keep OpenVINO only
+        where it is clearly faster and gives torch's outputs."""
+        torch_format, self.memory_format = self.memory_format, torch.contiguous_format
+        try:
+            from .openvino_backend import OpenVinoStages
 
-    def _ms_per_image(self, rounds: int = 3) -> float:
-        """Milliseconds per image of the current backend at AUTO_BATCH (best of `rounds`, after
-        a warm-up run), on zero inputs of the model's canvas."""
+            self.openvino = OpenVinoStages(self.config, self.g1, self.g2, self.dtype, cache_dir)
+            if backend == "auto":
+                self.openvino.static_enabled = False   # static compiles follow the traffic, not the timing
+                openvino_ms, openvino_out = self._race()
+                self.openvino.static_enabled = True
+        except SetupError:
+            raise
+        except Exception as e:   # OpenVINO's conversion, compile or first run failed
+            if backend != "auto":
+                raise SetupError(f"cannot run the model on OpenVINO ({_one_line(e)}); use --backend torch") from e
+            log.warning("backend auto: OpenVINO failed to start (%s); running on torch", _one_line(e))
+            self.openvino, self.memory_format, self.backend = None, torch_format, "torch"
+            self._setup_torch(fast)
+            return
+        if backend != "auto":
+            return
+        stages, self.openvino, self.memory_format = self.openvino, None, torch_format
+        self._setup_torch(fast)
+        torch_ms, torch_out = self._race()
+        self.backend_times = {"openvino": round(openvino_ms, 3), "torch": round(torch_ms, 3)}
+        dtype = str(self.dtype).replace("torch.", "")
+        tolerance = FAST_PATH_TOLERANCE[dtype]
+        difference = float(np.max([np.abs(a - b).max() for a, b in zip(openvino_out, torch_out)]))  # NaN stays
+        times = (f"OpenVINO {openvino_ms:.2f} ms/image, torch {torch_ms:.2f} ms/image ({dtype}, batches of "
+                 f"{self.AUTO_BATCH})")
+        if not difference <= tolerance:   # NaN included
+            log.warning("backend auto: OpenVINO's output differs from torch's by %.3g (%g allowed in %s): "
+                        "running on torch; a damaged OpenVINO install or cache%s is the likely cause (%s)",
+                        difference, tolerance, dtype, f" ({cache_dir})" if cache_dir is not None else "", times)
+            self.backend = "torch"
+        elif openvino_ms <= AUTO_GAIN * torch_ms:
+            log.info("backend auto: %s; running on OpenVINO", times)
+            self.openvino, self.memory_format = stages, torch.contiguous_format
+        else:
+            log.info("backend auto: %s; running on torch (OpenVINO is taken only when at least %d %% faster)",
+                     times, round(100 * (1 - AUTO_GAIN)))
+            self.backend = "torch"
+
+    AUTO_BATCH = 4  # the batch "auto" times both backends at (and compares their outputs on)
+
+    def _race_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """AUTO_BATCH fixed inputs like a request's: a smooth image and heat-maps of a pose on the canvas."""
         width, height = self.config.canvas
-        sources = torch.zeros(self.AUTO_BATCH, 3, height, width).contiguous(memory_format=self.memory_format)
-        maps = torch.zeros(self.AUTO_BATCH, COUNT, height, width).contiguous(
-            memory_format=self.memory_format)
-        coordinates = torch.zeros(self.AUTO_BATCH, 2 * COUNT) if self.config.pose_embedding == "ce" else None
-        self.forward(sources, maps, coordinates)
+        rng = np.random.default_rng(0)
+        coarse = rng.integers(0, 256, (AUTO_BATCH_TEXTURE, AUTO_BATCH_TEXTURE, 3), dtype=np.uint8)
+        image = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_LINEAR)
+        points = np.stack([rng.uniform(0, width - 1, COUNT), rng.uniform(0, height - 1, COUNT)], 1)
+        c = self.config
+        sources = np.repeat(to_unit_range(image)[None], self.AUTO_BATCH, 0)
+        maps = np.repeat(heatmaps(points, c.canvas, c.heatmap_radius, c.heatmap_kind, c.heatmap_sigma)[None],
+                         self.AUTO_BATCH, 0)
+        coordinates = np.repeat(pose_coordinates(points, c.canvas)[None], self.AUTO_BATCH, 0)
+        return (torch.from_numpy(sources).contiguous(memory_format=self.memory_format),
+                torch.from_numpy(np.ascontiguousarray(maps, np.float32)).contiguous(memory_format=self.memory_format),
+                torch.from_numpy(np.ascontiguousarray(coordinates, np.float32))
+                if self.config.pose_embedding == "ce" else None)
+
+    def _race(self, rounds: int = 3) -> tuple[float, tuple[np.ndarray, np.ndarray]]:
+        """Milliseconds per image of the current backend at AUTO_BATCH (best of `rounds`, after a
+        warm-up run), and its (G1, final) outputs, on the same fixed inputs for every backend."""
+        inputs = self._race_inputs()
+        coarse, final = self.forward(*inputs)
+        outputs = (coarse.cpu().numpy().copy(), final.cpu().numpy().copy())
         best = float("inf")
         for _ in range(rounds):
             started = time.perf_counter()
-            self.forward(sources, maps, coordinates)
+            self.forward(*inputs)
             best = min(best, time.perf_counter() - started)
-        return best * 1000 / self.AUTO_BATCH
+        return best * 1000 / self.AUTO_BATCH, outputs
 
     def _setup_torch(self, fast: FastPath | None) -> None:
         """The networks on the device in the dtype and memory format they run in (in place)."""
@@ -386,7 +451,17 @@ class Pipeline:
             rows = self.fast.bucket(len(batch)) if self.fast is not None else len(batch)
         coarse, final = self.forward(*self._to_device(batch, rows))
         # .cpu() synchronises, so the pinned buffers are free again when this returns.
-        return coarse[:len(batch)].cpu().numpy(), final[:len(batch)].cpu().numpy()
+        coarse, final = coarse[:len(batch)].cpu().numpy(), final[:len(batch)].cpu().numpy()
+        if not (np.isfinite(final).all() and np.isfinite(coarse).all()):   # would turn into black pixels
+            bad = int((~np.isfinite(final).reshape(len(batch), -1).all(1)
+                       | ~np.isfinite(coarse).reshape(len(batch), -1).all(1)).sum())
+            cause = (f"a damaged OpenVINO conversion (delete {self.openvino_cache} to convert again) or "
+                     if self.openvino is not None and self.openvino_cache is not None else "")
+            raise NonFiniteOutput(
+                f"model {self.name} gave NaN or inf for {bad} of {len(batch)} images on {self.backend} "
+                f"({str(self.dtype).replace('torch.', '')}): {cause}damaged weights or a dtype that overflows; "
+                "try --dtype float32 or --backend torch")
+        return coarse, final
 
     def finish(self, prepared: Prepared, coarse: np.ndarray, final: np.ndarray,
                with_g1: bool = False, with_alpha: bool = False) -> Generation:

@@ -31,6 +31,12 @@ from .worker_protocol import DRAIN_S, SUMMARY_S
 log = logging.getLogger("pg2_server.server")
 
 
+def _runs_on(pipeline) -> str:
+    """'cpu bfloat16 on openvino': a pipeline's device, dtype and backend, for the log."""
+    dtype = str(getattr(pipeline, "dtype", "?")).replace("torch.", "")
+    return f"{pipeline.device} {dtype} on {getattr(pipeline, 'backend', '?')}"
+
+
 class StopSignal:
     """SIGINT/SIGTERM → an Event; a second one exits the process at once (installed only from the
     main thread)."""
@@ -123,7 +129,7 @@ def serve(worker: Worker, bind: str, stop: threading.Event, curve: ServerKeys | 
 
     def serving() -> None:
         log.info("serving model %s on %s (devices %s, max batch %d, max delay %g ms, max queue %d%s)",
-                 worker.model, bind, ", ".join(str(p.device) for p in worker.pipelines), worker.config.max_batch,
+                 worker.model, bind, ", ".join(_runs_on(p) for p in worker.pipelines), worker.config.max_batch,
                  worker.config.max_delay_ms, worker.config.max_queue, ", CURVE" if curve else "")
 
     loading = None

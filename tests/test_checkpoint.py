@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,36 @@ def test_missing_files_are_named(tmp_path):
     _save(tmp_path)
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="model.safetensors does not exist"):
+        load_checkpoint(tmp_path / "model")
+
+
+def test_a_folder_given_as_the_checkpoint_is_named_as_a_folder(tmp_path):
+    _save(tmp_path)
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(tmp_path))} is a folder, not a checkpoint: pass the NAME.json "
+                                              "inside it \\(it holds model.json\\)$"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="empty is a folder, not a checkpoint: pass the NAME.json inside it$"):
+        Pipeline.from_checkpoint(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("base_width", None, "model config lacks \\['base_width'\\]"),
+    ("base_width", "8", "base_width must be an integer, got '8'"),
+    ("heatmap_radius", "4", "heatmap_radius must be an integer, got '4'"),
+    ("heatmap_radius", 0, "heatmap_radius must be ≥ 1, got 0"),
+    ("heatmap_sigma", 0, "heatmap_sigma must be a positive number, got 0"),
+])
+def test_a_bad_config_field_is_named_not_blamed_on_the_weights(tmp_path, field, value, message):
+    _save(tmp_path)
+    path = tmp_path / "model.json"
+    description = json.loads(path.read_text())
+    if value is None:
+        del description["config"][field]
+    else:
+        description["config"][field] = value
+    path.write_text(json.dumps(description))
+    with pytest.raises(CheckpointError, match=f"model.json: invalid model config: {message}"):
         load_checkpoint(tmp_path / "model")
 
 

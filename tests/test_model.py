@@ -77,10 +77,45 @@ def test_glorot_init_and_zero_bias():
     ({"pose_embedding": "xyz"}, "pose_embedding"),
     ({"heatmap_kind": "box"}, "heatmap_kind"),
     ({"keypoints": ("a",) * 18}, "keypoint order"),
+    ({"heatmap_radius": 0}, "^heatmap_radius must be ≥ 1, got 0$"),
+    ({"heatmap_radius": -3}, "^heatmap_radius must be ≥ 1, got -3$"),
+    ({"heatmap_radius": "4"}, "^heatmap_radius must be an integer, got '4'$"),
+    ({"heatmap_radius": 4.5}, "^heatmap_radius must be an integer, got 4.5$"),
+    ({"heatmap_radius": True}, "^heatmap_radius must be an integer, got True$"),
+    ({"heatmap_sigma": 0}, "^heatmap_sigma must be a positive number, got 0$"),
+    ({"heatmap_sigma": -6.0}, "^heatmap_sigma must be a positive number, got -6.0$"),
+    ({"heatmap_sigma": float("nan")}, "^heatmap_sigma must be a positive number, got nan$"),
+    ({"heatmap_sigma": "6"}, "^heatmap_sigma must be a number, got '6'$"),
+    ({"base_width": "32"}, "^base_width must be an integer, got '32'$"),
+    ({"base_width": 0}, "^base_width must be ≥ 1, got 0$"),
+    ({"g1_levels": "4"}, "^g1_levels must be an integer, got '4'$"),
+    ({"g2_levels": 0}, "^g2_levels must be ≥ 1, got 0$"),
+    ({"z_dim": None}, "^z_dim must be an integer, got None$"),
+    ({"g2_skip_finest": "yes"}, "^g2_skip_finest must be true or false, got 'yes'$"),
+    ({"pose_embedding": 3}, "^pose_embedding must be a string, got 3$"),
+    ({"preset": None}, "^preset must be a string, got None$"),
+    ({"canvas": ("16", 32)}, "^canvas must be two positive integers \\(width, height\\), got \\('16', 32\\)$"),
+    ({"canvas": (16, 0)}, "^canvas must be two positive integers"),
 ])
 def test_config_validation(changes, message):
     with pytest.raises(ValueError, match=message):
         PRESETS["tiny"].replace(**changes)
+
+
+def test_valid_heatmap_settings_still_load():
+    assert PRESETS["tiny"].replace(heatmap_radius=1, heatmap_sigma=2).heatmap_sigma == 2
+    assert PRESETS["tiny"].replace(heatmap_sigma=0.5, heatmap_kind="gaussian").heatmap_sigma == 0.5
+
+
+def test_a_config_missing_a_field_is_named_not_filled_with_a_default():
+    data = preset("demo").to_dict()
+    for name in ("base_width", "heatmap_kind"):
+        partial = {k: v for k, v in data.items() if k != name}
+        with pytest.raises(ValueError, match=f"^model config lacks \\['{name}'\\]: every field is saved with "
+                                             "the weights"):
+            ModelConfig.from_dict(partial)
+    with pytest.raises(ValueError, match="^the model config must be a JSON object, got list$"):
+        ModelConfig.from_dict([1, 2])
 
 
 def test_config_dict_round_trip_and_unknown_keys():

@@ -166,13 +166,54 @@ def test_inductor_compiled_pipeline_matches_eager(tiny):
     assert np.abs(final - final_ref).max() <= FAST_PATH_TOLERANCE["float32"]
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_reduced_precision_within_stated_tolerance(tiny, dtype):
-    low = Pipeline.random("tiny", seed=0, dtype=dtype, fast=FastPath(compile=False))
+@pytest.mark.parametrize("dtype, device", [
+    ("bfloat16", "cpu"),
+    pytest.param("float16", "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+])
+def test_reduced_precision_within_stated_tolerance(tiny, dtype, device):
+    low = Pipeline.random("tiny", seed=0, dtype=dtype, device=device, fast=FastPath(compile=False))
     prepared = _batch(tiny, 2)
     _, reference = tiny.run(prepared)
     _, final = low.run(prepared)
     assert np.abs(final - reference).max() <= FAST_PATH_TOLERANCE[dtype]
+
+
+def test_float16_compute_is_refused_on_the_cpu_but_a_float16_checkpoint_loads(tmp_path):
+    from pg2_server.checkpoint import save_checkpoint
+    from pg2_server.model import Generator1, Generator2, preset
+    from pg2_server.pipeline import default_checkpoint
+
+    for dtype in ("float16", "fp16", torch.float16):
+        with pytest.raises(ValueError, match="^--dtype float16 on the CPU runs about 50× slower than float32 .*"
+                                             "use --dtype bfloat16 .*float32, or auto to pick$"):
+            Pipeline.random("tiny", seed=0, dtype=dtype)
+    # the bundled model is stored in float16: it loads, and computes in float32 or bfloat16
+    assert '"dtype": "float16"' in default_checkpoint().read_text()
+    bundled = Pipeline.from_checkpoint(default_checkpoint(), dtype="auto", backend="torch")
+    assert bundled.dtype in (torch.float32, torch.bfloat16)
+    config = preset("tiny")
+    save_checkpoint(tmp_path / "half", config, Generator1(config), Generator2(config), dtype="float16")
+    loaded = Pipeline.from_checkpoint(tmp_path / "half.json", dtype="float32")
+    assert loaded.dtype == torch.float32 and next(loaded.g1.parameters()).dtype == torch.float32
+
+
+def test_non_finite_model_output_is_refused_not_turned_into_black_pixels(tiny, monkeypatch):
+    prepared = _batch(tiny, 2)
+    real_forward = Pipeline.forward
+
+    def damaged(self, *inputs):
+        coarse, final = real_forward(self, *inputs)
+        final = final.clone()
+        final[-1, :, 4:6] = float("nan")
+        return coarse, final
+
+    monkeypatch.setattr(Pipeline, "forward", damaged)
+    with pytest.raises(SetupError, match="^model tiny-random gave NaN or inf for 1 of 2 images on torch "
+                                         "\\(float32\\): damaged weights or a dtype that overflows; "
+                                         "try --dtype float32 or --backend torch$"):
+        tiny.run(prepared)
+    with pytest.raises(SetupError, match="gave NaN or inf"):
+        tiny.generate([_image(48, 30)], [_pose(30, 48)], [(30, 48)])
 
 
 # -- dtype auto: bf16 where the device has bf16 units ------------------------------------------
