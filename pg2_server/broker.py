@@ -119,6 +119,14 @@ def _ready(ready) -> tuple[dict, int, int | None]:
     return info, capacity, limit
 
 
+def _local(endpoint: str) -> bool:
+    """An endpoint only this machine reaches: ipc://, inproc://, or tcp:// on a loopback address."""
+    if not endpoint.startswith("tcp://"):
+        return True
+    host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 class Broker:
     """Routes client requests to the least-busy live worker and their replies back."""
 
@@ -522,7 +530,15 @@ class Broker:
         poller = zmq.Poller()
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
-        log.info("broker: clients on %s, workers on %s", *self.endpoints)
+        clients_curve = self.frontend.curve_server
+        workers_curve = self.backend.curve_server
+        log.info("broker: clients on %s (%s), workers on %s (%s)", self.endpoints[0],
+                 "CURVE" if clients_curve else "plaintext", self.endpoints[1],
+                 "CURVE" if workers_curve else "plaintext")
+        if clients_curve and not workers_curve and not _local(self.endpoints[1]):
+            log.warning("clients use CURVE but the workers' link %s is plaintext: anything that reaches it can "
+                        "register as a worker and see every client's photo; add --curve-workers DIR",
+                        self.endpoints[1])
         if ready is not None:
             ready.set()
         next_beat = last_summary = time.monotonic()

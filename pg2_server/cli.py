@@ -665,11 +665,18 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
     folder = Path(args.dir)
     folder.mkdir(parents=True, exist_ok=True)
-    public = folder / f"{args.name}.key"
-    if public.exists() and not args.force:
-        raise SystemExit(f"error: {public} exists; pass --force to replace it")
-    public_file, secret_file = zmq.auth.create_certificates(str(folder), args.name)
+    public, secret = folder / f"{args.name}.key", folder / f"{args.name}.key_secret"
+    for path in (public, secret):
+        if path.exists() and not args.force:
+            raise SystemExit(f"error: {path} exists; pass --force to replace the key pair (every peer "
+                             "holding its public key would then be refused)")
+    old_umask = os.umask(0o077)   # the secret is never readable by others, not even for a moment
+    try:
+        public_file, secret_file = zmq.auth.create_certificates(str(folder), args.name)
+    finally:
+        os.umask(old_umask)
     Path(secret_file).chmod(0o600)
+    Path(public_file).chmod(0o644)
     print(f"public key: {public_file}   (give this one to the other side)")
     print(f"secret key: {secret_file}   (keep this one private)")
     return 0

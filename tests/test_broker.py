@@ -311,6 +311,33 @@ def test_the_broker_admits_no_request_larger_than_its_workers_take():
 # -- a broker in this process, workers written by hand ------------------------------------------
 
 
+def test_a_plaintext_worker_link_beside_curve_clients_is_named_in_the_log(tmp_path, caplog):
+    import logging
+
+    from pg2_server.broker import _local
+    from pg2_server.wire.curve import ServerKeys
+
+    assert _local("tcp://127.0.0.1:5558") and _local("ipc:///tmp/w") and _local("tcp://[::1]:5558")
+    assert not _local("tcp://*:5558") and not _local("tcp://0.0.0.0:5558") and not _local("tcp://10.0.0.2:5558")
+    keys, clients = tmp_path / "keys", tmp_path / "clients"
+    clients.mkdir()
+    for name in ("broker", "alice"):
+        subprocess.run([sys.executable, "-m", "pg2_server.cli", "keys", str(keys), name], check=True,
+                       capture_output=True)
+    (clients / "alice.key").write_bytes((keys / "alice.key").read_bytes())
+    for host, warned in (("127.0.0.1", False), ("0.0.0.0", True)):
+        caplog.clear()
+        broker = Broker(f"tcp://127.0.0.1:{free_port()}", f"tcp://{host}:{free_port()}", BrokerConfig(drain_s=0.1),
+                        curve=ServerKeys(keys / "broker.key_secret", clients), context=zmq.Context())
+        stop = threading.Event()
+        stop.set()
+        with caplog.at_level(logging.INFO, logger="pg2_server.broker"):
+            broker.run(stop)
+        assert f"(CURVE), workers on tcp://{host}" in caplog.text and "(plaintext)" in caplog.text
+        assert ("can register as a worker and see every client's photo; add --curve-workers DIR" in caplog.text) \
+            == warned, caplog.text
+
+
 @contextmanager
 def broker_in_thread():
     """A Broker routing in a thread of this process: yields (frontend, backend). Hand workers

@@ -496,9 +496,33 @@ def test_curve_authorised_key_is_served_unknown_key_is_not(tmp_path):
         done = run_cli("ping", "--server", endpoint, "--curve-server-key", str(keys / "server.key"),
                        "--curve-client-key", str(keys / "alice.key_secret"))
         assert done.returncode == 0, done.stderr
+        # The folder is the allow-list as it is now: alice's key removed is refused at her next
+        # connection, mallory's added is let in, without a restart.
+        (authorised / "alice.key").unlink()
+        (authorised / "mallory.key").write_bytes((keys / "mallory.key").read_bytes())
+        with Client(endpoint, timeout=1, retries=1, curve=alice) as client:
+            with pytest.raises(ServerTimeout):
+                client.ping()
+        with Client(endpoint, timeout=5, retries=1, curve=mallory) as client:
+            assert client.ping() > 0
     finally:
         code, out = stop_server(process)
     assert code == 0, out
+    assert "refused a client whose key" in out and "client keys in" in out and "read again: 1 authorised" in out
+
+
+def test_keys_never_replace_a_pair_unasked_and_keep_the_secret_private(tmp_path):
+    keys = tmp_path / "keys"
+    assert run_cli("keys", str(keys), "server").returncode == 0
+    assert oct((keys / "server.key_secret").stat().st_mode & 0o777) == "0o600"
+    assert oct((keys / "server.key").stat().st_mode & 0o777) == "0o644"
+    secret = (keys / "server.key_secret").read_bytes()
+    (keys / "server.key").rename(tmp_path / "server.key")   # the public key moved away, the secret left
+    done = run_cli("keys", str(keys), "server")
+    assert done.returncode != 0 and "server.key_secret exists; pass --force" in done.stderr
+    assert (keys / "server.key_secret").read_bytes() == secret
+    assert run_cli("keys", str(keys), "server", "--force").returncode == 0
+    assert (keys / "server.key_secret").read_bytes() != secret
 
 
 def test_a_client_key_folder_no_client_could_pass_is_refused_at_start(tmp_path):

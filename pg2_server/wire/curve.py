@@ -76,17 +76,59 @@ class ServerKeys:
                                                             ("workers", self.workers_dir)) if folder is not None}
 
 
+log = logging.getLogger("pg2_server.auth")
+
+
+class FolderKeys:
+    """The public keys in a folder, read again whenever the folder changes, so that a key removed
+    from it is refused at the next handshake and one added is let in, without a restart (the
+    connections already open stay). A folder that cannot be read keeps the keys last read."""
+
+    def __init__(self, folder: Path, what: str):
+        self.folder, self.what = Path(folder), what
+        self.changed: tuple | None = None
+        self.keys: set[bytes] = set()
+
+    def _state(self) -> tuple:
+        """What changes when a key file is added, removed or replaced."""
+        return tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in self.folder.glob("*.key")))
+
+    def current(self) -> set[bytes]:
+        try:
+            state = self._state()
+            if state != self.changed:
+                self.keys = set(zmq.auth.load_certificates(str(self.folder)))
+                if self.changed is not None:
+                    log.info("CURVE: %s keys in %s read again: %d authorised", self.what, self.folder, len(self.keys))
+                self.changed = state
+        except Exception as e:   # a key half-written or unreadable: keep the set last read
+            log.error("CURVE: cannot read the %s keys in %s (%s); keeping the %d read before",
+                      self.what, self.folder, e, len(self.keys))
+        return self.keys
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """ZAP's credentials check for one handshake (`key`: the peer's z85 public key)."""
+        allowed = key in self.current()
+        if not allowed:
+            log.warning("CURVE: refused a %s whose key %s is not in %s", self.what, key.decode(errors="replace"),
+                        self.folder)
+        return allowed
+
+
 def start_authenticator(context: zmq.Context, keys: ServerKeys | None):
-    """One ZAP handler for `context` that accepts, per domain, only the public keys in its folder."""
+    """One ZAP handler for `context` that accepts, per domain, only the public keys in its folder,
+    as the folder holds them at each handshake."""
     from zmq.auth.thread import ThreadAuthenticator
 
     if keys is None or not keys.domains:
         return None
     keys.check()
-    authenticator = ThreadAuthenticator(context, log=logging.getLogger("pg2_server.auth"))
+    authenticator = ThreadAuthenticator(context, log=log)
     authenticator.start()
     for domain, folder in keys.domains.items():
-        authenticator.configure_curve(domain=domain, location=str(folder))
+        provider = FolderKeys(folder, domain.removesuffix("s"))
+        provider.current()
+        authenticator.configure_curve_callback(domain=domain, credentials_provider=provider)
     return authenticator
 
 
