@@ -22,9 +22,10 @@ class WorkerMetrics:
     """Requests by result code, latency and queue-time histograms, batch sizes, queue depth,
     requests in flight, and batches and busy seconds per device."""
 
-    def __init__(self, queue_depth, in_flight):
+    def __init__(self, queue_depth, in_flight, delivery_stats=None):
         try:
             from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+            from prometheus_client.core import CounterMetricFamily
         except ImportError:
             raise SetupError("--metrics-bind needs the prometheus_client package: "
                                "pip install 'pg2-blender[monitoring]'") from None
@@ -32,7 +33,7 @@ class WorkerMetrics:
         r = self.registry
         self.requests = Counter("pg2_requests", "Replies sent, by op and result code (ok or the error code)",
                                 ["op", "code"], registry=r)
-        self.latency = Histogram("pg2_request_latency_seconds", "Generate requests: receipt to reply",
+        self.latency = Histogram("pg2_request_latency_seconds", "Generate requests answered ok: receipt to reply",
                                  buckets=_TIME_BUCKETS, registry=r)
         self.queue_time = Histogram("pg2_queue_time_seconds", "Generate requests: receipt to start on a device",
                                     buckets=_TIME_BUCKETS, registry=r)
@@ -43,9 +44,22 @@ class WorkerMetrics:
         Gauge("pg2_queue_depth", "Prepared requests waiting for a device", registry=r).set_function(queue_depth)
         Gauge("pg2_in_flight", "Admitted generate requests not yet answered", registry=r).set_function(in_flight)
 
+        class Undelivered:
+            """Replies counted in pg2_requests that never reached their client (read at each scrape)."""
+
+            def collect(self):
+                family = CounterMetricFamily("pg2_replies_undelivered", "Replies sent but not delivered: dropped "
+                                             "over the unread-reply budgets, or their client gone", labels=["reason"])
+                stats = delivery_stats() if delivery_stats is not None else {}
+                family.add_metric(["budget"], stats.get("replies_dropped", 0))
+                family.add_metric(["client_gone"], stats.get("replies_unreachable", 0))
+                yield family
+
+        r.register(Undelivered())
+
     def replied(self, op: str, code: str | None, received: float | None) -> None:
         self.requests.labels(op, code or "ok").inc()
-        if op == "generate" and received is not None:
+        if op == "generate" and code is None and received is not None:   # refusals and cancels are not latency
             self.latency.observe(time.monotonic() - received)
 
     def batch(self, device: str, jobs_received: list, started: float, ended: float) -> None:
@@ -59,7 +73,7 @@ class WorkerMetrics:
         from prometheus_client import start_http_server
 
         host, _, port = bind.rpartition(":")
-        if not host or not port.isdigit():
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"--metrics-bind needs HOST:PORT, e.g. 127.0.0.1:9108; got {bind!r}")
         return start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
 

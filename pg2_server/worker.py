@@ -514,7 +514,8 @@ class Worker:
         """Serve Prometheus metrics on HOST:PORT (needs prometheus_client)."""
         from .metrics import WorkerMetrics
 
-        self.metrics = WorkerMetrics(queue_depth=self.jobs.qsize, in_flight=lambda: self._in_flight)
+        self.metrics = WorkerMetrics(queue_depth=self.jobs.qsize, in_flight=lambda: self._in_flight,
+                                     delivery_stats=lambda: self.delivery_stats() if self.delivery_stats else {})
         self.metrics.serve(bind)
         log.info("metrics on http://%s/metrics", bind)
 

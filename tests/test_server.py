@@ -871,6 +871,15 @@ def test_a_model_that_fails_to_load_ends_the_server_with_its_error(tmp_path):
     assert done.returncode == 2 and "missing.json does not exist" in done.stderr, done.stderr
 
 
+def test_a_metrics_port_out_of_range_is_named_not_a_traceback():
+    from pg2_server.metrics import WorkerMetrics
+
+    metrics = WorkerMetrics(queue_depth=lambda: 0, in_flight=lambda: 0)
+    for bind in ("127.0.0.1:99999", "127.0.0.1:0", ":9108", "127.0.0.1:port"):
+        with pytest.raises(ValueError, match="--metrics-bind needs HOST:PORT"):
+            metrics.serve(bind)
+
+
 def test_prometheus_metrics_and_json_log_lines():
     import urllib.request
 
@@ -884,6 +893,8 @@ def test_prometheus_metrics_and_json_log_lines():
             assert all(r.ok for r in results)
         assert ask(endpoint, _frames(generate_header("bad-1", size=[0, 5]), SOURCE_PNG))[0]["error"]["code"] \
             == "bad_request"
+        with Client(endpoint, timeout=5) as client:
+            counters = client.info()["counters"]
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     finally:
         code, out = stop_server(process)
@@ -896,13 +907,16 @@ def test_prometheus_metrics_and_json_log_lines():
     assert values['pg2_requests_total{code="ok",op="generate"}'] == 6
     assert values['pg2_requests_total{code="bad_request",op="invalid"}'] == 1  # rejected while decoding
     assert values["pg2_request_latency_seconds_count"] == 6
+    # replies sent but never delivered, as info counts them (none dropped over the budgets here)
+    assert values['pg2_replies_undelivered_total{reason="client_gone"}'] == counters["replies_unreachable"]
+    assert values['pg2_replies_undelivered_total{reason="budget"}'] == counters["replies_dropped"] == 0
     assert values["pg2_queue_time_seconds_count"] == 6
     assert values['pg2_batch_size_sum{device="cpu#0"}'] == 6
     assert values['pg2_device_busy_seconds_total{device="cpu#0"}'] > 0
     assert values["pg2_queue_depth"] == 0 and values["pg2_in_flight"] == 0
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert len(lines) == len(out.strip().splitlines())  # every line is JSON
-    requests = [line for line in lines if line["logger"] == "pg2_server.requests" and line["op"] != "ping"]
+    requests = [line for line in lines if line["logger"] == "pg2_server.requests" and line["op"] not in ("ping", "info")]
     assert sorted(r["id"] for r in requests if r["code"] == "ok") == list(range(1, 7))
     assert [r["code"] for r in requests if r["id"] == "bad-1"] == ["bad_request"]
     assert all(r["total_ms"] >= 0 for r in requests)
