@@ -2,6 +2,7 @@
 limits, overload, CURVE, loading and SIGTERM, and the CLI clients."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 import zmq
 
 from pg2_server.wire import protocol
-from pg2_server.wire.client import Client, GenerateRequest, ServerError, ServerTimeout
+from pg2_server.wire.client import Client, GenerateRequest, HandshakeError, ServerError, ServerTimeout
 from pg2_server.wire.curve import ClientKeys
 from pg2_server.bench import BENCH_KEYPOINTS
 from conftest import free_port
@@ -486,13 +487,18 @@ def test_curve_authorised_key_is_served_unknown_key_is_not(tmp_path):
                 break
             except ServerTimeout:
                 assert time.monotonic() < deadline
+        # Refused handshakes are said at once, with what to fix, not after every retry's timeout.
         mallory = ClientKeys.from_files(keys / "server.key", keys / "mallory.key_secret")
-        with Client(endpoint, timeout=1, retries=1, curve=mallory) as client:
-            with pytest.raises(ServerTimeout):
-                client.ping()
-        with Client(endpoint, timeout=1, retries=1) as client:
-            with pytest.raises(ServerTimeout):
-                client.ping()
+        wrong_server = ClientKeys.from_files(keys / "mallory.key", keys / "alice.key_secret")
+        for curve, message in ((mallory, "refused this client's key: its public key (NAME.key) is not in the "
+                                         "server's --curve-clients folder"),
+                               (None, "uses CURVE encryption: pass --curve-server-key SERVER.key and --curve-client-key"),
+                               (wrong_server, "is --curve-server-key the public key of that server")):
+            started = time.monotonic()
+            with Client(endpoint, timeout=20, retries=3, curve=curve) as client:
+                with pytest.raises(HandshakeError, match=re.escape(message)):
+                    client.ping()
+            assert time.monotonic() - started < 10
         done = run_cli("ping", "--server", endpoint, "--curve-server-key", str(keys / "server.key"),
                        "--curve-client-key", str(keys / "alice.key_secret"))
         assert done.returncode == 0, done.stderr
@@ -501,7 +507,7 @@ def test_curve_authorised_key_is_served_unknown_key_is_not(tmp_path):
         (authorised / "alice.key").unlink()
         (authorised / "mallory.key").write_bytes((keys / "mallory.key").read_bytes())
         with Client(endpoint, timeout=1, retries=1, curve=alice) as client:
-            with pytest.raises(ServerTimeout):
+            with pytest.raises(HandshakeError, match="refused this client's key"):
                 client.ping()
         with Client(endpoint, timeout=5, retries=1, curve=mallory) as client:
             assert client.ping() > 0

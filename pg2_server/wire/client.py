@@ -38,6 +38,34 @@ class ServerTimeout(ServerError):
     """No reply after every attempt: the server is down, unreachable or overloaded."""
 
 
+class HandshakeError(ServerError):
+    """The server is there but refused the connection's security handshake (CURVE keys)."""
+
+
+# ZeroMQ's handshake events, watched on every client socket: a server that refuses the keys
+# would otherwise look like one that is down, after every retry's timeout.
+_HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+
+def _handshake_failure(event: int, endpoint: str, curve: bool) -> str | None:
+    """What to fix, for a failed handshake event (None for any other event)."""
+    if event not in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+        return None
+    if not curve:   # whichever failure ZeroMQ reports, a client without keys met an encrypting server
+        return (f"the server at {endpoint} uses CURVE encryption: pass --curve-server-key SERVER.key and "
+                "--curve-client-key NAME.key_secret (Client(curve=ClientKeys.from_files(...)) in Python)")
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return (f"the server at {endpoint} refused this client's key: its public key (NAME.key) is not in the "
+                "server's --curve-clients folder; ask the server's operator to add it")
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        return (f"the server at {endpoint} does not speak CURVE as this client does: is it started with "
+                "--curve-secret, and is it a pg2-server?")
+    return (f"the CURVE handshake with {endpoint} failed: is --curve-server-key the public key of that server "
+            "(its NAME.key, not another's)?")
+
+
 @dataclass
 class Image:
     """One result image as the server sent it: encoded bytes (or raw RGB/RGBA) and its size."""
@@ -121,6 +149,7 @@ class Client:
         self.context = context or zmq.Context.instance()
         self._ids = itertools.count(1)
         self._socket: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None   # the socket's handshake events
         # Replies that a call made while generate_many runs (a cancel, a ping) received for the
         # pipeline's requests, kept for it: id → reply.
         self._awaited: set[int] = set()
@@ -134,13 +163,41 @@ class Client:
             sock.setsockopt(zmq.LINGER, 0)
             if self.curve is not None:
                 self.curve.apply(sock)
+            self._monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
             sock.connect(self.endpoint)
             self._socket = sock
         return self._socket
 
+    def _poll(self, sock: zmq.Socket, timeout_ms: float) -> bool:
+        """Whether a reply came within `timeout_ms`; raises HandshakeError at once when the server
+        refuses the connection's handshake, instead of waiting out every retry."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        deadline = time.monotonic() + timeout_ms / 1000
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
+        while True:
+            remaining = max(0.0, deadline - time.monotonic()) * 1000
+            events = dict(poller.poll(remaining))
+            if sock in events:
+                return True
+            if self._monitor is None or self._monitor not in events:
+                return False
+            event = recv_monitor_message(self._monitor)["event"]
+            problem = _handshake_failure(event, self.endpoint, self.curve is not None)
+            if problem is not None:
+                self._reset()
+                raise HandshakeError("handshake", problem, self.endpoint)
+
     def _reset(self) -> None:
         """Lazy Pirate: drop the socket (and any late replies) and start over with a new one."""
         if self._socket is not None:
+            if self._monitor is not None:
+                self._socket.disable_monitor()
+                self._monitor.close(linger=0)
+                self._monitor = None
             self._socket.close(linger=0)
             self._socket = None
 
@@ -164,7 +221,7 @@ class Client:
             deadline = time.monotonic() + self.timeout
             while True:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not sock.poll(remaining * 1000, zmq.POLLIN):
+                if remaining <= 0 or not self._poll(sock, remaining * 1000):
                     break
                 reply = self._decode(sock.recv_multipart(), max_image_side)
                 if reply.id == request_id:
@@ -269,7 +326,7 @@ class Client:
                     return
                 held = next((i for i in outstanding if i in self._held), None)
                 sock = self._open()
-                if held is not None or sock.poll(self.timeout * 1000, zmq.POLLIN):
+                if held is not None or self._poll(sock, self.timeout * 1000):
                     reply = self._held.pop(held) if held is not None else self._decode(sock.recv_multipart(), 1 << 16)
                     entry = outstanding.pop(reply.id, None)
                     if entry is None:
