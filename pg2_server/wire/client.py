@@ -194,10 +194,13 @@ class Client:
     def _reset(self) -> None:
         """Lazy Pirate: drop the socket (and any late replies) and start over with a new one."""
         if self._socket is not None:
-            if self._monitor is not None:
-                self._socket.disable_monitor()
-                self._monitor.close(linger=0)
-                self._monitor = None
+            monitor, self._monitor = self._monitor, None
+            if monitor is not None:
+                try:   # a terminated context (a cancelled run) refuses this; closing both still frees them
+                    self._socket.disable_monitor()
+                except zmq.ZMQError:
+                    pass
+                monitor.close(linger=0)
             self._socket.close(linger=0)
             self._socket = None
 
